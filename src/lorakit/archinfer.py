@@ -1,0 +1,89 @@
+"""Solve an architecture's sizes, counts, flags and variant from what a file shows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .errors import UnsupportedArchitectureError
+from .layouts import Alias, ArchSpec, ModuleSpec, evaluate, solve, symbols
+from .model import ArchInstance
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One module seen in a file: which spec/alias it is, its block index and its (out, in) shape."""
+
+    component: str
+    spec: ModuleSpec
+    alias: Alias
+    index: int | None
+    out: int | None
+    inp: int | None
+
+
+def infer_instance(arch: ArchSpec, observations: Iterable[Observation], metadata: Mapping[str, str] | None = None,
+                   *, complete: bool = False, path: str | None = None) -> ArchInstance:
+    """Solve sizes per component; ``complete`` means the file holds every module (a base model), so
+    absent optional modules set their flags to 0."""
+    by_comp: dict[str, list[Observation]] = {}
+    for ob in observations:
+        by_comp.setdefault(ob.component, []).append(ob)
+    params: dict[str, dict[str, int]] = {}
+    presets: dict[str, str] = {}
+    for comp_name, obs in by_comp.items():
+        comp = arch.components[comp_name]
+        equations: list[tuple[str, int]] = []
+        for ob in obs:
+            if ob.out is not None:
+                equations.append((ob.alias.rows[1] if ob.alias.rows else ob.spec.out, ob.out))
+            if ob.inp is not None:
+                equations.append((ob.spec.inp, ob.inp))
+        p = solve(equations, {})
+        for expr, value, label in comp.refusals:
+            if symbols(expr) <= set(p) and evaluate(expr, p) == value:
+                raise UnsupportedArchitectureError(
+                    f"this file is {label}, which lorakit recognises but does not support yet.", path=path,
+                    hint="FLUX.1 files are supported; FLUX.2 support is planned.")
+        for flag in comp.flags:
+            present = any(ob.spec.requires == flag for ob in obs)
+            if present:
+                p[flag] = 1
+            elif complete:
+                p[flag] = 0
+        for count in comp.counts:
+            seen = [ob.index for ob in obs if ob.spec.repeat == count and ob.index is not None]
+            if seen:
+                p[count] = max(seen) + 1
+            elif complete:
+                p[count] = 0
+        for preset in comp.presets:
+            shared = [k for k in preset.params if k in p and k not in comp.counts]
+            if shared and all(p[k] == preset.params[k] for k in shared if k not in preset.varies):
+                for k, v in preset.params.items():
+                    if k not in comp.counts:
+                        p.setdefault(k, v)
+                    elif not complete:
+                        p[k] = max(v, p.get(k, 0))
+                presets[comp_name] = preset.name
+                break
+        for k, expr in comp.fallbacks.items():
+            if k not in p and symbols(expr) <= set(p):
+                p[k] = evaluate(expr, p)
+        params[comp_name] = p
+    variant = _variant(arch, params, metadata or {})
+    return ArchInstance(arch, params, variant, presets)
+
+
+def _variant(arch: ArchSpec, params: Mapping[str, Mapping[str, int]], metadata: Mapping[str, str]) -> str:
+    merged: dict[str, int] = {}
+    for p in params.values():
+        merged.update(p)
+    for v in arch.variants:
+        if all(k in merged and merged[k] == val for k, val in v.when.items()):
+            return v.name
+    hint = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version")).lower()
+    for v in arch.variants:
+        if v.name in hint:
+            return v.name
+    return arch.default_variant

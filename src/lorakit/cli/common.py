@@ -1,0 +1,43 @@
+"""Options shared by several commands (sd-scripts spellings included)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..dtypes import parse_dtype
+
+
+def add_dtype(p: argparse.ArgumentParser, default_help: str = "keep the input's dtype") -> None:
+    p.add_argument("--dtype", "--save-precision", "--save_precision", dest="dtype", default=None, metavar="DTYPE",
+                   help=f"output dtype: keep, fp32/float, fp16, bf16, fp8_e4m3fn, fp8_e5m2 (default: {default_help})")
+
+
+def add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout")
+
+
+def add_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .ckpt/.pt/.bin files (loaded with torch.load(weights_only=True))")
+
+
+def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-o", "--output", "--save-to", "--save_to", dest="output", required=required, metavar="OUT",
+                   help="output file (written to a temporary file and renamed into place when complete)")
+
+
+def dtype_arg(args: argparse.Namespace):
+    return parse_dtype(getattr(args, "dtype", None))
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def say(text: str) -> None:
+    """Human-readable progress and summaries go to stderr when --json owns stdout."""
+    print(text, file=sys.stderr)

@@ -1,0 +1,52 @@
+"""lorakit convert IN -o OUT --to {kohya,diffusers,comfy}"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..conversion import convert
+from ..formats import FORMATS, WRITABLE
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+
+HELP = "convert a LoRA between formats, exactly"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in FORMATS)
+                       + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights, alpha and the FLUX final-layer "
+                       "half-swap are converted losslessly; anything that would lose precision stops unless "
+                       "--allow-lossy is given.")
+    p.add_argument("input", metavar="IN")
+    add_output(p, required=False)
+    p.add_argument("--to", required=True, choices=WRITABLE, help="target format")
+    p.add_argument("--from", dest="from_format", default=None, choices=[f.name for f in FORMATS],
+                   help="force the input format instead of detecting it")
+    add_dtype(p)
+    p.add_argument("--allow-lossy", action="store_true",
+                   help="re-factor modules the target cannot hold exactly (SVD) and report their error")
+    p.add_argument("--lossy-rank", type=int, default=None, metavar="N",
+                   help="rank cap for --allow-lossy re-factoring (default: exact numerical rank)")
+    p.add_argument("--allow-partial", action="store_true", help="convert even if some keys are not understood")
+    p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
+    add_json(p)
+    add_pickle(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    r = convert(args.input, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
+                lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
+                from_format=args.from_format, dry_run=args.dry_run)
+    if args.json:
+        emit_json(r.to_json())
+        return 0
+    verb = "would write" if r.dry_run else "wrote"
+    say(f"{r.input}: {r.source_format} → {r.target_format} ({r.architecture}, {r.variant}); {r.modules_in} modules in, "
+        f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {r.output or '-'}")
+    for m, e in r.lossy:
+        say(f"  LOSSY {m}: relative error {e:.3e}")
+    for w in r.warnings:
+        say(f"  warning: {w}")
+    if r.unknown_keys:
+        say(f"  skipped {len(r.unknown_keys)} keys not understood (--allow-partial)")
+    return 0

@@ -1,0 +1,32 @@
+"""lorakit inspect FILE [--json] [--deep]"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..inspection import format_report, inspect_lora
+from .common import add_json, add_pickle, emit_json
+
+HELP = "show what a LoRA is: format, architecture, coverage, ranks, alphas, metadata"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help=HELP, description=HELP + ". Plain inspect reads only the header "
+                       "(and the alpha scalars); --deep also reads every tensor.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="LoRA file(s): .safetensors/.sft, or a sharded folder")
+    p.add_argument("--deep", action="store_true", help="also read tensors: NaN/Inf, all-zero ups, delta norms")
+    p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
+                   help="force the input format instead of detecting it")
+    add_json(p)
+    add_pickle(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    reports = [inspect_lora(f, deep=args.deep, allow_pickle=args.allow_pickle, from_format=args.from_format)
+               for f in args.files]
+    if args.json:
+        emit_json(reports[0] if len(reports) == 1 else reports)
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 1 if any(r["unknown_key_count"] for r in reports) else 0

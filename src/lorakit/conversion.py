@@ -1,0 +1,95 @@
+"""``lorakit convert``: any readable LoRA format to kohya, diffusers or comfy, exactly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import KeyMappingError, UsageError
+from .formats import WRITABLE, emit, load, parse
+from .formats.emit import EmitResult
+from .io import check_output_path, open_weights, save_tensors
+from .metadata import (PROVENANCE_KEY, InputRecord, carry_over, diffusers_adapter_metadata, file_sha256,
+                       network_metadata, provenance, with_hashes)
+from .model import LoraModel
+
+
+@dataclass
+class ConvertReport:
+    input: str
+    output: str | None
+    source_format: str
+    target_format: str
+    architecture: str
+    variant: str
+    modules_in: int
+    modules_out: int
+    tensors_out: int
+    dtype: str | None
+    lossy: list[tuple[str, float]] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["lossy"] = [{"module": m, "relative_error": e} for m, e in self.lossy]
+        return d
+
+
+def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, operation: str,
+                         inputs: list[InputRecord], title: str | None, **details: object) -> dict[str, str]:
+    """Metadata for a LoRA file lorakit writes: carried-over keys, updated network keys, provenance, hashes."""
+    meta = carry_over(model.metadata)
+    meta.update(network_metadata(result.ranks, result.alphas, fmt=fmt, arch=model.arch.name,
+                                 variant=model.arch.variant))
+    if title:
+        meta["modelspec.title"] = title
+    if fmt == "diffusers":
+        meta["format"] = "pt"
+        has_dora = any(k.endswith("lora_magnitude_vector") for k in result.tensors)
+        has_bias = any(k.endswith("lora_B.bias") for k in result.tensors)
+        if result.ranks:
+            meta["lora_adapter_metadata"] = diffusers_adapter_metadata(result.ranks, has_dora=has_dora,
+                                                                       has_bias=has_bias)
+    meta[PROVENANCE_KEY] = provenance(operation, inputs, **details)
+    return with_hashes(result.tensors, meta)
+
+
+def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, to: str, *,
+            dtype: torch.dtype | None = None, allow_lossy: bool = False, lossy_rank: int | None = None,
+            allow_partial: bool = False, allow_pickle: bool = False, from_format: str | None = None,
+            dry_run: bool = False) -> ConvertReport:
+    if to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
+    src = os.fspath(input)
+    if output is None and not dry_run:
+        raise UsageError("no output path given.", hint="pass -o OUT.safetensors (or --dry-run).")
+    if output is not None:
+        check_output_path(os.fspath(output), [src])
+    with open_weights(src, allow_pickle=allow_pickle) as f:
+        parsed = parse(f, force_format=from_format)
+        if parsed.unknown_keys and not allow_partial:
+            raise KeyMappingError("keys not understood; converting without them would drop part of the LoRA",
+                                  parsed.unknown_keys, path=src, hint="pass --allow-partial to convert the rest.")
+        model = load(parsed)
+    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype)
+    warnings = []
+    if to == "diffusers" and "t5" in model.components():
+        warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
+    out_dtype = next((str(t.dtype).replace("torch.", "") for t in result.tensors.values() if t.dim() > 0), None)
+    report = ConvertReport(src, os.fspath(output) if output else None, model.format, to, model.arch.name,
+                           model.arch.variant, len(model.patches), result.modules, len(result.tensors), out_dtype,
+                           result.lossy, list(parsed.unknown_keys), warnings, dry_run)
+    if dry_run:
+        return report
+    title = os.path.splitext(os.path.basename(os.fspath(output)))[0]
+    meta = lora_output_metadata(model, result, to, operation="convert",
+                                inputs=[InputRecord(src, file_sha256(src) if os.path.isfile(src) else None,
+                                                    format=model.format)],
+                                title=title, target_format=to,
+                                lossy=[m for m, _ in result.lossy] or None)
+    save_tensors(os.fspath(output), result.tensors, meta, inputs=[src])
+    return report

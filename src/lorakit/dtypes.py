@@ -1,0 +1,86 @@
+"""Dtype names: safetensors codes, torch dtypes and the spellings users type (sd-scripts' included)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UnsupportedDtypeError, UsageError
+
+# safetensors dtype code -> (torch dtype, bytes per element). Order = the serialiser's enum order, used
+# to sort tensors exactly as `safetensors.torch.save` does (descending dtype, then name).
+ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+}
+ST_ORDER = {code: i for i, code in enumerate(ST_DTYPES)}
+TORCH_TO_ST = {dt: code for code, (dt, _) in ST_DTYPES.items()}
+
+FLOAT_CODES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
+
+_SPELLINGS: dict[str, torch.dtype] = {}
+for _names, _dt in (
+    (("bf16", "bfloat16"), torch.bfloat16),
+    (("fp16", "float16", "half"), torch.float16),
+    (("fp32", "float32", "float", "full"), torch.float32),
+    (("fp64", "float64", "double"), torch.float64),
+    (("fp8", "float8", "fp8_e4m3fn", "e4m3fn", "float8_e4m3fn", "fp8_e4m3"), torch.float8_e4m3fn),
+    (("fp8_e5m2", "e5m2", "float8_e5m2"), torch.float8_e5m2),
+):
+    for _n in _names:
+        _SPELLINGS[_n] = _dt
+
+
+def parse_dtype(text: str | None) -> torch.dtype | None:
+    """Parse a user dtype spelling; ``None``/``keep``/``same`` mean "keep the input's dtype"."""
+    if text is None:
+        return None
+    key = text.strip().lower().replace("torch.", "")
+    if key in ("keep", "same", "auto", "none", ""):
+        return None
+    if key in _SPELLINGS:
+        return _SPELLINGS[key]
+    if "fnuz" in key:
+        raise UsageError(f"dtype {text!r} (an fnuz fp8 type) cannot be stored in safetensors.",
+                         hint="use fp8_e4m3fn or fp8_e5m2.")
+    raise UsageError(f"unknown dtype {text!r}.", hint="use one of: keep, " + ", ".join(sorted(_SPELLINGS)))
+
+
+def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
+    try:
+        return TORCH_TO_ST[dtype]
+    except KeyError:
+        raise UnsupportedDtypeError(f"{name}: dtype {dtype} cannot be stored in safetensors.") from None
+
+
+def torch_dtype(code: str, *, name: str = "tensor", path: str | None = None) -> torch.dtype:
+    try:
+        return ST_DTYPES[code][0]
+    except KeyError:
+        raise UnsupportedDtypeError(f"tensor {name!r} has unsupported dtype {code!r}.", path=path,
+                                    hint="lorakit reads " + ", ".join(ST_DTYPES) + ".") from None
+
+
+def itemsize(code: str) -> int:
+    return ST_DTYPES[code][1]
+
+
+def is_float(code: str) -> bool:
+    return code in FLOAT_CODES
+
+
+def short_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+            torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}.get(dtype, str(dtype).replace("torch.", ""))

@@ -1,0 +1,8 @@
+"""LoRA formats: detection, reading into the internal model, writing."""
+
+from .emit import EmitResult, emit, fold_scale, fuse, restrict
+from .parse import Detection, ModuleEntry, ParsedLora, detect, load, parse, read_lora
+from .spec import FORMATS, WRITABLE, FormatSpec, get_format
+
+__all__ = ["EmitResult", "emit", "fold_scale", "fuse", "restrict", "Detection", "ModuleEntry", "ParsedLora",
+           "detect", "load", "parse", "read_lora", "FORMATS", "WRITABLE", "FormatSpec", "get_format"]

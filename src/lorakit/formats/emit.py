@@ -1,0 +1,346 @@
+"""Write the internal model in a target format: fuse split patches, split fused ones, fold or store α.
+
+All restructuring is exact (see ``flux.md`` §6): split → fused stacks the downs and places the ups
+block-diagonally; fused → split gives each part the rows of ``up`` and only the ``down`` rows whose
+columns that part uses (which recovers the original smaller rank of a block-diagonal file and shares
+the whole down otherwise). What a target cannot hold exactly raises :class:`LossyConversionError`,
+or with ``allow_lossy`` is re-factored by SVD and reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
+from ..errors import LossyConversionError
+from ..layouts import Alias, NameIndex, evaluate
+from ..model import LoraModel, Patch, Target
+from .spec import WRITE_SUFFIXES, FormatSpec, get_format
+
+
+@dataclass
+class Piece:
+    """One output module: the adapter and extras for a name in the target naming."""
+
+    component: str
+    name: str               # module name in the target naming (before prefix/flattening)
+    adapter: Adapter | None
+    bias: Tensor | None = None
+    dora: Tensor | None = None
+
+
+@dataclass
+class EmitResult:
+    tensors: dict[str, Tensor]
+    lossy: list[tuple[str, float]] = field(default_factory=list)   # (module, relative error)
+    modules: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)            # output module -> rank (LoRA family)
+    alphas: dict[str, float] = field(default_factory=dict)         # output module -> stored alpha
+
+
+# ---------------------------------------------------------------------------------------------
+# Restructuring primitives
+# ---------------------------------------------------------------------------------------------
+
+def restrict(adapter: Adapter, start: int, stop: int) -> Adapter:
+    """The part of ``adapter`` on output rows ``[start, stop)``, exactly."""
+    if isinstance(adapter, LoRA) and adapter.mid is None:
+        up = adapter.up[start:stop]
+        used = up.flatten(1).ne(0).any(dim=0)
+        if bool(used.all()) or not bool(used.any()):
+            return LoRA(alpha=adapter.alpha, down=adapter.down, up=up)
+        idx = torch.nonzero(used).flatten()
+        r = int(idx.numel())
+        return LoRA(alpha=adapter.scale * r, down=adapter.down[idx], up=up[:, idx])
+    return adapter.row_slice(start, stop)
+
+
+def _is_pow2(c: float) -> bool:
+    if c == 0 or not math.isfinite(c):
+        return False
+    m, _ = math.frexp(abs(c))
+    return m == 0.5
+
+
+def fuse(parts: list[tuple[tuple[int, int], Adapter | None, Tensor | None, Tensor | None]], out_rows: int,
+         tail: tuple[int, ...]) -> tuple[Adapter | None, Tensor | None, Tensor | None]:
+    """Combine adapters on row windows of one weight into one adapter covering all rows, exactly."""
+    adapters = [(rows, a) for rows, a, _, _ in parts if a is not None]
+    bias = _place([(rows, b) for rows, _, b, _ in parts if b is not None], out_rows)
+    doras = [(rows, d) for rows, _, _, d in parts if d is not None]
+    dora = None
+    if doras:
+        covered = sorted(rows for rows, _ in doras)
+        if covered[0][0] != 0 or covered[-1][1] != out_rows or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+            raise NotExact("DoRA magnitudes do not cover every row of the fused weight")
+        dora = torch.cat([d for _, d in sorted(doras, key=lambda x: x[0])], dim=0)
+    if not adapters:
+        return None, bias, dora
+    if len(adapters) == 1 and adapters[0][0] == (0, out_rows):
+        return adapters[0][1], bias, dora
+    if all(isinstance(a, LoRA) and a.mid is None for _, a in adapters):
+        return _blockdiag(adapters, out_rows), bias, dora  # type: ignore[arg-type]
+    if all(isinstance(a, Full) for _, a in adapters):
+        first = adapters[0][1]
+        total = torch.zeros((out_rows, *tail), dtype=torch.float32)
+        for (s, e), a in adapters:
+            total[s:e] += a.dense()
+        return Full(alpha=None, diff=total.to(first.dtype)), bias, dora
+    raise NotExact("LoHa/LoKr parts on one fused weight cannot be combined into one module")
+
+
+def _blockdiag(adapters: list[tuple[tuple[int, int], LoRA]], out_rows: int) -> LoRA:
+    """Stack the downs and place the ups at their row windows. Parts that share one identical down
+    (a fused file split by sharing its down) share one column block, which restores the fused rank."""
+    ref = adapters[0][1].scale
+    dtype = adapters[0][1].up.dtype
+    groups: list[tuple[Tensor, list[tuple[tuple[int, int], LoRA]]]] = []
+    for rows, a in adapters:
+        for down, members in groups:
+            if down.shape == a.down.shape and down.dtype == a.down.dtype and torch.equal(down, a.down):
+                members.append((rows, a))
+                break
+        else:
+            groups.append((a.down, [(rows, a)]))
+    total_rank = sum(int(down.shape[0]) for down, _ in groups)
+    tail_up = adapters[0][1].up.shape[2:]
+    up_f = torch.zeros((out_rows, total_rank, *tail_up), dtype=torch.float32)
+    col = 0
+    for down, members in groups:
+        r = int(down.shape[0])
+        for (s, e), a in members:
+            ratio = a.scale / ref
+            up = a.up.to(torch.float32)
+            up_f[s:e, col:col + r] += up * ratio if ratio != 1 else up
+        col += r
+    down = torch.cat([d.to(dtype) for d, _ in groups], dim=0)
+    return LoRA(alpha=ref * total_rank, down=down, up=up_f.to(dtype))
+
+
+def _place(items: list[tuple[tuple[int, int], Tensor]], out_rows: int) -> Tensor | None:
+    if not items:
+        return None
+    total = torch.zeros(out_rows, dtype=torch.float32)
+    for (s, e), t in items:
+        total[s:e] += t.float().reshape(-1)
+    return total.to(items[0][1].dtype)
+
+
+def fold_scale(adapter: Adapter) -> Adapter:
+    """Move the adapter's scale into its factors so that it needs no α (α = rank ⇒ scale 1)."""
+    if isinstance(adapter, LoRA):
+        c = adapter.scale
+        if c == 1:
+            return LoRA(alpha=None, down=adapter.down, up=adapter.up, mid=adapter.mid)
+        if _is_pow2(c):
+            up = (adapter.up.float() * c).to(adapter.up.dtype)
+            return LoRA(alpha=None, down=adapter.down, up=up, mid=adapter.mid)
+        root = math.sqrt(abs(c))
+        sign = 1.0 if c > 0 else -1.0
+        down = (adapter.down.float() * (sign * root)).to(adapter.down.dtype)
+        up = (adapter.up.float() * root).to(adapter.up.dtype)
+        return LoRA(alpha=None, down=down, up=up, mid=adapter.mid)
+    if isinstance(adapter, LoHa) and adapter.scale != 1:
+        folded = adapter.scaled(adapter.scale)
+        folded.alpha = None
+        return folded
+    if isinstance(adapter, LoKr) and adapter.scale != 1:
+        folded = adapter.scaled(adapter.scale)
+        folded.alpha = None
+        return folded
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning the output modules
+# ---------------------------------------------------------------------------------------------
+
+class Emitter:
+    def __init__(self, model: LoraModel, fmt: FormatSpec, *, allow_lossy: bool, lossy_rank: int | None) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.allow_lossy = allow_lossy
+        self.lossy_rank = lossy_rank
+        self.lossy: list[tuple[str, float]] = []
+        self.refused: list[str] = []
+        self.reasons: set[str] = set()
+        self.native: dict[str, NameIndex] = {}
+
+    def naming_for(self, component: str) -> str:
+        comp = self.model.arch.spec.components[component]
+        return "diffusers" if self.fmt.split and "diffusers" in comp.namings else "native"
+
+    def match(self, target: Target):
+        comp = self.model.arch.spec.components[target.component]
+        index = self.native.get(target.component)
+        if index is None:
+            index = self.native[target.component] = NameIndex(comp, "native", flat=False)
+        m = index.match(target.module)
+        if m is None:
+            raise NotExact(f"{target} is not a module of the layout")
+        return m
+
+    def pieces(self) -> list[Piece]:
+        out: list[Piece] = []
+        for target, patches in self.model.by_target().items():
+            m = self.match(target)
+            params = self.model.arch.params[target.component]
+            out_rows = evaluate(m.spec.out, params, -1)
+            if out_rows < 0:
+                out_rows = max([p.rows[1] for p in patches if p.rows] + [p.out_rows for p in patches if not p.rows])
+            tail = self._tail(patches)
+            naming = self.naming_for(target.component)
+            aliases = m.spec.names(naming)
+            if not aliases:
+                aliases = (Alias(m.spec.native),)
+                naming = "native"
+            windows = [(a, self._window(a, params, out_rows)) for a in aliases]
+            for alias, (s, e) in windows:
+                name = alias.template.format(i=m.index) if m.index is not None else alias.template
+                parts = []
+                for p in patches:
+                    ps, pe = p.rows if p.rows else (0, p.out_rows)
+                    if pe <= s or ps >= e:
+                        continue
+                    parts.append(p)
+                if not parts:
+                    continue
+                try:
+                    piece = self._piece(target, name, parts, s, e, tail)
+                    if alias.swap_halves:
+                        piece = self._swapped(piece)
+                except NotExact as exc:
+                    piece = self._lossy(target, name, parts, s, e, tail, alias.swap_halves, str(exc))
+                if piece is not None:
+                    out.append(piece)
+        if self.refused:
+            raise LossyConversionError(self.refused, f"format {self.fmt.name!r} cannot hold these modules exactly "
+                                       f"({'; '.join(sorted(self.reasons))})", path=self.model.path)
+        return out
+
+    @staticmethod
+    def _tail(patches: list[Patch]) -> tuple[int, ...]:
+        for p in patches:
+            if p.adapter is not None:
+                return tuple(p.adapter.weight_shape[1:])
+        return ()
+
+    @staticmethod
+    def _window(alias: Alias, params: Mapping[str, int], out_rows: int) -> tuple[int, int]:
+        if alias.rows is None:
+            return 0, out_rows
+        s = evaluate(alias.rows[0], params)
+        return s, s + evaluate(alias.rows[1], params)
+
+    def _piece(self, target: Target, name: str, parts: list[Patch], s: int, e: int,
+               tail: tuple[int, ...]) -> Piece:
+        pieces = []
+        for p in parts:
+            ps, pe = p.rows if p.rows else (0, p.out_rows)
+            if s <= ps and pe <= e:
+                pieces.append(((ps - s, pe - s), p.adapter, p.bias, p.dora))
+            elif ps <= s and e <= pe:
+                a = restrict(p.adapter, s - ps, e - ps) if p.adapter is not None else None
+                b = p.bias[s - ps:e - ps] if p.bias is not None else None
+                d = p.dora[s - ps:e - ps] if p.dora is not None and p.dora.shape[0] == p.out_rows else p.dora
+                pieces.append(((0, e - s), a, b, d))
+            else:
+                raise NotExact(f"rows [{ps}, {pe}) straddle the boundary of {name}")
+        adapter, bias, dora = fuse(pieces, e - s, tail)
+        return Piece(target.component, name, adapter, bias, dora)
+
+    @staticmethod
+    def _swapped(piece: Piece) -> Piece:
+        from ..adapters import _swap_rows
+        adapter = piece.adapter.swap_halves() if piece.adapter is not None else None
+        bias = _swap_rows(piece.bias) if piece.bias is not None else None
+        dora = _swap_rows(piece.dora) if piece.dora is not None and piece.dora.shape[0] > 1 else piece.dora
+        return Piece(piece.component, piece.name, adapter, bias, dora)
+
+    def _lossy(self, target: Target, name: str, parts: list[Patch], s: int, e: int, tail: tuple[int, ...],
+               swap: bool, reason: str) -> Piece | None:
+        label = f"{target.component}:{name}"
+        self.reasons.add(reason)
+        if not self.allow_lossy:
+            self.refused.append(label)
+            return None
+        total = torch.zeros((e - s, *tail), dtype=torch.float32)
+        bias = None
+        for p in parts:
+            ps, pe = p.rows if p.rows else (0, p.out_rows)
+            lo, hi = max(ps, s), min(pe, e)
+            if p.adapter is not None:
+                total[lo - s:hi - s] += p.adapter.dense()[lo - ps:hi - ps]
+            if p.bias is not None:
+                bias = torch.zeros(e - s) if bias is None else bias
+                bias[lo - s:hi - s] += p.bias.float()[lo - ps:hi - ps]
+        if swap:
+            h = total.shape[0] // 2
+            total = torch.cat([total[h:], total[:h]])
+            if bias is not None:
+                bias = torch.cat([bias[h:], bias[:h]])
+        dtype = next(p.adapter.dtype for p in parts if p.adapter is not None)
+        lora, err = lora_from_dense(total, self.lossy_rank)
+        self.lossy.append((label, err))
+        return Piece(target.component, name, lora.to(dtype), bias.to(dtype) if bias is not None else None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor naming
+# ---------------------------------------------------------------------------------------------
+
+def _prefix_and_flat(fmt: FormatSpec, component: str, naming: str) -> tuple[str, bool]:
+    for rule in fmt.rules:
+        if rule.component == component and naming in rule.namings:
+            return rule.prefix, rule.flat
+    raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {component} component")
+
+
+def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_rank: int | None = None,
+         dtype: torch.dtype | None = None) -> EmitResult:
+    fmt = get_format(fmt_name)
+    if fmt.write_style is None:
+        raise LossyConversionError([], f"format {fmt_name!r} is read-only")
+    emitter = Emitter(model, fmt, allow_lossy=allow_lossy, lossy_rank=lossy_rank)
+    pieces = emitter.pieces()
+    suffixes = WRITE_SUFFIXES[fmt.write_style]
+    tensors: dict[str, Tensor] = {}
+    result = EmitResult(tensors, emitter.lossy)
+
+    def cast(t: Tensor) -> Tensor:
+        t = t.contiguous()
+        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).clone()
+
+    for piece in pieces:
+        naming = emitter.naming_for(piece.component)
+        prefix, flat = _prefix_and_flat(fmt, piece.component, naming)
+        stem = prefix + (piece.name.replace(".", "_") if flat else piece.name)
+        adapter = piece.adapter
+        if adapter is not None and fmt.fold_alpha:
+            adapter = fold_scale(adapter)
+        if adapter is not None:
+            for role, t in adapter.tensors().items():
+                tensors[f"{stem}.{suffixes.get(role, role)}"] = cast(t)
+            if not fmt.fold_alpha and adapter.alpha is not None:
+                tensors[f"{stem}.{suffixes['alpha']}"] = torch.tensor(float(adapter.alpha), dtype=torch.float32)
+            if adapter.rank is not None:
+                result.ranks[stem] = adapter.rank
+                result.alphas[stem] = float(adapter.alpha if adapter.alpha is not None else adapter.rank)
+        if piece.bias is not None:
+            key = suffixes["bias"] if isinstance(adapter, LoRA) and "bias" in suffixes else suffixes["diff_b"]
+            b = piece.bias
+            if key == suffixes.get("bias") and isinstance(adapter, LoRA) and adapter.scale != 1:
+                b = (b.float() / adapter.scale).to(b.dtype)
+            tensors[f"{stem}.{key}"] = cast(b)
+        if piece.dora is not None:
+            d = piece.dora.reshape(-1)
+            if fmt.write_style == "kohya":
+                d = d.reshape(-1, *([1] * (len(adapter.weight_shape) - 1))) if adapter is not None else d
+            tensors[f"{stem}.{suffixes['dora']}"] = cast(d)
+        result.modules += 1
+    return result

@@ -1,0 +1,469 @@
+"""Detect a LoRA's format by scoring every registered format, then read it into the internal model.
+
+Detection works on key names and shapes only (header data); metadata only breaks ties. Reading is
+split in two: :func:`parse` builds a header-level plan (no tensor data), :func:`load` reads the
+tensors and builds :class:`~lorakit.model.LoraModel` patches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
+from ..archinfer import Observation, infer_instance
+from ..errors import (AmbiguousFormatError, KeyMappingError, NotALoraError, UnknownFormatError,
+                      UnsupportedArchitectureError)
+from ..io import WeightFile, open_weights
+from ..layouts import RECOGNIZERS, Alias, ArchSpec, NameIndex, NameMatch, evaluate, resolve
+from ..model import ArchInstance, LoraModel, Patch, Target
+from .spec import FORMATS, FormatSpec, Rule, SplitKey, split_key
+
+
+@dataclass(frozen=True)
+class KeyParse:
+    key: str
+    rule: Rule
+    naming: str
+    match: NameMatch
+    split: SplitKey
+    file_module: str      # module name as written (prefix included)
+    marked: bool          # a PEFT marker (container or adapter name) was present
+
+
+@dataclass
+class ModuleEntry:
+    """All keys of one module of the file, with the layout match they resolved to."""
+
+    file_module: str
+    component: str
+    naming: str
+    match: NameMatch
+    keys: dict[str, str] = field(default_factory=dict)      # role -> key
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        roles = set(self.keys)
+        if {"down", "up"} <= roles:
+            return "lora"
+        if any(r.startswith("hada_") for r in roles):
+            return "loha"
+        if any(r.startswith("lokr_") for r in roles):
+            return "lokr"
+        if "diff" in roles:
+            return "full"
+        if roles & {"diff_b"}:
+            return "bias"
+        return "incomplete"
+
+    def observed_shape(self) -> tuple[int | None, int | None]:
+        s = self.shapes
+        try:
+            if self.family == "lora":
+                return s["up"][0], _prod(s["down"][1:]) if "mid" not in s else s["down"][1]
+            if self.family == "loha":
+                if "hada_t1" in s:
+                    return s["hada_w1_a"][1], s["hada_w1_b"][1]
+                return s["hada_w1_a"][0], s["hada_w1_b"][1]
+            if self.family == "lokr":
+                r1 = s["lokr_w1"][0] if "lokr_w1" in s else s["lokr_w1_a"][0]
+                c1 = s["lokr_w1"][1] if "lokr_w1" in s else s["lokr_w1_b"][1]
+                r2 = s["lokr_w2"][0] if "lokr_w2" in s else s["lokr_w2_a"][0]
+                c2 = s["lokr_w2"][1] if "lokr_w2" in s else s["lokr_w2_b"][1]
+                return r1 * r2, c1 * c2
+            if self.family == "full":
+                return s["diff"][0], _prod(s["diff"][1:])
+            if self.family == "bias":
+                return s["diff_b"][0], None
+        except (KeyError, IndexError):
+            pass
+        return None, None
+
+    @property
+    def target(self) -> str:
+        return self.match.native
+
+
+def _prod(dims: Sequence[int]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+_REQUIRED = {
+    "lora": ({"down", "up"},),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
+}
+
+
+def _complete(entry: ModuleEntry) -> bool:
+    roles = set(entry.keys)
+    fam = entry.family
+    if fam == "lokr":
+        return ("lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles) and (
+            "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
+    if fam == "loha":
+        return _REQUIRED["loha"][0] <= roles
+    return fam in ("lora", "full", "bias")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-format key acceptance
+# ---------------------------------------------------------------------------------------------
+
+class FormatMatcher:
+    def __init__(self, fmt: FormatSpec, arch: ArchSpec) -> None:
+        self.fmt = fmt
+        self.indexes: dict[tuple[str, str, bool], NameIndex] = {}
+        for rule in fmt.rules:
+            comp = arch.components.get(rule.component)
+            if comp is None:
+                continue
+            for naming in rule.namings:
+                if naming == "native" or naming in comp.namings:
+                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex(comp, naming, flat=rule.flat)
+
+    def accept(self, key: str) -> KeyParse | None:
+        fmt = self.fmt
+        body, marked = key, False
+        for c in fmt.containers:
+            if body.startswith(c):
+                body, marked = body[len(c):], marked or c == "base_model.model."
+                break
+        split = split_key(body, xlabs=fmt.xlabs_suffixes)
+        if split is None:
+            return None
+        marked = marked or split.adapter_name is not None
+        if fmt.marker == "required" and not marked:
+            return None
+        if fmt.marker == "forbidden" and marked:
+            return None
+        for rule in fmt.rules:
+            if not split.module.startswith(rule.prefix):
+                continue
+            name = split.module[len(rule.prefix):]
+            for inner in fmt.inner:
+                if name.startswith(inner):
+                    name, marked = name[len(inner):], True
+            if fmt.strip_trailing_underscore and rule.flat and name.endswith("_"):
+                name = name[:-1]
+            for naming in rule.namings:
+                index = self.indexes.get((rule.component, naming, rule.flat))
+                if index is None:
+                    continue
+                m = index.match(name)
+                if m is not None:
+                    return KeyParse(key, rule, naming, m, split, split.module, marked)
+        return None
+
+
+@dataclass
+class Detection:
+    format: FormatSpec
+    parses: dict[str, KeyParse]
+    score: float
+    runner_up: tuple[str, float] | None
+
+
+def _meaning(p: KeyParse) -> tuple[object, ...]:
+    return (p.rule.component, p.match.native, p.match.alias, p.split.role)
+
+
+def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], *,
+           arch: ArchSpec, path: str | None = None, force: str | None = None) -> Detection:
+    total = len(keys)
+    if total == 0:
+        raise NotALoraError("file holds no tensors (an empty LoRA).", path=path)
+    results: list[tuple[FormatSpec, dict[str, KeyParse]]] = []
+    for fmt in FORMATS:
+        if force and fmt.name != force:
+            continue
+        matcher = FormatMatcher(fmt, arch)
+        parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
+        results.append((fmt, parses))
+    results.sort(key=lambda r: -len(r[1]))
+    best_fmt, best = results[0]
+    if not best:
+        _explain_unknown(keys, shapes, path)
+    tied = [r for r in results[1:] if len(r[1]) == len(best)]
+    if tied:
+        ref = {k: _meaning(p) for k, p in best.items()}
+        differing = [f.name for f, parses in tied if {k: _meaning(p) for k, p in parses.items()} != ref]
+        if differing:
+            hinted = _tie_break_by_metadata([best_fmt.name, *differing], metadata)
+            if hinted is None:
+                raise AmbiguousFormatError(path, [best_fmt.name, *differing])
+            best_fmt, best = next(r for r in results if r[0].name == hinted)
+    runner = next(((f.name, len(p) / total) for f, p in results if f is not best_fmt and p), None)
+    return Detection(best_fmt, best, len(best) / total, runner)
+
+
+def _tie_break_by_metadata(names: list[str], metadata: Mapping[str, str]) -> str | None:
+    if any(k.startswith("ss_") for k in metadata) and "kohya" in names:
+        return "kohya"
+    if "lora_adapter_metadata" in metadata and "diffusers" in names:
+        return "diffusers"
+    return None
+
+
+def _explain_unknown(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None) -> None:
+    for rec in RECOGNIZERS:
+        pat = rec.compiled()
+        hits = [k for k in keys if pat.search(k)]
+        if not hits:
+            continue
+        if rec.dim_rule is not None:
+            kre, dim, value = rec.dim_rule
+            probe = [k for k in keys if re.search(kre, k) and shapes.get(k)]
+            if not any(shapes[k][dim] == value for k in probe):
+                continue
+        raise UnsupportedArchitectureError(
+            f"this looks like a {rec.label} file ({len(hits)} of {len(keys)} keys match, e.g. {hits[0]!r}); "
+            f"lorakit supports FLUX.1 so far.", path=path, hint=rec.hint or "use a tool for that architecture.")
+    if not any(split_key(k) or split_key(k, xlabs=True) for k in keys):
+        plain = sum(1 for k in keys if k.endswith((".weight", ".bias", ".scale")))
+        if plain >= 0.9 * len(keys):
+            raise NotALoraError(f"this is not a LoRA: its {len(keys)} tensors are plain weights (a base model?).",
+                                path=path, hint="pass a LoRA file here; base models go to `bake`/`extract`.")
+    unknown = list(keys)
+    nearest = _nearest_format(keys)
+    raise UnknownFormatError(path, unknown, nearest, total=len(keys))
+
+
+def _nearest_format(keys: Sequence[str]) -> str | None:
+    counts: Counter[str] = Counter()
+    for fmt in FORMATS:
+        for rule in fmt.rules:
+            if rule.prefix:
+                counts[fmt.name] += sum(1 for k in keys if k.startswith(rule.prefix) or
+                                        any(k.startswith(c + rule.prefix) for c in fmt.containers))
+    best = counts.most_common(1)
+    return best[0][0] if best and best[0][1] else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Header-level plan
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ParsedLora:
+    path: str | None
+    file: WeightFile
+    detection: Detection
+    entries: list[ModuleEntry]
+    unknown_keys: list[str]
+    arch: ArchInstance
+    metadata: dict[str, str]
+    peft_config: dict[str, object] | None = None
+
+    @property
+    def format(self) -> str:
+        return self.detection.format.name
+
+
+def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | None = None) -> ParsedLora:
+    arch = resolve(arch_name)
+    keys = file.keys()
+    shapes = {k: file.shape(k) for k in keys}
+    det = detect(keys, shapes, file.metadata, arch=arch, path=file.path, force=force_format)
+    entries: dict[tuple[str, str], ModuleEntry] = {}
+    unknown = [k for k in keys if k not in det.parses]
+    for key, p in det.parses.items():
+        e = entries.setdefault((p.rule.component, p.file_module),
+                               ModuleEntry(p.file_module, p.rule.component, p.naming, p.match))
+        role = p.split.role
+        if role in e.keys:
+            raise KeyMappingError(f"module {p.file_module!r} has two keys for role {role!r}", [e.keys[role], key],
+                                  path=file.path)
+        e.keys[role] = key
+        e.shapes[role] = shapes[key]
+    good: list[ModuleEntry] = []
+    for e in entries.values():
+        if _complete(e):
+            good.append(e)
+        else:
+            unknown.extend(e.keys.values())
+    _check_duplicates(good, file.path)
+    observations = [Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
+                    for e in good]
+    instance = infer_instance(arch, observations, file.metadata, path=file.path)
+    return ParsedLora(file.path, file, det, good, sorted(unknown), instance, dict(file.metadata),
+                      _peft_config(file.path))
+
+
+def _check_duplicates(entries: list[ModuleEntry], path: str | None) -> None:
+    seen: dict[tuple[object, ...], ModuleEntry] = {}
+    for e in entries:
+        if e.family == "bias":
+            continue
+        key = (e.component, e.match.native, e.match.alias.rows, e.family)
+        other = seen.get(key)
+        if other is not None:
+            raise KeyMappingError(
+                f"module {e.match.native!r} appears twice, as {other.file_module!r} and {e.file_module!r} "
+                f"(two spellings of one module)", [other.file_module, e.file_module], path=path,
+                hint="keep one spelling; lorakit will not guess which one is meant.")
+        seen[key] = e
+
+
+def _peft_config(path: str | None) -> dict[str, object] | None:
+    if not path or os.path.isdir(path):
+        return None
+    cfg = os.path.join(os.path.dirname(path), "adapter_config.json")
+    if os.path.basename(path).startswith("adapter_model") and os.path.isfile(cfg):
+        try:
+            with open(cfg, encoding="utf-8") as fh:
+                data = json.load(fh)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Alphas
+# ---------------------------------------------------------------------------------------------
+
+def _component_alias(component: str) -> str:
+    return {"transformer": "transformer", "clip_l": "text_encoder", "t5": "text_encoder_2"}.get(component, component)
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str) -> float | None:
+    for pat, val in patterns.items():
+        try:
+            if re.match(rf"^(?:.*\.)?(?:{pat})$", module):
+                return float(val)  # type: ignore[arg-type]
+        except (re.error, TypeError, ValueError):
+            continue
+    return None
+
+
+def config_alpha(parsed: ParsedLora, entry: ModuleEntry, rank: int) -> float | None:
+    """α from ``lora_adapter_metadata`` / ``adapter_config.json`` / a bare ``alpha`` entry, if any."""
+    module = entry.match.alias.template.format(i=entry.match.index) if entry.match.index is not None \
+        else entry.match.alias.template
+    configs: list[Mapping[str, object]] = []
+    raw = parsed.metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            meta = None
+        if isinstance(meta, dict):
+            comp = _component_alias(entry.component) + "."
+            scoped = {k[len(comp):]: v for k, v in meta.items() if k.startswith(comp)}
+            configs.append(scoped or meta)
+    if parsed.peft_config:
+        configs.append(parsed.peft_config)
+    for cfg in configs:
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module)  # type: ignore[arg-type]
+        if alpha is None and cfg.get("lora_alpha") is not None:
+            try:
+                alpha = float(cfg["lora_alpha"])  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                alpha = None
+        if alpha is not None:
+            if cfg.get("use_rslora"):
+                alpha = alpha * rank ** 0.5   # rsLoRA: scale α/√r == (α√r)/r
+            return alpha
+    bare = parsed.metadata.get("alpha")
+    if bare is not None:
+        try:
+            return float(bare)
+        except ValueError:
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading tensors into patches
+# ---------------------------------------------------------------------------------------------
+
+def _build_adapter(entry: ModuleEntry, t: Mapping[str, torch.Tensor], alpha: float | None) -> Adapter | None:
+    fam = entry.family
+    if fam == "lora":
+        return LoRA(alpha=alpha, down=t["down"], up=t["up"], mid=t.get("mid"))
+    if fam == "loha":
+        return LoHa(alpha=alpha, w1a=t["hada_w1_a"], w1b=t["hada_w1_b"], w2a=t["hada_w2_a"], w2b=t["hada_w2_b"],
+                    t1=t.get("hada_t1"), t2=t.get("hada_t2"))
+    if fam == "lokr":
+        return LoKr(alpha=alpha, w1=t.get("lokr_w1"), w1a=t.get("lokr_w1_a"), w1b=t.get("lokr_w1_b"),
+                    w2=t.get("lokr_w2"), w2a=t.get("lokr_w2_a"), w2b=t.get("lokr_w2_b"), t2=t.get("lokr_t2"))
+    if fam == "full":
+        return Full(alpha=None, diff=t["diff"])
+    return None
+
+
+def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
+    if alias.rows is None:
+        return None
+    start = evaluate(alias.rows[0], params)
+    return start, start + evaluate(alias.rows[1], params)
+
+
+def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
+    if alpha_tensor is not None:
+        return float(alpha_tensor.float().reshape(-1)[0]) if alpha_tensor.numel() else None
+    rank = None
+    if entry.family == "lora":
+        rank = entry.shapes["down"][0]
+    elif entry.family == "loha":
+        rank = entry.shapes["hada_w1_b"][0]
+    if rank is None or parsed.format in ("xlabs",):
+        return None
+    return config_alpha(parsed, entry, rank)
+
+
+def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
+    t = {role: parsed.file.get(key) for role, key in entry.keys.items()}
+    alpha = entry_alpha(parsed, entry, t.get("alpha"))
+    adapter = _build_adapter(entry, t, alpha)
+    params = parsed.arch.params[entry.component]
+    bias = t.get("diff_b")
+    if "bias" in t and isinstance(adapter, LoRA):
+        lb = t["bias"].float() * adapter.scale
+        bias = lb if bias is None else bias.float() + lb
+    dora = t.get("dora")
+    alias = entry.match.alias
+    if alias.swap_halves:
+        adapter, bias, dora = _swap(adapter, bias, dora)
+    patch = Patch(Target(entry.component, entry.match.native), adapter, _rows(alias, params),
+                  bias=bias, dora=dora.reshape(-1) if dora is not None and dora.shape[0] != 1 else dora,
+                  source=entry.file_module)
+    return patch
+
+
+def _swap(adapter: Adapter | None, bias: torch.Tensor | None, dora: torch.Tensor | None):
+    from ..adapters import _swap_rows
+    if adapter is not None:
+        try:
+            adapter = adapter.swap_halves()
+        except NotExact:
+            adapter = Full(alpha=None, diff=_swap_rows(adapter.dense()).to(adapter.dtype))
+    return adapter, (_swap_rows(bias) if bias is not None else None), (
+        _swap_rows(dora) if dora is not None and dora.shape[0] > 1 else dora)
+
+
+def load(parsed: ParsedLora) -> LoraModel:
+    patches = [load_entry(parsed, e) for e in parsed.entries]
+    return LoraModel(parsed.arch, patches, parsed.format, dict(parsed.metadata), parsed.path,
+                     list(parsed.unknown_keys))
+
+
+def read_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, force_format: str | None = None,
+              allow_partial: bool = True) -> LoraModel:
+    """Open, detect and load a LoRA file in one call."""
+    with open_weights(path, allow_pickle=allow_pickle) as f:
+        parsed = parse(f, force_format=force_format)
+        if parsed.unknown_keys and not allow_partial:
+            raise KeyMappingError("keys not understood", parsed.unknown_keys, path=os.fspath(path),
+                                  hint="pass --allow-partial to proceed without them.")
+        return load(parsed)

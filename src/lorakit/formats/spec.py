@@ -1,0 +1,166 @@
+"""LoRA file formats, declared as data.
+
+A format is a set of rules ``prefix -> (component, naming schemes, dotted or kohya-flattened)``, the
+outer containers it tolerates, whether it requires or forbids PEFT markers (``base_model.model.`` or
+an adapter name such as ``.default``), and the suffix style it writes. Naming (where the module is)
+and algorithm (the suffix family) are independent facts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------------
+# Suffix vocabulary: key tail -> (family, role)
+# ---------------------------------------------------------------------------------------------
+
+SUFFIXES: dict[str, tuple[str, str]] = {
+    "lora_down.weight": ("lora", "down"),
+    "lora_up.weight": ("lora", "up"),
+    "lora_mid.weight": ("lora", "mid"),
+    "lora_A.weight": ("lora", "down"),
+    "lora_B.weight": ("lora", "up"),
+    "lora_B.bias": ("lora", "bias"),
+    "lora.down.weight": ("lora", "down"),
+    "lora.up.weight": ("lora", "up"),
+    "alpha": ("meta", "alpha"),
+    "dora_scale": ("dora", "dora"),
+    "lora_magnitude_vector": ("dora", "dora"),
+    "lora_magnitude_vector.weight": ("dora", "dora"),
+    "diff": ("full", "diff"),
+    "diff_b": ("bias", "diff_b"),
+    **{f"hada_{n}": ("loha", f"hada_{n}") for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f"lokr_{n}": ("lokr", f"lokr_{n}") for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+}
+XLABS_SUFFIXES: dict[str, tuple[str, str]] = {"down.weight": ("lora", "down"), "up.weight": ("lora", "up")}
+ADAPTER_NAMED = re.compile(r"\.lora_(?P<ab>[AB])\.(?P<name>[A-Za-z0-9_]+)\.(?P<param>weight|bias)\Z")
+
+_BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
+_XLABS_BY_LENGTH = sorted(XLABS_SUFFIXES, key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class SplitKey:
+    module: str
+    family: str
+    role: str
+    adapter_name: str | None = None
+
+
+def split_key(key: str, *, xlabs: bool = False) -> SplitKey | None:
+    """Split ``<module>.<suffix>`` using the known suffix vocabulary."""
+    if not xlabs:
+        m = ADAPTER_NAMED.search(key)
+        if m and m.group("name") not in ("weight", "bias"):
+            role = ("down" if m.group("ab") == "A" else "up") if m.group("param") == "weight" else "bias"
+            if role == "bias" and m.group("ab") == "A":
+                return None
+            return SplitKey(key[: m.start()], "lora", role, m.group("name"))
+    for suffix in (_XLABS_BY_LENGTH if xlabs else _BY_LENGTH):
+        if key.endswith("." + suffix):
+            family, role = (XLABS_SUFFIXES if xlabs else SUFFIXES)[suffix]
+            return SplitKey(key[: -len(suffix) - 1], family, role)
+    return None
+
+
+# Suffixes each writing style uses, by role.
+WRITE_SUFFIXES: dict[str, dict[str, str]] = {
+    "kohya": {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "alpha": "alpha",
+              "dora": "dora_scale", "diff": "diff", "diff_b": "diff_b"},
+    "peft": {"down": "lora_A.weight", "up": "lora_B.weight", "bias": "lora_B.bias", "alpha": "alpha",
+             "dora": "lora_magnitude_vector", "diff": "diff", "diff_b": "diff_b"},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    prefix: str
+    component: str
+    namings: tuple[str, ...]
+    flat: bool
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str
+    label: str
+    rules: tuple[Rule, ...]
+    containers: tuple[str, ...] = ()      # outer prefixes tolerated before a rule prefix
+    inner: tuple[str, ...] = ()           # prefixes tolerated between the rule prefix and the module
+    marker: str = "forbidden"             # PEFT markers: "required" | "forbidden" | "any"
+    xlabs_suffixes: bool = False
+    write_style: str | None = None        # "kohya" | "peft" when the format can be written
+    fold_alpha: bool = False              # writer folds every scale into the factors
+    split: bool = False                   # writer uses split (diffusers) names for fused weights
+    strip_trailing_underscore: bool = False
+
+
+_PEFT_CONTAINER = "base_model.model."
+
+FORMATS: tuple[FormatSpec, ...] = (
+    FormatSpec(
+        "kohya", "kohya / sd-scripts (lora_unet_…, lora_te1_…, lora_te3_…)",
+        rules=(Rule("lora_unet_", "transformer", ("native", "diffusers"), True),
+               Rule("lora_te1_", "clip_l", ("native",), True),
+               Rule("lora_te_", "clip_l", ("native",), True),
+               Rule("lora_te3_", "t5", ("native",), True),
+               Rule("lora_te2_", "t5", ("native",), True)),
+        write_style="kohya", strip_trailing_underscore=True,
+    ),
+    FormatSpec(
+        "comfy", "ComfyUI (BFL names under diffusion_model.)",
+        rules=(Rule("diffusion_model.", "transformer", ("native",), False),
+               Rule("text_encoders.clip_l.transformer.", "clip_l", ("native",), False),
+               Rule("text_encoders.t5xxl.transformer.", "t5", ("native",), False)),
+        containers=("model.",),
+        write_style="kohya",
+    ),
+    FormatSpec(
+        "diffusers", "diffusers / AI-Toolkit / SimpleTuner (transformer.… lora_A/lora_B)",
+        rules=(Rule("transformer.", "transformer", ("diffusers",), False),
+               Rule("text_encoder.", "clip_l", ("native",), False),
+               Rule("text_encoder_2.", "t5", ("native",), False)),
+        write_style="peft", fold_alpha=True, split=True,
+    ),
+    FormatSpec(
+        "peft", "PEFT (base_model.model.… or adapter-named keys)",
+        rules=(Rule("transformer.", "transformer", ("diffusers",), False),
+               Rule("text_encoder.", "clip_l", ("native",), False),
+               Rule("text_encoder_2.", "t5", ("native",), False),
+               Rule("", "transformer", ("diffusers",), False)),
+        containers=(_PEFT_CONTAINER,), inner=(_PEFT_CONTAINER,), marker="required",
+    ),
+    FormatSpec(
+        "xlabs", "XLabs x-flux (processor.qkv_lora1 …)",
+        rules=(Rule("", "transformer", ("xlabs",), False),),
+        containers=("diffusion_model.",), xlabs_suffixes=True,
+    ),
+    FormatSpec(
+        "onetrainer", "OneTrainer legacy (lora_transformer_…)",
+        rules=(Rule("lora_transformer_", "transformer", ("diffusers",), True),
+               Rule("lora_te1_", "clip_l", ("native",), True),
+               Rule("lora_te2_", "t5", ("native",), True)),
+    ),
+    FormatSpec(
+        "lycoris", "SimpleTuner / LyCORIS generic (lycoris_…)",
+        rules=(Rule("lycoris_", "transformer", ("diffusers",), True),),
+    ),
+    FormatSpec(
+        "diffsynth", "DiffSynth (bare diffusers names)",
+        rules=(Rule("", "transformer", ("diffusers",), False),),
+    ),
+)
+
+WRITABLE = tuple(f.name for f in FORMATS if f.write_style)
+
+
+def get_format(name: str) -> FormatSpec:
+    for f in FORMATS:
+        if f.name == name:
+            return f
+    raise KeyError(name)

@@ -1,0 +1,264 @@
+"""``lorakit inspect``: what a LoRA is, from its header (and, with ``deep``, its tensors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .adapters import Full, LoHa, LoKr, LoRA
+from .formats import parse
+from .formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
+from .io import open_weights
+from .layouts import expand
+
+MAX_UNKNOWN_LISTED = 20
+
+
+def _component_params(parsed: ParsedLora, name: str) -> dict[str, int] | None:
+    if name in parsed.arch.params:
+        return parsed.arch.params[name]
+    comp = parsed.arch.spec.components[name]
+    return dict(comp.presets[0].params) if comp.presets else None
+
+
+def coverage(parsed: ParsedLora) -> dict[str, Any]:
+    present: dict[str, set[str]] = {}
+    for e in parsed.entries:
+        present.setdefault(e.component, set()).add(e.match.native)
+    out: dict[str, Any] = {}
+    for name, comp in parsed.arch.spec.components.items():
+        params = _component_params(parsed, name)
+        if params is None:
+            continue
+        params = {**{f: 1 for f in comp.flags}, **params}
+        mods = list(expand(comp, params))
+        hit = present.get(name, set())
+        groups: dict[str, dict[str, Any]] = {}
+        for m in mods:
+            g = groups.setdefault(m.group, {"label": comp.group_labels.get(m.group, m.group), "present": 0,
+                                            "total": 0})
+            g["total"] += 1
+            g["present"] += m.name in hit
+        extra = sorted(hit - {m.name for m in mods})
+        out[name] = {"label": comp.label, "present": sum(g["present"] for g in groups.values()) + len(extra),
+                     "total": len(mods), "groups": groups}
+        if extra:
+            out[name]["beyond_layout"] = extra
+    return out
+
+
+def _read_alphas(parsed: ParsedLora) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for e in parsed.entries:
+        key = e.keys.get("alpha")
+        tensor = parsed.file.get(key) if key else None
+        out[e.file_module] = entry_alpha(parsed, e, tensor)
+    return out
+
+
+def _rank(e: ModuleEntry) -> int | None:
+    s = e.shapes
+    if e.family == "lora":
+        return s["down"][0]
+    if e.family == "loha":
+        return s["hada_w1_b"][0]
+    if e.family == "lokr":
+        for role in ("lokr_w2_b", "lokr_w1_b"):
+            if role in s:
+                return s[role][0]
+    return None
+
+
+def _scale(e: ModuleEntry, alpha: float | None, rank: int | None) -> float | None:
+    if rank is None:
+        return 1.0
+    if e.family == "lokr" and not ({"lokr_w2_b", "lokr_w1_b"} & set(e.shapes)):
+        return 1.0
+    return (alpha if alpha is not None else rank) / rank
+
+
+def metadata_summary(meta: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if any(k.startswith("ss_") for k in meta):
+        out["trainer"] = "kohya sd-scripts" if "ss_training_started_at" in meta or "ss_output_name" in meta \
+            else "kohya-compatible"
+    sw = meta.get("software")
+    if sw:
+        try:
+            out["trainer"] = json.loads(sw).get("name", sw)
+        except (ValueError, AttributeError):
+            out["trainer"] = sw
+    base = meta.get("ss_sd_model_name") or meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
+    if base:
+        out["base_model"] = base
+    training = {k[3:]: meta[k] for k in ("ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_max_train_steps",
+                                         "ss_steps", "ss_epoch", "ss_num_train_images", "ss_network_dim",
+                                         "ss_network_alpha", "ss_optimizer", "ss_network_module", "ss_network_args")
+                if k in meta}
+    if training:
+        out["training"] = training
+    triggers = trigger_words(meta)
+    if triggers:
+        out["trigger_words"] = triggers
+    for key in ("modelspec.title", "modelspec.description", "modelspec.author"):
+        if key in meta:
+            out[key.split(".", 1)[1]] = meta[key]
+    out["keys"] = len(meta)
+    return out
+
+
+def trigger_words(meta: Mapping[str, str], limit: int = 10) -> list[str]:
+    words: list[str] = []
+    phrase = meta.get("modelspec.trigger_phrase")
+    if phrase:
+        words.extend(w.strip() for w in phrase.split(",") if w.strip())
+    raw = meta.get("ss_tag_frequency")
+    if raw:
+        try:
+            freq: Counter[str] = Counter()
+            for tags in json.loads(raw).values():
+                for tag, n in tags.items():
+                    freq[tag.strip()] += int(n)
+            words.extend(t for t, _ in freq.most_common(limit) if t)
+        except (ValueError, AttributeError, TypeError):
+            pass
+    for key in ("meta", "ss_meta"):
+        if key in meta:
+            try:
+                tw = json.loads(meta[key]).get("trigger_words")
+                if isinstance(tw, list):
+                    words.extend(str(w) for w in tw)
+                elif isinstance(tw, str):
+                    words.extend(w.strip() for w in tw.split(","))
+            except (ValueError, AttributeError):
+                pass
+    seen: list[str] = []
+    for w in words:
+        if w not in seen:
+            seen.append(w)
+    return seen[:limit]
+
+
+def _deep(parsed: ParsedLora) -> dict[str, Any]:
+    nonfinite, zero_up, norms = [], [], {}
+    for e in parsed.entries:
+        patch = load_entry(parsed, e)
+        a = patch.adapter
+        tensors = list(a._fields().values()) if a is not None else []
+        if patch.bias is not None:
+            tensors.append(patch.bias)
+        if any(not bool(torch.isfinite(t.float()).all()) for t in tensors):
+            nonfinite.append(e.file_module)
+            continue
+        if isinstance(a, LoRA) and not bool(a.up.ne(0).any()):
+            zero_up.append(e.file_module)
+        norms[e.file_module] = delta_norm(a) if a is not None else 0.0
+    vals = [v for v in norms.values() if math.isfinite(v)]
+    return {"nonfinite_modules": nonfinite, "zero_up_modules": zero_up, "delta_norms": norms,
+            "delta_norm_max": max(vals, default=0.0), "delta_norm_mean": sum(vals) / len(vals) if vals else 0.0}
+
+
+def delta_norm(adapter: LoRA | LoHa | LoKr | Full) -> float:
+    """‖ΔW‖_F without forming ΔW where factors allow (Gram trick for LoRA, product rule for LoKr)."""
+    if isinstance(adapter, LoRA) and adapter.mid is None:
+        up, down = adapter.up.float().flatten(1), adapter.down.float().flatten(1)
+        g = (up.T @ up) * (down @ down.T)
+        return float(g.sum().clamp_min(0).sqrt()) * abs(adapter.scale)
+    if isinstance(adapter, LoKr):
+        return float(adapter.factor1().norm() * adapter.factor2().norm()) * abs(adapter.scale)
+    return float(adapter.dense().norm())
+
+
+def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pickle: bool = False,
+                 from_format: str | None = None) -> dict[str, Any]:
+    p = os.fspath(path)
+    with open_weights(p, allow_pickle=allow_pickle) as f:
+        parsed = parse(f, force_format=from_format)
+        alphas = _read_alphas(parsed)
+        ranks = {e.file_module: _rank(e) for e in parsed.entries}
+        scales = {m: _scale(e, alphas[m], ranks[m]) for m, e in ((e.file_module, e) for e in parsed.entries)}
+        dtypes = Counter(f.infos[k].dtype for k in f.keys())
+        kinds = sorted({_kind(e) for e in parsed.entries if _kind(e)} |
+                       ({"dora"} if any("dora" in e.keys for e in parsed.entries) else set()))
+        report: dict[str, Any] = {
+            "file": p,
+            "size_bytes": os.path.getsize(p) if os.path.isfile(p) else f.total_bytes,
+            "format": parsed.format,
+            "format_label": parsed.detection.format.label,
+            "confidence": round(parsed.detection.score, 4),
+            "runner_up": ({"format": parsed.detection.runner_up[0], "score": round(parsed.detection.runner_up[1], 4)}
+                          if parsed.detection.runner_up else None),
+            "architecture": parsed.arch.name,
+            "variant": parsed.arch.variant,
+            "adapters": kinds,
+            "modules": len(parsed.entries),
+            "components": coverage(parsed),
+            "ranks": dict(sorted(Counter(r for r in ranks.values() if r is not None).items())),
+            "alphas": dict(sorted(Counter(a for a in alphas.values() if a is not None).items())),
+            "scales": dict(sorted(Counter(round(s, 6) for s in scales.values() if s is not None).items())),
+            "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+            "dtypes": dict(dtypes),
+            "metadata": metadata_summary(parsed.metadata),
+            "unknown_keys": parsed.unknown_keys[:MAX_UNKNOWN_LISTED],
+            "unknown_key_count": len(parsed.unknown_keys),
+            "sizes": {c: {k: v for k, v in sorted(p_.items())} for c, p_ in parsed.arch.params.items()},
+        }
+        if deep:
+            report["deep"] = _deep(parsed)
+    return report
+
+
+def _kind(e: ModuleEntry) -> str | None:
+    fam = e.family
+    if fam == "lora":
+        return "locon" if len(e.shapes["down"]) > 2 else "lora"
+    if fam in ("loha", "lokr", "full"):
+        return fam
+    return None
+
+
+def format_report(r: Mapping[str, Any]) -> str:
+    lines = [f"{r['file']}",
+             f"  format        {r['format']} — {r['format_label']} (confidence {r['confidence']:.0%}"
+             + (f"; runner-up {r['runner_up']['format']} {r['runner_up']['score']:.0%}" if r.get("runner_up") else "")
+             + ")",
+             f"  architecture  {r['architecture']} (variant: {r['variant']})",
+             f"  adapters      {', '.join(r['adapters']) or '-'}; {r['modules']} modules",
+             f"  dtype         {r['dtype']}; {r['size_bytes'] / 1e6:.1f} MB"]
+    comp_parts = []
+    for c in r["components"].values():
+        groups = ", ".join(f"{g['label']} {g['present']}/{g['total']}" for g in c["groups"].values())
+        comp_parts.append(f"{c['label']} {c['present']}/{c['total']}" + (f" ({groups})" if len(c["groups"]) > 1 else ""))
+    lines.append("  coverage      " + "\n                ".join(comp_parts))
+    lines.append(f"  ranks         {_hist(r['ranks'])}")
+    lines.append(f"  alphas        {_hist(r['alphas']) or 'none stored (α = rank)'}")
+    lines.append(f"  scales α/r    {_hist(r['scales'])}")
+    meta = r["metadata"]
+    for key in ("trainer", "base_model", "title"):
+        if key in meta:
+            lines.append(f"  {key.replace('_', ' '):<13} {meta[key]}")
+    if meta.get("trigger_words"):
+        lines.append(f"  triggers      {', '.join(meta['trigger_words'])}")
+    if meta.get("training"):
+        lines.append("  training      " + ", ".join(f"{k}={v}" for k, v in meta["training"].items()
+                                                   if k != "network_args"))
+    if r["unknown_key_count"]:
+        lines.append(f"  NOT UNDERSTOOD {r['unknown_key_count']} keys: {', '.join(r['unknown_keys'][:5])}")
+    deep = r.get("deep")
+    if deep:
+        lines.append(f"  delta norms   max {deep['delta_norm_max']:.4g}, mean {deep['delta_norm_mean']:.4g}")
+        if deep["nonfinite_modules"]:
+            lines.append(f"  NaN/Inf       {len(deep['nonfinite_modules'])} modules: {deep['nonfinite_modules'][:5]}")
+        if deep["zero_up_modules"]:
+            lines.append(f"  all-zero up   {len(deep['zero_up_modules'])} modules (untrained?)")
+    return "\n".join(lines)
+
+
+def _hist(d: Mapping[Any, int]) -> str:
+    return ", ".join(f"{k:g}×{v}" if isinstance(k, float) else f"{k}×{v}" for k, v in d.items())

@@ -1,0 +1,186 @@
+"""Streaming, atomic safetensors writer.
+
+The header is planned from names, dtypes and shapes before any data is written; tensors may then
+arrive in any order and are written at their planned offsets. Everything goes to a temporary file in
+the target folder, which is fsynced and renamed into place only when every tensor has been written.
+Any failure (disk full, interrupt, exception) removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from ..dtypes import dtype_code, itemsize
+from ..errors import OutputError, UsageError
+from .header import build_header, serialisation_order
+
+_MAX_CHUNK = 1 << 30
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without copying when it is already contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def check_output_path(out: str, inputs: Iterable[str | os.PathLike[str]] = ()) -> str:
+    """Refuse an output that is one of the inputs or whose folder cannot take it."""
+    out = os.fspath(out)
+    real = os.path.realpath(out)
+    for inp in inputs:
+        inp = os.fspath(inp)
+        same = os.path.realpath(inp) == real
+        if not same and os.path.exists(out) and os.path.exists(inp):
+            try:
+                same = os.path.samefile(inp, out)
+            except OSError:
+                same = False
+        if not same and os.path.isdir(inp) and real.startswith(os.path.realpath(inp) + os.sep):
+            same = True
+        if same:
+            raise OutputError(f"output path is the same as input {inp!r}; lorakit never overwrites its inputs.",
+                              path=out, hint="choose another -o path.")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise OutputError("output folder does not exist.", path=out, hint=f"create {folder!r} first.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError("output folder is not writable.", path=out)
+    if os.path.isdir(out):
+        raise OutputError("output path is a folder.", path=out, hint="give a file name ending in .safetensors.")
+    return out
+
+
+class SafetensorsWriter:
+    """Plan-first writer. Use as a context manager; ``commit()`` (or a clean exit) publishes the file."""
+
+    def __init__(self, path: str | os.PathLike[str], entries: Sequence[tuple[str, str, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None, *, inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+        self.path = check_output_path(os.fspath(path), inputs)
+        plan = [(n, code, tuple(int(d) for d in shape)) for n, code, shape in entries]
+        names = [n for n, _, _ in plan]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise UsageError(f"internal plan has duplicate tensor names: {dup[:5]}")
+        self.plan = {n: (code, shape) for n, code, shape in plan}
+        self.header, ranges = build_header(plan, dict(metadata or {}))
+        self.offsets = {n: (len(self.header) + b, len(self.header) + e) for n, (b, e) in ranges.items()}
+        self.size = len(self.header) + (max((e for _, e in ranges.values()), default=0))
+        self.written: set[str] = set()
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".lorakit-tmp",
+                                            dir=folder)
+        except OSError as exc:
+            raise OutputError(f"cannot create a temporary file ({exc.strerror}).", path=self.path) from None
+        self.fd = fd
+        try:
+            self._pwrite(memoryview(self.header), 0)
+            os.ftruncate(self.fd, self.size)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def order(self) -> list[str]:
+        return [n for n, _, _ in serialisation_order([(n, c, s) for n, (c, s) in self.plan.items()])]
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done: done + _MAX_CHUNK], offset + done)
+        except OSError as exc:
+            raise OutputError(f"write failed ({exc.strerror or exc}); nothing was published.", path=self.path,
+                              hint="check free disk space and permissions.") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.plan:
+            raise UsageError(f"internal error: tensor {name!r} was not planned for {self.path}")
+        code, shape = self.plan[name]
+        got = dtype_code(tensor.dtype, name=name)
+        if got != code or tuple(tensor.shape) != shape:
+            raise UsageError(f"internal error: {name!r} planned as {code} {list(shape)}, got {got} {list(tensor.shape)}")
+        if name in self.written:
+            raise UsageError(f"internal error: tensor {name!r} written twice")
+        data = tensor_bytes(tensor)
+        assert len(data) == math.prod(shape) * itemsize(code)
+        self._pwrite(data, self.offsets[name][0])
+        self.written.add(name)
+
+    def commit(self) -> str:
+        missing = [n for n in self.plan if n not in self.written]
+        if missing:
+            self.abort()
+            raise UsageError(f"internal error: {len(missing)} planned tensors never written (e.g. {missing[0]!r})")
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot publish the output ({exc.strerror}).", path=self.path) from None
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        return self.path
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            if self.fd >= 0:
+                self.commit()
+        else:
+            self.abort()
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None, *, inputs: Iterable[str | os.PathLike[str]] = ()) -> str:
+    """Write an in-memory dict atomically (LoRA-sized outputs)."""
+    entries = [(k, dtype_code(v.dtype, name=k), tuple(v.shape)) for k, v in tensors.items()]
+    with SafetensorsWriter(path, entries, metadata, inputs=inputs) as w:
+        for name in w.order:
+            w.write(name, tensors[name])
+    return os.fspath(path)
+
+
+def data_section_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the data section `safetensors.torch.save` (and this writer) would produce."""
+    entries = [(k, dtype_code(v.dtype, name=k), tuple(v.shape)) for k, v in tensors.items()]
+    h = hashlib.sha256()
+    for name, _, _ in serialisation_order(entries):
+        h.update(tensor_bytes(tensors[name]))
+    return h.hexdigest()

@@ -1,0 +1,40 @@
+"""Architecture layouts, declared as data and registered by name."""
+
+from __future__ import annotations
+
+import difflib
+
+from ..errors import UnsupportedArchitectureError
+from .base import (Alias, ArchSpec, ComponentSpec, ConcreteModule, ConcreteParam, ModuleSpec, NameIndex, NameMatch,
+                   ParamSpec, Preset, Variant, evaluate, expand, expand_params, flatten, solve, symbols)
+from .flux1 import FLUX1
+from .recognizers import RECOGNIZERS, Recognizer
+
+_ARCHS: dict[str, ArchSpec] = {}
+
+
+def register(arch: ArchSpec) -> ArchSpec:
+    if arch.name in _ARCHS:
+        raise ValueError(f"architecture {arch.name!r} registered twice")
+    _ARCHS[arch.name] = arch
+    return arch
+
+
+def resolve(name: str) -> ArchSpec:
+    try:
+        return _ARCHS[name]
+    except KeyError:
+        near = difflib.get_close_matches(name, list(_ARCHS), n=1)
+        raise UnsupportedArchitectureError(f"unknown architecture {name!r}.",
+                                           hint=f"did you mean {near[0]!r}?" if near else None) from None
+
+
+def available() -> list[str]:
+    return list(_ARCHS)
+
+
+register(FLUX1)
+
+__all__ = ["Alias", "ArchSpec", "ComponentSpec", "ConcreteModule", "ConcreteParam", "ModuleSpec", "NameIndex",
+           "NameMatch", "ParamSpec", "Preset", "Variant", "evaluate", "expand", "expand_params", "flatten", "solve", "symbols",
+           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "FLUX1"]

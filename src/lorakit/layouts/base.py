@@ -1,0 +1,272 @@
+"""Data model of architecture layouts.
+
+An architecture is a set of components (transformer, text encoders); a component lists its Linear
+modules and loose parameters as templates over block indices, with shapes written as linear
+expressions over named sizes (``"3*H+M"``). Each module has aliases per naming scheme (BFL, diffusers,
+XLabs, …), optionally addressing a row window of a fused native weight or swapping its halves.
+Concrete sizes are never written in code: they are solved from the shapes a file shows, or taken
+from a preset.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+Expr = str
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear size expressions
+# ----------------------------------------------------------------------------------------------
+
+def _terms(expr: Expr) -> list[tuple[int, str | None]]:
+    out: list[tuple[int, str | None]] = []
+    for raw in expr.replace(" ", "").replace("-", "+-").split("+"):
+        if not raw:
+            continue
+        sign = -1 if raw.startswith("-") else 1
+        raw = raw.lstrip("-")
+        if "*" in raw:
+            coef, sym = raw.split("*", 1)
+            out.append((sign * int(coef), sym))
+        elif raw.isdigit():
+            out.append((sign * int(raw), None))
+        else:
+            out.append((sign, raw))
+    return out
+
+
+def symbols(expr: Expr) -> set[str]:
+    return {s for _, s in _terms(expr) if s is not None}
+
+
+def evaluate(expr: Expr, params: Mapping[str, int], default: int | None = None) -> int:
+    """Value of ``expr``; ``default`` (if given) when a size it needs is unknown."""
+    total = 0
+    for coef, sym in _terms(expr):
+        if sym is not None and sym not in params:
+            if default is None:
+                raise KeyError(sym)
+            return default
+        total += coef * (params[sym] if sym is not None else 1)
+    return total
+
+
+def solve(equations: Iterable[tuple[Expr, int]], known: Mapping[str, int]) -> dict[str, int]:
+    """Fill in unknown sizes from ``expr == value`` equations with one unknown each (to a fixpoint)."""
+    params = dict(known)
+    pending = list(equations)
+    progress = True
+    while progress and pending:
+        progress = False
+        rest = []
+        for expr, value in pending:
+            terms = _terms(expr)
+            unknown = {s for _, s in terms if s is not None and s not in params}
+            if len(unknown) == 1:
+                sym = unknown.pop()
+                coef = sum(c for c, s in terms if s == sym)
+                other = sum(c * (params[s] if s is not None else 1) for c, s in terms if s != sym)
+                if coef and (value - other) % coef == 0 and (value - other) // coef > 0:
+                    params[sym] = (value - other) // coef
+                    progress = True
+                    continue
+            if unknown:
+                rest.append((expr, value))
+        pending = rest
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Alias:
+    """A module's name in another naming scheme; ``rows`` = (start, size) inside the native weight."""
+
+    template: str
+    rows: tuple[Expr, Expr] | None = None
+    swap_halves: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One Linear module (weight ``out × in`` plus an optional bias), possibly repeated per block."""
+
+    native: str
+    out: Expr
+    inp: Expr
+    group: str
+    aliases: Mapping[str, tuple[Alias, ...]] = field(default_factory=dict)
+    repeat: str | None = None          # name of the count parameter for ``{i}``
+    bias: bool = True
+    requires: str | None = None        # a flag parameter that must be 1 for the module to exist
+
+    def names(self, naming: str) -> tuple[Alias, ...]:
+        if naming == "native":
+            return (Alias(self.native),)
+        return self.aliases.get(naming, ())
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A loose tensor (e.g. a q/k norm scale) with its full name per naming scheme."""
+
+    native: str
+    shape: tuple[Expr, ...]
+    group: str
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    repeat: str | None = None
+    requires: str | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named variant recognised when every listed parameter has the given value."""
+
+    name: str
+    label: str
+    when: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published model size: the parameters its checkpoints have."""
+
+    name: str
+    params: Mapping[str, int]
+    varies: tuple[str, ...] = ()     # sizes that variants of the same model change (e.g. input channels)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    label: str
+    modules: tuple[ModuleSpec, ...]
+    params: tuple[ParamSpec, ...] = ()
+    namings: tuple[str, ...] = ("native",)
+    group_labels: Mapping[str, str] = field(default_factory=dict)
+    presets: tuple[Preset, ...] = ()
+    flags: tuple[str, ...] = ()        # parameters that are 0/1 switches
+    counts: tuple[str, ...] = ()       # parameters that are block counts
+    fallbacks: Mapping[str, Expr] = field(default_factory=dict)   # sizes derived when a file does not show them
+    refusals: tuple[tuple[Expr, int, str], ...] = ()   # (expr, value, label): sizes of an unsupported architecture
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    label: str
+    components: Mapping[str, ComponentSpec]
+    variants: tuple[Variant, ...] = ()
+    default_variant: str = "any"
+    supported: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Concrete instances
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConcreteModule:
+    component: str
+    name: str            # native module name, e.g. "double_blocks.3.img_attn.qkv"
+    out: int
+    inp: int
+    group: str
+    bias: bool
+    spec: ModuleSpec
+    index: int | None
+
+
+@dataclass(frozen=True)
+class ConcreteParam:
+    component: str
+    name: str
+    shape: tuple[int, ...]
+    group: str
+    spec: ParamSpec
+    index: int | None
+
+
+def expand(component: ComponentSpec, params: Mapping[str, int]) -> Iterator[ConcreteModule]:
+    """Every module of a component for the given sizes, counts and flags."""
+    for spec in component.modules:
+        if spec.requires and not params.get(spec.requires, 1):
+            continue
+        for idx in _indices(spec.repeat, params):
+            name = spec.native.format(i=idx) if idx is not None else spec.native
+            yield ConcreteModule(component.name, name, evaluate(spec.out, params, -1),
+                                 evaluate(spec.inp, params, -1), spec.group, spec.bias, spec, idx)
+
+
+def expand_params(component: ComponentSpec, params: Mapping[str, int]) -> Iterator[ConcreteParam]:
+    for spec in component.params:
+        if spec.requires and not params.get(spec.requires, 1):
+            continue
+        for idx in _indices(spec.repeat, params):
+            name = spec.native.format(i=idx) if idx is not None else spec.native
+            yield ConcreteParam(component.name, name, tuple(evaluate(e, params, -1) for e in spec.shape),
+                                spec.group, spec, idx)
+
+
+def _indices(repeat: str | None, params: Mapping[str, int]) -> Iterable[int | None]:
+    return range(params.get(repeat, 0)) if repeat else (None,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Name lookup
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NameMatch:
+    spec: ModuleSpec
+    alias: Alias
+    index: int | None
+
+    @property
+    def native(self) -> str:
+        return self.spec.native.format(i=self.index) if self.index is not None else self.spec.native
+
+
+def flatten(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class NameIndex:
+    """Resolve module names of one naming scheme (dotted or kohya-flattened) to module specs."""
+
+    def __init__(self, component: ComponentSpec, naming: str, *, flat: bool) -> None:
+        self.component = component
+        self.naming = naming
+        self.flat = flat
+        self._exact: dict[str, tuple[ModuleSpec, Alias]] = {}
+        self._patterns: list[tuple[re.Pattern[str], ModuleSpec, Alias]] = []
+        for spec in component.modules:
+            for alias in spec.names(naming):
+                tmpl = flatten(alias.template) if flat else alias.template
+                if "{i}" in tmpl:
+                    pat = re.escape(tmpl).replace(re.escape("{i}"), r"(?P<i>\d+)")
+                    self._patterns.append((re.compile(pat + r"\Z"), spec, alias))
+                else:
+                    self._exact[tmpl] = (spec, alias)
+
+    def match(self, name: str) -> NameMatch | None:
+        hit = self._exact.get(name)
+        if hit:
+            return NameMatch(hit[0], hit[1], None)
+        for pat, spec, alias in self._patterns:
+            m = pat.match(name)
+            if m:
+                idx = int(m.group("i"))
+                if str(idx) != m.group("i"):   # no leading zeros
+                    continue
+                return NameMatch(spec, alias, idx)
+        return None
+
+    def name_of(self, spec: ModuleSpec, alias: Alias, index: int | None) -> str:
+        text = alias.template.format(i=index) if index is not None else alias.template
+        return flatten(text) if self.flat else text

@@ -1,0 +1,120 @@
+"""FLUX.1 layout data: BFL (native) names, diffusers names with fused row windows, XLabs names.
+
+Sizes: H hidden, M MLP width, IN/OUT latent channels in/out, CTX T5 width, VEC pooled CLIP width,
+T timestep-embedding width, D attention head width; counts ``double``/``single``; flags
+``guidance`` (dev-style guidance embedder) and ``modulation`` (absent in Chroma).
+"""
+
+from __future__ import annotations
+
+from .base import Alias, ArchSpec, ComponentSpec, ModuleSpec, ParamSpec, Preset, Variant
+from .text_encoders import CLIP_L, T5_XXL
+
+
+def _m(native: str, out: str, inp: str, group: str, *, diffusers: tuple[Alias, ...] = (),
+       xlabs: tuple[Alias, ...] = (), repeat: str | None = None, requires: str | None = None) -> ModuleSpec:
+    aliases = {"diffusers": diffusers}
+    if xlabs:
+        aliases["xlabs"] = xlabs
+    return ModuleSpec(native, out, inp, group, aliases=aliases, repeat=repeat, requires=requires)
+
+
+def _d(name: str, rows: tuple[str, str] | None = None, swap: bool = False) -> tuple[Alias, ...]:
+    return (Alias(name, rows, swap),)
+
+
+def _split(prefix: str, parts: list[tuple[str, str, str]]) -> tuple[Alias, ...]:
+    return tuple(Alias(prefix + name, (start, size)) for name, start, size in parts)
+
+
+_QKV = [("to_q", "0", "H"), ("to_k", "H", "H"), ("to_v", "2*H", "H")]
+_ADD_QKV = [("add_q_proj", "0", "H"), ("add_k_proj", "H", "H"), ("add_v_proj", "2*H", "H")]
+_DB = "transformer_blocks.{i}."
+_SB = "single_transformer_blocks.{i}."
+
+TRANSFORMER = ComponentSpec(
+    name="transformer",
+    label="FLUX.1 transformer",
+    namings=("native", "diffusers", "xlabs"),
+    modules=(
+        _m("img_in", "H", "IN", "embedders", diffusers=_d("x_embedder")),
+        _m("txt_in", "H", "CTX", "embedders", diffusers=_d("context_embedder")),
+        _m("time_in.in_layer", "H", "T", "embedders", diffusers=_d("time_text_embed.timestep_embedder.linear_1")),
+        _m("time_in.out_layer", "H", "H", "embedders", diffusers=_d("time_text_embed.timestep_embedder.linear_2")),
+        _m("vector_in.in_layer", "H", "VEC", "embedders", diffusers=_d("time_text_embed.text_embedder.linear_1")),
+        _m("vector_in.out_layer", "H", "H", "embedders", diffusers=_d("time_text_embed.text_embedder.linear_2")),
+        _m("guidance_in.in_layer", "H", "T", "embedders", requires="guidance",
+           diffusers=_d("time_text_embed.guidance_embedder.linear_1")),
+        _m("guidance_in.out_layer", "H", "H", "embedders", requires="guidance",
+           diffusers=_d("time_text_embed.guidance_embedder.linear_2")),
+        # double-stream blocks
+        _m("double_blocks.{i}.img_mod.lin", "6*H", "H", "double_blocks", repeat="double", requires="modulation",
+           diffusers=_d(_DB + "norm1.linear")),
+        _m("double_blocks.{i}.img_attn.qkv", "3*H", "H", "double_blocks", repeat="double",
+           diffusers=_split(_DB + "attn.", _QKV), xlabs=_d("double_blocks.{i}.processor.qkv_lora1")),
+        _m("double_blocks.{i}.img_attn.proj", "H", "H", "double_blocks", repeat="double",
+           diffusers=_d(_DB + "attn.to_out.0"), xlabs=_d("double_blocks.{i}.processor.proj_lora1")),
+        _m("double_blocks.{i}.img_mlp.0", "M", "H", "double_blocks", repeat="double",
+           diffusers=_d(_DB + "ff.net.0.proj")),
+        _m("double_blocks.{i}.img_mlp.2", "H", "M", "double_blocks", repeat="double", diffusers=_d(_DB + "ff.net.2")),
+        _m("double_blocks.{i}.txt_mod.lin", "6*H", "H", "double_blocks", repeat="double", requires="modulation",
+           diffusers=_d(_DB + "norm1_context.linear")),
+        _m("double_blocks.{i}.txt_attn.qkv", "3*H", "H", "double_blocks", repeat="double",
+           diffusers=_split(_DB + "attn.", _ADD_QKV), xlabs=_d("double_blocks.{i}.processor.qkv_lora2")),
+        _m("double_blocks.{i}.txt_attn.proj", "H", "H", "double_blocks", repeat="double",
+           diffusers=_d(_DB + "attn.to_add_out"), xlabs=_d("double_blocks.{i}.processor.proj_lora2")),
+        _m("double_blocks.{i}.txt_mlp.0", "M", "H", "double_blocks", repeat="double",
+           diffusers=_d(_DB + "ff_context.net.0.proj")),
+        _m("double_blocks.{i}.txt_mlp.2", "H", "M", "double_blocks", repeat="double",
+           diffusers=_d(_DB + "ff_context.net.2")),
+        # single-stream blocks
+        _m("single_blocks.{i}.modulation.lin", "3*H", "H", "single_blocks", repeat="single", requires="modulation",
+           diffusers=_d(_SB + "norm.linear")),
+        _m("single_blocks.{i}.linear1", "3*H+M", "H", "single_blocks", repeat="single",
+           diffusers=_split(_SB + "attn.", _QKV) + (Alias(_SB + "proj_mlp", ("3*H", "M")),),
+           xlabs=(Alias("single_blocks.{i}.processor.qkv_lora", ("0", "3*H")),)),
+        _m("single_blocks.{i}.linear2", "H", "H+M", "single_blocks", repeat="single",
+           diffusers=_d(_SB + "proj_out"), xlabs=_d("single_blocks.{i}.processor.proj_lora")),
+        # final layer: BFL stores [shift; scale], diffusers [scale; shift]
+        _m("final_layer.adaLN_modulation.1", "2*H", "H", "final_layer", requires="modulation",
+           diffusers=_d("norm_out.linear", swap=True)),
+        _m("final_layer.linear", "OUT", "H", "final_layer", diffusers=_d("proj_out")),
+    ),
+    params=tuple(
+        ParamSpec(native, ("D",), group, aliases={"diffusers": diff}, repeat=repeat)
+        for native, diff, group, repeat in (
+            ("double_blocks.{i}.img_attn.norm.query_norm.scale", _DB + "attn.norm_q.weight", "double_blocks", "double"),
+            ("double_blocks.{i}.img_attn.norm.key_norm.scale", _DB + "attn.norm_k.weight", "double_blocks", "double"),
+            ("double_blocks.{i}.txt_attn.norm.query_norm.scale", _DB + "attn.norm_added_q.weight", "double_blocks",
+             "double"),
+            ("double_blocks.{i}.txt_attn.norm.key_norm.scale", _DB + "attn.norm_added_k.weight", "double_blocks",
+             "double"),
+            ("single_blocks.{i}.norm.query_norm.scale", _SB + "attn.norm_q.weight", "single_blocks", "single"),
+            ("single_blocks.{i}.norm.key_norm.scale", _SB + "attn.norm_k.weight", "single_blocks", "single"),
+        )
+    ),
+    group_labels={"embedders": "embedders", "double_blocks": "double blocks", "single_blocks": "single blocks",
+                  "final_layer": "final layer"},
+    presets=(
+        Preset("flux1", {"H": 3072, "M": 12288, "IN": 64, "OUT": 64, "CTX": 4096, "VEC": 768, "T": 256, "D": 128,
+                         "double": 19, "single": 38}, varies=("IN",)),
+    ),
+    flags=("guidance", "modulation"),
+    counts=("double", "single"),
+    fallbacks={"M": "4*H", "OUT": "IN"},
+    refusals=(("H", 4096, "FLUX.2 (hidden size 4096)"), ("M-6*H", 0, "FLUX.2 Klein (fused SwiGLU MLP, 6×hidden)")),
+)
+
+FLUX1 = ArchSpec(
+    name="flux1",
+    label="FLUX.1",
+    components={"transformer": TRANSFORMER, "clip_l": CLIP_L, "t5": T5_XXL},
+    variants=(
+        Variant("fill", "FLUX.1 Fill (img_in takes 384 channels)", {"IN": 384}),
+        Variant("control", "FLUX.1 Canny/Depth (img_in takes 128 channels)", {"IN": 128}),
+        Variant("chroma", "Chroma (no modulation layers)", {"modulation": 0}),
+        Variant("dev", "FLUX.1-dev (guidance embedder)", {"guidance": 1}),
+        Variant("schnell", "FLUX.1-schnell (no guidance embedder)", {"guidance": 0}),
+    ),
+    default_variant="dev-or-schnell",
+)

@@ -1,0 +1,37 @@
+"""Signatures of architectures lorakit recognises but does not (yet) convert (layout data).
+
+Each recogniser names an architecture from key patterns and, optionally, one tensor dimension, so a
+LoRA or base of that kind is refused with its name instead of a wall of unknown keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recognizer:
+    arch: str
+    label: str
+    patterns: tuple[str, ...]               # a key matching any of these counts as a hit
+    dim_rule: tuple[str, int, int] | None = None   # (key regex, dim index, value) that must hold for some key
+    hint: str = ""
+
+    def compiled(self) -> re.Pattern[str]:
+        return re.compile("|".join(f"(?:{p})" for p in self.patterns))
+
+
+RECOGNIZERS: tuple[Recognizer, ...] = (
+    Recognizer("flux2", "FLUX.2", (r"to_qkv_mlp_proj", r"double_stream_modulation", r"single_stream_modulation",
+                                  r"time_guidance_embed", r"[._]ff[._]linear_(in|out)[._]"),
+               hint="FLUX.2 is recognised but not supported yet."),
+    Recognizer("sdxl", "SDXL", (r"^lora_te2_", r"^text_encoder_2\.", r"input_blocks[._]\d+[._]1[._]",
+                               r"output_blocks[._]\d+[._]1[._]", r"middle_block[._]1[._]", r"add_embedding",
+                               r"label_emb")),
+    Recognizer("sdxl", "SDXL", (r"(down|up)_blocks[._]\d+[._]attentions", r"mid_block[._]attentions"),
+               dim_rule=(r"attn2[._]to_k.*(lora_down|lora_A|down)", -1, 2048)),
+    Recognizer("sd1", "SD1.x/SD2.x", (r"(down|up)_blocks[._]\d+[._](attentions|resnets)", r"mid_block[._]",
+                                     r"^lora_te_text_model")),
+    Recognizer("sd3", "SD3", (r"joint_blocks[._]\d+[._](x|context)_block", r"(^|[._])pos_embed[._]proj")),
+)

@@ -1,0 +1,132 @@
+"""Low-rank linear algebra: exact SVD of factored sums, randomized SVD, dynamic rank rules.
+
+All maths in fp32 (fp64 where asked). Dense matrices are avoided where factors suffice: the SVD of
+``U_s·D_s`` comes from thin QRs of both factors and the SVD of an ``R × R`` core (``math.md`` §4.1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+@dataclass
+class LowRank:
+    """``ΔW ≈ up @ down`` with singular values ``s`` (descending) and the energy bookkeeping."""
+
+    up: Tensor      # out × k   (U·Σ)
+    down: Tensor    # k × in    (Vᵀ)
+    s: Tensor       # all singular values available (descending), not only the kept ones
+    rank: int
+
+    @property
+    def retained_energy(self) -> float:
+        total = float(self.s.square().sum())
+        return float(self.s[: self.rank].square().sum()) / total if total > 0 else 1.0
+
+    @property
+    def relative_error(self) -> float:
+        """Frobenius error of the truncation relative to the full matrix (exact when ``s`` is complete)."""
+        return math.sqrt(max(0.0, 1.0 - self.retained_energy))
+
+
+def factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact thin SVD of ``up @ down`` (``out × R`` times ``R × in``) without forming it.
+
+    Returns ``(U, S, Vh)`` with ``U`` out × R, ``S`` R, ``Vh`` R × in.
+    """
+    qu, ru = torch.linalg.qr(up, mode="reduced")
+    qd, rd = torch.linalg.qr(down.T, mode="reduced")
+    core = ru @ rd.T
+    um, s, vmh = torch.linalg.svd(core, full_matrices=False)
+    return qu @ um, s, (qd @ vmh.T).T
+
+
+def truncate(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> LowRank:
+    k = max(1, min(rank, s.numel()))
+    return LowRank(up=u[:, :k] * s[:k], down=vh[:k], s=s, rank=k)
+
+
+def dynamic_rank(s: Tensor, method: str, param: float, *, cap: int | None = None) -> int:
+    """Rank chosen from singular values (clean definitions of sd-scripts' resize rules).
+
+    - ``sv_ratio``: count of ``s_i > s_0 / param``;
+    - ``sv_fro``: smallest k with ``Σ_{i<k} s_i² ≥ param² · Σ s_i²`` (keeps a fraction ``param`` of the norm);
+    - ``sv_cumulative``: smallest k with ``Σ_{i<k} s_i ≥ param · Σ s_i``.
+    Always at least 1 and at most ``cap``.
+    """
+    s = s.double()
+    n = s.numel()
+    if n == 0 or float(s[0]) <= 1e-12:
+        return 1
+    if method == "sv_ratio":
+        if param <= 0:
+            raise UsageError(f"sv_ratio needs a positive ratio, got {param}.")
+        k = int((s > s[0] / param).sum())
+    elif method == "sv_fro":
+        energy = torch.cumsum(s.square(), 0) / s.square().sum()
+        k = int(torch.searchsorted(energy, torch.tensor(param * param, dtype=energy.dtype) - 1e-12)) + 1
+    elif method == "sv_cumulative":
+        mass = torch.cumsum(s, 0) / s.sum()
+        k = int(torch.searchsorted(mass, torch.tensor(param, dtype=mass.dtype) - 1e-12)) + 1
+    else:
+        raise UsageError(f"unknown dynamic method {method!r}.", hint="use " + ", ".join(DYNAMIC_METHODS) + ".")
+    k = max(1, min(k, n))
+    return min(k, cap) if cap else k
+
+
+def parse_dynamic(text: str) -> tuple[str, float]:
+    """``"sv_fro:0.9"`` → ``("sv_fro", 0.9)``."""
+    method, sep, value = text.partition(":")
+    if not sep or method not in DYNAMIC_METHODS:
+        raise UsageError(f"bad --dynamic {text!r}.", hint="write METHOD:PARAM with METHOD one of "
+                         + ", ".join(DYNAMIC_METHODS) + ", e.g. sv_fro:0.9.")
+    try:
+        return method, float(value)
+    except ValueError:
+        raise UsageError(f"bad --dynamic parameter {value!r}.", hint="give a number, e.g. sv_ratio:8.") from None
+
+
+def randomized_svd(d: Tensor, rank: int, *, oversample: int = 16, niter: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated SVD of a dense matrix by randomized range finding, in the tall orientation.
+
+    Deterministic for a given seed. Returns ``(U, S, Vh)`` with ``min(rank + oversample, m, n)`` columns.
+    """
+    wide = d.shape[0] < d.shape[1]
+    a = d.T if wide else d
+    m, n = a.shape
+    q = min(rank + oversample, n, m)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=a.dtype).to(a.device)
+    y = a @ omega
+    qm, _ = torch.linalg.qr(y, mode="reduced")
+    for _ in range(niter):
+        z, _ = torch.linalg.qr(a.T @ qm, mode="reduced")
+        qm, _ = torch.linalg.qr(a @ z, mode="reduced")
+    b = qm.T @ a
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u = qm @ ub
+    if wide:
+        return vh.T, s, u.T
+    return u, s, vh
+
+
+def exact_svd(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD in the tall orientation (transposing wide matrices is ~3× faster)."""
+    if d.shape[0] < d.shape[1]:
+        u, s, vh = torch.linalg.svd(d.T, full_matrices=False)
+        return vh.T, s, u.T
+    return torch.linalg.svd(d, full_matrices=False)
+
+
+def gram_fro_norm(up: Tensor, down: Tensor) -> float:
+    """‖up @ down‖_F via small Gram matrices: trace((upᵀup)(down downᵀ))."""
+    g = (up.T @ up) * (down @ down.T)
+    return math.sqrt(max(0.0, float(g.sum())))

@@ -1,0 +1,144 @@
+"""The one internal form of a LoRA: patches on native (BFL-named) target weights.
+
+A :class:`Patch` is an adapter applied to rows ``[start, stop)`` of one target weight (all rows when
+``rows`` is None), with an optional dense bias delta and DoRA magnitude. Split-format files become
+several patches on one fused weight; fused files become one patch. Writers fuse or split as their
+format needs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .adapters import Adapter
+from .layouts import ArchSpec, ConcreteModule, expand
+
+
+@dataclass(frozen=True)
+class Target:
+    component: str
+    module: str
+
+    def __str__(self) -> str:
+        return f"{self.component}:{self.module}"
+
+
+@dataclass
+class Patch:
+    target: Target
+    adapter: Adapter | None
+    rows: tuple[int, int] | None = None
+    bias: Tensor | None = None          # dense bias delta for the covered rows (strength 1)
+    dora: Tensor | None = None          # DoRA magnitude, one value per covered output row
+    source: str = ""                    # module name in the input file
+
+    @property
+    def out_rows(self) -> int:
+        if self.adapter is not None:
+            return self.adapter.out_features
+        assert self.bias is not None
+        return int(self.bias.shape[0])
+
+    def dense(self) -> Tensor:
+        assert self.adapter is not None
+        return self.adapter.dense()
+
+    def with_adapter(self, adapter: Adapter | None, **changes: object) -> "Patch":
+        return replace(self, adapter=adapter, **changes)
+
+
+@dataclass
+class ArchInstance:
+    """An architecture with the sizes, counts and flags solved for one file."""
+
+    spec: ArchSpec
+    params: dict[str, dict[str, int]]       # component -> solved parameters
+    variant: str = "any"
+    preset: dict[str, str] = field(default_factory=dict)   # component -> preset name, when sizes match one
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def modules(self, component: str) -> Iterator[ConcreteModule]:
+        params = self.params.get(component)
+        if params is None:
+            return iter(())
+        return expand(self.spec.components[component], params)
+
+    def module_map(self, component: str) -> dict[str, ConcreteModule]:
+        return {m.name: m for m in self.modules(component)}
+
+
+@dataclass
+class LoraModel:
+    arch: ArchInstance
+    patches: list[Patch]
+    format: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    unknown_keys: list[str] = field(default_factory=list)
+
+    def by_target(self) -> dict[Target, list[Patch]]:
+        groups: dict[Target, list[Patch]] = defaultdict(list)
+        for p in self.patches:
+            groups[p.target].append(p)
+        return dict(groups)
+
+    def components(self) -> list[str]:
+        return sorted({p.target.component for p in self.patches})
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        for p in self.patches:
+            if p.adapter is not None:
+                return p.adapter.dtype
+        return None
+
+    def adapter_kinds(self) -> list[str]:
+        kinds = {p.adapter.kind for p in self.patches if p.adapter is not None}
+        if any(p.dora is not None for p in self.patches):
+            kinds.add("dora")
+        if any(p.bias is not None and p.adapter is None for p in self.patches):
+            kinds.add("full")
+        return sorted(kinds)
+
+
+def dense_deltas(model: LoraModel, shapes: Mapping[Target, tuple[int, ...]] | None = None) -> dict[Target, Tensor]:
+    """Full-size fp32 ΔW per target weight (row patches placed into their windows; strength 1).
+
+    DoRA magnitudes are ignored here: a DoRA delta needs the base weight.
+    """
+    out: dict[Target, Tensor] = {}
+    for target, patches in model.by_target().items():
+        shape = shapes.get(target) if shapes else None
+        if shape is None:
+            shape = _target_shape(model, target, patches)
+        total = torch.zeros(shape, dtype=torch.float32)
+        for p in patches:
+            if p.adapter is None:
+                continue
+            d = p.dense()
+            if p.rows is None:
+                total += d.reshape(shape)
+            else:
+                total[p.rows[0]:p.rows[1]] += d.reshape(p.rows[1] - p.rows[0], *shape[1:])
+        out[target] = total
+    return out
+
+
+def _target_shape(model: LoraModel, target: Target, patches: list[Patch]) -> tuple[int, ...]:
+    mod = model.arch.module_map(target.component).get(target.module)
+    first = next(p for p in patches if p.adapter is not None)
+    tail = first.adapter.weight_shape[1:]  # type: ignore[union-attr]
+    if mod is not None:
+        return (mod.out, *tail)
+    full = [p for p in patches if p.rows is None]
+    if full:
+        return full[0].adapter.weight_shape  # type: ignore[union-attr]
+    return (max(p.rows[1] for p in patches if p.rows), *tail)  # type: ignore[index]

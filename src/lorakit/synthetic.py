@@ -1,0 +1,133 @@
+"""Tiny synthetic FLUX-shaped models and LoRAs, generated from the layout data.
+
+Used by the demo, the tests and the benchmarks. Nothing here downloads anything; every tensor comes
+from a seeded generator so that files are reproducible byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .dtypes import dtype_code
+from .io import SafetensorsWriter, save_tensors
+from .layouts import FLUX1, ArchSpec, expand, expand_params
+
+TINY_FLUX: dict[str, int] = {"H": 32, "M": 128, "IN": 16, "OUT": 16, "CTX": 24, "VEC": 20, "T": 8, "D": 16,
+                             "double": 2, "single": 2, "guidance": 1, "modulation": 1}
+TINY_CLIP: dict[str, int] = {"D": 24, "FF": 48, "layers": 2}
+TINY_T5: dict[str, int] = {"D": 28, "INNER": 32, "FF": 40, "blocks": 2}
+
+
+def full_flux_params(guidance: bool = True) -> dict[str, int]:
+    """The FLUX.1-dev sizes from the layout preset."""
+    p = dict(FLUX1.components["transformer"].presets[0].params)
+    p.update(guidance=int(guidance), modulation=1)
+    return p
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    name: str
+    shape: tuple[int, ...]
+
+
+def base_tensors(params: Mapping[str, int], layout: str = "bfl", arch: ArchSpec = FLUX1) -> list[BaseTensor]:
+    """Every tensor of a FLUX transformer in BFL or diffusers naming, derived from the layout."""
+    comp = arch.components["transformer"]
+    out: list[BaseTensor] = []
+    for m in expand(comp, params):
+        if layout == "bfl":
+            names = [(m.name, (m.out, m.inp), None)]
+        else:
+            names = []
+            for alias in m.spec.names("diffusers"):
+                name = alias.template.format(i=m.index) if m.index is not None else alias.template
+                rows = m.out if alias.rows is None else _size(alias.rows[1], params)
+                names.append((name, (rows, m.inp), alias))
+        for name, shape, _ in names:
+            out.append(BaseTensor(name + ".weight", shape))
+            if m.bias:
+                out.append(BaseTensor(name + ".bias", (shape[0],)))
+    for p in expand_params(comp, params):
+        name = p.name if layout == "bfl" else p.spec.aliases["diffusers"].format(i=p.index)
+        out.append(BaseTensor(name, p.shape))
+    return out
+
+
+def _size(expr: str, params: Mapping[str, int]) -> int:
+    from .layouts import evaluate
+    return evaluate(expr, params)
+
+
+def write_base(path: str | os.PathLike[str], params: Mapping[str, int] = TINY_FLUX, *, layout: str = "bfl",
+               dtype: torch.dtype = torch.float32, seed: int = 0, prefix: str = "",
+               fill: str = "randn") -> str:
+    """Write a base model tensor by tensor (bounded memory, any size)."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = base_tensors(params, layout)
+    entries = [(prefix + t.name, dtype_code(dtype), t.shape) for t in specs]
+    with SafetensorsWriter(path, entries, {"format": "pt"}) as w:
+        for t in specs:
+            if fill == "randn":
+                value = (torch.randn(t.shape, generator=gen) * 0.05).to(dtype)
+            else:
+                value = torch.zeros(t.shape, dtype=dtype)
+            w.write(prefix + t.name, value)
+    return os.fspath(path)
+
+
+def lora_factors(out: int, inp: int, rank: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    down = (torch.randn(rank, inp, generator=gen) / inp ** 0.5).to(dtype)
+    up = (torch.randn(out, rank, generator=gen) * 0.05).to(dtype)
+    return down, up
+
+
+def iter_split_modules(params: Mapping[str, int], arch: ArchSpec = FLUX1) -> Iterator[tuple[str, int, int]]:
+    """(diffusers module name, out, in) of every split Linear of the transformer."""
+    comp = arch.components["transformer"]
+    for m in expand(comp, params):
+        for alias in m.spec.names("diffusers"):
+            name = alias.template.format(i=m.index) if m.index is not None else alias.template
+            rows = m.out if alias.rows is None else _size(alias.rows[1], params)
+            yield name, rows, m.inp
+
+
+def write_aitoolkit_lora(path: str | os.PathLike[str], params: Mapping[str, int] = TINY_FLUX, *, rank: int = 4,
+                         seed: int = 1, dtype: torch.dtype = torch.float32, blocks_only: bool = True) -> str:
+    """An AI-Toolkit-style FLUX LoRA: diffusers names with ``transformer.`` prefix, no alpha (scale 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, out, inp in iter_split_modules(params):
+        if blocks_only and "blocks." not in name:
+            continue
+        down, up = lora_factors(out, inp, rank, gen, dtype)
+        tensors[f"transformer.{name}.lora_A.weight"] = down
+        tensors[f"transformer.{name}.lora_B.weight"] = up
+    return save_tensors(path, tensors, {"format": "pt", "software": '{"name": "ai-toolkit (synthetic)"}'})
+
+
+def write_sdscripts_lora(path: str | os.PathLike[str], params: Mapping[str, int] = TINY_FLUX, *, rank: int = 4,
+                         alpha: float = 2.0, seed: int = 2, dtype: torch.dtype = torch.float32,
+                         clip: Mapping[str, int] | None = TINY_CLIP) -> str:
+    """An sd-scripts-style FLUX LoRA: fused BFL names flattened under ``lora_unet_``, ``.alpha`` per module."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    comps = [("lora_unet_", FLUX1.components["transformer"], params)]
+    if clip:
+        comps.append(("lora_te1_", FLUX1.components["clip_l"], clip))
+    for prefix, comp, p in comps:
+        for m in expand(comp, p):
+            if comp.name == "transformer" and "blocks." not in m.name:
+                continue
+            stem = prefix + m.name.replace(".", "_")
+            down, up = lora_factors(m.out, m.inp, rank, gen, dtype)
+            tensors[f"{stem}.lora_down.weight"] = down
+            tensors[f"{stem}.lora_up.weight"] = up
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_base_model_version": "flux1", "ss_output_name": "synthetic"}
+    return save_tensors(path, tensors, meta)
