@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -45,8 +46,16 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
     meta = carry_over(model.metadata)
     meta.update(network_metadata(result.ranks, result.alphas, fmt=fmt, arch=model.arch.name,
                                  variant=model.arch.variant))
+    algos = sorted({a for k in result.tensors for a, tag in (("loha", ".hada_"), ("lokr", ".lokr_")) if tag in k})
+    if algos:   # LyCORIS tensors: kohya-style loaders need the LyCORIS network module to read them
+        meta["ss_network_module"] = "lycoris.kohya"
+        try:
+            args = json.loads(meta.get("ss_network_args") or "{}")
+        except ValueError:
+            args = {}
+        meta["ss_network_args"] = json.dumps({**(args if isinstance(args, dict) else {}), "algo": algos[0]})
     if title:
-        meta["modelspec.title"] = title
+        meta.setdefault("modelspec.title", title)   # a carried-over title is the user's; keep it
     if fmt == "diffusers":
         meta["format"] = "pt"
         has_dora = any(k.endswith("lora_magnitude_vector") for k in result.tensors)

@@ -176,7 +176,7 @@ def delta_norm(adapter: LoRA | LoHa | LoKr | Full) -> float:
 
 
 def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pickle: bool = False,
-                 from_format: str | None = None) -> dict[str, Any]:
+                 from_format: str | None = None, hashes: bool = False) -> dict[str, Any]:
     p = os.fspath(path)
     with open_weights(p, allow_pickle=allow_pickle) as f:
         parsed = parse(f, force_format=from_format)
@@ -211,6 +211,9 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
         }
         if deep:
             report["deep"] = _deep(parsed)
+    if hashes or deep:   # whole-file hashes read every byte: only on request
+        from .hashes import hash_report
+        report["hashes"] = hash_report(p, allow_pickle=allow_pickle)
     return report
 
 
@@ -250,6 +253,17 @@ def format_report(r: Mapping[str, Any]) -> str:
                                                    if k != "network_args"))
     if r["unknown_key_count"]:
         lines.append(f"  NOT UNDERSTOOD {r['unknown_key_count']} keys: {', '.join(r['unknown_keys'][:5])}")
+    hashes = r.get("hashes")
+    if hashes:
+        lines.append("  hashes        " + ", ".join(f"{k} {hashes[k]}" for k in ("autov2", "autov3") if k in hashes)
+                     + f", sshs_model_hash {hashes['sshs_model_hash'][:12]}…, sshs_legacy_hash "
+                       f"{hashes['sshs_legacy_hash']}")
+        if "sha256" in hashes:
+            lines.append(f"  sha256        {hashes['sha256']}")
+        stale = [k for k, v in hashes.get("stored", {}).items() if not v["current"]]
+        if stale:
+            lines.append(f"  STALE HASHES  {', '.join(stale)} in the header do not match the tensors "
+                         "(fix: lorakit meta FILE --rehash)")
     deep = r.get("deep")
     if deep:
         lines.append(f"  delta norms   max {deep['delta_norm_max']:.4g}, mean {deep['delta_norm_mean']:.4g}")

@@ -48,11 +48,14 @@ class InputRecord:
     sha256: str | None = None
     weight: float | None = None
     format: str | None = None
+    size: int | None = None         # bytes on disk (recorded instead of a hash for multi-GB base models)
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"file": os.path.basename(self.path)}
         if self.sha256:
             out["sha256"] = self.sha256
+        if self.size is not None:
+            out["size"] = self.size
         if self.weight is not None:
             out["weight"] = self.weight
         if self.format:
@@ -101,6 +104,7 @@ def network_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float], *, f
                      "control": "flux-1-dev"}.get(variant, "flux-1")
         out["modelspec.architecture"] = f"{spec_arch}/lora"
         out["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+        out["modelspec.resolution"] = "1024x1024"
     out.setdefault("modelspec.sai_model_spec", "1.0.1")
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env and env.isdigit():   # a date only when asked for: outputs are otherwise byte-reproducible

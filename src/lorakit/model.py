@@ -116,6 +116,8 @@ def dense_deltas(model: LoraModel, shapes: Mapping[Target, tuple[int, ...]] | No
     """
     out: dict[Target, Tensor] = {}
     for target, patches in model.by_target().items():
+        if all(p.adapter is None for p in patches):
+            continue    # bias-only target (diff_b): no weight delta
         shape = shapes.get(target) if shapes else None
         if shape is None:
             shape = _target_shape(model, target, patches)

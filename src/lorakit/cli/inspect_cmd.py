@@ -12,9 +12,14 @@ HELP = "show what a LoRA is: format, architecture, coverage, ranks, alphas, meta
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help=HELP, description=HELP + ". Plain inspect reads only the header "
-                       "(and the alpha scalars); --deep also reads every tensor.")
+                       "(and the alpha scalars); --hashes reads the whole file for its hashes; --deep also reads "
+                       "every tensor (and shows the hashes).")
     p.add_argument("files", nargs="+", metavar="FILE", help="LoRA file(s): .safetensors/.sft, or a sharded folder")
-    p.add_argument("--deep", action="store_true", help="also read tensors: NaN/Inf, all-zero ups, delta norms")
+    p.add_argument("--deep", action="store_true",
+                   help="also read tensors: NaN/Inf, all-zero ups, delta norms (implies --hashes)")
+    p.add_argument("--hashes", action="store_true",
+                   help="also compute hashes (reads the whole file): SHA-256, AutoV2, AutoV3, sshs_model_hash, "
+                        "sshs_legacy_hash, and whether the hashes stored in the header are current")
     p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
                    help="force the input format instead of detecting it")
     add_json(p)
@@ -23,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reports = [inspect_lora(f, deep=args.deep, allow_pickle=args.allow_pickle, from_format=args.from_format)
+    reports = [inspect_lora(f, deep=args.deep, allow_pickle=args.allow_pickle, from_format=args.from_format,
+                            hashes=args.hashes)
                for f in args.files]
     if args.json:
         emit_json(reports[0] if len(reports) == 1 else reports)

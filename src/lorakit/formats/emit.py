@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -91,7 +91,61 @@ def fuse(parts: list[tuple[tuple[int, int], Adapter | None, Tensor | None, Tenso
         for (s, e), a in adapters:
             total[s:e] += a.dense()
         return Full(alpha=None, diff=total.to(first.dtype)), bias, dora
+    if all(isinstance(a, LoHa) and a.t1 is None for _, a in adapters):
+        return _fuse_loha(adapters, out_rows), bias, dora  # type: ignore[arg-type]
+    if all(isinstance(a, LoKr) for _, a in adapters):
+        return _fuse_lokr(adapters, out_rows), bias, dora  # type: ignore[arg-type]
     raise NotExact("LoHa/LoKr parts on one fused weight cannot be combined into one module")
+
+
+def _same(tensors: list[Tensor | None]) -> bool:
+    first = tensors[0]
+    if first is None:
+        return all(t is None for t in tensors)
+    return all(t is not None and t.shape == first.shape and t.dtype == first.dtype and torch.equal(t, first)
+               for t in tensors[1:])
+
+
+def _fuse_loha(adapters: list[tuple[tuple[int, int], LoHa]], out_rows: int) -> LoHa:
+    """LoHa parts that share ``w1b``/``w2b`` (row slices of one LoHa, or one part alone) become one LoHa whose
+    ``w1a``/``w2a`` hold each part's rows at its window and zeros elsewhere: exact."""
+    parts = [a for _, a in adapters]
+    if not (_same([a.w1b for a in parts]) and _same([a.w2b for a in parts])):
+        raise NotExact("LoHa parts on one fused weight with different factors cannot be combined into one module")
+    ref = parts[0]
+    w1a = torch.zeros((out_rows, ref.w1a.shape[1]), dtype=torch.float32)
+    w2a = torch.zeros((out_rows, ref.w2a.shape[1]), dtype=torch.float32)
+    for (s, e), a in adapters:
+        ratio = a.scale / ref.scale
+        w1a[s:e] += a.w1a.to(torch.float32) * ratio if ratio != 1 else a.w1a.to(torch.float32)
+        w2a[s:e] += a.w2a.to(torch.float32)
+    return LoHa(alpha=ref.alpha, w1a=w1a.to(ref.w1a.dtype), w1b=ref.w1b, w2a=w2a.to(ref.w2a.dtype), w2b=ref.w2b)
+
+
+def _fuse_lokr(adapters: list[tuple[tuple[int, int], LoKr]], out_rows: int) -> LoKr:
+    """LoKr parts that share their second factor (row slices of one LoKr, or one part alone) become one LoKr
+    whose first factor holds each part's rows at its block window and zeros elsewhere, when every window
+    is aligned with the second factor's row blocks: exact."""
+    parts = [a for _, a in adapters]
+    ref = parts[0]
+    k = ref._rows2
+    if not (_same([a.w2 for a in parts]) and _same([a.w2a for a in parts]) and _same([a.w2b for a in parts])
+            and _same([a.t2 for a in parts])):
+        raise NotExact("LoKr parts on one fused weight with different second factors cannot be combined")
+    if out_rows % k or any(s % k or e % k for (s, e), _ in adapters):
+        raise NotExact(f"LoKr parts do not align with blocks of {k} rows")
+    decomposed = ref.w1 is None
+    if any((a.w1 is None) != decomposed for a in parts) or (decomposed and not _same([a.w1b for a in parts])):
+        raise NotExact("LoKr parts with different first-factor layouts cannot be combined")
+    rows1 = ref.w1a if decomposed else ref.w1
+    assert rows1 is not None
+    w1 = torch.zeros((out_rows // k, *rows1.shape[1:]), dtype=torch.float32)
+    for (s, e), a in adapters:
+        src = (a.w1a if decomposed else a.w1).to(torch.float32)  # type: ignore[union-attr]
+        ratio = a.scale / ref.scale
+        w1[s // k:e // k] += src * ratio if ratio != 1 else src
+    w1 = w1.to(rows1.dtype)
+    return replace(ref, w1a=w1) if decomposed else replace(ref, w1=w1)
 
 
 def _blockdiag(adapters: list[tuple[tuple[int, int], LoRA]], out_rows: int) -> LoRA:
@@ -285,6 +339,8 @@ class Emitter:
             if bias is not None:
                 bias = torch.cat([bias[h:], bias[:h]])
         dtype = next(p.adapter.dtype for p in parts if p.adapter is not None)
+        from ..checks import require_finite
+        require_finite(total, name=label, path=self.model.path)   # SVD of NaN/Inf fails; say why instead
         lora, err = lora_from_dense(total, self.lossy_rank)
         self.lossy.append((label, err))
         return Piece(target.component, name, lora.to(dtype), bias.to(dtype) if bias is not None else None, None)
@@ -326,8 +382,10 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
         if adapter is not None:
             for role, t in adapter.tensors().items():
                 tensors[f"{stem}.{suffixes.get(role, role)}"] = cast(t)
-            if not fmt.fold_alpha and adapter.alpha is not None:
-                tensors[f"{stem}.{suffixes['alpha']}"] = torch.tensor(float(adapter.alpha), dtype=torch.float32)
+            # kohya-style files always carry α (sd-scripts' loader requires it); α = rank when none is set
+            stored = adapter.alpha if adapter.alpha is not None else adapter.rank
+            if not fmt.fold_alpha and stored is not None:
+                tensors[f"{stem}.{suffixes['alpha']}"] = torch.tensor(float(stored), dtype=torch.float32)
             if adapter.rank is not None:
                 result.ranks[stem] = adapter.rank
                 result.alphas[stem] = float(adapter.alpha if adapter.alpha is not None else adapter.rank)

@@ -18,8 +18,8 @@ import torch
 
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
 from ..archinfer import Observation, infer_instance
-from ..errors import (AmbiguousFormatError, KeyMappingError, NotALoraError, UnknownFormatError,
-                      UnsupportedArchitectureError)
+from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NotALoraError, ShapeMismatchError,
+                      UnknownFormatError, UnsupportedArchitectureError)
 from ..io import WeightFile, open_weights
 from ..layouts import RECOGNIZERS, Alias, ArchSpec, NameIndex, NameMatch, evaluate, resolve
 from ..model import ArchInstance, LoraModel, Patch, Target
@@ -141,18 +141,16 @@ class FormatMatcher:
         split = split_key(body, xlabs=fmt.xlabs_suffixes)
         if split is None:
             return None
-        marked = marked or split.adapter_name is not None
-        if fmt.marker == "required" and not marked:
-            return None
-        if fmt.marker == "forbidden" and marked:
-            return None
+        outer_marked = marked or split.adapter_name is not None
         for rule in fmt.rules:
             if not split.module.startswith(rule.prefix):
                 continue
-            name = split.module[len(rule.prefix):]
+            name, marked = split.module[len(rule.prefix):], outer_marked
             for inner in fmt.inner:
                 if name.startswith(inner):
                     name, marked = name[len(inner):], True
+            if (fmt.marker == "required" and not marked) or (fmt.marker == "forbidden" and marked):
+                continue
             if fmt.strip_trailing_underscore and rule.flat and name.endswith("_"):
                 name = name[:-1]
             for naming in rule.namings:
@@ -202,6 +200,10 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             if hinted is None:
                 raise AmbiguousFormatError(path, [best_fmt.name, *differing])
             best_fmt, best = next(r for r in results if r[0].name == hinted)
+    unknown = [k for k in keys if k not in best]
+    if unknown and not any(p.rule.component == "transformer" for p in best.values()):
+        # only text-encoder keys were understood (SD/SDXL files share CLIP-L names): name the architecture
+        _refuse_recognized(unknown, shapes, path, total)
     runner = next(((f.name, len(p) / total) for f, p in results if f is not best_fmt and p), None)
     return Detection(best_fmt, best, len(best) / total, runner)
 
@@ -214,7 +216,9 @@ def _tie_break_by_metadata(names: list[str], metadata: Mapping[str, str]) -> str
     return None
 
 
-def _explain_unknown(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None) -> None:
+def _refuse_recognized(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None,
+                       total: int) -> None:
+    """Raise UnsupportedArchitectureError when ``keys`` carry the signature of an architecture lorakit names."""
     for rec in RECOGNIZERS:
         pat = rec.compiled()
         hits = [k for k in keys if pat.search(k)]
@@ -226,8 +230,12 @@ def _explain_unknown(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
             if not any(shapes[k][dim] == value for k in probe):
                 continue
         raise UnsupportedArchitectureError(
-            f"this looks like a {rec.label} file ({len(hits)} of {len(keys)} keys match, e.g. {hits[0]!r}); "
+            f"this looks like a {rec.label} file ({len(hits)} of {total} keys match, e.g. {hits[0]!r}); "
             f"lorakit supports FLUX.1 so far.", path=path, hint=rec.hint or "use a tool for that architecture.")
+
+
+def _explain_unknown(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None) -> None:
+    _refuse_recognized(keys, shapes, path, len(keys))
     if not any(split_key(k) or split_key(k, xlabs=True) for k in keys):
         plain = sum(1 for k in keys if k.endswith((".weight", ".bias", ".scale")))
         if plain >= 0.9 * len(keys):
@@ -291,12 +299,99 @@ def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | Non
             good.append(e)
         else:
             unknown.extend(e.keys.values())
+    for e in good:
+        _check_entry_shapes(e, file.path)
     _check_duplicates(good, file.path)
     observations = [Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
                     for e in good]
     instance = infer_instance(arch, observations, file.metadata, path=file.path)
+    for e in good:
+        params = instance.params.get(e.component, {})
+        try:
+            rows = _rows(e.match.alias, params)
+        except KeyError as exc:
+            raise FormatError(f"module {e.file_module!r} addresses rows of a fused weight, but the file's shapes do "
+                              f"not determine the size {exc.args[0]!r}.", path=file.path,
+                              hint="the factor shapes are inconsistent; re-export the LoRA.") from None
+        want = (rows[1] - rows[0] if rows else evaluate(e.match.spec.out, params, -1),
+                evaluate(e.match.spec.inp, params, -1))
+        got = e.observed_shape()
+        if any(g is not None and w >= 0 and g != w for g, w in zip(got, want)):
+            raise ShapeMismatchError(e.file_module, want, got, path=file.path,
+                                     hint="this module's (out, in) contradicts the sizes the other modules imply "
+                                          f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))}); "
+                                          "the file is corrupt or mixes two models.")
     return ParsedLora(file.path, file, det, good, sorted(unknown), instance, dict(file.metadata),
                       _peft_config(file.path))
+
+
+def _composed_shape(entry: ModuleEntry) -> tuple[int, int]:
+    """(out, in) of the weight the factors compose into; ValueError when they do not compose into a 2-D
+    (Linear) weight. Pure shape arithmetic: no tensor is built."""
+    s = entry.shapes
+    fam = entry.family
+
+    def two_d(role: str) -> tuple[int, int]:
+        shape = s[role]
+        if len(shape) != 2:
+            raise ValueError(f"{role} has shape {list(shape)}; {entry.match.native!r} is a Linear layer (2-D)")
+        return shape[0], shape[1]
+
+    def chain(a: str, b: str) -> tuple[int, int]:
+        (o, r), (r2, i) = two_d(a), two_d(b)
+        if r != r2 or r == 0:
+            raise ValueError(f"{a} {list(s[a])} and {b} {list(s[b])} disagree on the rank (or it is 0)")
+        return o, i
+
+    if fam == "lora":
+        if "mid" in s:
+            raise ValueError("a Tucker lora_mid makes a convolution weight, not a Linear one")
+        return chain("up", "down")
+    if fam == "loha":
+        if "hada_t1" in s or "hada_t2" in s:
+            raise ValueError("Tucker LoHa factors make a convolution weight, not a Linear one")
+        one, two = chain("hada_w1_a", "hada_w1_b"), chain("hada_w2_a", "hada_w2_b")
+        if one != two:
+            raise ValueError(f"the two Hadamard factors give {list(one)} and {list(two)}")
+        return one
+    if fam == "lokr":
+        if "lokr_t2" in s:
+            raise ValueError("a Tucker lokr_t2 makes a convolution weight, not a Linear one")
+        w1 = two_d("lokr_w1") if "lokr_w1" in s else chain("lokr_w1_a", "lokr_w1_b")
+        w2 = two_d("lokr_w2") if "lokr_w2" in s else chain("lokr_w2_a", "lokr_w2_b")
+        if 0 in w1 or 0 in w2:
+            raise ValueError("an empty Kronecker factor")
+        return w1[0] * w2[0], w1[1] * w2[1]
+    if fam == "full":
+        return two_d("diff")
+    raise ValueError(f"no adapter factors ({fam})")
+
+
+def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
+    """Factor shapes must compose into one Linear weight (ranks agree and are > 0; biases and DoRA
+    magnitudes match its rows). Header data only."""
+    shapes = entry.shapes
+    problem = None
+    if "alpha" in shapes and len(shapes["alpha"]) and _prod(shapes["alpha"]) > 1:
+        problem = f"alpha holds {_prod(shapes['alpha'])} values instead of one"
+    out_rows = None
+    if problem is None and entry.family in ("lora", "loha", "lokr", "full"):
+        try:
+            out_rows, in_cols = _composed_shape(entry)
+            if "dora" in shapes and (not shapes["dora"] or _prod(shapes["dora"]) not in (out_rows, in_cols)):
+                raise ValueError(f"DoRA magnitude of shape {list(shapes['dora'])} fits neither {out_rows} rows "
+                                 f"nor {in_cols} columns")
+        except ValueError as exc:
+            problem = f"the factor shapes do not compose ({exc})"
+    for role in ("bias", "diff_b"):
+        if problem is None and role in shapes:
+            shape = shapes[role]
+            if len(shape) != 1 or (out_rows is not None and shape[0] != out_rows):
+                problem = f"{role} has shape {list(shape)}, expected [{out_rows if out_rows is not None else 'rows'}]"
+    if problem is not None:
+        detail = ", ".join(f"{r} {list(v)}" for r, v in sorted(shapes.items()))
+        raise FormatError(f"module {entry.file_module!r}: {problem} ({detail}).", path=path,
+                          hint="the file is corrupt or was written by a broken exporter; re-export it.")
 
 
 def _check_duplicates(entries: list[ModuleEntry], path: str | None) -> None:
@@ -411,7 +506,9 @@ def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
 
 def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
     if alpha_tensor is not None:
-        return float(alpha_tensor.float().reshape(-1)[0]) if alpha_tensor.numel() else None
+        value = float(alpha_tensor.float().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
+        # sd-scripts (LoRAModule) and LyCORIS read a stored α of 0 as α = rank: the file was trained at scale 1
+        return value if value != 0 else None
     rank = None
     if entry.family == "lora":
         rank = entry.shapes["down"][0]

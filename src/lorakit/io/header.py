@@ -115,7 +115,7 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     """Header bytes (length prefix included, padded to 8) and each tensor's data-section range."""
     ordered = serialisation_order(entries)
     obj: dict[str, object] = {}
-    if metadata:
+    if metadata is not None:   # like safetensors: an empty dict is written as "__metadata__":{}
         obj["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     ranges: dict[str, tuple[int, int]] = {}
     offset = 0

@@ -85,6 +85,7 @@ class SafetensorsFile(WeightFile):
             self.infos, self.metadata, self.data_start = parse_header(prefix, self.file_size, self.path)
         except BaseException:
             os.close(self._fd)
+            self._fd = -1       # else __del__ closes the number again, by then another file's descriptor
             raise
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,6 +202,8 @@ def _sniff(path: str) -> str:
         raise InputFileError("file not found.", path=path) from None
     except OSError as exc:
         raise InputFileError(f"cannot open ({exc.strerror}).", path=path) from None
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"   # an 8-byte header length may well start with 0x80 or "PK"
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return "pickle"
     return "safetensors"

@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -21,6 +22,13 @@ from ..errors import OutputError, UsageError
 from .header import build_header, serialisation_order
 
 _MAX_CHUNK = 1 << 30
+_SLOW_WRITE = float(os.environ.get("LORAKIT_TEST_SLOW_WRITE") or 0)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -70,7 +78,7 @@ class SafetensorsWriter:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise UsageError(f"internal plan has duplicate tensor names: {dup[:5]}")
         self.plan = {n: (code, shape) for n, code, shape in plan}
-        self.header, ranges = build_header(plan, dict(metadata or {}))
+        self.header, ranges = build_header(plan, dict(metadata) if metadata is not None else None)
         self.offsets = {n: (len(self.header) + b, len(self.header) + e) for n, (b, e) in ranges.items()}
         self.size = len(self.header) + (max((e for _, e in ranges.values()), default=0))
         self.written: set[str] = set()
@@ -82,6 +90,7 @@ class SafetensorsWriter:
             raise OutputError(f"cannot create a temporary file ({exc.strerror}).", path=self.path) from None
         self.fd = fd
         try:
+            os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; outputs get normal permissions
             self._pwrite(memoryview(self.header), 0)
             os.ftruncate(self.fd, self.size)
         except BaseException:
@@ -114,6 +123,8 @@ class SafetensorsWriter:
         assert len(data) == math.prod(shape) * itemsize(code)
         self._pwrite(data, self.offsets[name][0])
         self.written.add(name)
+        if _SLOW_WRITE:   # test hook: makes interrupt-mid-write tests deterministic
+            time.sleep(_SLOW_WRITE)
 
     def commit(self) -> str:
         missing = [n for n in self.plan if n not in self.written]

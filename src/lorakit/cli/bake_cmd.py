@@ -1,0 +1,120 @@
+"""lorakit bake BASE IN[:WEIGHT] … -o OUT [--dtype …] [--device cpu|cuda] [--allow-partial] [--dry-run] …"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..baking import bake, format_plan
+from ..errors import UsageError
+from ..recipes import WeightedInput, load_recipe, parse_weighted
+from .common import add_dtype, add_json, add_output, add_pickle, emit_json, say
+
+HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
+
+# recipe keys (the long options, plus `base` and `inputs`)
+RECIPE_KEYS = ("base", "inputs", "output", "dtype", "device", "allow_partial", "dry_run", "clip_l", "clip_l_out",
+               "t5", "t5_out", "allow_pickle", "json")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bake", help=HELP,
+        description=HELP + ". BASE is a FLUX.1 transformer in BFL, ComfyUI (model.diffusion_model.) or diffusers "
+        "layout, a single file or a sharded folder; the output keeps that layout and the base's dtypes (--dtype "
+        "converts the transformer's floating tensors only; other components of a full checkpoint and the text "
+        "encoders keep theirs). Each LoRA "
+        "(any readable format) is added as W + Σ weight·ΔW in fp32 and cast back once. Nothing is written unless "
+        "every LoRA module fits the base (see --allow-partial). DoRA modules use PEFT's formula, "
+        "each relative to the base weight: + m·(W0 + s·ΔW)/‖W0 + s·ΔW‖ − W0 (independent of the input order).")
+    p.add_argument("paths", nargs="*", metavar="BASE IN[:WEIGHT]",
+                   help="the base model, then one or more LoRAs with optional :weight (default 1)")
+    add_output(p, required=False)
+    p.add_argument("--flux-model", "--flux_model", dest="base", default=None, metavar="BASE",
+                   help="the base model (sd-scripts spelling; then every positional path is a LoRA)")
+    p.add_argument("--models", nargs="+", default=None, metavar="LORA", help="LoRAs (sd-scripts spelling)")
+    p.add_argument("--ratios", nargs="+", type=float, default=None, metavar="W",
+                   help="weights for --models (sd-scripts spelling)")
+    add_dtype(p, "keep each base tensor's dtype")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where ΔW is computed (default cpu)")
+    p.add_argument("--allow-partial", action="store_true", default=None,
+                   help="bake the modules that fit and report those that do not (default: refuse)")
+    p.add_argument("--dry-run", action="store_true", default=None,
+                   help="print the per-tensor plan; read no base tensor data, write nothing")
+    p.add_argument("--clip-l", "--clip_l", dest="clip_l", default=None, metavar="FILE",
+                   help="CLIP-L text encoder to bake the LoRAs' CLIP-L modules into")
+    p.add_argument("--clip-l-out", "--clip_l_save_to", dest="clip_l_out", default=None, metavar="OUT",
+                   help="where the baked CLIP-L is written (same layout as --clip-l)")
+    p.add_argument("--t5", "--t5xxl", dest="t5", default=None, metavar="FILE",
+                   help="T5-XXL text encoder to bake the LoRAs' T5 modules into")
+    p.add_argument("--t5-out", "--t5xxl_save_to", dest="t5_out", default=None, metavar="OUT",
+                   help="where the baked T5 is written (same layout as --t5)")
+    p.add_argument("--recipe", default=None, metavar="FILE.yaml",
+                   help="options from a YAML file (keys: base, inputs, output and the long options); explicit "
+                        "command-line values win")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json(p)
+    add_pickle(p)
+    p.set_defaults(run=run)
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
+    recipe = load_recipe(args.recipe, RECIPE_KEYS) if args.recipe else {}
+    if args.recipe:   # paths in a recipe are relative to the recipe's folder (as its inputs are)
+        here = os.path.dirname(os.path.abspath(args.recipe))
+        for key in ("base", "output", "clip_l", "clip_l_out", "t5", "t5_out"):
+            if isinstance(recipe.get(key), str) and not os.path.isabs(recipe[key]):
+                recipe[key] = os.path.join(here, recipe[key])
+    for key in RECIPE_KEYS:
+        if key in ("base", "inputs"):
+            continue
+        if getattr(args, key, None) in (None, False) and key in recipe:
+            setattr(args, key, recipe[key])
+    paths = list(args.paths)
+    base = args.base
+    if base is None and paths:
+        base = paths.pop(0)
+    if base is None:
+        base = recipe.get("base")
+    inputs = [parse_weighted(x) for x in paths]
+    if args.models:
+        ratios = args.ratios or [1.0] * len(args.models)
+        if len(ratios) != len(args.models):
+            raise UsageError(f"{len(args.models)} --models but {len(ratios)} --ratios.")
+        inputs += [WeightedInput(m, r) for m, r in zip(args.models, ratios)]
+    elif args.ratios:
+        raise UsageError("--ratios needs --models.")
+    if not inputs:
+        inputs = list(recipe.get("inputs") or [])
+    if base is None:
+        raise UsageError("no base model given.", hint="lorakit bake BASE LORA[:WEIGHT] … -o OUT")
+    if not inputs:
+        raise UsageError("no LoRA given.", hint="lorakit bake BASE LORA[:WEIGHT] … -o OUT")
+    return str(base), inputs
+
+
+def run(args: argparse.Namespace) -> int:
+    base, inputs = _resolve(args)
+    r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
+             allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
+             clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, allow_pickle=bool(args.allow_pickle),
+             progress=False if (args.no_progress or args.dry_run) else None)
+    if args.json:
+        emit_json(r.to_json())
+        return 0
+    if r.dry_run:
+        for line in format_plan(r):
+            print(line)
+    for i in r.inputs:
+        say(f"{i['path']} ×{i['weight']:g}: {i['format']}, {i['applied']} of {i['modules']} modules applied"
+            + (f", {i['skipped']} skipped" if i["skipped"] else ""))
+    for w in r.warnings:
+        say(f"  warning: {w}")
+    verb = "would write" if r.dry_run else "wrote"
+    rate = f", {r.bytes_in / r.seconds / 1e9:.2f} GB/s" if r.seconds and not r.dry_run else ""
+    say(f"{r.base} ({r.layout}, {r.variant}) → {verb} {r.output or '-'}: {r.changed} tensors baked, "
+        f"{r.converted} converted, {r.copied} copied; {r.bytes_out / 1e9:.2f} GB, dtype {r.dtype}"
+        + (f" in {r.seconds:.1f} s{rate}" if not r.dry_run else ""))
+    for te in r.text_encoders:
+        say(f"  {te['component']}: {te['changed']} tensors baked → {verb} {te['output'] or '-'}")
+    return 0

@@ -1,0 +1,37 @@
+"""lorakit diff A B [--json]"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..diffing import diff, format_report
+from .common import add_json, add_pickle, emit_json
+
+HELP = "compare two LoRAs (or two base models): modules, ranks, alphas, relative size and cosine per module/block"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diff", help=HELP, description=HELP + ". LoRAs are compared on native targets (a kohya file "
+                       "and its diffusers conversion compare equivalent) without forming ΔW; models are compared "
+                       "tensor by tensor in bounded memory. Exit 0 when equivalent, 1 when different.")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
+                   help="force the LoRA format of both inputs instead of detecting it")
+    p.add_argument("--modules", action="store_true", help="also print every module's ratio and cosine")
+    add_json(p)
+    add_pickle(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rep = diff(args.a, args.b, allow_pickle=args.allow_pickle, from_format=args.from_format)
+    if args.json:
+        emit_json(rep.to_json())
+    else:
+        print(format_report(rep))
+        if args.modules:
+            for name, e in rep.modules.items():
+                cos = "n/a" if e["cosine"] is None else f"{e['cosine']:+.6f}"
+                print(f"  {name}  |A|/|B| {e['ratio']:.6g}  cos {cos}")
+    return 0 if rep.equivalent else 1

@@ -1,0 +1,41 @@
+"""lorakit doctor LORA… [--base BASE] [--text-encoder TE]… [--json]"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..diagnose import doctor, format_report
+from .common import add_json, add_pickle, emit_json
+
+HELP = "diagnose LoRAs: will they apply (to this base), and if not, why and how to fix it"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help=HELP, description=HELP + ". Reads every LoRA tensor (NaN/Inf, all-zero ups, "
+                       "extreme α/rank, odd dtypes, stale hashes); with --base also checks which modules apply and "
+                       "why the others do not. Verdicts: OK (exit 0), PARTIAL (exit 1), WILL NOT APPLY or INVALID "
+                       "(exit 2); the worst verdict sets the exit code.")
+    p.add_argument("loras", nargs="+", metavar="LORA", help="LoRA file(s)")
+    p.add_argument("--base", default=None, metavar="BASE",
+                   help="FLUX.1 transformer checkpoint (BFL, ComfyUI or diffusers layout; file or sharded folder)")
+    p.add_argument("--text-encoder", dest="text_encoders", action="append", default=[], metavar="TE",
+                   help="CLIP-L or T5-XXL checkpoint to check the LoRA's text-encoder modules against (repeatable)")
+    p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
+                   help="force the LoRA format instead of detecting it")
+    p.add_argument("--strict", action="store_true", help="exit 1 when an OK LoRA has warnings")
+    add_json(p)
+    add_pickle(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = doctor(args.loras, args.base, text_encoders=args.text_encoders, allow_pickle=args.allow_pickle,
+                    from_format=args.from_format)
+    if args.json:
+        emit_json(report.to_json())
+    else:
+        print(format_report(report))
+    code = report.exit_code
+    if args.strict and code == 0 and any(d.warnings for d in report.loras):
+        code = 1
+    return code

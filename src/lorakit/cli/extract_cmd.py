@@ -1,0 +1,119 @@
+"""lorakit extract ORIGINAL TUNED -o OUT (--rank N | --dynamic METHOD:PARAM)"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from ..formats import WRITABLE
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+
+HELP = "extract a LoRA from the difference of a fine-tuned model and its base"
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 28) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, done: int, total: int, item: str) -> None:
+        if not self.enabled or total <= 0:
+            return
+        fill = int(self.width * done / total)
+        line = f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} {item[:48]:<48}"
+        self.stream.write(line if done < total else "\r" + " " * len(line) + "\r")
+        self.stream.flush()
+
+
+def add_dynamic(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
+                   help="rank per module from its singular values: sv_ratio:R (keep s_i > s_0/R), sv_fro:F (keep a "
+                        "fraction F of the Frobenius norm), sv_cumulative:C (keep a fraction C of Σs_i); capped by "
+                        "--rank")
+    p.add_argument("--dynamic-method", "--dynamic_method", dest="dynamic_method", default=None,
+                   choices=("sv_ratio", "sv_fro", "sv_cumulative"), help=argparse.SUPPRESS)
+    p.add_argument("--dynamic-param", "--dynamic_param", dest="dynamic_param", type=float, default=None,
+                   help=argparse.SUPPRESS)
+
+
+def dynamic_arg(args: argparse.Namespace) -> str | None:
+    """--dynamic, or sd-scripts' --dynamic_method/--dynamic_param pair."""
+    from ..errors import UsageError
+    if args.dynamic_method or args.dynamic_param is not None:
+        if args.dynamic:
+            raise UsageError("give either --dynamic METHOD:PARAM or --dynamic_method/--dynamic_param, not both.")
+        if not args.dynamic_method or args.dynamic_param is None:
+            raise UsageError("--dynamic_method and --dynamic_param go together.",
+                             hint="or write --dynamic METHOD:PARAM, e.g. --dynamic sv_fro:0.9.")
+        return f"{args.dynamic_method}:{args.dynamic_param}"
+    return args.dynamic
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract", help=HELP,
+        description=HELP + ". ORIGINAL and TUNED may be in any FLUX.1 base layout (BFL, ComfyUI, diffusers file or "
+        "sharded folder, even different ones); tensors are paired by native module and the LoRA is written on "
+        "native targets. Streams one module at a time. Decomposition: seeded randomized SVD (same inputs and seed "
+        "give the same file), or thin SVD with --exact. Every module's retained energy and relative error are "
+        "reported. Modules with max|difference| <= --min-diff are skipped (default 0: only unchanged modules).")
+    p.add_argument("original", metavar="ORIGINAL", help="the base model the fine-tune started from")
+    p.add_argument("tuned", metavar="TUNED", help="the fine-tuned model")
+    add_output(p)
+    p.add_argument("--rank", "--dim", "--network-dim", "--network_dim", dest="rank", type=int, default=None,
+                   metavar="N", help="rank of every module (the cap with --dynamic; default cap 128 there)")
+    add_dynamic(p)
+    p.add_argument("--conv-rank", "--conv_dim", "--conv-dim", dest="conv_rank", type=int, default=None, metavar="N",
+                   help="rank of convolution weights (FLUX.1 transformers have none; reported when unused)")
+    p.add_argument("--min-diff", "--min_diff", dest="min_diff", type=float, default=0.0, metavar="X",
+                   help="skip modules whose largest absolute difference is <= X (default 0: only unchanged ones)")
+    p.add_argument("--to", default="kohya", choices=WRITABLE, help="output format (default: kohya)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda for the decompositions")
+    p.add_argument("--exact", action="store_true", help="thin SVD instead of randomized SVD (slower, optimal)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--oversample", type=int, default=16, metavar="N",
+                   help="extra columns of the randomized range finder (default 16)")
+    p.add_argument("--niter", type=int, default=2, metavar="N", help="power iterations (default 2)")
+    p.add_argument("--alpha", "--network-alpha", "--network_alpha", dest="alpha", type=float, default=None,
+                   metavar="A", help="store alpha A (default: alpha = rank, scale 1); the up factors are scaled "
+                                     "by rank/A so that the delta is unchanged")
+    p.add_argument("--include-bias", action="store_true", help="also write bias differences (diff_b entries)")
+    p.add_argument("--include-norms", action="store_true",
+                   help="not supported (no LoRA format carries q/k norm scales); differences are reported instead")
+    add_dtype(p, "the tuned model's dtype")
+    add_json(p)
+    add_pickle(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..extraction import extract
+    r = extract(args.original, args.tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),
+                conv_rank=args.conv_rank, min_diff=args.min_diff, to=args.to, device=args.device, exact=args.exact,
+                seed=args.seed, alpha=args.alpha, include_bias=args.include_bias, include_norms=args.include_norms,
+                dtype=dtype_arg(args), oversample=args.oversample, niter=args.niter, allow_pickle=args.allow_pickle,
+                progress=None if args.json else ProgressBar("extract"))
+    if args.json:
+        emit_json(r.to_json())
+        return 0
+    worst = r.worst
+    ranks = sorted({m.rank for m in r.modules})
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    say(f"{r.original} ({r.original_layout}) → {r.tuned} ({r.tuned_layout}): {r.architecture} {r.variant}; "
+        f"{len(r.modules)} modules extracted (rank {rank_text}, {r.method}), {len(r.skipped)} unchanged skipped; "
+        f"mean retained energy {r.mean_retained_energy:.4f}, worst relative error "
+        f"{worst.relative_error:.3e} ({worst.module}); wrote {r.output} ({r.format}, {r.dtype}, "
+        f"{r.output_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s" if worst else
+        f"wrote {r.output}: bias differences only ({len(r.bias_modules)} modules) in {r.seconds:.1f} s")
+    for u in r.unpaired:
+        say(f"  unpaired: {u}")
+    for name, keys in r.ignored_keys.items():
+        say(f"  ignored {len(keys)} non-transformer tensors in {name} (e.g. {keys[0]!r})")
+    for w in r.warnings:
+        say(f"  warning: {w}")
+    return 0

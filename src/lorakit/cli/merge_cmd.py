@@ -1,0 +1,146 @@
+"""lorakit merge IN[:WEIGHT] … -o OUT [--method …] [--rank N | --dynamic METHOD:PARAM] [--to …] [--blocks SPEC]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..errors import RecipeError
+from ..formats import WRITABLE
+from ..merging import MAJORITY_SIGN, METHODS, merge
+from ..recipes import WeightedInput, load_recipe, parse_weighted
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+
+HELP = "merge several LoRAs into one (exact concat by default)"
+
+DESCRIPTION = (
+    "Merge LoRAs from any readable format. Strength is linear: the result is Σ weight_i·ΔW_i per module, where "
+    "ΔW_i includes each file's alpha/rank (weights may be negative or above 1). concat (default) is exact: ranks "
+    "add up. svd keeps the exact best rank-N approximation of the sum (no dense matrices). ties / dare_linear / "
+    "dare_ties apply PEFT's definitions to each module's dense delta, then an SVD to the output rank.")
+
+BLOCKS_HELP = (
+    "per-block multipliers, applied once to each module's delta: a comma list of double+single block values "
+    "(optionally BASE first, or + IN,OUT[,TE] after), the LoRA-Block-Weight FLUX vector "
+    "(CLIP,T5,IN,D00…,S00…,OUT), or selectors over BFL module names such as "
+    "'double_blocks.0-5=0.5,single_blocks=1.2,txt_in=0' (the last matching selector wins)")
+
+# option name (dest) -> default, applied after the recipe (explicit command-line values win over both)
+DEFAULTS: dict[str, Any] = {"method": "concat", "to": "kohya", "verify": False, "dry_run": False, "json": False,
+                            "kohya_ratios": False, "allow_partial": False, "allow_pickle": False}
+RECIPE_KEYS = ("output", "method", "rank", "dynamic", "to", "blocks", "verify", "dtype", "json", "dry_run", "density",
+               "majority_sign", "seed", "kohya_ratios", "allow_partial", "allow_pickle")
+
+RECIPE_TYPES: dict[str, Any] = {"rank": int, "density": float, "seed": int, "dynamic": str, "dtype": str,
+                                "method": str, "to": str, "majority_sign": str, "output": str}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help=HELP, description=DESCRIPTION)
+    p.add_argument("inputs", nargs="*", metavar="IN[:WEIGHT]", help="LoRA files, each with an optional :weight "
+                   "(default 1.0)")
+    add_output(p, required=False)
+    p.add_argument("--method", choices=METHODS, default=None, help="merge method (default: concat)")
+    p.add_argument("--rank", type=int, default=None, metavar="N",
+                   help="output rank for svd/ties/dare (default: the largest input rank of each module); "
+                        "with --dynamic, the rank cap")
+    p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
+                   help="rank per module from its singular values: sv_ratio:R, sv_fro:F or sv_cumulative:F")
+    p.add_argument("--to", choices=WRITABLE, default=None, help="output format (default: kohya)")
+    p.add_argument("--blocks", default=None, metavar="SPEC", help=BLOCKS_HELP)
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="re-read the written file and report each module's relative error against the exact "
+                        "weighted sum (ties/dare: against the module's untruncated result); the worst is printed")
+    p.add_argument("--recipe", default=None, metavar="FILE.yaml",
+                   help="read options from a YAML recipe (keys = long option names, plus 'inputs'; paths are "
+                        "relative to the recipe); options given on the command line win")
+    add_dtype(p, "the inputs' dtype when they agree, else fp32")
+    p.add_argument("--density", type=float, default=None, metavar="D",
+                   help="ties/dare: fraction of entries kept, in (0, 1] (required for those methods)")
+    p.add_argument("--majority-sign", choices=MAJORITY_SIGN, default=None,
+                   help="ties/dare_ties sign election (default: total)")
+    p.add_argument("--seed", type=int, default=None, help="dare_*: random seed (default 0; same seed, same bytes)")
+    p.add_argument("--kohya-ratios", action="store_true", default=None,
+                   help="reproduce sd-scripts' concat coefficients (each LoRA lands at ratio·|ratio|·rank/total "
+                        "rank) for parity checks; the default is linear strength (weight·ΔW)")
+    p.add_argument("--allow-partial", action="store_true", default=None,
+                   help="merge even if some input keys are not understood (they are left out and reported)")
+    p.add_argument("--dry-run", action="store_true", default=None, help="merge and report, write nothing")
+    add_json(p)
+    p.set_defaults(json=None)
+    add_pickle(p)
+    p.set_defaults(allow_pickle=None)
+    p.set_defaults(run=run)
+
+
+def _apply_recipe(args: argparse.Namespace) -> None:
+    if args.recipe:
+        recipe = load_recipe(args.recipe, RECIPE_KEYS)
+        base = os.path.dirname(os.path.abspath(args.recipe))
+        for key, value in recipe.items():
+            if key == "inputs":
+                if not args.inputs:
+                    args.inputs = value
+                continue
+            if getattr(args, key, None) is not None:
+                continue
+            if key == "output" and isinstance(value, str) and not os.path.isabs(value):
+                value = os.path.join(base, value)
+            if key == "blocks":
+                value = _blocks_value(value, args.recipe)
+            elif key in RECIPE_TYPES and value is not None:
+                try:
+                    value = RECIPE_TYPES[key](value)
+                except (TypeError, ValueError):
+                    raise RecipeError(f"bad value {value!r} for {key!r}.", path=args.recipe) from None
+            setattr(args, key, value)
+    for key, value in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _blocks_value(value: Any, path: str) -> str:
+    """A recipe may give blocks as a string, a list of numbers or a mapping of selectors."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    raise RecipeError(f"bad 'blocks' value {value!r}.", path=path)
+
+
+def _inputs(values: list[Any]) -> list[WeightedInput]:
+    return [v if isinstance(v, WeightedInput) else parse_weighted(str(v)) for v in values]
+
+
+def run(args: argparse.Namespace) -> int:
+    _apply_recipe(args)
+    r = merge(_inputs(args.inputs or []), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,
+              to=args.to, blocks=args.blocks, verify=bool(args.verify), dtype=dtype_arg(args), density=args.density,
+              majority_sign=args.majority_sign, seed=args.seed, kohya_ratios=bool(args.kohya_ratios),
+              dry_run=bool(args.dry_run), allow_partial=bool(args.allow_partial),
+              allow_pickle=bool(args.allow_pickle))
+    if args.json:
+        emit_json(r.to_json())
+        return 0
+    verb = "would write" if r.dry_run else "wrote"
+    names = " + ".join(f"{os.path.basename(str(i['path']))}:{i['weight']:g}" for i in r.inputs)
+    ranks = f"rank {r.ranks[0]}–{r.ranks[1]}" if r.ranks and r.ranks[0] != r.ranks[1] else \
+        f"rank {r.ranks[0]}" if r.ranks else "no LoRA modules"
+    say(f"{names} → {r.method} ({r.architecture}, {r.variant}); {r.modules_out} modules, {ranks}, "
+        f"{r.tensors_out} tensors ({r.dtype}, {r.target_format}); {verb} {r.output or '-'}")
+    if r.kohya_ratios:
+        say("  strength: sd-scripts coefficients (--kohya-ratios), not linear")
+    if r.blocks:
+        say(f"  blocks: {r.blocks}" + (f" ({len(r.dropped)} modules at 0 left out)" if r.dropped else ""))
+    worst = r.min_retained_energy
+    if worst:
+        say(f"  lowest retained energy: {worst[1]:.6f} in {worst[0]}")
+    if r.verify:
+        say(f"  verify: max relative error {float(r.verify['max_relative_error']):.3e} in {r.verify['worst_module']} "
+            f"(against the {r.verify['reference']})")
+    for w in r.warnings:
+        say(f"  warning: {w}")
+    return 0

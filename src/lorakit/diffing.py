@@ -1,0 +1,362 @@
+"""``lorakit diff A B``: structural and numerical comparison of two LoRAs, or of two base models.
+
+For LoRAs the comparison is on native targets (so a kohya file and its diffusers conversion compare
+equal): modules only in one file, rank/alpha differences, and per module and per block the relative
+size ‖ΔA‖/‖ΔB‖ and the cosine of the two deltas. LoRA pairs never form ΔW: with ΔW = s·B·A,
+⟨s₁B₁A₁, s₂B₂A₂⟩ = s₁s₂·Σ((B₁ᵀB₂) ⊙ (A₁A₂ᵀ)) on the overlap of the two row windows; other adapter
+kinds are densified one module at a time. Models are compared tensor by tensor on native names
+(BFL vs diffusers layouts compare equal), holding two module tensors at most.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .adapters import LoRA, _swap_rows
+from .basemodel import BaseModel, Slot, open_base
+from .errors import LorakitError, NotALoraError, ShapeMismatchError, UsageError
+from .formats import load, parse
+from .io import open_weights
+from .model import LoraModel, Patch, Target, _target_shape
+
+EPS = 1e-30
+EQUIVALENT = 1e-6
+LISTED = 50
+
+
+@dataclass
+class Pair:
+    """Accumulated ⟨A,A⟩, ⟨B,B⟩, ⟨A,B⟩ (and ‖A−B‖² for models) over one module or block."""
+
+    aa: float = 0.0
+    bb: float = 0.0
+    ab: float = 0.0
+    modules: int = 0
+
+    def add(self, other: "Pair") -> None:
+        self.aa += other.aa
+        self.bb += other.bb
+        self.ab += other.ab
+        self.modules += other.modules
+
+    def to_json(self) -> dict[str, Any]:
+        na, nb = math.sqrt(max(self.aa, 0.0)), math.sqrt(max(self.bb, 0.0))
+        diff2 = max(self.aa + self.bb - 2 * self.ab, 0.0)
+        return {"norm_a": na, "norm_b": nb, "ratio": (na / nb) if nb > EPS else (math.inf if na > EPS else 1.0),
+                "cosine": (self.ab / (na * nb)) if na > EPS and nb > EPS else None,
+                "relative_difference": (math.sqrt(diff2) / na) if na > EPS else None,
+                "modules": self.modules}
+
+
+@dataclass
+class DiffReport:
+    kind: str                                   # "lora" or "model"
+    a: dict[str, Any]
+    b: dict[str, Any]
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+    shared: int = 0
+    rank_differences: list[dict[str, Any]] = field(default_factory=list)
+    alpha_differences: list[dict[str, Any]] = field(default_factory=list)
+    dtype_differences: list[dict[str, Any]] = field(default_factory=list)
+    shape_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    total: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def equivalent(self) -> bool:
+        """Same modules and deltas/tensors equal to a relative 1e-6 (a lossless conversion compares equivalent)."""
+        t = self.total
+        if self.only_in_a or self.only_in_b or self.shape_mismatches:
+            return False
+        rel = t.get("relative_difference")
+        return rel <= EQUIVALENT if rel is not None else t.get("norm_b", 0.0) <= EPS
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["equivalent"] = self.equivalent
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Inner products of patches without densifying
+# ---------------------------------------------------------------------------------------------
+
+def _window(p: Patch) -> tuple[int, int]:
+    return p.rows if p.rows is not None else (0, p.out_rows)
+
+
+def patch_inner(pa: Patch, pb: Patch) -> float:
+    """⟨ΔA, ΔB⟩ of two patches placed at their row windows of the same target (strength 1)."""
+    if pa.adapter is None or pb.adapter is None:
+        return 0.0
+    (a0, a1), (b0, b1) = _window(pa), _window(pb)
+    lo, hi = max(a0, b0), min(a1, b1)
+    if lo >= hi:
+        return 0.0
+    A, B = pa.adapter, pb.adapter
+    if isinstance(A, LoRA) and isinstance(B, LoRA) and A.mid is None and B.mid is None:
+        ua = A.up.flatten(1)[lo - a0:hi - a0].to(torch.float64)
+        ub = B.up.flatten(1)[lo - b0:hi - b0].to(torch.float64)
+        da, db = A.down.flatten(1).to(torch.float64), B.down.flatten(1).to(torch.float64)
+        if da.shape[1] != db.shape[1]:
+            raise ShapeMismatchError(str(pa.target), da.shape, db.shape)
+        return A.scale * B.scale * float(((ua.T @ ub) * (da @ db.T)).sum())
+    da = A.dense().flatten(1)[lo - a0:hi - a0].to(torch.float64)
+    dbm = B.dense().flatten(1)[lo - b0:hi - b0].to(torch.float64)
+    if da.shape != dbm.shape:
+        raise ShapeMismatchError(str(pa.target), da.shape, dbm.shape)
+    return float((da * dbm).sum())
+
+
+def _gram(ps: list[Patch], qs: list[Patch]) -> float:
+    return sum(patch_inner(p, q) for p in ps for q in qs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def block_of(component: str, module: str, group: str | None = None) -> str:
+    m = _BLOCK.match(module)
+    if m:
+        return f"{component}:{m.group(1)}"
+    return f"{component}:{group or module.split('.')[0]}"
+
+
+def _group(model: LoraModel, t: Target) -> str | None:
+    mod = model.arch.module_map(t.component).get(t.module)
+    return mod.group if mod is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA vs LoRA
+# ---------------------------------------------------------------------------------------------
+
+def _lora_side(path: str, model: LoraModel) -> dict[str, Any]:
+    ranks = Counter(p.adapter.rank for p in model.patches if p.adapter is not None and p.adapter.rank is not None)
+    alphas = Counter(p.adapter.alpha for p in model.patches if p.adapter is not None and p.adapter.alpha is not None)
+    return {"file": path, "kind": "lora", "format": model.format, "architecture": model.arch.name,
+            "variant": model.arch.variant, "adapters": model.adapter_kinds(), "modules": len(model.by_target()),
+            "patches": len(model.patches), "ranks": dict(sorted(ranks.items())),
+            "alphas": dict(sorted(alphas.items())), "unknown_key_count": len(model.unknown_keys)}
+
+
+def _shape(model: LoraModel, t: Target, patches: list[Patch]) -> tuple[int, ...] | None:
+    live = [p for p in patches if p.adapter is not None]
+    if not live:
+        return None
+    return tuple(_target_shape(model, t, live))
+
+
+def _ranks(patches: Iterable[Patch]) -> list[int]:
+    return sorted(p.adapter.rank for p in patches if p.adapter is not None and p.adapter.rank is not None)
+
+
+def _alphas(patches: Iterable[Patch]) -> list[float]:
+    return sorted({float(p.adapter.alpha if p.adapter.alpha is not None else p.adapter.rank or 0)
+                   for p in patches if p.adapter is not None})
+
+
+def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
+    ta, tb = a.by_target(), b.by_target()
+    rep = DiffReport("lora", _lora_side(a.path or "A", a), _lora_side(b.path or "B", b))
+    rep.only_in_a = sorted(str(t) for t in ta if t not in tb)
+    rep.only_in_b = sorted(str(t) for t in tb if t not in ta)
+    blocks: dict[str, Pair] = {}
+    total = Pair()
+    shared = sorted((t for t in ta if t in tb), key=str)
+    rep.shared = len(shared)
+    for t in shared:
+        pa, pb = ta[t], tb[t]
+        sa, sb = _shape(a, t, pa), _shape(b, t, pb)
+        if sa and sb and sa != sb:
+            rep.shape_mismatches.append({"module": str(t), "a": list(sa or ()), "b": list(sb or ())})
+            continue
+        ra, rb = _ranks(pa), _ranks(pb)
+        if ra != rb:
+            rep.rank_differences.append({"module": str(t), "a": ra, "b": rb})
+        aa_, ab_ = _alphas(pa), _alphas(pb)
+        if aa_ != ab_:
+            rep.alpha_differences.append({"module": str(t), "a": aa_, "b": ab_})
+        try:
+            pair = Pair(_gram(pa, pa), _gram(pb, pb), _gram(pa, pb), 1)
+        except ShapeMismatchError as exc:
+            rep.shape_mismatches.append({"module": str(t), "a": list(exc.expected), "b": list(exc.got)})
+            continue
+        rep.modules[str(t)] = pair.to_json()
+        blocks.setdefault(block_of(t.component, t.module, _group(a, t)), Pair()).add(pair)
+        total.add(pair)
+    rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
+    rep.total = total.to_json()
+    if any(p.dora is not None for p in a.patches + b.patches):
+        rep.notes.append("DoRA magnitudes are not compared (they need the base weight).")
+    if any(p.bias is not None for p in a.patches + b.patches):
+        rep.notes.append("bias deltas are not included in the cosines.")
+    return rep
+
+
+def _natural(text: str) -> list[object]:
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model vs model (streamed, one native tensor at a time)
+# ---------------------------------------------------------------------------------------------
+
+def _native_slots(base: BaseModel) -> dict[str, list[Slot]]:
+    out: dict[str, list[Slot]] = {}
+    for s in base.slots.values():
+        key = f"{s.module}.{s.param}" if s.module is not None else s.param
+        out.setdefault(key, []).append(s)
+    for k in base.passthrough:
+        out.setdefault("passthrough:" + k, []).append(Slot(k, None, k, None, False))
+    return out
+
+
+def _read_native(base: BaseModel, slots: list[Slot]) -> torch.Tensor:
+    if len(slots) == 1 and slots[0].rows is None:
+        t = base.file.get(slots[0].key).to(torch.float32)
+        return _swap_rows(t) if slots[0].swap else t
+    parts = []
+    for s in slots:
+        t = base.file.get(s.key).to(torch.float32)
+        parts.append((s.rows or (0, t.shape[0]), _swap_rows(t) if s.swap else t))
+    rows = max(r[1] for r, _ in parts)
+    out = torch.zeros((rows, *parts[0][1].shape[1:]), dtype=torch.float32)
+    for (r0, r1), t in parts:
+        out[r0:r1] = t
+    return out
+
+
+def _model_side(path: str, base: BaseModel) -> dict[str, Any]:
+    dtypes = Counter(i.dtype for i in base.file.infos.values())
+    return {"file": path, "kind": "model", "layout": base.layout, "prefix": base.prefix, "variant": base.variant,
+            "sizes": dict(sorted(base.arch.params.get("transformer", {}).items())),
+            "tensors": len(base.file.keys()), "dtypes": dict(dtypes)}
+
+
+def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> DiffReport:
+    rep = DiffReport("model", _model_side(path_a, a), _model_side(path_b, b))
+    na, nb = _native_slots(a), _native_slots(b)
+    rep.only_in_a = sorted(k for k in na if k not in nb)
+    rep.only_in_b = sorted(k for k in nb if k not in na)
+    shared = sorted((k for k in na if k in nb), key=_natural)
+    rep.shared = len(shared)
+    blocks: dict[str, Pair] = {}
+    total = Pair()
+    mods_a = a.arch.module_map("transformer")
+    for k in shared:
+        da = {a.file.infos[s.key].dtype for s in na[k]}
+        db = {b.file.infos[s.key].dtype for s in nb[k]}
+        if da != db:
+            rep.dtype_differences.append({"tensor": k, "a": sorted(da), "b": sorted(db)})
+        ta, tb = _read_native(a, na[k]), _read_native(b, nb[k])
+        if ta.shape != tb.shape:
+            rep.shape_mismatches.append({"module": k, "a": list(ta.shape), "b": list(tb.shape)})
+            continue
+        ta64, tb64 = ta.to(torch.float64), tb.to(torch.float64)
+        pair = Pair(float((ta64 * ta64).sum()), float((tb64 * tb64).sum()), float((ta64 * tb64).sum()), 1)
+        del ta, tb, ta64, tb64
+        entry = pair.to_json()
+        if len(rep.modules) < 10_000:
+            rep.modules[k] = entry
+        module = k.rsplit(".", 1)[0] if not k.startswith("passthrough:") else k
+        mod = mods_a.get(module)
+        blocks.setdefault(block_of("transformer", module, mod.group if mod else None), Pair()).add(pair)
+        total.add(pair)
+    rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
+    rep.total = total.to_json()
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: bool = False,
+         from_format: str | None = None) -> DiffReport:
+    """Compare two LoRAs or two base models (detected from their keys)."""
+    pa, pb = os.fspath(a), os.fspath(b)
+    fa = open_weights(pa, allow_pickle=allow_pickle)
+    try:
+        fb = open_weights(pb, allow_pickle=allow_pickle)
+    except BaseException:
+        fa.close()
+        raise
+    with fa, fb:
+        sides: list[tuple[str, Any]] = []
+        for path, f in ((pa, fa), (pb, fb)):
+            try:
+                sides.append(("lora", load(parse(f, force_format=from_format))))
+            except NotALoraError as exc:
+                if not f.keys():
+                    raise
+                try:
+                    sides.append(("model", open_base(f)))
+                except LorakitError:
+                    raise exc from None      # neither a LoRA nor a model: the LoRA-side message is clearer
+        kinds = [k for k, _ in sides]
+        if kinds[0] != kinds[1]:
+            lora = pa if kinds[0] == "lora" else pb
+            model = pb if kinds[0] == "lora" else pa
+            raise UsageError(f"cannot diff a LoRA ({lora}) against a base model ({model}).",
+                             hint=f"to see how the LoRA fits the model, run `lorakit doctor {lora} --base {model}`.")
+        if kinds[0] == "lora":
+            return diff_loras(sides[0][1], sides[1][1])
+        return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb)
+
+
+def format_report(rep: DiffReport, *, top: int = 12) -> str:
+    a, b = rep.a, rep.b
+
+    def side(s: Mapping[str, Any]) -> str:
+        if s["kind"] == "lora":
+            return (f"{s['file']}: {s['format']} {', '.join(s['adapters'])}, {s['modules']} modules, ranks "
+                    + ", ".join(f"{k}×{v}" for k, v in s["ranks"].items()))
+        return f"{s['file']}: model ({s['layout']} layout, {s['variant']}), {s['tensors']} tensors"
+
+    lines = [f"A  {side(a)}", f"B  {side(b)}",
+             f"modules  shared {rep.shared}, only in A {len(rep.only_in_a)}, only in B {len(rep.only_in_b)}"]
+    for label, items in (("only in A", rep.only_in_a), ("only in B", rep.only_in_b)):
+        if items:
+            lines.append(f"  {label}: " + ", ".join(items[:8]) + (f" … and {len(items) - 8} more" if len(items) > 8
+                                                                   else ""))
+    if rep.rank_differences:
+        d = rep.rank_differences[0]
+        lines.append(f"ranks differ in {len(rep.rank_differences)} modules (e.g. {d['module']}: {d['a']} vs {d['b']})")
+    if rep.alpha_differences:
+        d = rep.alpha_differences[0]
+        lines.append(f"alphas differ in {len(rep.alpha_differences)} modules (e.g. {d['module']}: {d['a']} vs {d['b']})")
+    if rep.dtype_differences:
+        d = rep.dtype_differences[0]
+        lines.append(f"dtypes differ in {len(rep.dtype_differences)} tensors (e.g. {d['tensor']}: {d['a']} vs {d['b']})")
+    for m in rep.shape_mismatches[:8]:
+        lines.append(f"shape mismatch  {m['module']}: {m['a']} vs {m['b']}")
+
+    def row(name: str, e: Mapping[str, Any]) -> str:
+        cos = "   n/a" if e["cosine"] is None else f"{e['cosine']:+.4f}"
+        ratio = "inf" if math.isinf(e["ratio"]) else f"{e['ratio']:.4g}"
+        return f"  {name:<44} |A|/|B| {ratio:>9}  cos {cos}"
+
+    if rep.blocks:
+        lines.append("per block:")
+        lines.extend(row(k, v) for k, v in rep.blocks.items())
+    if rep.total:
+        lines.append(row("TOTAL", rep.total))
+    lines.extend(f"note: {n}" for n in rep.notes)
+    lines.append("equivalent (relative difference ≤ 1e-6)" if rep.equivalent else "different")
+    return "\n".join(lines)

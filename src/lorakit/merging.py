@@ -1,0 +1,757 @@
+"""``lorakit merge``: LoRA + LoRA merging on the native internal form.
+
+Strength semantics are linear (``math.md`` §2): the merge of inputs ``i`` with weights ``w_i`` is
+``Σ_i w_i·ΔW_i`` per target weight, where ``ΔW_i`` is input ``i``'s delta at strength 1 (its α/r
+included). ``--blocks`` multiplies a module's merged delta once.
+
+Methods
+- ``concat`` (default, exact): every input's factors are stacked along the rank with the coefficient
+  ``c = w·m·α/r`` folded in (``√|c|`` on both factors, sign on the down; all of it on the up when
+  ``|c|`` is a power of two). Row windows of fused targets are combined by the format writer's own
+  block-diagonal fusing. LoHa/LoKr modules join through their exact low-rank rewrites (``math.md``
+  §4.3) when those are smaller than the dense matrix; otherwise the module is written as a full
+  ``diff`` (kohya/comfy) or refused.
+- ``svd``: the exact top-k of the weighted sum from the stacked factors (QR + core SVD, no dense
+  matrix), rank from ``--rank`` or a ``--dynamic`` rule; default rank = the largest input rank on the
+  module. Retained energy is reported per module.
+- ``ties``, ``dare_linear``, ``dare_ties``: PEFT 0.21.2 ``merge_utils`` definitions on the dense task
+  tensors ``T_i = ΔW_i`` with weights ``w_i`` (exactly what PEFT's ``*_svd`` combinations feed them),
+  one native module at a time, then an SVD to the target rank. DARE draws its Bernoulli masks from a
+  ``torch.Generator`` seeded by ``--seed`` and the module name: same seed, same bytes.
+
+Metadata policy for merged files: keys whose value is identical in every input are carried over;
+``ss_base_model_version`` and the ModelSpec architecture/implementation keys come from the first
+input that has them; everything else (training tags, dataset statistics, per-input names) is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .adapters import Adapter, Full, LoHa, LoKr, LoRA
+from .blocks import BlockWeights, parse_blocks
+from .conversion import lora_output_metadata
+from .errors import ArchitectureError, MergeError, UsageError
+from .checks import require_finite_model
+from .formats import WRITABLE, emit, get_format, read_lora
+from .formats.emit import _is_pow2
+from .io import check_output_path, save_tensors
+from .linalg import dynamic_rank, exact_svd, factored_svd, gram_fro_norm, parse_dynamic, truncate
+from .metadata import InputRecord, file_sha256
+from .model import ArchInstance, LoraModel, Patch, Target
+from .recipes import WeightedInput, parse_weighted
+
+METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
+DENSE_METHODS = ("ties", "dare_linear", "dare_ties")
+MAJORITY_SIGN = ("total", "frequency")
+IDENTITY_KEYS = ("ss_base_model_version", "modelspec.architecture", "modelspec.implementation", "ss_v2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModuleStat:
+    module: str
+    rank: int
+    retained_energy: float | None = None      # svd / ties / dare: Σ_{i<k} σ² / Σ σ² of the matrix truncated
+    relative_error: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class MergeReport:
+    inputs: list[dict[str, object]]
+    output: str | None
+    method: str
+    target_format: str
+    architecture: str
+    variant: str
+    modules_out: int
+    tensors_out: int
+    dtype: str | None
+    rank: int | None = None
+    dynamic: str | None = None
+    seed: int | None = None
+    density: float | None = None
+    blocks: str | None = None
+    kohya_ratios: bool = False
+    modules: list[ModuleStat] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)           # modules whose block multiplier is 0
+    verify: dict[str, object] | None = None
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def ranks(self) -> tuple[int, int] | None:
+        r = [m.rank for m in self.modules if m.rank]
+        return (min(r), max(r)) if r else None
+
+    @property
+    def min_retained_energy(self) -> tuple[str, float] | None:
+        e = [(m.module, m.retained_energy) for m in self.modules if m.retained_energy is not None]
+        return min(e, key=lambda x: x[1]) if e else None  # type: ignore[return-value,arg-type]
+
+    def to_json(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["modules"] = [m.to_json() for m in self.modules]
+        d["rank_range"] = list(self.ranks) if self.ranks else None
+        worst = self.min_retained_energy
+        d["min_retained_energy"] = {"module": worst[0], "retained_energy": worst[1]} if worst else None
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, architectures, coefficients
+# ---------------------------------------------------------------------------------------------
+
+InputSpec = WeightedInput | tuple[str, float] | str | os.PathLike
+
+
+def _weighted(inputs: Iterable[InputSpec]) -> list[WeightedInput]:
+    out = []
+    for item in inputs:
+        if isinstance(item, WeightedInput):
+            w = item
+        elif isinstance(item, (tuple, list)):
+            path, weight = item
+            w = WeightedInput(os.fspath(path), float(weight))
+        else:
+            w = parse_weighted(os.fspath(item))
+        if not math.isfinite(w.weight):
+            raise UsageError(f"weight of {w.path!r} is not finite ({w.weight}).")
+        out.append(w)
+    return out
+
+
+def merge_arch(models: Sequence[LoraModel]) -> ArchInstance:
+    """One layout instance for all inputs; sizes must agree, counts and flags take the largest."""
+    first = models[0]
+    for m in models[1:]:
+        if m.arch.name != first.arch.name:
+            raise ArchitectureError(f"inputs are for different architectures: {first.arch.name} ({first.path}) and "
+                                    f"{m.arch.name} ({m.path}).", hint="merge LoRAs of one base model only.")
+    params: dict[str, dict[str, int]] = {}
+    owner: dict[tuple[str, str], str | None] = {}
+    for m in models:
+        for comp, p in m.arch.params.items():
+            spec = first.arch.spec.components[comp]
+            merged = params.setdefault(comp, {})
+            for k, v in p.items():
+                if k in spec.counts or k in spec.flags:
+                    merged[k] = max(merged.get(k, 0), v)
+                elif k in merged and merged[k] != v:
+                    raise ArchitectureError(
+                        f"inputs disagree on the {comp} size {k}: {merged[k]} in {owner[(comp, k)]} but {v} in "
+                        f"{m.path} (different base models or variants).", hint="merge LoRAs of one base model only.")
+                else:
+                    merged[k] = v
+                    owner.setdefault((comp, k), m.path)
+    default = first.arch.spec.default_variant
+    variants = sorted({m.arch.variant for m in models} - {default, "any"})
+    if len(variants) > 1 and set(variants) != {"dev", "schnell"}:
+        raise ArchitectureError(f"inputs are for different {first.arch.spec.label} variants: {', '.join(variants)}.",
+                                hint="merge LoRAs of one base model only.")
+    variant = variants[0] if len(variants) == 1 else default
+    preset = {}
+    for m in models:
+        for k, v in m.arch.preset.items():
+            preset.setdefault(k, v)
+    return ArchInstance(first.arch.spec, params, variant, preset)
+
+
+def module_seed(seed: int, module: str) -> int:
+    """The DARE generator seed of one module: stable across runs, platforms and module order."""
+    digest = hashlib.sha256(f"{int(seed)}:{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def merged_metadata(models: Sequence[LoraModel]) -> dict[str, str]:
+    """Keys every input agrees on, plus base-model identity keys from the first input that has them."""
+    metas = [m.metadata for m in models]
+    out = {k: v for k, v in metas[0].items() if all(meta.get(k) == v for meta in metas[1:])}
+    for key in IDENTITY_KEYS:
+        for meta in metas:
+            if key in meta:
+                out.setdefault(key, meta[key])
+                break
+    titles = [m.metadata.get("modelspec.title") or os.path.splitext(os.path.basename(m.path or "?"))[0]
+              for m in models]
+    out.pop("modelspec.title", None)
+    out["modelspec.merged_from"] = ", ".join(titles)
+    return out
+
+
+@dataclass
+class Contribution:
+    """One input patch on a target, with the user coefficient (weight × block multiplier)."""
+
+    input: int
+    coef: float
+    rows: tuple[int, int] | None
+    adapter: Adapter | None
+    bias: Tensor | None
+
+
+def _target_shape(arch: ArchInstance, target: Target, contribs: Sequence[Contribution]) -> tuple[int, ...]:
+    mod = arch.module_map(target.component).get(target.module)
+    first = next((c.adapter for c in contribs if c.adapter is not None), None)
+    tail = tuple(first.weight_shape[1:]) if first is not None else ()
+    if mod is not None and mod.out > 0:
+        return (mod.out, *tail)
+    rows = [c.rows[1] if c.rows else (c.adapter.out_features if c.adapter is not None else int(c.bias.shape[0]))
+            for c in contribs]  # type: ignore[union-attr]
+    return (max(rows), *tail)
+
+
+def factor_form(adapter: Adapter) -> tuple[Tensor, Tensor, float] | None:
+    """Exact ``(up, down, scale)`` in fp32 with ``ΔW = scale·up@down``, or None when the module must be
+    densified (Tucker/conv factors, full diffs, or a rewrite larger than the dense matrix)."""
+    if isinstance(adapter, LoRA):
+        if adapter.mid is not None or adapter.down.dim() != 2:
+            return None
+        return adapter.up.float().reshape(adapter.up.shape[0], -1), adapter.down.float(), adapter.scale
+    if isinstance(adapter, LoHa):
+        if adapter.t1 is not None or adapter.shape is not None and len(adapter.shape) != 2:
+            return None
+        a1, a2, b1, b2 = (t.float() for t in (adapter.w1a, adapter.w2a, adapter.w1b, adapter.w2b))
+        up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+        out = _small(up, down)
+        return out + (adapter.scale,) if out else None
+    if isinstance(adapter, LoKr):
+        if adapter.t2 is not None:
+            return None
+        p, q = _split(adapter.w1, adapter.w1a, adapter.w1b)
+        a, b = _split(adapter.w2, adapter.w2a, adapter.w2b)
+        if p.dim() != 2 or a.dim() != 2:
+            return None
+        out = _small(torch.kron(p, a), torch.kron(q, b))
+        return out + (adapter.scale,) if out else None
+    return None
+
+
+def _split(full: Tensor | None, left: Tensor | None, right: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A factorisation ``full = P·Q`` with the smaller inner size (identity on one side), exactly."""
+    if full is None:
+        return left.float(), right.float()  # type: ignore[union-attr]
+    f = full.float()
+    if f.dim() != 2:
+        return f, f
+    rows, cols = f.shape
+    if rows <= cols:
+        return torch.eye(rows), f
+    return f, torch.eye(cols)
+
+
+def _small(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor] | None:
+    r, out, inp = up.shape[1], up.shape[0], down.shape[1]
+    return (up, down) if r * (out + inp) <= out * inp else None
+
+
+def _rank_of(adapter: Adapter | None, shape: tuple[int, ...]) -> int:
+    if adapter is None:
+        return 0
+    if isinstance(adapter, LoRA):
+        return adapter.rank
+    f = factor_form(adapter)
+    if f is not None:
+        return int(f[0].shape[1])
+    return min(shape[0], math.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT 0.21.2 merge_utils definitions (dense task tensors), with an explicit generator for DARE
+# ---------------------------------------------------------------------------------------------
+
+def magnitude_prune(t: Tensor, density: float) -> Tensor:
+    if density >= 1:
+        return t
+    mask = torch.zeros_like(t).reshape(-1)
+    k = int(density * t.numel())
+    top = torch.topk(t.abs().reshape(-1), k=k, largest=True)
+    mask[top[1]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def random_prune(t: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    if density >= 1:
+        return t
+    mask = torch.bernoulli(torch.full_like(input=t, fill_value=density), generator=generator)
+    return t * mask / density
+
+
+def majority_sign_mask(stacked: Tensor, method: str = "total") -> Tensor:
+    sign = stacked.sign()
+    magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    majority = torch.where(magnitude >= 0, 1, -1)
+    return sign == majority
+
+
+def combine_dense(tensors: list[Tensor], weights: Sequence[float], method: str, *, density: float,
+                  majority_sign: str = "total", generator: torch.Generator | None = None) -> Tensor:
+    """``ties`` / ``dare_linear`` / ``dare_ties`` of task tensors, as PEFT 0.21.2 defines them."""
+    if method == "ties":
+        pruned = [magnitude_prune(t, density) for t in tensors]
+    elif method in ("dare_linear", "dare_ties"):
+        if generator is None:
+            raise ValueError("DARE needs a generator")
+        pruned = [random_prune(t, density, generator) for t in tensors]
+    else:
+        raise ValueError(method)
+    stacked = torch.stack(pruned, dim=0)
+    w = torch.tensor(list(weights)).to(stacked.device)
+    w = w.view(w.shape + (1,) * (stacked.dim() - 1))
+    if method == "dare_linear":
+        return (stacked * w).sum(dim=0)
+    mask = majority_sign_mask(stacked, majority_sign)
+    weighted = stacked * w
+    return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge engine (in memory)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MergeOptions:
+    method: str = "concat"
+    rank: int | None = None
+    dynamic: tuple[str, float] | None = None
+    density: float | None = None
+    majority_sign: str = "total"
+    seed: int = 0
+    kohya_ratios: bool = False
+    allow_full: bool = True        # concat may write densified modules as full ``diff`` modules
+
+
+@dataclass
+class MergeResult:
+    model: LoraModel
+    stats: list[ModuleStat]
+    dropped: list[str]
+    warnings: list[str]
+    coefficients: dict[Target, list[Contribution]]   # what the output should equal (for --verify)
+
+
+def gather(models: Sequence[LoraModel], weights: Sequence[float], arch: ArchInstance,
+           blocks: BlockWeights | None, *, kohya_ratios: bool = False) -> tuple[dict[Target, list[Contribution]],
+                                                                                list[str]]:
+    """Every input patch per target with its coefficient; targets whose multiplier is 0 are dropped."""
+    targets: dict[Target, list[Contribution]] = {}
+    for i, (model, w) in enumerate(zip(models, weights)):
+        for p in model.patches:
+            if p.dora is not None:
+                raise MergeError(f"{p.target} is a DoRA module; a DoRA delta depends on the base weight and cannot "
+                                 "be merged with other LoRAs on its own.", path=model.path,
+                                 hint="bake the DoRA LoRA into the base model first (lorakit bake).")
+            targets.setdefault(p.target, []).append(Contribution(i, float(w), p.rows, p.adapter, p.bias))
+    dropped = []
+    for target in list(targets):
+        m = blocks.multiplier(target) if blocks is not None else 1.0
+        if m == 0:
+            dropped.append(str(target))
+            del targets[target]
+            continue
+        contribs = targets[target]
+        if kohya_ratios:
+            _kohya_coefficients(target, contribs)
+        for c in contribs:
+            c.coef *= m
+    return targets, dropped
+
+
+def _kohya_coefficients(target: Target, contribs: list[Contribution]) -> None:
+    """sd-scripts concat: input i lands at ratio·|ratio|·r_i/R of ΔW_i (``math.md`` §3.2)."""
+    ranks: dict[int, int] = {}
+    for c in contribs:
+        if c.adapter is not None and not isinstance(c.adapter, LoRA):
+            raise MergeError(f"{target}: --kohya-ratios reproduces sd-scripts, which merges LoRA modules only "
+                             f"(this one is {c.adapter.kind}).", hint="drop --kohya-ratios.")
+        if isinstance(c.adapter, LoRA):
+            ranks[c.input] = ranks.get(c.input, 0) + c.adapter.rank
+    total = sum(ranks.values())
+    for c in contribs:
+        r = ranks.get(c.input, 0)
+        c.coef = c.coef * abs(c.coef) * (r / total if total else 1.0)
+
+
+def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options: MergeOptions, *,
+                 blocks: BlockWeights | None = None, arch: ArchInstance | None = None,
+                 metadata: dict[str, str] | None = None) -> MergeResult:
+    """Merge loaded LoRAs into one :class:`LoraModel` (fp32 factors; the caller emits and casts)."""
+    if not models:
+        raise UsageError("no inputs to merge.")
+    arch = arch or merge_arch(models)
+    targets, dropped = gather(models, weights, arch, blocks, kohya_ratios=options.kohya_ratios)
+    if not targets:
+        raise MergeError("nothing to merge: every module has block multiplier 0 or the inputs are empty.",
+                         hint="check --blocks.")
+    patches: list[Patch] = []
+    stats: list[ModuleStat] = []
+    warnings: list[str] = []
+    for target, contribs in targets.items():
+        shape = _target_shape(arch, target, contribs)
+        if options.method == "concat":
+            new, stat = _concat(target, contribs, shape, options)
+        elif options.method == "svd":
+            new, stat = _svd(target, contribs, shape, options)
+        else:
+            new, stat = _dense_method(target, contribs, shape, options, [w for w in weights],
+                                      blocks.multiplier(target) if blocks else 1.0)
+        patches.extend(new)
+        stats.append(stat)
+    model = LoraModel(arch, patches, "merge", dict(metadata or {}), None, [])
+    return MergeResult(model, stats, dropped, warnings, targets)
+
+
+def _scaled_bias(contribs: Sequence[Contribution], out_rows: int) -> Tensor | None:
+    items = [c for c in contribs if c.bias is not None]
+    if not items:
+        return None
+    total = torch.zeros(out_rows, dtype=torch.float32)
+    for c in items:
+        s, e = c.rows if c.rows else (0, out_rows)
+        total[s:e] += c.coef * c.bias.float().reshape(-1)  # type: ignore[union-attr]
+    return total
+
+
+def _fold(up: Tensor, down: Tensor, c: float) -> tuple[Tensor, Tensor]:
+    """Fold the coefficient into the factors: all on up when |c| is a power of two (exact), else √|c| each."""
+    if c == 1:
+        return up, down
+    if _is_pow2(c):
+        return up * c, down
+    root = math.sqrt(abs(c))
+    return up * root, down * (root if c > 0 else -root)
+
+
+def _concat(target: Target, contribs: list[Contribution], shape: tuple[int, ...],
+            options: MergeOptions) -> tuple[list[Patch], ModuleStat]:
+    forms = [factor_form(c.adapter) if c.adapter is not None else None for c in contribs]
+    dense_needed = any(c.adapter is not None and f is None for c, f in zip(contribs, forms))
+    if dense_needed:
+        if not options.allow_full:
+            kinds = sorted({c.adapter.kind for c, f in zip(contribs, forms) if c.adapter is not None and f is None})
+            raise MergeError(f"{target}: {'/'.join(kinds)} modules cannot be concatenated exactly as LoRA factors "
+                             "and this output format cannot hold a full diff.",
+                             hint="use --method svd (reports the truncation error), or --to kohya / comfy.")
+        total = _dense_sum(contribs, shape)
+        bias = _scaled_bias(contribs, shape[0])
+        return [Patch(target, Full(alpha=None, diff=total), None, bias=bias)], \
+            ModuleStat(str(target), 0)
+    patches = []
+    rank = 0
+    for c, f in zip(contribs, forms):
+        if c.adapter is None:
+            patches.append(Patch(target, None, c.rows, bias=c.coef * c.bias.float()))  # type: ignore[union-attr]
+            continue
+        up, down, scale = f  # type: ignore[misc]
+        up, down = _fold(up, down, c.coef * scale)
+        r = int(down.shape[0])
+        rank += r
+        lora = LoRA(alpha=float(r), down=down.contiguous(), up=up.contiguous())
+        bias = c.coef * c.bias.float() if c.bias is not None else None
+        patches.append(Patch(target, lora, c.rows, bias=bias))
+    return patches, ModuleStat(str(target), rank)
+
+
+def _dense_sum(contribs: Sequence[Contribution], shape: tuple[int, ...]) -> Tensor:
+    total = torch.zeros(shape, dtype=torch.float32)
+    for c in contribs:
+        if c.adapter is None:
+            continue
+        d = c.adapter.dense()
+        if c.rows is None:
+            total += c.coef * d.reshape(shape)
+        else:
+            total[c.rows[0]:c.rows[1]] += c.coef * d.reshape(c.rows[1] - c.rows[0], *shape[1:])
+    return total
+
+
+def stacked_factors(contribs: Sequence[Contribution], out_rows: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
+    """``(U_s, D_s)`` with ``U_s @ D_s = Σ coef·ΔW`` (rows placed), or None if a module must be densified."""
+    ups, downs = [], []
+    for c in contribs:
+        if c.adapter is None:
+            continue
+        f = factor_form(c.adapter)
+        if f is None:
+            return None
+        up, down, scale = f
+        block = torch.zeros((out_rows, up.shape[1]), dtype=dtype)
+        s, e = c.rows if c.rows else (0, out_rows)
+        block[s:e] = up.to(dtype) * (c.coef * scale)
+        ups.append(block)
+        downs.append(down.to(dtype))
+    if not ups:
+        return None
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def _input_rank(contribs: Sequence[Contribution], shape: tuple[int, ...]) -> int:
+    per_input: dict[int, int] = {}
+    for c in contribs:
+        per_input[c.input] = per_input.get(c.input, 0) + _rank_of(c.adapter, shape)
+    return max(per_input.values()) if per_input else 1
+
+
+def _choose_rank(s: Tensor, contribs: Sequence[Contribution], shape: tuple[int, ...], options: MergeOptions) -> int:
+    if options.dynamic is not None:
+        return dynamic_rank(s, options.dynamic[0], options.dynamic[1], cap=options.rank)
+    k = options.rank if options.rank is not None else _input_rank(contribs, shape)
+    return max(1, min(k, s.numel()))
+
+
+def _lowrank_patch(target: Target, u: Tensor, s: Tensor, vh: Tensor, k: int, shape: tuple[int, ...],
+                   bias: Tensor | None) -> Patch:
+    """Rank-k factors ``U·√Σ`` and ``√Σ·Vᵀ`` (balanced: better range in low-precision outputs), α = k."""
+    root = s[:k].clamp(min=0).sqrt()
+    up = (u[:, :k] * root).reshape(shape[0], k, *([1] * (len(shape) - 2)))
+    down = (vh[:k] * root[:, None]).reshape(k, *shape[1:])
+    return Patch(target, LoRA(alpha=float(k), down=down.contiguous(), up=up.contiguous()), None, bias=bias)
+
+
+def _svd(target: Target, contribs: list[Contribution], shape: tuple[int, ...],
+         options: MergeOptions) -> tuple[list[Patch], ModuleStat]:
+    bias = _scaled_bias(contribs, shape[0])
+    if all(c.adapter is None for c in contribs):
+        return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
+    stacked = stacked_factors(contribs, shape[0]) if len(shape) == 2 else None
+    if stacked is not None:
+        u, s, vh = factored_svd(*stacked)
+    else:
+        u, s, vh = exact_svd(_dense_sum(contribs, shape).flatten(1))
+    k = _choose_rank(s, contribs, shape, options)
+    lr = truncate(u, s, vh, k)
+    return [_lowrank_patch(target, u, s, vh, lr.rank, shape, bias)], \
+        ModuleStat(str(target), lr.rank, lr.retained_energy, lr.relative_error)
+
+
+def input_deltas(contribs: Sequence[Contribution], shape: tuple[int, ...]) -> tuple[list[int], list[Tensor]]:
+    """Dense strength-1 delta of each input present on the target (PEFT's ``get_delta_weight``)."""
+    order: list[int] = []
+    dense: dict[int, Tensor] = {}
+    for c in contribs:
+        if c.adapter is None:
+            continue
+        if c.input not in dense:
+            order.append(c.input)
+            dense[c.input] = torch.zeros(shape, dtype=torch.float32)
+        d = c.adapter.dense()
+        if c.rows is None:
+            dense[c.input] += d.reshape(shape)
+        else:
+            dense[c.input][c.rows[0]:c.rows[1]] += d.reshape(c.rows[1] - c.rows[0], *shape[1:])
+    return order, [dense[i] for i in order]
+
+
+def dense_merge(target: Target, contribs: Sequence[Contribution], shape: tuple[int, ...], options: MergeOptions,
+                weights: Sequence[float], multiplier: float) -> Tensor | None:
+    """The dense ties/dare result of one module (block multiplier applied once, at the end)."""
+    order, tensors = input_deltas(contribs, shape)
+    if not tensors:
+        return None
+    gen = None
+    if options.method.startswith("dare"):
+        gen = torch.Generator(device="cpu").manual_seed(module_seed(options.seed, str(target)))
+    result = combine_dense(tensors, [weights[i] for i in order], options.method, density=float(options.density),
+                           majority_sign=options.majority_sign, generator=gen)
+    return result * multiplier if multiplier != 1 else result
+
+
+def _dense_method(target: Target, contribs: list[Contribution], shape: tuple[int, ...], options: MergeOptions,
+                  weights: Sequence[float], multiplier: float) -> tuple[list[Patch], ModuleStat]:
+    bias = _scaled_bias(contribs, shape[0])
+    merged = dense_merge(target, contribs, shape, options, weights, multiplier)
+    if merged is None:
+        return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
+    u, s, vh = exact_svd(merged.flatten(1))
+    k = _choose_rank(s, contribs, shape, options)
+    lr = truncate(u, s, vh, k)
+    return [_lowrank_patch(target, u, s, vh, lr.rank, shape, bias)], \
+        ModuleStat(str(target), lr.rank, lr.retained_energy, lr.relative_error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification (re-read the written file)
+# ---------------------------------------------------------------------------------------------
+
+def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]], arch: ArchInstance,
+                 options: MergeOptions, weights: Sequence[float], blocks: BlockWeights | None) -> dict[str, object]:
+    """Relative Frobenius error per module of the written file against the exact target.
+
+    concat/svd: the target is ``Σ coef·ΔW_i``; the error comes from one stacked factorisation
+    ``[B_out | −c·B_i]·[A_out; A_i]`` and small Gram matrices (fp64), without densifying.
+    ties/dare: the target is the module's dense ties/dare result before truncation.
+    """
+    got = written.by_target()
+    errors: dict[str, float] = {}
+    for target in sorted(set(expected) | set(got), key=str):
+        contribs = expected.get(target, [])
+        mine = [Contribution(-1, 1.0, p.rows, p.adapter, p.bias) for p in got.get(target, [])]
+        shape = _target_shape(arch, target, contribs + mine)
+        ref_bias = _scaled_bias(contribs, shape[0])
+        out_bias = _scaled_bias(mine, shape[0])
+        bias_diff = _norm2(_sub(out_bias, ref_bias))
+        bias_ref = _norm2(ref_bias)
+        if options.method in DENSE_METHODS:
+            ref = dense_merge(target, contribs, shape, options, weights,
+                              blocks.multiplier(target) if blocks else 1.0) if contribs else None
+            ref = ref if ref is not None else torch.zeros(shape)
+            out = _dense_sum(mine, shape)
+            num, den = float((out - ref).double().square().sum()), float(ref.double().square().sum())
+        else:
+            negated = [Contribution(c.input, -c.coef, c.rows, c.adapter, c.bias) for c in contribs]
+            both = stacked_factors(mine + negated, shape[0], torch.float64) if len(shape) == 2 else None
+            only_ref = stacked_factors(contribs, shape[0], torch.float64) if len(shape) == 2 else None
+            if both is not None and (only_ref is not None or all(c.adapter is None for c in contribs)):
+                num = gram_fro_norm(*both) ** 2
+                den = gram_fro_norm(*only_ref) ** 2 if only_ref is not None else 0.0
+            else:
+                ref = _dense_sum(contribs, shape).double()
+                num = float((_dense_sum(mine, shape).double() - ref).square().sum())
+                den = float(ref.square().sum())
+        num += bias_diff
+        den += bias_ref
+        errors[str(target)] = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+    worst = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
+    return {"reference": "dense ties/dare result" if options.method in DENSE_METHODS else "exact weighted sum",
+            "max_relative_error": worst[1], "worst_module": worst[0], "modules": errors}
+
+
+def _sub(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return -b if b is not None else None
+    return a - b if b is not None else a
+
+
+def _norm2(t: Tensor | None) -> float:
+    return float(t.double().square().sum()) if t is not None else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+def _check_options(method: str, rank: int | None, dynamic: str | None, density: float | None,
+                   majority_sign: str | None, seed: int | None, kohya_ratios: bool, to: str) -> MergeOptions:
+    if method not in METHODS:
+        raise UsageError(f"unknown merge method {method!r}.", hint="use one of: " + ", ".join(METHODS) + ".")
+    if to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank <= 0):
+        raise UsageError(f"--rank must be a positive integer, got {rank}.")
+    dyn = parse_dynamic(dynamic) if dynamic else None
+    if dyn is not None:
+        name, p = dyn
+        if name in ("sv_fro", "sv_cumulative") and not 0 < p <= 1:
+            raise UsageError(f"--dynamic {name} needs a fraction in (0, 1], got {p}.")
+        if name == "sv_ratio" and p <= 0:
+            raise UsageError(f"--dynamic sv_ratio needs a positive ratio, got {p}.")
+    if method == "concat" and (rank is not None or dyn is not None):
+        raise UsageError("concat is exact and its rank is the sum of the input ranks; --rank/--dynamic do not apply.",
+                         hint="use --method svd to choose the output rank.")
+    if method in DENSE_METHODS:
+        if density is None:
+            raise UsageError(f"--method {method} needs --density (the fraction of entries kept, in (0, 1]).")
+        if not 0 < density <= 1:
+            raise UsageError(f"--density must be in (0, 1], got {density}.")
+    elif density is not None:
+        raise UsageError(f"--density applies to ties/dare_linear/dare_ties, not to {method}.")
+    if majority_sign is not None:
+        if majority_sign not in MAJORITY_SIGN:
+            raise UsageError(f"--majority-sign must be one of {', '.join(MAJORITY_SIGN)}, got {majority_sign!r}.")
+        if method not in ("ties", "dare_ties"):
+            raise UsageError(f"--majority-sign applies to ties and dare_ties, not to {method}.")
+    if seed is not None and not method.startswith("dare"):
+        raise UsageError(f"--seed applies to dare_linear and dare_ties (the only random methods), not to {method}.")
+    if kohya_ratios and method != "concat":
+        raise UsageError("--kohya-ratios reproduces sd-scripts' concat merge; it only applies to --method concat.")
+    return MergeOptions(method=method, rank=int(rank) if rank is not None else None, dynamic=dyn, density=density,
+                        majority_sign=majority_sign or "total", seed=int(seed) if seed is not None else 0,
+                        kohya_ratios=bool(kohya_ratios), allow_full=get_format(to).write_style == "kohya")
+
+
+def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *, method: str = "concat",
+          rank: int | None = None, dynamic: str | None = None, to: str = "kohya", blocks: str | None = None,
+          verify: bool = False, dtype: torch.dtype | None = None, density: float | None = None,
+          majority_sign: str | None = None, seed: int | None = None, kohya_ratios: bool = False,
+          dry_run: bool = False, allow_partial: bool = False, allow_pickle: bool = False) -> MergeReport:
+    """Merge LoRAs ``[(path, weight), …]`` into ``output`` (see the module docstring for the semantics)."""
+    options = _check_options(method, rank, dynamic, density, majority_sign, seed, kohya_ratios, to)
+    items = _weighted(inputs)
+    if not items:
+        raise UsageError("no inputs to merge.", hint="give at least one LoRA: lorakit merge A.safetensors:0.5 …")
+    if output is None and not dry_run:
+        raise UsageError("no output path given.", hint="pass -o OUT.safetensors (or --dry-run).")
+    out_path = os.fspath(output) if output is not None else None
+    if out_path is not None:
+        check_output_path(out_path, [w.path for w in items])
+    models = [read_lora(w.path, allow_pickle=allow_pickle, allow_partial=allow_partial) for w in items]
+    for m in models:
+        require_finite_model(m)
+    weights = [w.weight for w in items]
+    arch = merge_arch(models)
+    block_weights = parse_blocks(blocks, arch) if blocks else None
+    warnings: list[str] = []
+    out_dtype = dtype
+    if out_dtype is None:
+        dtypes = {m.dtype for m in models if m.dtype is not None}
+        out_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+        if len(dtypes) > 1:
+            warnings.append("inputs have different dtypes; writing float32 (pass --dtype to choose).")
+    if any(w == 0 for w in weights):
+        warnings.append("an input has weight 0 and contributes nothing.")
+    for w, m in zip(items, models):
+        if m.unknown_keys:
+            warnings.append(f"{w.path}: {len(m.unknown_keys)} keys not understood were left out (--allow-partial).")
+
+    result = merge_models(models, weights, options, blocks=block_weights, arch=arch,
+                          metadata=merged_metadata(models))
+    if method == "concat" and out_dtype.itemsize < 4 and any(
+            c.adapter is not None and not _is_pow2(c.coef * c.adapter.scale)
+            for cs in result.coefficients.values() for c in cs):
+        warnings.append(f"weights folded into {str(out_dtype).replace('torch.', '')} factors are rounded (relative "
+                        "error about 1e-3; --verify measures it); pass --dtype fp32 for an exact file.")
+    emitted = emit(result.model, to, dtype=out_dtype)
+    if to == "diffusers" and any(p.target.component == "t5" for p in result.model.patches):
+        warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
+    report = MergeReport(
+        inputs=[{"path": w.path, "weight": w.weight, "format": m.format, "modules": len(m.by_target())}
+                for w, m in zip(items, models)],
+        output=out_path, method=method, target_format=to, architecture=arch.name, variant=arch.variant,
+        modules_out=emitted.modules, tensors_out=len(emitted.tensors),
+        dtype=str(out_dtype).replace("torch.", "") if out_dtype is not None else None,
+        rank=options.rank, dynamic=dynamic, seed=options.seed if method.startswith("dare") else None,
+        density=density, blocks=blocks, kohya_ratios=options.kohya_ratios, modules=result.stats,
+        dropped=result.dropped, warnings=warnings + result.warnings, dry_run=dry_run)
+    if dry_run or out_path is None:
+        if verify:
+            report.warnings.append("--verify needs a written file; skipped in --dry-run.")
+        return report
+    records = [InputRecord(w.path, file_sha256(w.path) if os.path.isfile(w.path) else None, weight=w.weight,
+                           format=m.format) for w, m in zip(items, models)]
+    title = os.path.splitext(os.path.basename(out_path))[0]
+    meta = lora_output_metadata(result.model, emitted, to, operation="merge", inputs=records, title=title,
+                                method=method, rank=options.rank, dynamic=dynamic,
+                                seed=options.seed if method.startswith("dare") else None, density=density,
+                                majority_sign=options.majority_sign if method in ("ties", "dare_ties") else None,
+                                blocks=blocks, kohya_ratios=True if options.kohya_ratios else None,
+                                strength="sd-scripts ratio·|ratio|·r/R" if options.kohya_ratios else "linear")
+    save_tensors(out_path, emitted.tensors, meta, inputs=[w.path for w in items])
+    if verify:
+        written = read_lora(out_path)
+        report.verify = verify_merge(written, result.coefficients, arch, options, weights, block_weights)
+    return report

@@ -1,0 +1,156 @@
+"""Bad inputs give a non-zero exit code, one stderr line naming the file and the problem, and no output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorakit.cli import main
+from lorakit.synthetic import TINY_FLUX, write_base
+
+
+def _good_lora(path) -> str:
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for i in range(2):
+        stem = f"lora_unet_double_blocks_{i}_img_attn_proj"
+        t[stem + ".lora_down.weight"] = torch.randn(4, 32, generator=g)
+        t[stem + ".lora_up.weight"] = torch.randn(32, 4, generator=g)
+        t[stem + ".alpha"] = torch.tensor(4.0)
+    save_file(t, str(path))
+    return str(path)
+
+
+def truncated(tmp_path) -> str:
+    good = _good_lora(tmp_path / "good.safetensors")
+    data = open(good, "rb").read()
+    p = tmp_path / "truncated.safetensors"
+    p.write_bytes(data[: len(data) - 100])
+    return str(p)
+
+
+def tiny_stub(tmp_path) -> str:
+    p = tmp_path / "stub.safetensors"
+    p.write_bytes(b"\x05\x00")
+    return str(p)
+
+
+def corrupt_header(tmp_path) -> str:
+    body = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]'   # unterminated JSON
+    body += b" " * (-len(body) % 8)
+    p = tmp_path / "corrupt.safetensors"
+    p.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 4)
+    return str(p)
+
+
+def header_too_long(tmp_path) -> str:
+    body = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    p = tmp_path / "headerlen.safetensors"
+    p.write_bytes((len(body) + 4096).to_bytes(8, "little") + body + b"\0" * 4)
+    return str(p)
+
+
+def base_model(tmp_path) -> str:
+    return write_base(tmp_path / "base.safetensors", TINY_FLUX)
+
+
+def sdxl_lora(tmp_path) -> str:
+    t = {}
+    for blk in ("input_blocks_4_1", "output_blocks_3_1", "middle_block_1"):
+        stem = f"lora_unet_{blk}_transformer_blocks_0_attn2_to_k"
+        t[stem + ".lora_down.weight"] = torch.zeros(4, 2048)
+        t[stem + ".lora_up.weight"] = torch.zeros(640, 4)
+        t[stem + ".alpha"] = torch.tensor(4.0)
+    for te, (d, ff) in (("lora_te1_", (768, 3072)), ("lora_te2_", (1280, 5120))):   # CLIP-L names fit FLUX too
+        t[te + "text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, d)
+        t[te + "text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(ff, 4)
+        t[te + "text_model_encoder_layers_0_mlp_fc1.alpha"] = torch.tensor(4.0)
+    p = tmp_path / "sdxl.safetensors"
+    save_file(t, str(p))
+    return str(p)
+
+
+def sd1_lora(tmp_path) -> str:
+    t = {}
+    for stem, (o, i) in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", (320, 768)),
+                         ("lora_unet_up_blocks_1_attentions_2_proj_out", (1280, 1280)),
+                         ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (768, 768))):
+        t[stem + ".lora_down.weight"] = torch.zeros(4, i)
+        t[stem + ".lora_up.weight"] = torch.zeros(o, 4)
+    p = tmp_path / "sd15.safetensors"
+    save_file(t, str(p))
+    return str(p)
+
+
+def unknown_keys(tmp_path) -> str:
+    t = {"my_model.encoder.lin.lora_down.weight": torch.zeros(4, 8),
+         "my_model.encoder.lin.lora_up.weight": torch.zeros(8, 4),
+         "something_else.weight": torch.zeros(3)}
+    p = tmp_path / "unknown.safetensors"
+    save_file(t, str(p))
+    return str(p)
+
+
+BAD = {
+    "truncated": (truncated, ("truncated", "run past")),
+    "stub": (tiny_stub, ("too short",)),
+    "corrupt_header": (corrupt_header, ("not valid JSON",)),
+    "header_too_long": (header_too_long, ("header length",)),
+    "base_model": (base_model, ("not a LoRA", "base model")),
+    "sdxl": (sdxl_lora, ("SDXL",)),
+    "sd1": (sd1_lora, ("SD1",)),
+    "unknown_keys": (unknown_keys, ("not understood",)),
+}
+
+
+def _check_one_line(capsys, path: str, words: tuple[str, ...]) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert "Traceback" not in err and "internal error" not in line
+    assert path in line
+    assert any(w.lower() in line.lower() for w in words), line
+    return line
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_inspect_bad_input(case: str, tmp_path, capsys) -> None:
+    make, words = BAD[case]
+    path = make(tmp_path)
+    capsys.readouterr()
+    rc = main(["inspect", path])
+    assert rc != 0
+    _check_one_line(capsys, path, words)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_convert_bad_input(case: str, tmp_path, capsys) -> None:
+    make, words = BAD[case]
+    path = make(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "x.safetensors"
+    capsys.readouterr()
+    rc = main(["convert", path, "-o", str(out), "--to", "diffusers"])
+    assert rc != 0
+    _check_one_line(capsys, path, words)
+    assert os.listdir(out_dir) == []      # no output, no temporary file left behind
+
+
+def test_missing_file(tmp_path, capsys) -> None:
+    path = str(tmp_path / "nope.safetensors")
+    assert main(["inspect", path]) != 0
+    _check_one_line(capsys, path, ("not found",))
+
+
+def test_pickle_refused_one_line(tmp_path, capsys) -> None:
+    path = str(tmp_path / "lora.ckpt")
+    torch.save({"a": torch.zeros(2)}, path)
+    assert main(["convert", path, "-o", str(tmp_path / "o.safetensors"), "--to", "kohya"]) == 2
+    _check_one_line(capsys, path, ("pickle",))
+    assert not (tmp_path / "o.safetensors").exists()
