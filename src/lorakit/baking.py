@@ -49,6 +49,7 @@ from .checks import require_finite_model
 from .formats import load, parse
 from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
 from .io.reader import ShardedFile
+from .io.writer import fsync_dir
 from .layouts import NameIndex, evaluate
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from .model import LoraModel, Patch
@@ -382,7 +383,7 @@ class _Output:
         except OSError as exc:
             raise OutputError(f"cannot publish the output folder ({exc.strerror}).", path=self.path) from None
         self.tmpdir = None
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abort(self) -> None:
         for w in self.writers.values():
@@ -390,19 +391,6 @@ class _Output:
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_output(path: str, src: WeightFile, inputs: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ from .archinfer import Observation, infer_instance
 from .errors import NotALoraError, UnsupportedArchitectureError
 from .formats.spec import split_key
 from .io import WeightFile
-from .layouts import RECOGNIZERS, ArchSpec, NameIndex, evaluate, resolve
+from .layouts import ArchSpec, NameIndex, evaluate, recognize, resolve
 from .model import ArchInstance
 
 CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
@@ -147,11 +147,10 @@ def _refuse_non_base(file: WeightFile, keys: Iterable[str]) -> None:
 
 
 def _explain(keys: list[str], file: WeightFile) -> None:
-    for rec in RECOGNIZERS:
-        pat = rec.compiled()
-        hits = [k for k in keys if pat.search(k)]
-        if hits:
-            raise UnsupportedArchitectureError(
+    found = recognize(keys, {k: file.shape(k) for k in keys})
+    if found is not None:
+        rec, hits = found
+        raise UnsupportedArchitectureError(
                 f"this base model looks like {rec.label} ({len(hits)} of {len(keys)} tensors match, e.g. {hits[0]!r}).",
                 path=file.path, hint="lorakit bakes and extracts FLUX.1 models so far.")
     raise UnsupportedArchitectureError(

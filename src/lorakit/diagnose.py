@@ -24,7 +24,7 @@ from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, _rows
 from .formats.spec import FORMATS, split_key
 from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary
 from .io import WeightFile, open_weights
-from .layouts import RECOGNIZERS, NameIndex, evaluate, resolve, symbols
+from .layouts import RECOGNIZERS, NameIndex, evaluate, recognize, resolve, symbols
 
 OK, PARTIAL, WILL_NOT_APPLY, INVALID = "OK", "PARTIAL", "WILL NOT APPLY", "INVALID"
 EXIT = {OK: 0, PARTIAL: 1, WILL_NOT_APPLY: 2, INVALID: 2}
@@ -140,20 +140,11 @@ def _base_info(base: BaseModel) -> dict[str, Any]:
 
 def _foreign(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, int, str] | None:
     """(label, hits, example) of a recognised non-FLUX.1 architecture among ``keys``."""
-    best = None
-    for rec in RECOGNIZERS:
-        pat = rec.compiled()
-        hits = [k for k in keys if pat.search(k)]
-        if not hits:
-            continue
-        if rec.dim_rule is not None:
-            kre, dim, value = rec.dim_rule
-            probe = [k for k in keys if re.search(kre, k) and shapes.get(k)]
-            if not any(len(shapes[k]) > abs(dim) - (dim < 0) and shapes[k][dim] == value for k in probe):
-                continue
-        if best is None or len(hits) > best[1]:
-            best = (rec.label, len(hits), hits[0])
-    return best
+    found = recognize(keys, shapes)
+    if found is None:
+        return None
+    rec, hits = found
+    return rec.label, len(hits), hits[0]
 
 
 class _Matchers:

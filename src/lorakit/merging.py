@@ -41,7 +41,7 @@ from .conversion import lora_output_metadata
 from .errors import ArchitectureError, MergeError, UsageError
 from .checks import require_finite_model
 from .formats import WRITABLE, emit, get_format, read_lora
-from .formats.emit import _is_pow2
+from .formats.emit import is_pow2
 from .io import check_output_path, save_tensors
 from .linalg import dynamic_rank, exact_svd, factored_svd, gram_fro_norm, parse_dynamic, truncate
 from .metadata import InputRecord, file_sha256
@@ -430,7 +430,7 @@ def _fold(up: Tensor, down: Tensor, c: float) -> tuple[Tensor, Tensor]:
     """Fold the coefficient into the factors: all on up when |c| is a power of two (exact), else √|c| each."""
     if c == 1:
         return up, down
-    if _is_pow2(c):
+    if is_pow2(c):
         return up * c, down
     root = math.sqrt(abs(c))
     return up * root, down * (root if c > 0 else -root)
@@ -721,7 +721,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     result = merge_models(models, weights, options, blocks=block_weights, arch=arch,
                           metadata=merged_metadata(models))
     if method == "concat" and out_dtype.itemsize < 4 and any(
-            c.adapter is not None and not _is_pow2(c.coef * c.adapter.scale)
+            c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
             for cs in result.coefficients.values() for c in cs):
         warnings.append(f"weights folded into {str(out_dtype).replace('torch.', '')} factors are rounded (relative "
                         "error about 1e-3; --verify measures it); pass --dtype fp32 for an exact file.")

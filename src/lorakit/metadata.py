@@ -80,7 +80,7 @@ def carry_over(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if not k.startswith(STALE_PREFIXES) and k not in STALE_KEYS}
 
 
-def _summary(values: Iterable[float | int]) -> str:
+def summarize_values(values: Iterable[float | int]) -> str:
     vals = sorted(set(values))
     if not vals:
         return ""
@@ -95,8 +95,8 @@ def network_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float], *, f
     """kohya ``ss_*`` and ModelSpec keys that describe the tensors actually written."""
     out: dict[str, str] = {}
     if ranks:
-        out["ss_network_dim"] = _summary(ranks.values())
-        out["ss_network_alpha"] = _summary(alphas.values())
+        out["ss_network_dim"] = summarize_values(ranks.values())
+        out["ss_network_alpha"] = summarize_values(alphas.values())
     if arch == "flux1":
         out["ss_network_module"] = "networks.lora_flux"
         out["ss_base_model_version"] = "chroma" if variant == "chroma" else "flux1"

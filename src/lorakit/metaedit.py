@@ -23,7 +23,7 @@ from .formats import parse
 from .formats.parse import entry_alpha
 from .hashes import sshs_hashes_of
 from .io import SafetensorsFile, SafetensorsWriter, open_weights
-from .metadata import STALE_KEYS, STALE_PREFIXES
+from .metadata import STALE_KEYS, STALE_PREFIXES, summarize_values
 
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
@@ -149,16 +149,6 @@ def edit_metadata(path: str | os.PathLike[str], *, set_items: Mapping[str, str] 
 # Audit: does a LoRA's metadata describe its tensors?
 # ---------------------------------------------------------------------------------------------
 
-def _summary(values: Iterable[float]) -> str:
-    vals = sorted(set(values))
-    if not vals:
-        return ""
-    if len(vals) > 1:
-        return "Dynamic"
-    v = vals[0]
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
-
-
 def _same_number(text: str, want: str) -> bool:
     if text == want:
         return True
@@ -192,7 +182,7 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
         model_hash, legacy = sshs_hashes_of(f)
     if ranks:
         for key, values in (("ss_network_dim", ranks), ("ss_network_alpha", alphas)):
-            want = _summary(values)
+            want = summarize_values(values)
             got = meta.get(key)
             if got is None:
                 problems.append(f"{key} missing (tensors say {want})")

@@ -60,7 +60,7 @@ def restrict(adapter: Adapter, start: int, stop: int) -> Adapter:
     return adapter.row_slice(start, stop)
 
 
-def _is_pow2(c: float) -> bool:
+def is_pow2(c: float) -> bool:
     if c == 0 or not math.isfinite(c):
         return False
     m, _ = math.frexp(abs(c))
@@ -191,7 +191,7 @@ def fold_scale(adapter: Adapter) -> Adapter:
         c = adapter.scale
         if c == 1:
             return LoRA(alpha=None, down=adapter.down, up=adapter.up, mid=adapter.mid)
-        if _is_pow2(c):
+        if is_pow2(c):
             up = (adapter.up.float() * c).to(adapter.up.dtype)
             return LoRA(alpha=None, down=adapter.down, up=up, mid=adapter.mid)
         root = math.sqrt(abs(c))

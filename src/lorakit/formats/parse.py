@@ -21,7 +21,7 @@ from ..archinfer import Observation, infer_instance
 from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NotALoraError, ShapeMismatchError,
                       UnknownFormatError, UnsupportedArchitectureError)
 from ..io import WeightFile, open_weights
-from ..layouts import RECOGNIZERS, Alias, ArchSpec, NameIndex, NameMatch, evaluate, resolve
+from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, evaluate, recognize, resolve
 from ..model import ArchInstance, LoraModel, Patch, Target
 from .spec import FORMATS, FormatSpec, Rule, SplitKey, split_key
 
@@ -219,16 +219,9 @@ def _tie_break_by_metadata(names: list[str], metadata: Mapping[str, str]) -> str
 def _refuse_recognized(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None,
                        total: int) -> None:
     """Raise UnsupportedArchitectureError when ``keys`` carry the signature of an architecture lorakit names."""
-    for rec in RECOGNIZERS:
-        pat = rec.compiled()
-        hits = [k for k in keys if pat.search(k)]
-        if not hits:
-            continue
-        if rec.dim_rule is not None:
-            kre, dim, value = rec.dim_rule
-            probe = [k for k in keys if re.search(kre, k) and shapes.get(k)]
-            if not any(shapes[k][dim] == value for k in probe):
-                continue
+    found = recognize(keys, shapes)
+    if found is not None:
+        rec, hits = found
         raise UnsupportedArchitectureError(
             f"this looks like a {rec.label} file ({len(hits)} of {total} keys match, e.g. {hits[0]!r}); "
             f"lorakit supports FLUX.1 so far.", path=path, hint=rec.hint or "use a tool for that architecture.")

@@ -139,7 +139,7 @@ class SafetensorsWriter:
         except OSError as exc:
             self.abort()
             raise OutputError(f"cannot publish the output ({exc.strerror}).", path=self.path) from None
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         return self.path
 
     def abort(self) -> None:
@@ -165,7 +165,7 @@ class SafetensorsWriter:
             self.abort()
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     try:
         dfd = os.open(folder, os.O_RDONLY)
     except OSError:

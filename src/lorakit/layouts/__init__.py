@@ -8,7 +8,7 @@ from ..errors import UnsupportedArchitectureError
 from .base import (Alias, ArchSpec, ComponentSpec, ConcreteModule, ConcreteParam, ModuleSpec, NameIndex, NameMatch,
                    ParamSpec, Preset, Variant, evaluate, expand, expand_params, flatten, solve, symbols)
 from .flux1 import FLUX1
-from .recognizers import RECOGNIZERS, Recognizer
+from .recognizers import RECOGNIZERS, Recognizer, recognize
 
 _ARCHS: dict[str, ArchSpec] = {}
 
@@ -37,4 +37,4 @@ register(FLUX1)
 
 __all__ = ["Alias", "ArchSpec", "ComponentSpec", "ConcreteModule", "ConcreteParam", "ModuleSpec", "NameIndex",
            "NameMatch", "ParamSpec", "Preset", "Variant", "evaluate", "expand", "expand_params", "flatten", "solve", "symbols",
-           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "FLUX1"]
+           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1"]

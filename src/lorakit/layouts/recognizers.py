@@ -7,6 +7,7 @@ LoRA or base of that kind is refused with its name instead of a wall of unknown 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -20,6 +21,17 @@ class Recognizer:
 
     def compiled(self) -> re.Pattern[str]:
         return re.compile("|".join(f"(?:{p})" for p in self.patterns))
+
+    def hits(self, keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """Keys carrying this signature (empty when the dimension rule, if any, does not hold)."""
+        pat = self.compiled()
+        hits = [k for k in keys if pat.search(k)]
+        if hits and self.dim_rule is not None:
+            kre, dim, value = self.dim_rule
+            probe = [shapes[k] for k in keys if re.search(kre, k) and shapes.get(k)]
+            if not any(len(s) > (abs(dim) - (dim < 0)) and s[dim] == value for s in probe):
+                return []
+        return hits
 
 
 RECOGNIZERS: tuple[Recognizer, ...] = (
@@ -35,3 +47,14 @@ RECOGNIZERS: tuple[Recognizer, ...] = (
                                      r"^lora_te_text_model")),
     Recognizer("sd3", "SD3", (r"joint_blocks[._]\d+[._](x|context)_block", r"(^|[._])pos_embed[._]proj")),
 )
+
+
+def recognize(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> tuple[Recognizer, list[str]] | None:
+    """The recognised architecture with the most matching keys, if any."""
+    best: tuple[Recognizer, list[str]] | None = None
+    for rec in RECOGNIZERS:
+        hits = rec.hits(keys, shapes)
+        if hits and (best is None or len(hits) > len(best[1])):
+            best = (rec, hits)
+    return best
+
