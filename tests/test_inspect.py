@@ -240,6 +240,8 @@ def _header_only_check(tmp_path, capsys, rank: int, min_bytes: int) -> None:
         assert rc == 0 and r["format"] == "kohya" and r["modules"] == 314
         assert r["alphas"] == {str(rank / 2): 314}       # the alpha scalars were read
         after = _resident_fraction(path)
+        with capsys.disabled():
+            print(f"\ninspect header-only: {after:.3%} of {os.path.getsize(path) / 1e9:.2f} GB resident afterwards")
         assert after <= 0.01, f"inspect pulled {after:.2%} of the file into the page cache"
     finally:
         if os.path.exists(path):
