@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import UnsupportedArchitectureError
-from .layouts import Alias, ArchSpec, ModuleSpec, evaluate, solve, symbols
+from .layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, evaluate, solve, symbols
 from .model import ArchInstance
 
 
@@ -22,11 +22,21 @@ class Observation:
     inp: int | None
 
 
-def infer_instance(arch: ArchSpec, observations: Iterable[Observation], metadata: Mapping[str, str] | None = None,
+@dataclass(frozen=True)
+class ParamObservation:
+    """One loose parameter (e.g. a q/k norm scale) seen in a file: its spec, block index and shape."""
+
+    component: str
+    spec: ParamSpec
+    index: int | None
+    shape: tuple[int, ...] | None
+
+
+def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObservation], metadata: Mapping[str, str] | None = None,
                    *, complete: bool = False, path: str | None = None) -> ArchInstance:
     """Solve sizes per component; ``complete`` means the file holds every module (a base model), so
     absent optional modules set their flags to 0."""
-    by_comp: dict[str, list[Observation]] = {}
+    by_comp: dict[str, list[Observation | ParamObservation]] = {}
     for ob in observations:
         by_comp.setdefault(ob.component, []).append(ob)
     params: dict[str, dict[str, int]] = {}
@@ -35,6 +45,10 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation], metadata
         comp = arch.components[comp_name]
         equations: list[tuple[str, int]] = []
         for ob in obs:
+            if isinstance(ob, ParamObservation):
+                if ob.shape is not None and len(ob.shape) == len(ob.spec.shape):
+                    equations.extend(zip(ob.spec.shape, ob.shape))
+                continue
             if ob.out is not None:
                 equations.append((ob.alias.rows[1] if ob.alias.rows else ob.spec.out, ob.out))
             if ob.inp is not None:

@@ -13,7 +13,8 @@ dtype is kept.
 
 Formulas (all contributions are computed against the base weight W0, so the result does not depend on
 the order of the inputs):
-- additive patches (LoRA/LoCon/LoHa/LoKr/full diff, biases) contribute ``w·ΔW`` (``w·Δb``);
+- additive patches (LoRA/LoCon/LoHa/LoKr/full diff, biases, diffs of loose parameters such as q/k norm
+  scales) contribute ``w·ΔW`` (``w·Δb``);
 - a DoRA patch with weight ``s`` contributes ``m ⊙ (W0 + s·ΔW)/‖W0 + s·ΔW‖ − W0`` (PEFT's formula, for
   any ``s``), the norm taken per output row (PEFT, LyCORIS ``wd_on_out``) or per input column (LyCORIS
   input-axis magnitudes, shape ``(1, in)``). For one DoRA LoRA this is ``m·(W+ΔW)/‖W+ΔW‖`` at s = 1
@@ -56,6 +57,7 @@ from .model import LoraModel, Patch
 from .recipes import WeightedInput, parse_weighted
 
 COMPONENT = "transformer"
+LOOSE = "loose"                       # _Place.param of a loose parameter (its native name is the place's module)
 TEXT_ENCODERS = ("clip_l", "t5")
 DEFAULT_CHUNK_BYTES = 16 << 20        # one pipeline chunk (source or output bytes, whichever is larger)
 WORK_ELEMENTS = 3 << 20               # fp32 elements per compute block (cache-friendly, ~12 MB)
@@ -228,6 +230,18 @@ def _fit(patch: Patch, out: int, inp: int, what: str) -> tuple[tuple[int, int] |
     if d is not None and d.numel() not in (rows, inp):
         return None, f"DoRA magnitude of {d.numel()} values fits neither {rows} rows nor {inp} columns"
     return window, None
+
+
+def _fit_loose(patch: Patch, shape: tuple[int, ...] | None) -> tuple[tuple[int, int] | None, str | None]:
+    """The row window (all of it) of a loose-parameter patch if it fits the base tensor's shape, else a reason."""
+    if shape is None:
+        return None, "the base has no such parameter"
+    a = patch.adapter
+    if a is None or patch.bias is not None or patch.dora is not None or patch.rows is not None:
+        return None, "a loose parameter takes a plain diff only (no bias, DoRA or row window)"
+    if tuple(a.weight_shape) != tuple(shape):
+        return None, f"diff of shape {list(a.weight_shape)} vs the base parameter's {list(shape)}"
+    return (0, shape[0] if shape else 1), None
 
 
 def _value(expr: str, params: dict[str, int]) -> int | None:
@@ -476,6 +490,9 @@ def _plan_tasks(file: WeightFile, out: _Output | None, places: dict[str, _Place]
                     continue
                 if place.param == "bias":
                     if u.patch.bias is not None:
+                        task.additive.append(u)
+                elif place.param == LOOSE:
+                    if u.patch.adapter is not None:
                         task.additive.append(u)
                 elif place.param == "weight" and len(info.shape) >= 2:
                     if u.patch.dora is not None:
@@ -970,6 +987,9 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
                 outputs.append(out)
             places = {k: _Place(s.module, s.param, s.rows or (0, bm.native_shape(s.module)[0]),  # type: ignore[index]
                                 s.swap) for k, s in bm.slots.items() if s.module is not None}
+            # loose parameters (q/k norm scales): the place's "module" is the parameter's native name
+            places.update({k: _Place(s.param, LOOSE, (0, (bm.file.shape(k) or (1,))[0]))
+                           for k, s in bm.slots.items() if s.module is None})
             tasks += _plan_tasks(bfile, out, places, uses[COMPONENT], codes)
         else:
             report.output = None
@@ -1046,6 +1066,7 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
               report: BakeReport) -> tuple[dict[str, dict[str, list[_Use]]], dict[str, dict[str, _Place]]]:
     """Check every LoRA module against the base (and text-encoder files); refuse before any write."""
     mods = bm.arch.module_map(COMPONENT)
+    loose = {s.param: tuple(bm.file.shape(s.key)) for s in bm.slots.values() if s.module is None}
     te_places: dict[str, dict[str, _Place]] = {}
     te_shapes: dict[str, dict[str, tuple[int, int]]] = {}
     for c, f in te_files.items():
@@ -1059,7 +1080,9 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         unused_te: dict[str, int] = {}
         for p in inp.model.patches:
             comp, module = p.target.component, p.target.module
-            if comp == COMPONENT:
+            if comp == COMPONENT and (p.target.loose or (module not in mods and module in loose)):
+                window, why = _fit_loose(p, loose.get(module))
+            elif comp == COMPONENT:
                 m = mods.get(module)
                 if m is None:
                     bad.append(f"{module}: {_missing_reason(bm, module)}")
@@ -1162,7 +1185,8 @@ def _describe(tasks: list[_Task], loras: list[_Input]) -> list[dict[str, object]
                 for u in group:
                     a, b = max(lo, u.window[0]), min(hi, u.window[1])
                     changes.append({"input": os.path.basename(loras[u.input].path), "module": u.patch.source,
-                                    "native": f"{t.place.module}.{t.place.param}", "native_rows": [a, b],
+                                    "native": t.place.module if t.place.param == LOOSE
+                                    else f"{t.place.module}.{t.place.param}", "native_rows": [a, b],
                                     "tensor_rows": _tensor_rows(t.place, a, b), "weight": u.weight, "kind": kind})
             entry["changes"] = changes
         plan.append(entry)

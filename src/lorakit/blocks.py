@@ -81,6 +81,9 @@ def _slot_of(arch: ArchInstance, target: Target) -> tuple[str, int | None]:
     if index is None:
         index = _INDEXES[id(comp)] = NameIndex(comp, "native", flat=False)
     m = index.match(target.module)
+    if m is None:   # a loose parameter (q/k norm scale) takes its block's multiplier
+        from .layouts.base import ParamIndex
+        m = ParamIndex(comp, "native", flat=False).match(target.module)  # type: ignore[assignment]
     if m is None:
         raise UsageError(f"{target} is not a module of the {arch.name} layout.")
     if m.spec.repeat is not None:

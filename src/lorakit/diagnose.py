@@ -293,6 +293,18 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
             continue
         if base is None:
             continue
+        if e.match.loose:   # a loose parameter (q/k norm scale): compare with the base tensor's shape
+            key = next((s.key for s in base.slots.values() if s.module is None and s.param == e.match.native), None)
+            if key is None:
+                miss(*_absent_cause(e, base), label)
+            elif tuple(base.file.shape(key)) != tuple(e.shapes["diff"]):
+                mismatches.append({"module": label, "lora": list(e.shapes["diff"]),
+                                   "base": list(base.file.shape(key)), "cause": "model size",
+                                   "reason": "norm scale of another size", "fix": "use the base model this LoRA "
+                                                                                    "was trained for"})
+            else:
+                applies += 1
+            continue
         mod = bmods.get(e.match.native)
         if mod is None or e.match.native not in present:
             miss(*_absent_cause(e, base), label)

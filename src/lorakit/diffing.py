@@ -112,8 +112,9 @@ def patch_inner(pa: Patch, pb: Patch) -> float:
         if da.shape[1] != db.shape[1]:
             raise ShapeMismatchError(str(pa.target), da.shape, db.shape)
         return A.scale * B.scale * float(((ua.T @ ub) * (da @ db.T)).sum())
-    da = A.dense().flatten(1)[lo - a0:hi - a0].to(torch.float64)
-    dbm = B.dense().flatten(1)[lo - b0:hi - b0].to(torch.float64)
+    da, dbm = A.dense(), B.dense()      # reshape, not flatten(1): loose parameters (norm scales) are 1-D
+    da = da.reshape(da.shape[0], -1)[lo - a0:hi - a0].to(torch.float64)
+    dbm = dbm.reshape(dbm.shape[0], -1)[lo - b0:hi - b0].to(torch.float64)
     if da.shape != dbm.shape:
         raise ShapeMismatchError(str(pa.target), da.shape, dbm.shape)
     return float((da * dbm).sum())

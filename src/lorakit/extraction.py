@@ -19,9 +19,11 @@ small enough for cancellation to matter).
 
 Skipping: modules whose ``max|D| ≤ min_diff`` are skipped and counted; the default 0 skips only
 modules that are exactly unchanged. Bias differences are written as ``diff_b`` entries with
-``include_bias``; differences of loose parameters (q/k norm scales) are reported but cannot be
-written (no LoRA format lorakit writes has keys loaders read for them), so ``include_norms`` is
-refused with an explanation.
+``include_bias``. Differences of loose parameters (q/k norm scales) are always reported; with
+``include_norms`` they are also written, exactly (fp32 difference, stored at the output dtype; the
+rounding is reported), as ``diff`` entries on the parameter's full name: ``lora_unet_<param, . → _>.diff``
+(kohya), ``diffusion_model.<param>.diff`` (comfy: ComfyUI's key for non-``.weight`` parameters) or
+``transformer.<diffusers param>.diff`` (diffusers: lorakit's own spelling; diffusers does not load it).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapters import LoRA
+from .adapters import Full, LoRA
 from .basemodel import COMPONENT, BaseModel, Slot, open_base
 from .conversion import lora_output_metadata
 from .dtypes import ST_DTYPES
@@ -157,7 +159,8 @@ class ExtractReport:
     ignored_keys: dict[str, list[str]] = field(default_factory=dict)   # input -> non-transformer keys
     bias_modules: list[str] = field(default_factory=list)     # diff_b written
     bias_differences: list[str] = field(default_factory=list) # differing biases not written (no include_bias)
-    loose_differences: list[dict[str, object]] = field(default_factory=list)
+    loose_differences: list[dict[str, object]] = field(default_factory=list)   # name, max_abs_diff, written
+    loose_written: list[str] = field(default_factory=list)    # loose parameters written as diff (include_norms)
     warnings: list[str] = field(default_factory=list)
     tensors_out: int = 0
     output_bytes: int = 0
@@ -327,11 +330,13 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
                 report.ignored_keys[os.path.basename(path)] = list(base.passthrough)
         patches = _stream(orig, tune, report, cap=cap, conv_rank=conv_rank, dyn=dyn, exact=exact,
                           oversample=oversample, niter=niter, seed=seed, alpha=alpha, min_diff=min_diff,
-                          include_bias=include_bias, dev=dev, out_dtype=out_dtype, progress=progress)
+                          include_bias=include_bias, include_norms=include_norms, dev=dev, out_dtype=out_dtype,
+                          progress=progress)
         arch = tune.arch
 
     if not patches:
-        raise UsageError(f"nothing to extract: all {len(report.skipped)} paired modules differ by at most "
+        raise UsageError(f"nothing to extract: all {len(report.skipped)} paired modules"
+                         + (" and loose parameters" if include_norms else "") + " differ by at most "
                          f"--min-diff {min_diff:g}" + (" (the models are identical)" if min_diff == 0 else "") + ".",
                          path=src_t, hint="check that TUNED really is a fine-tune of ORIGINAL, or lower --min-diff.")
     model = LoraModel(arch, patches, to, {}, None)
@@ -343,7 +348,8 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         model, result, to, operation="extract", inputs=inputs, title=title, method=report.method, rank=rank,
         dynamic=report.dynamic, rank_cap=cap if dyn else None, seed=seed if not exact else None, alpha=alpha,
         oversample=oversample if not exact else None, niter=niter if not exact else None, min_diff=min_diff,
-        include_bias=include_bias or None, modules=len(report.modules), skipped=len(report.skipped) or None)
+        include_bias=include_bias or None, include_norms=include_norms or None, modules=len(report.modules),
+        norms=len(report.loose_written) or None, skipped=len(report.skipped) or None)
     save_tensors(out_path, result.tensors, meta, inputs=[src_o, src_t])
     report.tensors_out = len(result.tensors)
     report.output_bytes = os.path.getsize(out_path)
@@ -370,12 +376,6 @@ def _validate(rank: int | None, dyn: tuple[str, float] | None, conv_rank: int | 
         raise UsageError(f"--alpha must be a positive number, got {alpha}.")
     if oversample < 0 or niter < 0:
         raise UsageError("--oversample and --niter must be ≥ 0.")
-    if include_norms:
-        raise UsageError(
-            "--include-norms is not supported: q/k norm scales are loose parameters, and none of the formats "
-            "lorakit writes (kohya, comfy, diffusers) has keys that loaders apply to them.",
-            hint="drop --include-norms; norm-scale differences are listed in the report (loose_differences) "
-                 "so you can see what the LoRA leaves out.")
 
 
 def _device(device: str) -> torch.device:
@@ -394,7 +394,7 @@ def _device(device: str) -> torch.device:
 def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int, conv_rank: int | None,
             dyn: tuple[str, float] | None, exact: bool, oversample: int, niter: int, seed: int,
             alpha: float | None, min_diff: float, include_bias: bool, dev: torch.device, out_dtype: torch.dtype,
-            progress: Progress | None) -> list[Patch]:
+            progress: Progress | None, include_norms: bool = False) -> list[Patch]:
     om, tm = orig.by_module(), tune.by_module()
     modules = tune.arch.module_map(COMPONENT)
     for name in sorted(set(om) ^ set(tm)):
@@ -465,7 +465,7 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
     if conv_rank is not None and not saw_conv:
         report.warnings.append("--conv-rank had no effect: no compared weight is a convolution (FLUX.1 "
                                "transformers have none).")
-    _compare_loose(orig, tune, loose_o, loose_t, report, min_diff)
+    patches += _compare_loose(orig, tune, loose_o, loose_t, report, min_diff, include_norms, out_dtype)
     if progress:
         progress(len(work), len(work), "")
     if paired == 0:
@@ -475,9 +475,20 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
     if report.bias_differences:
         report.warnings.append(f"{len(report.bias_differences)} module(s) also changed their bias; pass "
                                "--include-bias to write those differences (diff_b).")
-    if report.loose_differences:
-        report.warnings.append(f"{len(report.loose_differences)} loose parameter(s) (q/k norm scales) differ; "
-                               "no LoRA format carries them, so they are not in the output.")
+    left_out = [d for d in report.loose_differences if not d["written"]]
+    if left_out:
+        report.warnings.append(f"{len(left_out)} loose parameter(s) (q/k norm scales) differ and are not in the "
+                               "output; pass --include-norms to write them as diff entries.")
+    if report.loose_written and report.format != "comfy":
+        report.warnings.append(f"{len(report.loose_written)} norm-scale diff(s) written with lorakit's "
+                               f"{report.format} spelling: lorakit reads and bakes them, but only the comfy format "
+                               "(diffusion_model.<param>.diff) has keys ComfyUI applies; other loaders ignore them.")
+    rounded = [d for d in report.loose_differences if d["written"] and d["rounding_error"]]
+    if rounded:
+        worst = max(rounded, key=lambda d: d["rounding_error"])  # type: ignore[arg-type,return-value]
+        report.warnings.append(f"{len(rounded)} norm-scale diff(s) were rounded to {str(out_dtype).replace('torch.', '')}"
+                               f" (largest error {worst['rounding_error']:.3g} in {worst['name']}); pass "
+                               "--save-precision fp32 to store them exactly.")
     return patches
 
 
@@ -505,13 +516,28 @@ def _bias_delta(raw_o: RawSlots, raw_t: RawSlots, out_rows: int, name: str, repo
 
 
 def _compare_loose(orig: BaseModel, tune: BaseModel, loose_o: dict[str, Slot], loose_t: dict[str, Slot],
-                   report: ExtractReport, min_diff: float) -> None:
+                   report: ExtractReport, min_diff: float, include_norms: bool = False,
+                   out_dtype: torch.dtype = torch.float32) -> list[Patch]:
+    """Report every loose parameter (q/k norm scale) that differs by more than ``min_diff``; with
+    ``include_norms`` return a Full ``diff`` patch for each (fp32 difference stored at ``out_dtype``;
+    its rounding error is recorded). Unchanged parameters are skipped."""
+    patches: list[Patch] = []
     for name in sorted(set(loose_o) & set(loose_t)):
         a, b = orig.file.get(loose_o[name].key), tune.file.get(loose_t[name].key)
         if tuple(a.shape) != tuple(b.shape):
             report.unpaired.append(f"{name} (shapes {list(a.shape)} vs {list(b.shape)})")
             continue
-        diff = _max_abs(b.float() - a.float())
+        d = b.float() - a.float()
+        diff = _max_abs(d)
         _check_finite(diff, name, tune.file.path or "")
-        if diff > min_diff:
-            report.loose_differences.append({"name": name, "max_abs_diff": diff})
+        if diff <= min_diff:
+            continue
+        entry: dict[str, object] = {"name": name, "max_abs_diff": diff, "written": include_norms}
+        if include_norms:
+            stored = d.to(out_dtype)
+            entry["rounding_error"] = _max_abs(stored.float() - d)
+            patches.append(Patch(Target(COMPONENT, name, loose=True), Full(alpha=None, diff=stored.contiguous()),
+                                 source=name))
+            report.loose_written.append(name)
+        report.loose_differences.append(entry)
+    return patches

@@ -28,8 +28,14 @@ def _component_params(parsed: ParsedLora, name: str) -> dict[str, int] | None:
 
 
 def coverage(parsed: ParsedLora) -> dict[str, Any]:
+    """Linear-module coverage per component and group; loose-parameter entries (q/k norm scale diffs) are
+    counted apart, as ``loose``."""
     present: dict[str, set[str]] = {}
+    loose: Counter[str] = Counter()
     for e in parsed.entries:
+        if e.match.loose:
+            loose[e.component] += 1
+            continue
         present.setdefault(e.component, set()).add(e.match.native)
     out: dict[str, Any] = {}
     for name, comp in parsed.arch.spec.components.items():
@@ -50,6 +56,8 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
                      "total": len(mods), "groups": groups}
         if extra:
             out[name]["beyond_layout"] = extra
+        if loose[name]:
+            out[name]["loose"] = loose[name]
     return out
 
 
@@ -197,7 +205,8 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             "architecture": parsed.arch.name,
             "variant": parsed.arch.variant,
             "adapters": kinds,
-            "modules": len(parsed.entries),
+            "modules": sum(1 for e in parsed.entries if not e.match.loose),
+            "loose_params": sum(1 for e in parsed.entries if e.match.loose),
             "components": coverage(parsed),
             "ranks": dict(sorted(Counter(r for r in ranks.values() if r is not None).items())),
             "alphas": dict(sorted(Counter(a for a in alphas.values() if a is not None).items())),
@@ -232,13 +241,17 @@ def format_report(r: Mapping[str, Any]) -> str:
              + (f"; runner-up {r['runner_up']['format']} {r['runner_up']['score']:.0%}" if r.get("runner_up") else "")
              + ")",
              f"  architecture  {r['architecture']} (variant: {r['variant']})",
-             f"  adapters      {', '.join(r['adapters']) or '-'}; {r['modules']} modules",
+             f"  adapters      {', '.join(r['adapters']) or '-'}; {r['modules']} modules"
+             + (f" + {r['loose_params']} norms" if r.get("loose_params") else ""),
              f"  dtype         {r['dtype']}; {r['size_bytes'] / 1e6:.1f} MB"]
     comp_parts = []
     for c in r["components"].values():
         groups = ", ".join(f"{g['label']} {g['present']}/{g['total']}" for g in c["groups"].values())
         comp_parts.append(f"{c['label']} {c['present']}/{c['total']}" + (f" ({groups})" if len(c["groups"]) > 1 else ""))
     lines.append("  coverage      " + "\n                ".join(comp_parts))
+    if r.get("loose_params"):
+        lines.append(f"  norms         {r['loose_params']} loose parameter diffs (q/k norm scales; not in the "
+                     "module coverage)")
     lines.append(f"  ranks         {_hist(r['ranks'])}")
     lines.append(f"  alphas        {_hist(r['alphas']) or 'none stored (α = rank)'}")
     lines.append(f"  scales α/r    {_hist(r['scales'])}")

@@ -19,6 +19,9 @@ Methods
   one native module at a time, then an SVD to the target rank. DARE draws its Bernoulli masks from a
   ``torch.Generator`` seeded by ``--seed`` and the module name: same seed, same bytes.
 
+Loose parameters (q/k norm scale ``diff`` entries) are merged as the exact weighted sum ``Σ w_i·diff_i`` by
+every method (a 1-D parameter has no rank to truncate or sign pattern to trim); the report says so.
+
 Metadata policy for merged files: keys whose value is identical in every input are carried over;
 ``ss_base_model_version`` and the ModelSpec architecture/implementation keys come from the first
 input that has them; everything else (training tags, dataset statistics, per-input names) is dropped.
@@ -400,9 +403,13 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
     patches: list[Patch] = []
     stats: list[ModuleStat] = []
     warnings: list[str] = []
+    loose = 0
     for target, contribs in targets.items():
         shape = _target_shape(arch, target, contribs)
-        if options.method == "concat":
+        if target.loose:
+            new, stat = _loose_sum(target, contribs, shape)
+            loose += 1
+        elif options.method == "concat":
             new, stat = _concat(target, contribs, shape, options)
         elif options.method == "svd":
             new, stat = _svd(target, contribs, shape, options)
@@ -411,8 +418,21 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
                                       blocks.multiplier(target) if blocks else 1.0)
         patches.extend(new)
         stats.append(stat)
+    if loose and options.method != "concat":
+        warnings.append(f"{loose} loose parameter(s) (q/k norm scales) merged as exact weighted sums Σ w·diff: "
+                        f"--method {options.method} applies to weight matrices only.")
     model = LoraModel(arch, patches, "merge", dict(metadata or {}), None, [])
     return MergeResult(model, stats, dropped, warnings, targets)
+
+
+def _loose_sum(target: Target, contribs: list[Contribution], shape: tuple[int, ...]) -> tuple[list[Patch], ModuleStat]:
+    """A loose parameter (q/k norm scale): ``Σ coef·diff`` as one full diff (fp32), for every method — a 1-D
+    parameter has no low-rank structure to truncate or to trim by sign."""
+    if any(c.adapter is None or c.bias is not None or c.rows is not None for c in contribs):
+        raise MergeError(f"{target}: a loose parameter takes plain diffs only (no bias or row window).",
+                         hint="the input file is malformed; check it with lorakit doctor.")
+    return [Patch(target, Full(alpha=None, diff=_dense_sum(contribs, shape)), None, source=target.module)], \
+        ModuleStat(str(target), 0)
 
 
 def _scaled_bias(contribs: Sequence[Contribution], out_rows: int) -> Tensor | None:
@@ -606,7 +626,7 @@ def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]],
         out_bias = _scaled_bias(mine, shape[0])
         bias_diff = _norm2(_sub(out_bias, ref_bias))
         bias_ref = _norm2(ref_bias)
-        if options.method in DENSE_METHODS:
+        if options.method in DENSE_METHODS and not target.loose:
             ref = dense_merge(target, contribs, shape, options, weights,
                               blocks.multiplier(target) if blocks else 1.0) if contribs else None
             ref = ref if ref is not None else torch.zeros(shape)
@@ -726,6 +746,10 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
         warnings.append(f"weights folded into {str(out_dtype).replace('torch.', '')} factors are rounded (relative "
                         "error about 1e-3; --verify measures it); pass --dtype fp32 for an exact file.")
     emitted = emit(result.model, to, dtype=out_dtype)
+    loose = len(result.model.loose_targets())
+    if loose and to != "comfy":
+        warnings.append(f"{loose} norm-scale diff(s) written with lorakit's {to} spelling: lorakit reads and bakes "
+                        "them, but only the comfy format (diffusion_model.<param>.diff) has keys ComfyUI applies.")
     if to == "diffusers" and any(p.target.component == "t5" for p in result.model.patches):
         warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
     report = MergeReport(

@@ -21,8 +21,14 @@ from .layouts import ArchSpec, ConcreteModule, expand
 
 @dataclass(frozen=True)
 class Target:
+    """What a patch changes: a Linear module's weight (``module`` = its native name), or with ``loose`` a
+    loose parameter such as a q/k norm scale (``module`` = the parameter's full native name, e.g.
+    ``double_blocks.0.img_attn.norm.query_norm.scale``; its patch is a :class:`~lorakit.adapters.Full`
+    diff of the parameter's shape). Names never collide, so ``loose`` does not take part in equality."""
+
     component: str
     module: str
+    loose: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.component}:{self.module}"
@@ -99,6 +105,10 @@ class LoraModel:
             if p.adapter is not None:
                 return p.adapter.dtype
         return None
+
+    def loose_targets(self) -> list[Target]:
+        """Targets that are loose parameters (q/k norm scales), in patch order."""
+        return list(dict.fromkeys(p.target for p in self.patches if p.target.loose))
 
     def adapter_kinds(self) -> list[str]:
         kinds = {p.adapter.kind for p in self.patches if p.adapter is not None}

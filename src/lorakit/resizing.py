@@ -163,7 +163,8 @@ def _dense(patches: list[Patch], out_rows: int) -> Tensor | None:
     for p in patches:
         if p.adapter is None:
             continue
-        d = p.adapter.dense().double().flatten(1)
+        d = p.adapter.dense().double()
+        d = d.reshape(d.shape[0], -1)     # not flatten(1): loose parameters (norm scales) are 1-D
         if total is None:
             total = torch.zeros((out_rows, d.shape[1]), dtype=torch.float64)
         s, e = p.rows if p.rows else (0, d.shape[0])
@@ -264,6 +265,9 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
             progress(i, len(model.patches), _label(p))
         if p.adapter is None:
             new_patches.append(p if dtype is None or p.bias is None else p.with_adapter(None, bias=p.bias.to(dtype)))
+            continue
+        if p.target.loose:   # a loose parameter's diff (q/k norm scale) has no rank: kept as it is
+            new_patches.append(p if dtype is None else p.with_adapter(p.adapter.to(dtype)))
             continue
         new, info = resize_adapter(p.adapter, rank, dyn, dtype)
         bias = p.bias.to(dtype) if (p.bias is not None and dtype is not None) else p.bias

@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "by rank/A so that the delta is unchanged")
     p.add_argument("--include-bias", action="store_true", help="also write bias differences (diff_b entries)")
     p.add_argument("--include-norms", action="store_true",
-                   help="not supported (no LoRA format carries q/k norm scales); differences are reported instead")
+                   help="also write q/k norm-scale differences (loose parameters) as diff entries")
     add_dtype(p, "the tuned model's dtype")
     add_json(p)
     add_pickle(p)
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         f"mean retained energy {r.mean_retained_energy:.4f}, worst relative error "
         f"{worst.relative_error:.3e} ({worst.module}); wrote {r.output} ({r.format}, {r.dtype}, "
         f"{r.output_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s" if worst else
-        f"wrote {r.output}: bias differences only ({len(r.bias_modules)} modules) in {r.seconds:.1f} s")
+        f"wrote {r.output}: bias/norm differences only ({len(r.bias_modules)} biases, {len(r.loose_written)} "
+        f"norm scales) in {r.seconds:.1f} s")
     for u in r.unpaired:
         say(f"  unpaired: {u}")
     for name, keys in r.ignored_keys.items():

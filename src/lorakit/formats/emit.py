@@ -19,6 +19,7 @@ from torch import Tensor
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
 from ..errors import LossyConversionError
 from ..layouts import Alias, NameIndex, evaluate
+from ..layouts.base import ParamIndex, ParamMatch, param_name
 from ..model import LoraModel, Patch, Target
 from .spec import WRITE_SUFFIXES, FormatSpec, get_format
 
@@ -224,6 +225,7 @@ class Emitter:
         self.refused: list[str] = []
         self.reasons: set[str] = set()
         self.native: dict[str, NameIndex] = {}
+        self.native_params: dict[str, ParamIndex] = {}
 
     def naming_for(self, component: str) -> str:
         comp = self.model.arch.spec.components[component]
@@ -239,9 +241,56 @@ class Emitter:
             raise NotExact(f"{target} is not a module of the layout")
         return m
 
+    def match_loose(self, target: Target) -> ParamMatch | None:
+        """The layout's loose parameter a target names (q/k norm scales), or None for a Linear module."""
+        comp = self.model.arch.spec.components[target.component]
+        index = self.native_params.get(target.component)
+        if index is None:
+            index = self.native_params[target.component] = ParamIndex(comp, "native", flat=False)
+        return index.match(target.module)
+
+    def _loose_piece(self, target: Target, m: ParamMatch, patches: list[Patch]) -> Piece | None:
+        """A loose parameter's patches as one ``diff`` under the parameter's full name in the target naming.
+        One Full patch is written as it is (exact); several are summed in fp32."""
+        label = str(target)
+        naming = self.naming_for(target.component)
+        name = param_name(m.spec, naming)
+        params = self.model.arch.params.get(target.component, {})
+        want = tuple(evaluate(x, params, -1) for x in m.spec.shape)
+        reason = None
+        if name is None:
+            reason = f"the {naming} naming has no name for loose parameters such as {m.native}"
+        elif any(p.bias is not None or p.dora is not None or p.rows is not None for p in patches):
+            reason = "a loose parameter (norm scale) takes a plain diff only (no bias, DoRA or row window)"
+        elif not all(isinstance(p.adapter, Full) for p in patches):
+            reason = "a loose parameter (norm scale) takes a full diff only, not LoRA-family factors"
+        else:
+            shapes = {tuple(p.adapter.weight_shape) for p in patches}  # type: ignore[union-attr]
+            if len(shapes) != 1 or any(len(sh) != len(want) or any(w >= 0 and g != w for g, w in zip(sh, want))
+                                       for sh in shapes):
+                reason = f"diff shape(s) {sorted(shapes)} do not fit the parameter's shape {list(want)}"
+        if reason is not None:
+            self.reasons.add(reason)
+            self.refused.append(label)
+            return None
+        text = name.format(i=m.index) if m.index is not None else name  # type: ignore[union-attr]
+        if len(patches) == 1:
+            return Piece(target.component, text, patches[0].adapter)
+        first = patches[0].adapter
+        total = torch.zeros(first.weight_shape, dtype=torch.float32)  # type: ignore[union-attr]
+        for p in patches:
+            total += p.adapter.dense()  # type: ignore[union-attr]
+        return Piece(target.component, text, Full(alpha=None, diff=total.to(first.dtype)))  # type: ignore[union-attr]
+
     def pieces(self) -> list[Piece]:
         out: list[Piece] = []
         for target, patches in self.model.by_target().items():
+            loose = self.match_loose(target)
+            if loose is not None:
+                piece = self._loose_piece(target, loose, patches)
+                if piece is not None:
+                    out.append(piece)
+                continue
             m = self.match(target)
             params = self.model.arch.params[target.component]
             out_rows = evaluate(m.spec.out, params, -1)

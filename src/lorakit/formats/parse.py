@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
-from ..archinfer import Observation, infer_instance
+from ..archinfer import Observation, ParamObservation, infer_instance
 from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NotALoraError, ShapeMismatchError,
                       UnknownFormatError, UnsupportedArchitectureError)
 from ..io import WeightFile, open_weights
 from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, evaluate, recognize, resolve
+from ..layouts.base import ParamIndex, ParamMatch
 from ..model import ArchInstance, LoraModel, Patch, Target
 from .spec import FORMATS, FormatSpec, Rule, SplitKey, split_key
 
@@ -31,7 +32,7 @@ class KeyParse:
     key: str
     rule: Rule
     naming: str
-    match: NameMatch
+    match: NameMatch | ParamMatch
     split: SplitKey
     file_module: str      # module name as written (prefix included)
     marked: bool          # a PEFT marker (container or adapter name) was present
@@ -44,7 +45,7 @@ class ModuleEntry:
     file_module: str
     component: str
     naming: str
-    match: NameMatch
+    match: NameMatch | ParamMatch                           # ParamMatch: a loose parameter (norm scale)
     keys: dict[str, str] = field(default_factory=dict)      # role -> key
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ class FormatMatcher:
     def __init__(self, fmt: FormatSpec, arch: ArchSpec) -> None:
         self.fmt = fmt
         self.indexes: dict[tuple[str, str, bool], NameIndex] = {}
+        self.loose: dict[tuple[str, str, bool], ParamIndex] = {}
         for rule in fmt.rules:
             comp = arch.components.get(rule.component)
             if comp is None:
@@ -130,6 +132,9 @@ class FormatMatcher:
             for naming in rule.namings:
                 if naming == "native" or naming in comp.namings:
                     self.indexes[(rule.component, naming, rule.flat)] = NameIndex(comp, naming, flat=rule.flat)
+                    params = ParamIndex(comp, naming, flat=rule.flat)
+                    if params:
+                        self.loose[(rule.component, naming, rule.flat)] = params
 
     def accept(self, key: str) -> KeyParse | None:
         fmt = self.fmt
@@ -157,10 +162,32 @@ class FormatMatcher:
                 index = self.indexes.get((rule.component, naming, rule.flat))
                 if index is None:
                     continue
-                m = index.match(name)
-                if m is not None:
-                    return KeyParse(key, rule, naming, m, split, split.module, marked)
+                if split.family != "norm":
+                    m = index.match(name)
+                    if m is not None:
+                        return KeyParse(key, rule, naming, m, split, split.module, marked)
+                loose = self._loose(rule, naming, name, split)
+                if loose is not None:
+                    return KeyParse(key, rule, naming, loose[0], loose[1], split.module, marked)
         return None
+
+    def _loose(self, rule: Rule, naming: str, name: str, split: SplitKey) -> tuple[ParamMatch, SplitKey] | None:
+        """A diff on a loose parameter: ``<full parameter name>.diff`` (ComfyUI's key for every non-``.weight``
+        parameter, and lorakit's own spelling in every format) or LyCORIS ``<owning module>.w_norm``. Both
+        become role ``diff`` of the parameter. ``b_norm`` is not accepted: the layout's loose parameters
+        have no bias, so such a key stays "not understood"."""
+        index = self.loose.get((rule.component, naming, rule.flat))
+        if index is None:
+            return None
+        if split.role == "diff":
+            m = index.match(name)
+        elif split.role == "w_norm":
+            m = index.match(name, stem=True)
+        else:
+            return None
+        if m is None:
+            return None
+        return m, SplitKey(split.module, "full", "diff", split.adapter_name)
 
 
 @dataclass
@@ -295,11 +322,16 @@ def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | Non
     for e in good:
         _check_entry_shapes(e, file.path)
     _check_duplicates(good, file.path)
-    observations = [Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
-                    for e in good]
+    observations: list[Observation | ParamObservation] = [
+        ParamObservation(e.component, e.match.spec, e.match.index, e.shapes["diff"]) if e.match.loose
+        else Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
+        for e in good]
     instance = infer_instance(arch, observations, file.metadata, path=file.path)
     for e in good:
         params = instance.params.get(e.component, {})
+        if e.match.loose:
+            _check_loose_shape(e, params, file.path)
+            continue
         try:
             rows = _rows(e.match.alias, params)
         except KeyError as exc:
@@ -316,6 +348,16 @@ def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | Non
                                           "the file is corrupt or mixes two models.")
     return ParsedLora(file.path, file, det, good, sorted(unknown), instance, dict(file.metadata),
                       _peft_config(file.path))
+
+
+def _check_loose_shape(entry: ModuleEntry, params: Mapping[str, int], path: str | None) -> None:
+    want = tuple(evaluate(x, params, -1) for x in entry.match.spec.shape)
+    got = tuple(entry.shapes["diff"])
+    if len(got) != len(want) or any(w >= 0 and g != w for g, w in zip(got, want)):
+        raise ShapeMismatchError(entry.file_module, want, got, path=path,
+                                 hint=f"this diff does not have the shape of the parameter {entry.match.native!r} "
+                                      f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))}); the file is "
+                                      "corrupt or mixes two models.")
 
 
 def _composed_shape(entry: ModuleEntry) -> tuple[int, int]:
@@ -365,6 +407,15 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
     magnitudes match its rows). Header data only."""
     shapes = entry.shapes
     problem = None
+    if entry.match.loose:
+        rank = len(entry.match.spec.shape)
+        if set(shapes) != {"diff"} or len(shapes["diff"]) != rank or 0 in shapes["diff"]:
+            problem = (f"a loose parameter takes one diff of {rank} dimension(s), got "
+                       + ", ".join(f"{r} {list(v)}" for r, v in sorted(shapes.items())))
+        if problem is not None:
+            raise FormatError(f"module {entry.file_module!r}: {problem}.", path=path,
+                              hint="the file is corrupt or was written by a broken exporter; re-export it.")
+        return
     if "alpha" in shapes and len(shapes["alpha"]) and _prod(shapes["alpha"]) > 1:
         problem = f"alpha holds {_prod(shapes['alpha'])} values instead of one"
     out_rows = None
@@ -525,7 +576,7 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     alias = entry.match.alias
     if alias.swap_halves:
         adapter, bias, dora = _swap(adapter, bias, dora)
-    patch = Patch(Target(entry.component, entry.match.native), adapter, _rows(alias, params),
+    patch = Patch(Target(entry.component, entry.match.native, loose=entry.match.loose), adapter, _rows(alias, params),
                   bias=bias, dora=dora.reshape(-1) if dora is not None and dora.shape[0] != 1 else dora,
                   source=entry.file_module)
     return patch

@@ -30,6 +30,10 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     "lora_magnitude_vector.weight": ("dora", "dora"),
     "diff": ("full", "diff"),
     "diff_b": ("bias", "diff_b"),
+    # LyCORIS ``norms``: additive diffs on a norm module's weight / bias, keyed by the module's name. lorakit
+    # reads ``w_norm`` on the owner of a loose parameter (q/k norm ``…query_norm.w_norm`` = diff of its scale)
+    "w_norm": ("norm", "w_norm"),
+    "b_norm": ("norm", "b_norm"),
     **{f"hada_{n}": ("loha", f"hada_{n}") for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
     **{f"lokr_{n}": ("lokr", f"lokr_{n}") for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
 }

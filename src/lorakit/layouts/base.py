@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 Expr = str
 
@@ -226,6 +227,7 @@ class NameMatch:
     spec: ModuleSpec
     alias: Alias
     index: int | None
+    loose: ClassVar[bool] = False       # a Linear module (see ParamMatch for loose parameters)
 
     @property
     def native(self) -> str:
@@ -269,4 +271,86 @@ class NameIndex:
 
     def name_of(self, spec: ModuleSpec, alias: Alias, index: int | None) -> str:
         text = alias.template.format(i=index) if index is not None else alias.template
+        return flatten(text) if self.flat else text
+
+
+# ----------------------------------------------------------------------------------------------
+# Loose-parameter lookup
+# ----------------------------------------------------------------------------------------------
+
+def param_name(spec: ParamSpec, naming: str) -> str | None:
+    """The parameter's full name template in a naming scheme (None when that scheme has no name for it)."""
+    return spec.native if naming == "native" else spec.aliases.get(naming)
+
+
+def param_stem(name: str) -> str:
+    """The module that owns a parameter: its name without the last dotted part (``…query_norm.scale`` ->
+    ``…query_norm``), the name LyCORIS ``w_norm``/``b_norm`` keys use."""
+    return name.rpartition(".")[0]
+
+
+@dataclass(frozen=True)
+class ParamMatch:
+    """A loose parameter resolved from a name; ``alias.template`` is its full name in the naming found."""
+
+    spec: ParamSpec
+    alias: Alias
+    index: int | None
+    loose: ClassVar[bool] = True
+
+    @property
+    def native(self) -> str:
+        return self.spec.native.format(i=self.index) if self.index is not None else self.spec.native
+
+
+class ParamIndex:
+    """Resolve loose-parameter names of one naming scheme (dotted or kohya-flattened) to parameter specs:
+    the full parameter name, or with ``stem=True`` the name of the module that owns the parameter."""
+
+    def __init__(self, component: ComponentSpec, naming: str, *, flat: bool) -> None:
+        self.component = component
+        self.naming = naming
+        self.flat = flat
+        self._tables: dict[bool, tuple[dict[str, tuple[ParamSpec, Alias]],
+                                       list[tuple[re.Pattern[str], ParamSpec, Alias]]]] = {}
+        for stem in (False, True):
+            exact: dict[str, tuple[ParamSpec, Alias]] = {}
+            patterns: list[tuple[re.Pattern[str], ParamSpec, Alias]] = []
+            for spec in component.params:
+                full = param_name(spec, naming)
+                if not full:
+                    continue
+                alias = Alias(full)
+                tmpl = param_stem(full) if stem else full
+                tmpl = flatten(tmpl) if flat else tmpl
+                if "{i}" in tmpl:
+                    pat = re.escape(tmpl).replace(re.escape("{i}"), r"(?P<i>\d+)")
+                    patterns.append((re.compile(pat + r"\Z"), spec, alias))
+                else:
+                    exact[tmpl] = (spec, alias)
+            self._tables[stem] = (exact, patterns)
+
+    def __bool__(self) -> bool:
+        return bool(self._tables[False][0] or self._tables[False][1])
+
+    def match(self, name: str, *, stem: bool = False) -> ParamMatch | None:
+        exact, patterns = self._tables[stem]
+        hit = exact.get(name)
+        if hit:
+            return ParamMatch(hit[0], hit[1], None)
+        for pat, spec, alias in patterns:
+            m = pat.match(name)
+            if m:
+                idx = int(m.group("i"))
+                if str(idx) != m.group("i"):   # no leading zeros
+                    continue
+                return ParamMatch(spec, alias, idx)
+        return None
+
+    def name_of(self, spec: ParamSpec, index: int | None, *, stem: bool = False) -> str | None:
+        full = param_name(spec, self.naming)
+        if full is None:
+            return None
+        text = full.format(i=index) if index is not None else full
+        text = param_stem(text) if stem else text
         return flatten(text) if self.flat else text
