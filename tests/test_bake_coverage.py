@@ -65,7 +65,7 @@ def test_fill_lora_on_dev_base(tmp_path, capsys):
     _nothing_written(tmp_path, before)
     # --allow-partial: bake the rest, report img_in
     rc, text = _run(capsys, base, lora, "-o", out, "--allow-partial", "--json")
-    assert rc == 0
+    assert rc == 1          # partial (opted in): exit 1, also with --json
     rep = json.loads(text[text.index("{"):])
     assert [s["module"] for s in rep["skipped"]] == ["img_in"]
     assert rep["inputs"][0]["applied"] == 2 and rep["inputs"][0]["skipped"] == 1
@@ -112,7 +112,7 @@ def test_partially_matching_lora_more_blocks_than_base(tmp_path, capsys):
     assert rc != 0 and "block 2 is beyond the base's 2 double blocks" in text
     _nothing_written(tmp_path, before)
     rc, text = _run(capsys, base, lora, "-o", out, "--allow-partial")
-    assert rc == 0 and "skipped" in text
+    assert rc == 1 and "skipped" in text     # partial (opted in): exit 1
     # the modules that fit are baked exactly
     got, exp = native_state(out), expected_native(base, [])
     model = lorakit.read_lora(lora)

@@ -230,6 +230,9 @@ def test_partial_needs_opt_in(tmp_path, capsys) -> None:
     out = tmp_path / "out.safetensors"
     assert main(["convert", partial, "-o", str(out), "--to", "comfy"]) == 2
     assert "mystery" in capsys.readouterr().err and not out.exists()
-    assert main(["convert", partial, "-o", str(out), "--to", "comfy", "--allow-partial"]) == 0
+    assert main(["convert", partial, "-o", str(out), "--to", "comfy", "--allow-partial"]) == 1   # partial: exit 1
     assert "skipped 1 keys" in capsys.readouterr().err
+    assert main(["convert", partial, "-o", str(tmp_path / "o2.safetensors"), "--to", "comfy", "--allow-partial",
+                 "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["unknown_keys"] == ["lora_unet_mystery_module.lora_down.weight"]
     assert not any("mystery" in k for k in load_file(str(out)))

@@ -214,7 +214,8 @@ def test_dtype_oddities(tmp_path) -> None:
     t["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(H, 4, dtype=torch.int8)
     save_file(t, str(tmp_path / "int.safetensors"))
     d, _ = _one(str(tmp_path / "int.safetensors"))
-    assert any("integer" in w for w in d.warnings)
+    # integer factors are refused at header level (parse): the verdict is INVALID, naming the key and dtype
+    assert d.verdict == "INVALID" and "I8" in d.summary and "img_attn_proj.lora_up.weight" in d.summary
 
 
 def test_stale_hash_warning(tmp_path) -> None:

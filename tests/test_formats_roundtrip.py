@@ -224,12 +224,22 @@ def case_kohya_lora(f: Fixture) -> None:
     f.metadata.update({"ss_network_module": "networks.lora_flux", "ss_network_dim": "4", "ss_network_alpha": "Dynamic"})
 
 
+def diffusers_labels(natives: set[str], rows: dict[str, tuple[int, int]] | None = None) -> set[str]:
+    """Labels of the diffusers modules that address the given BFL weights (within ``rows`` when given)."""
+    rows = rows or {}
+    return {f"transformer:{d}" for d, sp in diffusers_modules().items() if sp.native in natives
+            and (sp.native not in rows or (rows[sp.native][0] <= sp.start and sp.stop <= rows[sp.native][1]))}
+
+
 def case_kohya_loha(f: Fixture) -> None:
     mods = native_modules()
-    for n, name in enumerate(("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1",
-                              "final_layer.adaLN_modulation.1", "double_blocks.1.txt_mlp.0", "img_in")):
+    names = ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "final_layer.adaLN_modulation.1",
+             "double_blocks.1.txt_mlp.0", "img_in")
+    for n, name in enumerate(names):
         o, i = mods[name]
         f.place("transformer", name, f.loha("lora_unet_" + flat(name), o, i, 3, alpha=(1.5, None, 6.0, 3.0, 2.0)[n]))
+    # diffusers' FLUX loader reads LoRA factors only: every LoHa module is re-factored (by opt-in)
+    f.lossy["diffusers"] = diffusers_labels(set(names))
 
 
 def case_kohya_lokr(f: Fixture) -> None:
@@ -245,7 +255,11 @@ def case_kohya_lokr(f: Fixture) -> None:
     # final layer with a swap: w1 2x2 (x) w2 32x16 -> halves swap exactly.
     f.place("transformer", "final_layer.adaLN_modulation.1",
             f.lokr("lora_unet_final_layer_adaLN_modulation_1", (2, 2), (32, 16), r=4, alpha=2.0))
-    f.lossy["diffusers"] = {f"transformer:transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"}
+    # diffusers' FLUX loader reads LoRA factors only: every LoKr module is re-factored (by opt-in), including
+    # the txt qkv whose blocks do not align with the q/k/v windows
+    f.lossy["diffusers"] = diffusers_labels({"double_blocks.0.img_attn.qkv", "single_blocks.0.linear1",
+                                             "double_blocks.0.txt_attn.qkv", "final_layer.adaLN_modulation.1"})
+    assert len(f.lossy["diffusers"]) == 11
 
 
 def case_kohya_full(f: Fixture) -> None:
@@ -397,6 +411,10 @@ def case_lycoris(f: Fixture) -> None:
                                                                    2, alpha=4.0))
     label = {"transformer:double_blocks.0.img_attn.qkv"}
     f.lossy["kohya"] = f.lossy["comfy"] = label
+    f.lossy["diffusers"] = {"transformer:transformer_blocks.0.attn.to_q", "transformer:transformer_blocks.0.attn.to_k",
+                            "transformer:transformer_blocks.0.attn.to_v", "transformer:transformer_blocks.0.attn.to_out.0",
+                            "transformer:single_transformer_blocks.0.proj_mlp",
+                            "transformer:single_transformer_blocks.1.attn.to_v"}
 
 
 def case_diffsynth(f: Fixture) -> None:

@@ -72,7 +72,8 @@ def test_convert_bf16_hashes_match_sdscripts_definition(big_fp32_lora, tmp_path)
 @pytest.mark.parametrize("to", ["kohya", "diffusers", "comfy"])
 def test_every_convert_target_stores_current_hashes(big_fp32_lora, tmp_path, to) -> None:
     out = str(tmp_path / f"{to}.safetensors")
-    convert(big_fp32_lora, out, to, dtype=torch.float16)
+    # folding α into fp16 diffusers factors rounds them beyond the cast (reported as lossy)
+    convert(big_fp32_lora, out, to, dtype=torch.float16, allow_lossy=(to == "diffusers"))
     check_written_hashes(out)
 
 

@@ -95,10 +95,10 @@ def test_resize_to_at_least_the_true_rank_is_exact(tmp_path):
         assert max(rel(dout[t], din[t]) for t in din) <= 1e-6
         assert rep.max_verify_error <= 1e-6
         assert all(m.relative_error <= 1e-6 for m in rep.modules)
-    rep = resize(src, tmp_path / "r8.safetensors", rank=8)
-    assert {m.path for m in rep.modules} == {"unchanged"} and any("unchanged" in w for w in rep.warnings)
-    with open_weights(src) as a, open_weights(tmp_path / "r8.safetensors") as b:
-        assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+    # a resize that changes nothing (every module already at or below the rank) is refused, nothing written
+    with pytest.raises(UsageError, match="nothing to resize") as exc:
+        resize(src, tmp_path / "r8.safetensors", rank=8)
+    assert "Fix:" in str(exc.value) and not (tmp_path / "r8.safetensors").exists()
 
 
 def test_lower_rank_is_the_optimal_truncation_and_strength_is_kept(tmp_path):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import LoRA, NotExact
+from .adapters import LoKr, LoRA, NotExact
 from .basemodel import BaseModel, open_base
 from .dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
 from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, OutputError,
@@ -524,7 +524,13 @@ def _delta_rows(u: _Use, a: int, b: int, device: torch.device) -> torch.Tensor:
     try:
         d = adapter.row_slice(a, b).dense()
     except NotExact:
-        d = adapter.dense()[a:b]
+        if isinstance(adapter, LoKr):
+            # rows of kron(w1, w2) come in blocks of k = rows of w2: densify only the blocks that cover [a, b)
+            k = int((adapter.w2 if adapter.w2 is not None else adapter.w2a).shape[0])  # type: ignore[union-attr]
+            a0, b0 = a // k * k, -(-b // k) * k
+            d = adapter.row_slice(a0, b0).dense()[a - a0:b - a0]
+        else:
+            d = adapter.dense()[a:b]
     return d.reshape(b - a, -1).to(device, torch.float32)
 
 
@@ -1122,6 +1128,8 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         report.inputs.append({"path": inp.path, "weight": inp.weight, "format": inp.model.format,
                               "variant": inp.model.arch.variant, "modules": len(inp.model.patches),
                               "applied": inp.applied, "skipped": inp.skipped})
+        if inp.weight == 0 and not inp.applied:
+            report.warnings.append(f"{name}: weight 0, contributes nothing.")
         mv = inp.model.arch.variant
         if mv in _labels(bm) and mv != bm.variant and not bad:
             report.warnings.append(f"{name}: made for {_labels(bm)[mv]}, baked into {_base_desc(bm)}.")

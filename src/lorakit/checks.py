@@ -6,6 +6,7 @@ tensors; call it on LoRA models (``require_finite_model``) before a computation 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -41,12 +42,14 @@ def require_finite(tensors: torch.Tensor | Mapping[str, torch.Tensor] | Iterable
 
 
 def nonfinite_modules(model: LoraModel) -> list[str]:
-    """Source module names of patches whose factors, bias or DoRA magnitude hold NaN/Inf."""
+    """Source module names of patches whose factors, bias, DoRA magnitude, α or scale hold NaN/Inf."""
     bad = []
     for p in model.patches:
         tensors = list(p.adapter._fields().items()) if p.adapter is not None else []
         tensors += [("bias", p.bias), ("dora", p.dora)]
-        if nonfinite_names([(k, v) for k, v in tensors if v is not None]):
+        scalar_bad = p.adapter is not None and not (
+            (p.adapter.alpha is None or math.isfinite(p.adapter.alpha)) and math.isfinite(p.adapter.scale))
+        if scalar_bad or nonfinite_names([(k, v) for k, v in tensors if v is not None]):
             bad.append(p.source or str(p.target))
     return bad
 
@@ -55,6 +58,7 @@ def require_finite_model(model: LoraModel) -> None:
     bad = nonfinite_modules(model)
     if bad:
         shown = ", ".join(repr(b) for b in bad[:5]) + (f" … and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteError(f"{len(bad)} module(s) hold NaN or Inf values ({shown}).", path=model.path,
+        raise NonFiniteError(f"{len(bad)} module(s) hold NaN or Inf values (factors or alpha) ({shown}).",
+                             path=model.path,
                              hint="the LoRA is corrupt or diverged in training; `lorakit doctor` lists the "
                                   "affected modules. lorakit will not compute with it.")

@@ -84,7 +84,7 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
             raise KeyMappingError("keys not understood; converting without them would drop part of the LoRA",
                                   parsed.unknown_keys, path=src, hint="pass --allow-partial to convert the rest.")
         model = load(parsed)
-    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype)
+    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype, fold_rounding="refuse")
     warnings = []
     if to == "diffusers" and "t5" in model.components():
         warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")

@@ -22,7 +22,7 @@ from .errors import InputFileError, LorakitError, NotALoraError, UnsupportedArch
 from .formats import parse
 from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, _rows
 from .formats.spec import FORMATS, split_key
-from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary
+from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary, split_qkv_warnings
 from .io import WeightFile, open_weights
 from .layouts import RECOGNIZERS, NameIndex, evaluate, recognize, resolve, symbols
 
@@ -465,6 +465,7 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
             return _failed(p, exc, INVALID, base_label)
         info = _info(parsed, alphas, ranks, scales)
         dchecks, dwarn = _dtype_warnings(f, parsed)
+        split_warn = split_qkv_warnings(parsed)
         schecks, swarn = _scale_warnings(scales, alphas, ranks)
         unknown = _unknown_groups(parsed, matchers)
         cov = _coverage(parsed, base, encoders, unknown)
@@ -473,7 +474,7 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
                 "nonfinite_count": len(deep["nonfinite_modules"]),
                 "zero_up_modules": deep["zero_up_modules"][:LISTED], "zero_up_count": len(deep["zero_up_modules"]),
                 "delta_norm_max": deep["delta_norm_max"], **dchecks, **schecks}
-    d.warnings = dwarn + swarn + hash_warn
+    d.warnings = dwarn + swarn + hash_warn + split_warn
     for (fmt, layout), (note, fix) in PORTABILITY.items():
         if fmt == parsed.format and (layout is None or (base is not None and base.layout == layout)):
             if layout is None or any(e.match.spec.group in ("embedders", "final_layer") for e in parsed.entries):

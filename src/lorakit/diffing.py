@@ -68,6 +68,8 @@ class DiffReport:
     alpha_differences: list[dict[str, Any]] = field(default_factory=list)
     dtype_differences: list[dict[str, Any]] = field(default_factory=list)
     shape_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    bias_differences: list[dict[str, Any]] = field(default_factory=list)   # LoRAs: differing bias deltas
+    dora_differences: list[dict[str, Any]] = field(default_factory=list)   # LoRAs: differing DoRA magnitudes
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     total: dict[str, Any] = field(default_factory=dict)
@@ -75,9 +77,11 @@ class DiffReport:
 
     @property
     def equivalent(self) -> bool:
-        """Same modules and deltas/tensors equal to a relative 1e-6 (a lossless conversion compares equivalent)."""
+        """Same modules and deltas/tensors equal to a relative 1e-6 (a lossless conversion compares equivalent);
+        for LoRAs also the same bias deltas and DoRA magnitudes."""
         t = self.total
-        if self.only_in_a or self.only_in_b or self.shape_mismatches:
+        if self.only_in_a or self.only_in_b or self.shape_mismatches or self.bias_differences \
+                or self.dora_differences:
             return False
         rel = t.get("relative_difference")
         return rel <= EQUIVALENT if rel is not None else t.get("norm_b", 0.0) <= EPS
@@ -122,6 +126,83 @@ def patch_inner(pa: Patch, pb: Patch) -> float:
 
 def _gram(ps: list[Patch], qs: list[Patch]) -> float:
     return sum(patch_inner(p, q) for p in ps for q in qs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias deltas and DoRA magnitudes (compared directly: no base weight needed)
+# ---------------------------------------------------------------------------------------------
+
+def _placed(parts: list[tuple[tuple[int, int], torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row-windowed 1-D pieces assembled into one fp64 vector, with the mask of the rows they cover."""
+    if not parts:
+        return None
+    n = max(w[1] for w, _ in parts)
+    out = torch.zeros(n, dtype=torch.float64)
+    mask = torch.zeros(n, dtype=torch.bool)
+    for (r0, r1), v in parts:
+        out[r0:r1] += v.reshape(-1).to(torch.float64)[: r1 - r0]
+        mask[r0:r1] = True
+    return out, mask
+
+
+def _bias_vector(patches: list[Patch]) -> torch.Tensor | None:
+    placed = _placed([(_window(p), p.bias) for p in patches if p.bias is not None])
+    return placed[0] if placed is not None else None
+
+
+def _dora_vectors(patches: list[Patch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """DoRA magnitudes of one target: ``"out"`` assembled over the row windows (output-axis norms), and
+    ``"in[a:b]"`` per window for input-axis (column) norms, which belong to their window's rows."""
+    out_parts, vectors = [], {}
+    for p in patches:
+        if p.dora is None:
+            continue
+        m = p.dora
+        w = _window(p) if p.rows is not None or p.adapter is not None or p.bias is not None else (0, m.shape[0])
+        if m.dim() == 2 and m.shape[0] == 1 and w[1] - w[0] != 1:
+            v = m.reshape(-1).to(torch.float64)
+            vectors[f"in[{w[0]}:{w[1]}]"] = (v, torch.ones(v.numel(), dtype=torch.bool))
+        else:
+            out_parts.append((w, m))
+    placed = _placed(out_parts)
+    if placed is not None:
+        vectors["out"] = placed
+    return vectors
+
+
+def _vector_difference(a: torch.Tensor | None, b: torch.Tensor | None) -> dict[str, Any] | None:
+    """``None`` when equal to a relative 1e-6, else the norms and the relative difference."""
+    if a is None and b is None:
+        return None
+    n = max(x.numel() for x in (a, b) if x is not None)
+    va = torch.zeros(n, dtype=torch.float64) if a is None else a
+    vb = torch.zeros(n, dtype=torch.float64) if b is None else b
+    if va.numel() != vb.numel():
+        return {"norm_a": float(va.norm()), "norm_b": float(vb.norm()), "relative_difference": None,
+                "reason": f"lengths {va.numel()} vs {vb.numel()}"}
+    na, nb, nd = float(va.norm()), float(vb.norm()), float((va - vb).norm())
+    scale = max(na, nb)
+    if nd <= EQUIVALENT * scale or (scale <= EPS and nd <= EPS):
+        return None
+    return {"norm_a": na, "norm_b": nb, "relative_difference": nd / scale if scale > EPS else None}
+
+
+def _compare_extras(rep: "DiffReport", name: str, pa: list[Patch], pb: list[Patch]) -> None:
+    d = _vector_difference(_bias_vector(pa), _bias_vector(pb))
+    if d is not None:
+        rep.bias_differences.append({"module": name, **d})
+    va, vb = _dora_vectors(pa), _dora_vectors(pb)
+    for key in sorted(set(va) | set(vb)):
+        if key not in va or key not in vb:
+            rep.dora_differences.append({"module": name, "axis": key, "only_in": "A" if key in va else "B"})
+            continue
+        (ma, ka), (mb, kb) = va[key], vb[key]
+        if ka.shape != kb.shape or not torch.equal(ka, kb):
+            rep.dora_differences.append({"module": name, "axis": key, "reason": "the magnitudes cover different rows"})
+            continue
+        d = _vector_difference(ma, mb)
+        if d is not None:
+            rep.dora_differences.append({"module": name, "axis": key, **d})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +268,7 @@ def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
         if sa and sb and sa != sb:
             rep.shape_mismatches.append({"module": str(t), "a": list(sa or ()), "b": list(sb or ())})
             continue
+        _compare_extras(rep, str(t), pa, pb)
         ra, rb = _ranks(pa), _ranks(pb)
         if ra != rb:
             rep.rank_differences.append({"module": str(t), "a": ra, "b": rb})
@@ -204,9 +286,10 @@ def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
     rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
     rep.total = total.to_json()
     if any(p.dora is not None for p in a.patches + b.patches):
-        rep.notes.append("DoRA magnitudes are not compared (they need the base weight).")
+        rep.notes.append("DoRA magnitudes are compared directly (equal or not); the ratios and cosines cover the "
+                         "low-rank deltas only (a DoRA's effect on W needs the base weight).")
     if any(p.bias is not None for p in a.patches + b.patches):
-        rep.notes.append("bias deltas are not included in the cosines.")
+        rep.notes.append("bias deltas are compared directly; they are not included in the ratios and cosines.")
     return rep
 
 
@@ -321,6 +404,15 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
         return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb)
 
 
+def _extra_text(e: Mapping[str, Any]) -> str:
+    where = e["module"] + (f" {e['axis']}" if "axis" in e else "")
+    if "only_in" in e:
+        return f"{where}: only in {e['only_in']}"
+    if e.get("relative_difference") is not None:
+        return f"{where}: |A| {e['norm_a']:.4g}, |B| {e['norm_b']:.4g}, relative difference {e['relative_difference']:.3g}"
+    return f"{where}: {e.get('reason', 'different')}"
+
+
 def format_report(rep: DiffReport, *, top: int = 12) -> str:
     a, b = rep.a, rep.b
 
@@ -347,6 +439,9 @@ def format_report(rep: DiffReport, *, top: int = 12) -> str:
         lines.append(f"dtypes differ in {len(rep.dtype_differences)} tensors (e.g. {d['tensor']}: {d['a']} vs {d['b']})")
     for m in rep.shape_mismatches[:8]:
         lines.append(f"shape mismatch  {m['module']}: {m['a']} vs {m['b']}")
+    for label, items in (("bias deltas", rep.bias_differences), ("DoRA magnitudes", rep.dora_differences)):
+        if items:
+            lines.append(f"{label} differ in {len(items)} modules (e.g. {_extra_text(items[0])})")
 
     def row(name: str, e: Mapping[str, Any]) -> str:
         cos = "   n/a" if e["cosine"] is None else f"{e['cosine']:+.4f}"

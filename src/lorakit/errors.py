@@ -117,12 +117,13 @@ class KeyMappingError(LorakitError):
 class LossyConversionError(LorakitError):
     """The target cannot hold the input exactly and --allow-lossy was not given."""
 
-    def __init__(self, modules: Sequence[str], reason: str, *, path: str | None = None) -> None:
+    def __init__(self, modules: Sequence[str], reason: str, *, path: str | None = None,
+                 hint: str | None = None) -> None:
         self.modules = list(modules)
         super().__init__(
             f"{reason}: {len(self.modules)} module(s) ({_preview(self.modules)}) cannot be written exactly.",
             path=path,
-            hint="pass --allow-lossy to re-factor them by SVD (the relative error of each is reported), "
+            hint=hint or "pass --allow-lossy to re-factor them by SVD (the relative error of each is reported), "
             "or choose another --to format.",
         )
 

@@ -165,6 +165,8 @@ class ExtractReport:
     tensors_out: int = 0
     output_bytes: int = 0
     seconds: float = 0.0
+    dry_run: bool = False
+    plan: list[dict[str, object]] = field(default_factory=list)   # dry run: paired tensors per native module
 
     @property
     def mean_retained_energy(self) -> float:
@@ -180,6 +182,8 @@ class ExtractReport:
         d["mean_retained_energy"] = self.mean_retained_energy
         worst = self.worst
         d["worst_relative_error"] = {"module": worst.module, "relative_error": worst.relative_error} if worst else None
+        if not self.dry_run:
+            d.pop("plan")
         return d
 
 
@@ -299,12 +303,14 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
             min_diff: float = 0.0, to: str = "kohya", device: str = "cpu", exact: bool = False, seed: int = 0,
             alpha: float | None = None, include_bias: bool = False, include_norms: bool = False,
             dtype: torch.dtype | None = None, oversample: int = DEFAULT_OVERSAMPLE, niter: int = DEFAULT_NITER,
-            allow_pickle: bool = False, progress: Progress | None = None) -> ExtractReport:
+            allow_pickle: bool = False, progress: Progress | None = None, dry_run: bool = False) -> ExtractReport:
     """Extract a LoRA ``tuned − original`` and write it to ``output`` in format ``to``.
 
     ``rank`` fixes the rank (the cap with ``dynamic``; default cap 128 there). ``alpha`` stores that α
     and scales the up factors by ``k/α`` so that the delta is unchanged. ``dtype`` defaults to the
     tuned model's weight dtype (bf16 for fp8 or other non-float inputs). Returns a per-module report.
+    ``dry_run`` pairs the tensors of both models per native module from their headers alone (no tensor
+    data is read, nothing is written) and returns that plan in ``report.plan``.
     """
     started = time.perf_counter()
     src_o, src_t = os.fspath(original), os.fspath(tuned)
@@ -313,9 +319,10 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     dev = _device(device)
     cap = rank if rank is not None else DEFAULT_DYNAMIC_CAP
     out_path = os.fspath(output) if output is not None else None
-    if out_path is None:
-        raise UsageError("no output path given.", hint="pass -o OUT.safetensors.")
-    check_output_path(out_path, [src_o, src_t])
+    if out_path is None and not dry_run:
+        raise UsageError("no output path given.", hint="pass -o OUT.safetensors (or --dry-run).")
+    if out_path is not None:
+        check_output_path(out_path, [src_o, src_t])
 
     with open_weights(src_o, allow_pickle=allow_pickle) as fo, open_weights(src_t, allow_pickle=allow_pickle) as ft:
         orig, tune = open_base(fo), open_base(ft)
@@ -328,6 +335,12 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         for base, path in ((orig, src_o), (tune, src_t)):
             if base.passthrough:
                 report.ignored_keys[os.path.basename(path)] = list(base.passthrough)
+        if dry_run:
+            report.dry_run = True
+            report.plan = _plan(orig, tune, report, cap=cap, dyn=dyn, include_bias=include_bias,
+                                include_norms=include_norms)
+            report.seconds = time.perf_counter() - started
+            return report
         patches = _stream(orig, tune, report, cap=cap, conv_rank=conv_rank, dyn=dyn, exact=exact,
                           oversample=oversample, niter=niter, seed=seed, alpha=alpha, min_diff=min_diff,
                           include_bias=include_bias, include_norms=include_norms, dev=dev, out_dtype=out_dtype,
@@ -395,27 +408,8 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
             dyn: tuple[str, float] | None, exact: bool, oversample: int, niter: int, seed: int,
             alpha: float | None, min_diff: float, include_bias: bool, dev: torch.device, out_dtype: torch.dtype,
             progress: Progress | None, include_norms: bool = False) -> list[Patch]:
-    om, tm = orig.by_module(), tune.by_module()
+    om, tm, loose_o, loose_t, work = _pair(orig, tune, report)
     modules = tune.arch.module_map(COMPONENT)
-    for name in sorted(set(om) ^ set(tm)):
-        report.unpaired.append(f"{name} (only in {'ORIGINAL' if name in om else 'TUNED'})")
-    loose_o = {s.param: s for s in orig.slots.values() if s.module is None}
-    loose_t = {s.param: s for s in tune.slots.values() if s.module is None}
-    for name in sorted(set(loose_o) ^ set(loose_t)):
-        report.unpaired.append(f"{name} (only in {'ORIGINAL' if name in loose_o else 'TUNED'})")
-
-    work = []
-    for name in modules:
-        if name not in om or name not in tm:
-            continue
-        rows = modules[name].out
-        bad = [lbl for lbl, sl in (("ORIGINAL", om[name]), ("TUNED", tm[name]))
-               if not _covered(_param_slots(sl, "weight"), rows)]
-        if bad:
-            report.unpaired.append(f"{name} (weight rows incomplete in {' and '.join(bad)})")
-        else:
-            work.append(name)
-    work.sort(key=lambda n: _file_position(tune, tm[n]))   # sequential reads of TUNED
 
     def read(name: str) -> tuple[RawSlots, RawSlots]:
         return _read(tune, tm[name]), _read(orig, om[name])
@@ -490,6 +484,89 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
                                f" (largest error {worst['rounding_error']:.3g} in {worst['name']}); pass "
                                "--save-precision fp32 to store them exactly.")
     return patches
+
+
+def _pair(orig: BaseModel, tune: BaseModel, report: ExtractReport) -> tuple[
+        dict[str, list[Slot]], dict[str, list[Slot]], dict[str, Slot], dict[str, Slot], list[str]]:
+    """Pair both models' slots per native module (headers only); the unpaired ones go to the report.
+    Returns the module slots of each model, their loose parameters and the paired modules in TUNED's file order."""
+    om, tm = orig.by_module(), tune.by_module()
+    modules = tune.arch.module_map(COMPONENT)
+    for name in sorted(set(om) ^ set(tm)):
+        report.unpaired.append(f"{name} (only in {'ORIGINAL' if name in om else 'TUNED'})")
+    loose_o = {s.param: s for s in orig.slots.values() if s.module is None}
+    loose_t = {s.param: s for s in tune.slots.values() if s.module is None}
+    for name in sorted(set(loose_o) ^ set(loose_t)):
+        report.unpaired.append(f"{name} (only in {'ORIGINAL' if name in loose_o else 'TUNED'})")
+    work = []
+    for name in modules:
+        if name not in om or name not in tm:
+            continue
+        rows = modules[name].out
+        bad = [lbl for lbl, sl in (("ORIGINAL", om[name]), ("TUNED", tm[name]))
+               if not _covered(_param_slots(sl, "weight"), rows)]
+        if bad:
+            report.unpaired.append(f"{name} (weight rows incomplete in {' and '.join(bad)})")
+        else:
+            work.append(name)
+    work.sort(key=lambda n: _file_position(tune, tm[n]))   # sequential reads of TUNED
+    return om, tm, loose_o, loose_t, work
+
+
+def _sorted_slots(slots: list[Slot]) -> list[Slot]:
+    return sorted(slots, key=lambda s: (s.param, s.rows or (0, 0)))
+
+
+def _slot_json(base: BaseModel, s: Slot) -> dict[str, object]:
+    info = base.file.infos[s.key]
+    return {"key": s.key, "param": s.param, "shape": list(info.shape), "dtype": info.dtype,
+            "rows": list(s.rows) if s.rows else None, "swapped_halves": s.swap}
+
+
+def _plan(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int, dyn: tuple[str, float] | None,
+          include_bias: bool, include_norms: bool) -> list[dict[str, object]]:
+    """The dry-run plan: per paired native module, the tensors of each model, the native shape and the
+    rank (fixed, or the cap of ``--dynamic``). Reads headers only."""
+    om, tm, loose_o, loose_t, work = _pair(orig, tune, report)
+    if not work:
+        raise KeyMappingError("no module of ORIGINAL could be paired with one of TUNED", report.unpaired,
+                              path=f"{orig.file.path} vs {tune.file.path}",
+                              hint="both files must be FLUX.1 transformers (BFL, ComfyUI or diffusers layout).")
+    modules = tune.arch.module_map(COMPONENT)
+    plan: list[dict[str, object]] = []
+    for name in work:
+        cm = modules[name]
+        params = ("weight", "bias") if include_bias else ("weight",)
+        plan.append({"module": name, "shape": [cm.out, cm.inp],
+                     "rank": min(cap, cm.out, cm.inp), "rank_rule": f"dynamic {dyn[0]}:{dyn[1]:g} (cap)" if dyn
+                     else "fixed",
+                     "original": [_slot_json(orig, s) for s in _sorted_slots(om[name]) if s.param in params],
+                     "tuned": [_slot_json(tune, s) for s in _sorted_slots(tm[name]) if s.param in params]})
+    if include_norms:
+        for name in sorted(set(loose_o) & set(loose_t)):
+            plan.append({"module": name, "shape": list(tune.file.infos[loose_t[name].key].shape), "rank": None,
+                         "rank_rule": "exact diff (norm scale)", "original": [_slot_json(orig, loose_o[name])],
+                         "tuned": [_slot_json(tune, loose_t[name])]})
+    return plan
+
+
+def _slots_text(slots: list[dict[str, object]]) -> str:
+    parts = []
+    for e in slots:
+        rows = e["rows"]
+        parts.append(f"{e['key']}{e['shape']}" + (f"@rows {rows[0]}:{rows[1]}" if rows else "")  # type: ignore[index]
+                     + (" (halves swapped)" if e["swapped_halves"] else ""))
+    return " + ".join(parts)
+
+
+def format_plan(report: ExtractReport) -> list[str]:
+    """Human-readable lines of a dry-run plan: one per paired native module."""
+    lines = []
+    for e in report.plan:
+        rank = "" if e["rank"] is None else f", rank {'≤ ' if e['rank_rule'] != 'fixed' else ''}{e['rank']}"
+        lines.append(f"{e['module']} {e['shape']}{rank}: TUNED {_slots_text(e['tuned'])}"  # type: ignore[arg-type]
+                     f" − ORIGINAL {_slots_text(e['original'])}")  # type: ignore[arg-type]
+    return lines
 
 
 def _bias_delta(raw_o: RawSlots, raw_t: RawSlots, out_rows: int, name: str, report: ExtractReport,

@@ -14,6 +14,7 @@ import torch
 from .adapters import Full, LoHa, LoKr, LoRA
 from .formats import parse
 from .formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
+from .errors import NonFiniteError
 from .io import open_weights
 from .layouts import expand
 
@@ -61,12 +62,20 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
     return out
 
 
-def _read_alphas(parsed: ParsedLora) -> dict[str, float | None]:
+def _read_alphas(parsed: ParsedLora, nonfinite: list[str] | None = None) -> dict[str, float | None]:
+    """α per module. A NaN/Inf α raises NonFiniteError naming its key, unless ``nonfinite`` is given: then the
+    module's α is None and the key is appended there (``inspect`` shows the file and flags it)."""
     out: dict[str, float | None] = {}
     for e in parsed.entries:
         key = e.keys.get("alpha")
         tensor = parsed.file.get(key) if key else None
-        out[e.file_module] = entry_alpha(parsed, e, tensor)
+        try:
+            out[e.file_module] = entry_alpha(parsed, e, tensor)
+        except NonFiniteError:
+            if nonfinite is None:
+                raise
+            nonfinite.append(key or e.file_module)
+            out[e.file_module] = None
     return out
 
 
@@ -153,14 +162,57 @@ def trigger_words(meta: Mapping[str, str], limit: int = 10) -> list[str]:
     return seen[:limit]
 
 
+def _split_qkv_flag(meta: Mapping[str, str]) -> bool:
+    raw = meta.get("ss_network_args")
+    if not raw:
+        return False
+    try:
+        args = json.loads(raw)
+    except ValueError:
+        return False
+    value = args.get("split_qkv") if isinstance(args, dict) else None
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def split_qkv_warnings(parsed: ParsedLora) -> list[str]:
+    """sd-scripts ``split_qkv`` files (flux.md §6.4): a fused qkv/linear1 whose ``up`` is block-diagonal with n
+    equal column groups keeps the per-split α, so most loaders apply it at 1/n of the trained strength. Warned
+    about only when ``ss_network_args`` says ``split_qkv``; the numbers are not changed."""
+    if not _split_qkv_flag(parsed.metadata):
+        return []
+    from .formats.parse import _rows
+    hits: dict[int, list[str]] = {}
+    for e in parsed.entries:
+        if e.family != "lora" or "mid" in e.keys or e.match.loose or e.match.alias.rows is not None:
+            continue
+        params = parsed.arch.params.get(e.component, {})
+        windows = [w for a in e.match.spec.names("diffusers") if (w := _rows(a, params)) is not None]
+        n, rank = len(windows), e.shapes["down"][0]
+        if n < 2 or rank % n:
+            continue
+        up = parsed.file.get(e.keys["up"]).reshape(e.shapes["up"][0], -1)
+        g = rank // n
+        mask = torch.ones_like(up, dtype=torch.bool)
+        for j, (s, t) in enumerate(sorted(windows)):
+            mask[s:t, j * g:(j + 1) * g] = False
+        if not bool(up[mask].ne(0).any()) and bool(up[~mask].ne(0).any()):
+            hits.setdefault(n, []).append(e.file_module)
+    return [f"{len(mods)} fused module(s) (e.g. {mods[0]!r}) were trained with split_qkv (block-diagonal up, {n} "
+            f"groups): their alpha is per split, so most loaders apply them at 1/{n} strength (sd-scripts#2204); "
+            "lorakit keeps the numbers as stored" for n, mods in sorted(hits.items())]
+
+
 def _deep(parsed: ParsedLora) -> dict[str, Any]:
     nonfinite, zero_up, norms = [], [], {}
     for e in parsed.entries:
-        patch = load_entry(parsed, e)
+        try:
+            patch = load_entry(parsed, e)
+        except NonFiniteError:      # a NaN/Inf α (stored or from the config)
+            nonfinite.append(e.file_module)
+            continue
         a = patch.adapter
         tensors = list(a._fields().values()) if a is not None else []
-        if patch.bias is not None:
-            tensors.append(patch.bias)
+        tensors += [t for t in (patch.bias, patch.dora) if t is not None]
         if any(not bool(torch.isfinite(t.float()).all()) for t in tensors):
             nonfinite.append(e.file_module)
             continue
@@ -188,9 +240,13 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
     p = os.fspath(path)
     with open_weights(p, allow_pickle=allow_pickle) as f:
         parsed = parse(f, force_format=from_format)
-        alphas = _read_alphas(parsed)
+        bad_alphas: list[str] = []
+        alphas = _read_alphas(parsed, bad_alphas)
         ranks = {e.file_module: _rank(e) for e in parsed.entries}
         scales = {m: _scale(e, alphas[m], ranks[m]) for m, e in ((e.file_module, e) for e in parsed.entries)}
+        for e in parsed.entries:    # a NaN/Inf α has no scale
+            if e.keys.get("alpha", e.file_module) in bad_alphas:
+                scales[e.file_module] = None
         dtypes = Counter(f.infos[k].dtype for k in f.keys())
         kinds = sorted({_kind(e) for e in parsed.entries if _kind(e)} |
                        ({"dora"} if any("dora" in e.keys for e in parsed.entries) else set()))
@@ -214,6 +270,8 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
             "dtypes": dict(dtypes),
             "metadata": metadata_summary(parsed.metadata),
+            "nonfinite_alpha_keys": bad_alphas,
+            "warnings": split_qkv_warnings(parsed),
             "unknown_keys": parsed.unknown_keys[:MAX_UNKNOWN_LISTED],
             "unknown_key_count": len(parsed.unknown_keys),
             "sizes": {c: {k: v for k, v in sorted(p_.items())} for c, p_ in parsed.arch.params.items()},
@@ -264,6 +322,11 @@ def format_report(r: Mapping[str, Any]) -> str:
     if meta.get("training"):
         lines.append("  training      " + ", ".join(f"{k}={v}" for k, v in meta["training"].items()
                                                    if k != "network_args"))
+    for w in r.get("warnings", []):
+        lines.append(f"  warning       {w}")
+    if r.get("nonfinite_alpha_keys"):
+        bad = r["nonfinite_alpha_keys"]
+        lines.append(f"  NaN/Inf alpha {len(bad)} keys: {', '.join(bad[:5])} (the LoRA is corrupt)")
     if r["unknown_key_count"]:
         lines.append(f"  NOT UNDERSTOOD {r['unknown_key_count']} keys: {', '.join(r['unknown_keys'][:5])}")
     hashes = r.get("hashes")

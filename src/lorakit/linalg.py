@@ -93,9 +93,28 @@ def parse_dynamic(text: str) -> tuple[str, float]:
         raise UsageError(f"bad --dynamic {text!r}.", hint="write METHOD:PARAM with METHOD one of "
                          + ", ".join(DYNAMIC_METHODS) + ", e.g. sv_fro:0.9.")
     try:
-        return method, float(value)
+        p = float(value)
     except ValueError:
         raise UsageError(f"bad --dynamic parameter {value!r}.", hint="give a number, e.g. sv_ratio:8.") from None
+    check_dynamic(method, p)
+    return method, p
+
+
+def check_dynamic(method: str, param: float) -> None:
+    """The ranges every command shares: ``sv_fro``/``sv_cumulative`` take a fraction in (0, 1]; ``sv_ratio``
+    a finite ratio > 1 (a ratio <= 1 keeps no singular value below the largest, i.e. always rank 1)."""
+    if method in ("sv_fro", "sv_cumulative"):
+        if not 0 < param <= 1:
+            raise UsageError(f"--dynamic {method} needs a fraction in (0, 1], got {param}.",
+                             hint=f"e.g. {method}:0.9 (the fraction of the {'norm' if method == 'sv_fro' else 'sum'} "
+                                  "of singular values kept); for a fixed rank use --rank N.")
+    elif method == "sv_ratio":
+        if not (1 < param < math.inf):
+            raise UsageError(f"--dynamic sv_ratio needs a finite ratio > 1, got {param}.",
+                             hint="sv_ratio:R keeps the singular values above s_0/R, e.g. sv_ratio:8; "
+                                  "for rank 1 use --rank 1.")
+    else:
+        raise UsageError(f"unknown dynamic method {method!r}.", hint="use " + ", ".join(DYNAMIC_METHODS) + ".")
 
 
 def randomized_svd(d: Tensor, rank: int, *, oversample: int = 16, niter: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:

@@ -40,7 +40,7 @@ class Patch:
     adapter: Adapter | None
     rows: tuple[int, int] | None = None
     bias: Tensor | None = None          # dense bias delta for the covered rows (strength 1)
-    dora: Tensor | None = None          # DoRA magnitude, one value per covered output row
+    dora: Tensor | None = None          # DoRA magnitude: (rows,) per output row, or (1, in) per input column
     source: str = ""                    # module name in the input file
 
     @property

@@ -7,6 +7,7 @@ win over the recipe.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,13 +15,30 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, UsageError
 
 
 @dataclass(frozen=True)
 class WeightedInput:
+    """A LoRA path with its strength; the weight must be a finite real number (checked here, once for all)."""
+
     path: str
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) and not hasattr(w, "__float__"):
+            raise UsageError(f"weight of {self.path!r} must be a number, got {w!r}.",
+                             hint="write PATH:WEIGHT with a finite number, e.g. lora.safetensors:0.7.")
+        try:
+            value = float(w)
+        except (TypeError, ValueError):
+            raise UsageError(f"weight of {self.path!r} must be a number, got {w!r}.",
+                             hint="write PATH:WEIGHT with a finite number, e.g. lora.safetensors:0.7.") from None
+        if not math.isfinite(value):
+            raise UsageError(f"weight of {self.path!r} is not finite ({w!r}).",
+                             hint="give a finite strength, e.g. lora.safetensors:0.7.")
+        object.__setattr__(self, "weight", value)
 
 
 def parse_weighted(spec: str) -> WeightedInput:
@@ -34,8 +52,55 @@ def parse_weighted(spec: str) -> WeightedInput:
     return WeightedInput(spec, 1.0)
 
 
-def load_recipe(path: str | os.PathLike[str], allowed: Iterable[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Opt:
+    """The expected type of one recipe value: any of ``types`` (bool, int, float, str, list, dict), and for
+    strings optionally one of ``choices``. Booleans must be YAML booleans (true/false), numbers must be YAML
+    numbers (an int is accepted where a float is expected; a boolean never is), strings must be strings."""
+
+    types: tuple[type, ...]
+    choices: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        names = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+                 list: "a list", dict: "a mapping"}
+        text = " or ".join(names.get(t, t.__name__) for t in self.types)
+        return text + (f" (one of {', '.join(self.choices)})" if self.choices else "")
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to the expected type, or ``None`` when it does not fit."""
+        for t in self.types:
+            if t is bool and isinstance(value, bool):
+                return value
+            if t is int and isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if t is str and isinstance(value, str):
+                return value if self.choices is None or value in self.choices else None
+            if t is list and isinstance(value, list):
+                return value
+            if t is dict and isinstance(value, Mapping):
+                return dict(value)
+        return None
+
+
+def opt(*types: type, choices: Iterable[str] | None = None) -> Opt:
+    return Opt(tuple(types), tuple(choices) if choices is not None else None)
+
+
+# A recipe schema: option name (underscores) -> expected type. ``inputs`` is always allowed and parsed apart.
+RecipeSchema = Mapping[str, "Opt | type"]
+
+
+def load_recipe(path: str | os.PathLike[str], schema: RecipeSchema) -> dict[str, Any]:
+    """Read a recipe and check every key against ``schema`` (name -> :class:`Opt` or a bare type).
+
+    Unknown keys and values of the wrong type are :class:`RecipeError` naming the key, the value and the
+    expected type. A ``null`` value counts as not given (the key is left out of the result).
+    """
     p = os.fspath(path)
+    types = {str(k).replace("-", "_"): (v if isinstance(v, Opt) else opt(v)) for k, v in schema.items()}
     try:
         with open(p, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -45,13 +110,22 @@ def load_recipe(path: str | os.PathLike[str], allowed: Iterable[str]) -> dict[st
         raise RecipeError(f"recipe is not valid YAML ({str(exc).splitlines()[0]}).", path=p) from None
     if not isinstance(data, Mapping):
         raise RecipeError("recipe must be a mapping of option names to values.", path=p)
-    allowed_set = {a.replace("-", "_") for a in allowed} | {"inputs"}
+    allowed_set = set(types) | {"inputs"}
     out: dict[str, Any] = {}
     for key, value in data.items():
         norm = str(key).replace("-", "_")
         if norm not in allowed_set:
             raise RecipeError(f"unknown recipe key {key!r}.", path=p,
                               hint="allowed keys: " + ", ".join(sorted(allowed_set)) + ".")
+        if value is None:
+            continue
+        if norm != "inputs":
+            checked = types[norm].check(value)
+            if checked is None:
+                raise RecipeError(f"recipe key {key!r} has value {value!r} ({type(value).__name__}); expected "
+                                  f"{types[norm].describe()}.", path=p,
+                                  hint=f"write e.g. {key}: {_example(types[norm])}.")
+            value = checked
         out[norm] = value
     if "inputs" in out:
         out["inputs"] = _inputs(out["inputs"], base=os.path.dirname(os.path.abspath(p)), path=p)
@@ -63,15 +137,24 @@ def _inputs(value: Any, *, base: str, path: str) -> list[WeightedInput]:
         raise RecipeError("'inputs' must be a non-empty list.", path=path)
     out = []
     for item in value:
-        if isinstance(item, str):
-            w = parse_weighted(item)
-        elif isinstance(item, Mapping) and "path" in item:
-            try:
-                w = WeightedInput(str(item["path"]), float(item.get("weight", 1.0)))
-            except (TypeError, ValueError):
-                raise RecipeError(f"bad weight in input {item!r}.", path=path) from None
-        else:
-            raise RecipeError(f"bad input entry {item!r}; use a path or {{path: …, weight: …}}.", path=path)
+        try:
+            if isinstance(item, str):
+                w = parse_weighted(item)
+            elif isinstance(item, Mapping) and isinstance(item.get("path"), str) and set(item) <= {"path", "weight"}:
+                w = WeightedInput(item["path"], item.get("weight", 1.0))
+            else:
+                raise RecipeError(f"bad input entry {item!r}; use a path or {{path: …, weight: …}}.", path=path)
+        except RecipeError:
+            raise
+        except UsageError as exc:
+            raise RecipeError(f"bad input {item!r}: {exc.message}", path=path, hint=exc.hint) from None
         resolved = w.path if os.path.isabs(w.path) else os.path.join(base, w.path)
         out.append(WeightedInput(resolved, w.weight))
     return out
+
+
+def _example(o: Opt) -> str:
+    if o.choices:
+        return o.choices[0]
+    t = o.types[0]
+    return {bool: "true", int: "4", float: "0.5", str: "'…'", list: "[…]", dict: "{…}"}.get(t, "…")

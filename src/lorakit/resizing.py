@@ -32,7 +32,6 @@ from .adapters import Adapter, LoRA
 from .checks import require_finite_model
 from .conversion import lora_output_metadata
 from .errors import KeyMappingError, UsageError
-from .checks import require_finite_model
 from .formats import WRITABLE, emit, load, parse, read_lora
 from .io import check_output_path, open_weights, save_tensors
 from .linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
@@ -73,6 +72,7 @@ class ResizeReport:
     warnings: list[str] = field(default_factory=list)
     tensors_out: int = 0
     seconds: float = 0.0
+    dry_run: bool = False
 
     @property
     def max_verify_error(self) -> float | None:
@@ -221,8 +221,13 @@ def _label(p: Patch) -> str:
 def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, *, rank: int | None = None,
            dynamic: str | tuple[str, float] | None = None, verify: bool = False, to: str | None = None,
            dtype: torch.dtype | None = None, allow_pickle: bool = False, allow_partial: bool = False,
-           progress: Progress | None = None) -> ResizeReport:
-    """Resize every patch of a LoRA to ``rank`` (or a ``dynamic`` rank capped at ``rank``) and write it."""
+           progress: Progress | None = None, dry_run: bool = False) -> ResizeReport:
+    """Resize every patch of a LoRA to ``rank`` (or a ``dynamic`` rank capped at ``rank``) and write it.
+
+    ``dry_run`` computes the per-module plan (rank in → rank out, retained energy; LoRA factors are small)
+    and writes nothing. A resize that would change no module (every rank already at or below the
+    requested one) is refused: its output would equal its input.
+    """
     started = time.perf_counter()
     src = os.fspath(input)
     dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
@@ -234,9 +239,9 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
         parse_dynamic(f"{dyn[0]}:{dyn[1]}")
     if to is not None and to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
-    if output is None:
-        raise UsageError("no output path given.", hint="pass -o OUT.safetensors.")
-    out_path = check_output_path(os.fspath(output), [src])
+    if output is None and not dry_run:
+        raise UsageError("no output path given.", hint="pass -o OUT.safetensors (or --dry-run).")
+    out_path = check_output_path(os.fspath(output), [src]) if output is not None else None
 
     with open_weights(src, allow_pickle=allow_pickle) as f:
         parsed = parse(f)
@@ -278,7 +283,19 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     if progress:
         progress(len(model.patches), len(model.patches), "")
     if report.modules and all(m.path == "unchanged" for m in report.modules):
-        report.warnings.append("every module already has a rank at most the requested one; the deltas are unchanged.")
+        ranks = sorted({m.rank_in for m in report.modules if m.rank_in is not None})
+        asked = f"--dynamic {report.dynamic}" + (f" (cap {rank})" if rank else "") if dyn else f"--rank {rank}"
+        raise UsageError(f"nothing to resize: every module already has a rank at most what {asked} keeps "
+                         f"(ranks {_ranges(ranks)}), so the output would equal the input; nothing was written.",
+                         path=src, hint="ask for a lower --rank (or a stricter --dynamic); to change only the "
+                                        "format or dtype use `lorakit convert`.")
+    report.dry_run = dry_run
+    report.output = out_path
+    if dry_run or out_path is None:
+        if verify:
+            report.warnings.append("--verify needs a written file; skipped in --dry-run.")
+        report.seconds = time.perf_counter() - started
+        return report
 
     meta = dict(model.metadata)
     old = sorted({m.rank_in for m in report.modules if m.rank_in is not None})

@@ -7,14 +7,16 @@ import os
 
 from ..baking import bake, format_plan
 from ..errors import UsageError
-from ..recipes import WeightedInput, load_recipe, parse_weighted
-from .common import add_dtype, add_json, add_output, add_pickle, emit_json, say
+from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
+from .common import add_dtype, add_json, add_output, add_pickle, emit_json, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
 
-# recipe keys (the long options, plus `base` and `inputs`)
-RECIPE_KEYS = ("base", "inputs", "output", "dtype", "device", "allow_partial", "dry_run", "clip_l", "clip_l_out",
-               "t5", "t5_out", "allow_pickle", "json")
+# recipe keys (the long options, plus `base` and `inputs`) and the type each value must have
+RECIPE_SCHEMA = {"base": str, "output": str, "dtype": str, "device": opt(str, choices=("cpu", "cuda")),
+                 "allow_partial": bool, "dry_run": bool, "clip_l": str, "clip_l_out": str, "t5": str, "t5_out": str,
+                 "allow_pickle": bool, "json": bool}
+RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
-    recipe = load_recipe(args.recipe, RECIPE_KEYS) if args.recipe else {}
+    recipe = load_recipe(args.recipe, RECIPE_SCHEMA) if args.recipe else {}
     if args.recipe:   # paths in a recipe are relative to the recipe's folder (as its inputs are)
         here = os.path.dirname(os.path.abspath(args.recipe))
         for key in ("base", "output", "clip_l", "clip_l_out", "t5", "t5_out"):
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
              progress=False if (args.no_progress or args.dry_run) else None)
     if args.json:
         emit_json(r.to_json())
-        return 0
+        return status(r.skipped, r.not_applied, r.warnings)
     if r.dry_run:
         for line in format_plan(r):
             print(line)
@@ -117,4 +119,4 @@ def run(args: argparse.Namespace) -> int:
         + (f" in {r.seconds:.1f} s{rate}" if not r.dry_run else ""))
     for te in r.text_encoders:
         say(f"  {te['component']}: {te['changed']} tensors baked → {verb} {te['output'] or '-'}")
-    return 0
+    return status(r.skipped, r.not_applied, r.warnings)

@@ -38,6 +38,12 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def status(*problems: object) -> int:
+    """The exit code of a writing command: 1 when its report has anything partial (skipped or unapplied
+    items, keys not understood, warnings), else 0. Refusals raise a LorakitError (exit 2) instead."""
+    return 1 if any(problems) else 0
+
+
 def say(text: str) -> None:
     """Human-readable progress and summaries go to stderr when --json owns stdout."""
     print(text, file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 
 from ..conversion import convert
 from ..formats import FORMATS, WRITABLE
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "convert a LoRA between formats, exactly"
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                 from_format=args.from_format, dry_run=args.dry_run)
     if args.json:
         emit_json(r.to_json())
-        return 0
+        return status(r.unknown_keys, r.warnings)
     verb = "would write" if r.dry_run else "wrote"
     say(f"{r.input}: {r.source_format} → {r.target_format} ({r.architecture}, {r.variant}); {r.modules_in} modules in, "
         f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {r.output or '-'}")
@@ -49,4 +49,4 @@ def run(args: argparse.Namespace) -> int:
         say(f"  warning: {w}")
     if r.unknown_keys:
         say(f"  skipped {len(r.unknown_keys)} keys not understood (--allow-partial)")
-    return 0
+    return status(r.unknown_keys, r.warnings)

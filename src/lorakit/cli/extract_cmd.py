@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from ..formats import WRITABLE
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "extract a LoRA from the difference of a fine-tuned model and its base"
 
@@ -32,9 +32,9 @@ class ProgressBar:
 
 def add_dynamic(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
-                   help="rank per module from its singular values: sv_ratio:R (keep s_i > s_0/R), sv_fro:F (keep a "
-                        "fraction F of the Frobenius norm), sv_cumulative:C (keep a fraction C of Σs_i); capped by "
-                        "--rank")
+                   help="rank per module from its singular values: sv_ratio:R (keep s_i > s_0/R, R > 1), sv_fro:F "
+                        "(keep a fraction F in (0, 1] of the Frobenius norm), sv_cumulative:C (keep a fraction C in "
+                        "(0, 1] of Σs_i); capped by --rank")
     p.add_argument("--dynamic-method", "--dynamic_method", dest="dynamic_method", default=None,
                    choices=("sv_ratio", "sv_fro", "sv_cumulative"), help=argparse.SUPPRESS)
     p.add_argument("--dynamic-param", "--dynamic_param", dest="dynamic_param", type=float, default=None,
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "reported. Modules with max|difference| <= --min-diff are skipped (default 0: only unchanged modules).")
     p.add_argument("original", metavar="ORIGINAL", help="the base model the fine-tune started from")
     p.add_argument("tuned", metavar="TUNED", help="the fine-tuned model")
-    add_output(p)
+    add_output(p, required=False)
     p.add_argument("--rank", "--dim", "--network-dim", "--network_dim", dest="rank", type=int, default=None,
                    metavar="N", help="rank of every module (the cap with --dynamic; default cap 128 there)")
     add_dynamic(p)
@@ -85,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-bias", action="store_true", help="also write bias differences (diff_b entries)")
     p.add_argument("--include-norms", action="store_true",
                    help="also write q/k norm-scale differences (loose parameters) as diff entries")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (the tensors of both models paired per native module, shapes, ranks) from "
+                        "the headers alone; read no tensor data, write nothing")
     add_dtype(p, "the tuned model's dtype")
     add_json(p)
     add_pickle(p)
@@ -92,15 +95,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..extraction import extract
+    from ..extraction import extract, format_plan
     r = extract(args.original, args.tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),
                 conv_rank=args.conv_rank, min_diff=args.min_diff, to=args.to, device=args.device, exact=args.exact,
                 seed=args.seed, alpha=args.alpha, include_bias=args.include_bias, include_norms=args.include_norms,
                 dtype=dtype_arg(args), oversample=args.oversample, niter=args.niter, allow_pickle=args.allow_pickle,
-                progress=None if args.json else ProgressBar("extract"))
+                progress=None if args.json else ProgressBar("extract"), dry_run=args.dry_run)
+    code = status(r.unpaired, r.warnings)
     if args.json:
         emit_json(r.to_json())
-        return 0
+        return code
+    if r.dry_run:
+        for line in format_plan(r):
+            print(line)
+        say(f"{r.original} ({r.original_layout}) → {r.tuned} ({r.tuned_layout}): {r.architecture} {r.variant}; "
+            f"{len(r.plan)} module(s) would be compared; would write {r.output or '-'} ({r.format}, {r.dtype})")
+        for u in r.unpaired:
+            say(f"  unpaired: {u}")
+        for w in r.warnings:
+            say(f"  warning: {w}")
+        return code
     worst = r.worst
     ranks = sorted({m.rank for m in r.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
@@ -117,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
         say(f"  ignored {len(keys)} non-transformer tensors in {name} (e.g. {keys[0]!r})")
     for w in r.warnings:
         say(f"  warning: {w}")
-    return 0
+    return code

@@ -22,14 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}_cmd", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith(f"{name}_cmd"):
-                continue
-            raise
-        module.register(sub)
+    for name in COMMANDS:   # every command exists: an ImportError here is a bug, never a silent omission
+        importlib.import_module(f".{name}_cmd", __package__).register(sub)
     return parser
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from ..errors import RecipeError
 from ..formats import WRITABLE
 from ..merging import MAJORITY_SIGN, METHODS, merge
-from ..recipes import WeightedInput, load_recipe, parse_weighted
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "merge several LoRAs into one (exact concat by default)"
 
@@ -29,11 +29,11 @@ BLOCKS_HELP = (
 # option name (dest) -> default, applied after the recipe (explicit command-line values win over both)
 DEFAULTS: dict[str, Any] = {"method": "concat", "to": "kohya", "verify": False, "dry_run": False, "json": False,
                             "kohya_ratios": False, "allow_partial": False, "allow_pickle": False}
-RECIPE_KEYS = ("output", "method", "rank", "dynamic", "to", "blocks", "verify", "dtype", "json", "dry_run", "density",
-               "majority_sign", "seed", "kohya_ratios", "allow_partial", "allow_pickle")
-
-RECIPE_TYPES: dict[str, Any] = {"rank": int, "density": float, "seed": int, "dynamic": str, "dtype": str,
-                                "method": str, "to": str, "majority_sign": str, "output": str}
+RECIPE_SCHEMA = {"output": str, "method": opt(str, choices=METHODS), "rank": int, "dynamic": str,
+                 "to": opt(str, choices=WRITABLE), "blocks": opt(str, list, dict), "verify": bool, "dtype": str,
+                 "json": bool, "dry_run": bool, "density": float, "majority_sign": opt(str, choices=MAJORITY_SIGN),
+                 "seed": int, "kohya_ratios": bool, "allow_partial": bool, "allow_pickle": bool}
+RECIPE_KEYS = tuple(RECIPE_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output rank for svd/ties/dare (default: the largest input rank of each module); "
                         "with --dynamic, the rank cap")
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
-                   help="rank per module from its singular values: sv_ratio:R, sv_fro:F or sv_cumulative:F")
+                   help="rank per module from its singular values: sv_ratio:R (R > 1), sv_fro:F or sv_cumulative:F "
+                        "(F in (0, 1])")
     p.add_argument("--to", choices=WRITABLE, default=None, help="output format (default: kohya)")
     p.add_argument("--blocks", default=None, metavar="SPEC", help=BLOCKS_HELP)
     p.add_argument("--verify", action="store_true", default=None,
@@ -76,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _apply_recipe(args: argparse.Namespace) -> None:
     if args.recipe:
-        recipe = load_recipe(args.recipe, RECIPE_KEYS)
+        recipe = load_recipe(args.recipe, RECIPE_SCHEMA)
         base = os.path.dirname(os.path.abspath(args.recipe))
         for key, value in recipe.items():
             if key == "inputs":
@@ -89,11 +90,6 @@ def _apply_recipe(args: argparse.Namespace) -> None:
                 value = os.path.join(base, value)
             if key == "blocks":
                 value = _blocks_value(value, args.recipe)
-            elif key in RECIPE_TYPES and value is not None:
-                try:
-                    value = RECIPE_TYPES[key](value)
-                except (TypeError, ValueError):
-                    raise RecipeError(f"bad value {value!r} for {key!r}.", path=args.recipe) from None
             setattr(args, key, value)
     for key, value in DEFAULTS.items():
         if getattr(args, key, None) is None:
@@ -124,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
               allow_pickle=bool(args.allow_pickle))
     if args.json:
         emit_json(r.to_json())
-        return 0
+        return status(r.warnings)
     verb = "would write" if r.dry_run else "wrote"
     names = " + ".join(f"{os.path.basename(str(i['path']))}:{i['weight']:g}" for i in r.inputs)
     ranks = f"rank {r.ranks[0]}–{r.ranks[1]}" if r.ranks and r.ranks[0] != r.ranks[1] else \
@@ -143,4 +139,4 @@ def run(args: argparse.Namespace) -> int:
             f"(against the {r.verify['reference']})")
     for w in r.warnings:
         say(f"  warning: {w}")
-    return 0
+    return status(r.warnings)

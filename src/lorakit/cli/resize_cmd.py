@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..formats import WRITABLE
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say
+from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 from .extract_cmd import ProgressBar, add_dynamic, dynamic_arg
 
 HELP = "lower a LoRA's rank by the exact optimal truncation"
@@ -16,10 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "resize", help=HELP,
         description=HELP + " (SVD of the factors through small QR cores; LoHa/LoKr/Full are densified and come out "
         "as LoRA). Strength is preserved (alpha rescaled with the rank). Modules already at or below the rank are "
-        "kept as they are; split parts (diffusers q/k/v) are resized separately. Every module's retained energy "
+        "kept as they are (a resize that would change no module is refused); split parts (diffusers q/k/v) are resized separately. Every module's retained energy "
         "is reported; --verify re-reads the output and reports its error against the input.")
     p.add_argument("input", metavar="IN")
-    add_output(p)
+    add_output(p, required=False)
     p.add_argument("--rank", "--new-rank", "--new_rank", "--dim", dest="rank", type=int, default=None, metavar="N",
                    help="new rank (the cap with --dynamic)")
     add_dynamic(p)
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-read the output and report its relative error per target against the input")
     p.add_argument("--to", default=None, choices=WRITABLE, help="output format (default: the input's format)")
     p.add_argument("--allow-partial", action="store_true", help="resize even if some keys are not understood")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan per module (rank in → rank out, retained energy), write nothing")
     add_dtype(p)
     add_json(p)
     add_pickle(p)
@@ -37,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from ..resizing import resize
     r = resize(args.input, args.output, rank=args.rank, dynamic=dynamic_arg(args), verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,
-               progress=None if args.json else ProgressBar("resize"))
+               progress=None if args.json else ProgressBar("resize"), dry_run=args.dry_run)
+    code = status(r.unknown_keys, r.warnings)
     if args.json:
         emit_json(r.to_json())
-        return 0
+        return code
+    if r.dry_run:
+        for m in r.modules:
+            print(f"{m.module}: rank {m.rank_in} → {m.rank_out} ({m.path}), retained energy {m.retained_energy:.6f}")
     ranks_in = sorted({m.rank_in for m in r.modules if m.rank_in is not None})
     ranks_out = sorted({m.rank_out for m in r.modules})
     worst = r.worst
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"{r.input}: {r.source_format} → {r.target_format}; {len(r.modules)} modules, ranks {_span(ranks_in)} → "
         f"{_span(ranks_out)}; mean retained energy {mean:.4f}"
         + (f", worst relative error {worst.relative_error:.3e} ({worst.module})" if worst else "")
-        + f"; wrote {r.output} ({r.tensors_out} tensors, {r.dtype})")
+        + (f"; would write {r.output or '-'}" if r.dry_run else f"; wrote {r.output} ({r.tensors_out} tensors, {r.dtype})"))
     if r.verified is not None:
         say(f"  verified: max relative error of the written file vs the input {r.max_verify_error:.3e} "
             f"over {len(r.verified)} targets")
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"  warning: {w}")
     if r.unknown_keys:
         say(f"  skipped {len(r.unknown_keys)} keys not understood (--allow-partial)")
-    return 0
+    return code
 
 
 def _span(values: list[int]) -> str:

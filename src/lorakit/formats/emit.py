@@ -42,6 +42,10 @@ class EmitResult:
     modules: int = 0
     ranks: dict[str, int] = field(default_factory=dict)            # output module -> rank (LoRA family)
     alphas: dict[str, float] = field(default_factory=dict)         # output module -> stored alpha
+    rounded: list[tuple[str, float]] = field(default_factory=list)  # (module, rel. error) of folding α (> FOLD_TOL)
+
+
+FOLD_TOL = 1e-6     # relative error above which folding α into the written factors counts as lossy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +65,12 @@ def restrict(adapter: Adapter, start: int, stop: int) -> Adapter:
     return adapter.row_slice(start, stop)
 
 
+def input_axis_dora(dora: Tensor | None, out_rows: int) -> bool:
+    """True for an input-axis DoRA magnitude: shape ``(1, in)``, one value per input column (LyCORIS
+    ``wd_on_output=False``). Output-axis magnitudes are ``(out,)`` (one value per output row)."""
+    return dora is not None and dora.dim() == 2 and dora.shape[0] == 1 and out_rows != 1
+
+
 def is_pow2(c: float) -> bool:
     if c == 0 or not math.isfinite(c):
         return False
@@ -75,11 +85,20 @@ def fuse(parts: list[tuple[tuple[int, int], Adapter | None, Tensor | None, Tenso
     bias = _place([(rows, b) for rows, _, b, _ in parts if b is not None], out_rows)
     doras = [(rows, d) for rows, _, _, d in parts if d is not None]
     dora = None
-    if doras:
+    if doras and any(a is not None and d is None for _, a, _, d in parts):
+        # DoRA normalizes W0 + ΔW of its own module: folding another module's delta into it changes both
+        raise NotExact("DoRA and non-DoRA adapters on one weight cannot be combined into one module")
+    if any(input_axis_dora(d, e - s) for (s, e), d in doras):
+        # an input-axis magnitude normalizes whole columns: it cannot be stacked with other row windows
+        if len(doras) != 1 or doras[0][0] != (0, out_rows):
+            raise NotExact("an input-axis DoRA magnitude (one value per column) normalizes the whole weight; "
+                           "it cannot be combined with other row windows")
+        dora = doras[0][1]
+    elif doras:
         covered = sorted(rows for rows, _ in doras)
         if covered[0][0] != 0 or covered[-1][1] != out_rows or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
             raise NotExact("DoRA magnitudes do not cover every row of the fused weight")
-        dora = torch.cat([d for _, d in sorted(doras, key=lambda x: x[0])], dim=0)
+        dora = torch.cat([d.reshape(-1) for _, d in sorted(doras, key=lambda x: x[0])], dim=0)
     if not adapters:
         return None, bias, dora
     if len(adapters) == 1 and adapters[0][0] == (0, out_rows):
@@ -114,10 +133,12 @@ def _fuse_loha(adapters: list[tuple[tuple[int, int], LoHa]], out_rows: int) -> L
     if not (_same([a.w1b for a in parts]) and _same([a.w2b for a in parts])):
         raise NotExact("LoHa parts on one fused weight with different factors cannot be combined into one module")
     ref = parts[0]
+    ref = next((a for a in parts if a.scale != 0), ref)    # a zero scale cannot be a reference
+    ref_scale = ref.scale or 1.0
     w1a = torch.zeros((out_rows, ref.w1a.shape[1]), dtype=torch.float32)
     w2a = torch.zeros((out_rows, ref.w2a.shape[1]), dtype=torch.float32)
     for (s, e), a in adapters:
-        ratio = a.scale / ref.scale
+        ratio = a.scale / ref_scale
         w1a[s:e] += a.w1a.to(torch.float32) * ratio if ratio != 1 else a.w1a.to(torch.float32)
         w2a[s:e] += a.w2a.to(torch.float32)
     return LoHa(alpha=ref.alpha, w1a=w1a.to(ref.w1a.dtype), w1b=ref.w1b, w2a=w2a.to(ref.w2a.dtype), w2b=ref.w2b)
@@ -141,9 +162,11 @@ def _fuse_lokr(adapters: list[tuple[tuple[int, int], LoKr]], out_rows: int) -> L
     rows1 = ref.w1a if decomposed else ref.w1
     assert rows1 is not None
     w1 = torch.zeros((out_rows // k, *rows1.shape[1:]), dtype=torch.float32)
+    ref = next((a for a in parts if a.scale != 0), ref)    # a zero scale cannot be a reference
+    ref_scale = ref.scale or 1.0
     for (s, e), a in adapters:
         src = (a.w1a if decomposed else a.w1).to(torch.float32)  # type: ignore[union-attr]
-        ratio = a.scale / ref.scale
+        ratio = a.scale / ref_scale
         w1[s // k:e // k] += src * ratio if ratio != 1 else src
     w1 = w1.to(rows1.dtype)
     return replace(ref, w1a=w1) if decomposed else replace(ref, w1=w1)
@@ -152,7 +175,7 @@ def _fuse_lokr(adapters: list[tuple[tuple[int, int], LoKr]], out_rows: int) -> L
 def _blockdiag(adapters: list[tuple[tuple[int, int], LoRA]], out_rows: int) -> LoRA:
     """Stack the downs and place the ups at their row windows. Parts that share one identical down
     (a fused file split by sharing its down) share one column block, which restores the fused rank."""
-    ref = adapters[0][1].scale
+    ref = _reference_scale([a for _, a in adapters])
     dtype = adapters[0][1].up.dtype
     groups: list[tuple[Tensor, list[tuple[tuple[int, int], LoRA]]]] = []
     for rows, a in adapters:
@@ -175,6 +198,12 @@ def _blockdiag(adapters: list[tuple[tuple[int, int], LoRA]], out_rows: int) -> L
         col += r
     down = torch.cat([d.to(dtype) for d, _ in groups], dim=0)
     return LoRA(alpha=ref * total_rank, down=down, up=up_f.to(dtype))
+
+
+def _reference_scale(adapters: list[Adapter]) -> float:
+    """The first non-zero scale among parts being fused (the others are expressed relative to it); 1 when
+    every part has scale 0 (their factors are then multiplied by 0: an exact zero delta)."""
+    return next((a.scale for a in adapters if a.scale != 0), 1.0)
 
 
 def _place(items: list[tuple[tuple[int, int], Tensor]], out_rows: int) -> Tensor | None:
@@ -224,6 +253,8 @@ class Emitter:
         self.lossy: list[tuple[str, float]] = []
         self.refused: list[str] = []
         self.reasons: set[str] = set()
+        self.impossible: list[str] = []          # not representable at all, --allow-lossy or not
+        self.impossible_reasons: set[str] = set()
         self.native: dict[str, NameIndex] = {}
         self.native_params: dict[str, ParamIndex] = {}
 
@@ -317,14 +348,47 @@ class Emitter:
                     piece = self._piece(target, name, parts, s, e, tail)
                     if alias.swap_halves:
                         piece = self._swapped(piece)
+                    if self.fmt.lora_only and isinstance(piece.adapter, (LoHa, LoKr)):
+                        raise NotExact(f"the {self.fmt.name} format's loader reads LoRA factors only; LoHa/LoKr "
+                                       "modules must be re-factored as LoRA")
                 except NotExact as exc:
                     piece = self._lossy(target, name, parts, s, e, tail, alias.swap_halves, str(exc))
+                if piece is not None and self.fmt.write_style == "peft" and input_axis_dora(
+                        piece.dora, piece.adapter.out_features if piece.adapter is not None else e - s):
+                    self._impossible(f"{target.component}:{name}", "PEFT/diffusers DoRA magnitudes are per output "
+                                     "row; an input-axis (per column) magnitude has no representation")
+                    piece = None
                 if piece is not None:
                     out.append(piece)
+        if self.fmt.write_style == "peft":
+            self._check_dora_mix(out)
+        if self.impossible:
+            raise LossyConversionError(
+                self.impossible, f"format {self.fmt.name!r} cannot represent these modules "
+                f"({'; '.join(sorted(self.impossible_reasons))})", path=self.model.path,
+                hint="choose another --to format (kohya or comfy keep them); --allow-lossy does not help here.")
         if self.refused:
             raise LossyConversionError(self.refused, f"format {self.fmt.name!r} cannot hold these modules exactly "
                                        f"({'; '.join(sorted(self.reasons))})", path=self.model.path)
         return out
+
+    def _impossible(self, label: str, reason: str) -> None:
+        self.impossible.append(label)
+        self.impossible_reasons.add(reason)
+
+    def _check_dora_mix(self, pieces: list[Piece]) -> None:
+        """PEFT (and diffusers' loader) sets ``use_dora`` once per component: a component mixing DoRA and
+        plain LoRA modules would load the plain ones as DoRA with a made-up magnitude."""
+        for comp in sorted({p.component for p in pieces}):
+            loras = [p for p in pieces if p.component == comp and isinstance(p.adapter, LoRA)]
+            dora = [f"{comp}:{p.name}" for p in loras if p.dora is not None]
+            plain = [f"{comp}:{p.name}" for p in loras if p.dora is None]
+            if dora and plain:
+                named, what = (plain, "without") if len(plain) <= len(dora) else (dora, "with")
+                self.impossible.extend(named)
+                self.impossible_reasons.add(
+                    f"one {comp} component mixes {len(dora)} DoRA and {len(plain)} plain LoRA modules, and its "
+                    f"use_dora flag is one for all (listed: the modules {what} DoRA)")
 
     @staticmethod
     def _tail(patches: list[Patch]) -> tuple[int, ...]:
@@ -350,7 +414,10 @@ class Emitter:
             elif ps <= s and e <= pe:
                 a = restrict(p.adapter, s - ps, e - ps) if p.adapter is not None else None
                 b = p.bias[s - ps:e - ps] if p.bias is not None else None
-                d = p.dora[s - ps:e - ps] if p.dora is not None and p.dora.shape[0] == p.out_rows else p.dora
+                if input_axis_dora(p.dora, p.out_rows):
+                    raise NotExact("an input-axis DoRA magnitude (one value per column) normalizes the whole "
+                                   f"weight; it cannot be split into the row window {name}")
+                d = p.dora[s - ps:e - ps] if p.dora is not None else None
                 pieces.append(((0, e - s), a, b, d))
             else:
                 raise NotExact(f"rows [{ps}, {pe}) straddle the boundary of {name}")
@@ -368,6 +435,10 @@ class Emitter:
     def _lossy(self, target: Target, name: str, parts: list[Patch], s: int, e: int, tail: tuple[int, ...],
                swap: bool, reason: str) -> Piece | None:
         label = f"{target.component}:{name}"
+        if any(p.dora is not None for p in parts):
+            # an SVD re-factoring of ΔW cannot carry a DoRA magnitude (its delta depends on the base weight)
+            self._impossible(label, f"DoRA module: {reason}")
+            return None
         self.reasons.add(reason)
         if not self.allow_lossy:
             self.refused.append(label)
@@ -406,8 +477,26 @@ def _prefix_and_flat(fmt: FormatSpec, component: str, naming: str) -> tuple[str,
     raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {component} component")
 
 
+def fold_error(adapter: LoRA, folded: LoRA) -> float:
+    """Relative Frobenius error of ``folded`` (scale 1) against ``adapter``'s exact delta ``c·B·A``, from the
+    factors alone: ‖B'A' − cBA‖ = ‖[B', −cB]·[A'; A]‖ by the Gram trick, in float64 (no dense ΔW)."""
+    from ..linalg import gram_fro_norm
+    c = adapter.scale
+    b0, a0 = adapter.up.double().flatten(1), adapter.down.double().flatten(1)
+    b1, a1 = folded.up.double().flatten(1) * folded.scale, folded.down.double().flatten(1)
+    want = abs(c) * gram_fro_norm(b0, a0)
+    diff = gram_fro_norm(torch.cat([b1, -c * b0], dim=1), torch.cat([a1, a0], dim=0))
+    if want == 0:
+        return 0.0 if diff == 0 else math.inf
+    return diff / want
+
+
 def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_rank: int | None = None,
-         dtype: torch.dtype | None = None) -> EmitResult:
+         dtype: torch.dtype | None = None, fold_rounding: str = "report") -> EmitResult:
+    """Write ``model``'s tensors in ``fmt_name``. Folding α into low-precision factors (diffusers) can round
+    them: each module's error above :data:`FOLD_TOL` is measured into ``result.rounded``; with
+    ``fold_rounding="refuse"`` (``convert``) such modules raise LossyConversionError unless ``allow_lossy``,
+    which reports them in ``result.lossy`` instead."""
     fmt = get_format(fmt_name)
     if fmt.write_style is None:
         raise LossyConversionError([], f"format {fmt_name!r} is read-only")
@@ -427,7 +516,14 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
         stem = prefix + (piece.name.replace(".", "_") if flat else piece.name)
         adapter = piece.adapter
         if adapter is not None and fmt.fold_alpha:
-            adapter = fold_scale(adapter)
+            if dtype is not None and dtype.is_floating_point:
+                adapter = adapter.to(dtype)     # fold in the output precision: one rounding, not two
+            folded = fold_scale(adapter)
+            if isinstance(adapter, LoRA) and adapter.mid is None and adapter.scale != 1 and isinstance(folded, LoRA):
+                err = fold_error(adapter, folded)
+                if err > FOLD_TOL:
+                    result.rounded.append((f"{piece.component}:{piece.name}", err))
+            adapter = folded
         if adapter is not None:
             for role, t in adapter.tensors().items():
                 tensors[f"{stem}.{suffixes.get(role, role)}"] = cast(t)
@@ -445,9 +541,22 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
                 b = (b.float() / adapter.scale).to(b.dtype)
             tensors[f"{stem}.{key}"] = cast(b)
         if piece.dora is not None:
-            d = piece.dora.reshape(-1)
-            if fmt.write_style == "kohya":
-                d = d.reshape(-1, *([1] * (len(adapter.weight_shape) - 1))) if adapter is not None else d
+            rows = adapter.out_features if adapter is not None else int(piece.dora.shape[0])
+            if input_axis_dora(piece.dora, rows):
+                d = piece.dora.reshape(1, -1)    # kohya/LyCORIS (1, in); PEFT targets refuse it in pieces()
+            else:
+                d = piece.dora.reshape(-1)
+                if fmt.write_style == "kohya":
+                    d = d.reshape(-1, *([1] * (len(adapter.weight_shape) - 1))) if adapter is not None else d
             tensors[f"{stem}.{suffixes['dora']}"] = cast(d)
         result.modules += 1
+    if result.rounded and fold_rounding == "refuse":
+        if not allow_lossy:
+            worst = max(result.rounded, key=lambda x: x[1])
+            spelled = str(dtype or model.dtype).replace("torch.", "")
+            raise LossyConversionError(
+                [m for m, _ in result.rounded], f"folding α into {spelled} factors for format {fmt.name!r} rounds "
+                f"them (worst relative error {worst[1]:.2g} in {worst[0]!r})", path=model.path,
+                hint="pass --dtype fp32 for an exact file, or --allow-lossy to accept the rounding.")
+        result.lossy.extend(result.rounded)
     return result

@@ -8,6 +8,7 @@ tensors and builds :class:`~lorakit.model.LoraModel` patches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -18,8 +19,9 @@ import torch
 
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
 from ..archinfer import Observation, ParamObservation, infer_instance
-from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NotALoraError, ShapeMismatchError,
-                      UnknownFormatError, UnsupportedArchitectureError)
+from ..dtypes import FLOAT_CODES
+from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
+                      ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError)
 from ..io import WeightFile, open_weights
 from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, evaluate, recognize, resolve
 from ..layouts.base import ParamIndex, ParamMatch
@@ -320,6 +322,7 @@ def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | Non
         else:
             unknown.extend(e.keys.values())
     for e in good:
+        _check_entry_dtypes(e, file)
         _check_entry_shapes(e, file.path)
     _check_duplicates(good, file.path)
     observations: list[Observation | ParamObservation] = [
@@ -402,6 +405,18 @@ def _composed_shape(entry: ModuleEntry) -> tuple[int, int]:
     raise ValueError(f"no adapter factors ({fam})")
 
 
+def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int) -> str | None:
+    """Which axis a stored DoRA magnitude of ``shape`` normalizes: "out" for ``(out,)`` / ``(out, 1)`` (PEFT,
+    kohya/LyCORIS ``wd_on_output``), "in" for ``(1, in)`` (LyCORIS with ``wd_on_output=False``), None when
+    it is neither. A ``(1, 1)`` magnitude of a one-row weight counts as output-axis."""
+    shape = tuple(shape)
+    if shape == (out_rows,) or shape == (out_rows, 1):
+        return "out"
+    if shape == (1, in_cols):
+        return "in"
+    return None
+
+
 def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
     """Factor shapes must compose into one Linear weight (ranks agree and are > 0; biases and DoRA
     magnitudes match its rows). Header data only."""
@@ -422,11 +437,13 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
     if problem is None and entry.family in ("lora", "loha", "lokr", "full"):
         try:
             out_rows, in_cols = _composed_shape(entry)
-            if "dora" in shapes and (not shapes["dora"] or _prod(shapes["dora"]) not in (out_rows, in_cols)):
-                raise ValueError(f"DoRA magnitude of shape {list(shapes['dora'])} fits neither {out_rows} rows "
-                                 f"nor {in_cols} columns")
+            if "dora" in shapes and dora_axis_of_shape(shapes["dora"], out_rows, in_cols) is None:
+                raise ValueError(f"DoRA magnitude of shape {list(shapes['dora'])} is neither an output-axis "
+                                 f"magnitude ([{out_rows}] or [{out_rows}, 1]) nor an input-axis one ([1, {in_cols}])")
         except ValueError as exc:
             problem = f"the factor shapes do not compose ({exc})"
+    elif problem is None and "dora" in shapes:
+        problem = "a DoRA magnitude without weight factors"
     for role in ("bias", "diff_b"):
         if problem is None and role in shapes:
             shape = shapes[role]
@@ -436,6 +453,24 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
         detail = ", ".join(f"{r} {list(v)}" for r, v in sorted(shapes.items()))
         raise FormatError(f"module {entry.file_module!r}: {problem} ({detail}).", path=path,
                           hint="the file is corrupt or was written by a broken exporter; re-export it.")
+
+
+_INT_CODES = frozenset({"U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+
+
+def _check_entry_dtypes(entry: ModuleEntry, file: WeightFile) -> None:
+    """Factors, DoRA magnitudes, biases and diffs must be floating point; α may also be an integer scalar
+    (read as a float). Integer or bool factors would be silently turned into other numbers by any
+    computation, so they are refused here, from the header."""
+    for role, key in sorted(entry.keys.items()):
+        code = file.infos[key].dtype
+        if code in FLOAT_CODES or (role == "alpha" and code in _INT_CODES):
+            continue
+        what = "an alpha" if role == "alpha" else f"a LoRA {role} tensor"
+        allowed = "a float or integer scalar" if role == "alpha" else "floating point (F16, BF16, F32, F64, F8)"
+        raise UnsupportedDtypeError(f"tensor {key!r} ({what}) has dtype {code}; it must be {allowed}.",
+                                    path=file.path, hint="the file is corrupt or was written by a broken exporter; "
+                                                         "re-export it with float tensors.")
 
 
 def _check_duplicates(entries: list[ModuleEntry], path: str | None) -> None:
@@ -475,13 +510,42 @@ def _component_alias(component: str) -> str:
     return {"transformer": "transformer", "clip_l": "text_encoder", "t5": "text_encoder_2"}.get(component, component)
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str) -> float | None:
+def _config_number(value: object, key: str, source: str, path: str | None) -> float:
+    """A config α as a finite, non-zero float; FormatError / NonFiniteError naming ``source``'s ``key``."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None:
+        raise FormatError(f"{source} key {key!r} holds {value!r}, not a number.", path=path,
+                          hint="fix the value (lorakit meta --set) or remove the key; lorakit will not guess α.")
+    if not math.isfinite(number):
+        raise NonFiniteError(f"{source} key {key!r} holds a non-finite alpha ({value!r}).", path=path,
+                             hint="the file's metadata is corrupt; set a finite alpha (lorakit meta --set).")
+    if number == 0:
+        raise FormatError(f"{source} key {key!r} is 0: alpha 0 gives a zero LoRA (scale α/r = 0).", path=path,
+                          hint="set the alpha the LoRA was trained with (lorakit meta --set), or remove the key "
+                               "for α = rank.")
+    return number
+
+
+def _pattern_value(patterns: object, module: str, key: str, source: str, path: str | None) -> float | None:
+    if not isinstance(patterns, Mapping):
+        raise FormatError(f"{source} key {key!r} holds {patterns!r}; an alpha_pattern is a JSON object "
+                          "{{module pattern: alpha}}.", path=path,
+                          hint="fix the value (lorakit meta --set) or remove the key.")
     for pat, val in patterns.items():
         try:
-            if re.match(rf"^(?:.*\.)?(?:{pat})$", module):
-                return float(val)  # type: ignore[arg-type]
-        except (re.error, TypeError, ValueError):
-            continue
+            hit = re.match(rf"^(?:.*\.)?(?:{pat})$", module)
+        except (re.error, TypeError):
+            raise FormatError(f"{source} key {key!r}: {pat!r} is not a valid module pattern.", path=path,
+                              hint="fix the value (lorakit meta --set) or remove the key.") from None
+        if hit:
+            return _config_number(val, f"{key}[{pat!r}]", source, path)
     return None
 
 
@@ -489,36 +553,36 @@ def config_alpha(parsed: ParsedLora, entry: ModuleEntry, rank: int) -> float | N
     """α from ``lora_adapter_metadata`` / ``adapter_config.json`` / a bare ``alpha`` entry, if any."""
     module = entry.match.alias.template.format(i=entry.match.index) if entry.match.index is not None \
         else entry.match.alias.template
-    configs: list[Mapping[str, object]] = []
+    path = parsed.path
+    configs: list[tuple[Mapping[str, object], str, str]] = []    # (config, key prefix, source)
     raw = parsed.metadata.get("lora_adapter_metadata")
     if raw:
         try:
             meta = json.loads(raw)
         except ValueError:
-            meta = None
-        if isinstance(meta, dict):
-            comp = _component_alias(entry.component) + "."
-            scoped = {k[len(comp):]: v for k, v in meta.items() if k.startswith(comp)}
-            configs.append(scoped or meta)
+            raise FormatError(f"metadata key 'lora_adapter_metadata' is not JSON ({raw[:60]!r}).", path=path,
+                              hint="fix or remove it (lorakit meta --delete lora_adapter_metadata).") from None
+        if not isinstance(meta, dict):
+            raise FormatError(f"metadata key 'lora_adapter_metadata' holds {raw[:60]!r}, not a JSON object.",
+                              path=path, hint="fix or remove it (lorakit meta --delete lora_adapter_metadata).")
+        comp = _component_alias(entry.component) + "."
+        scoped = {k[len(comp):]: v for k, v in meta.items() if k.startswith(comp)}
+        configs.append((scoped, comp, "lora_adapter_metadata") if scoped else (meta, "", "lora_adapter_metadata"))
     if parsed.peft_config:
-        configs.append(parsed.peft_config)
-    for cfg in configs:
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module)  # type: ignore[arg-type]
+        configs.append((parsed.peft_config, "", "adapter_config.json"))
+    for cfg, prefix, source in configs:
+        alpha = None
+        if cfg.get("alpha_pattern") is not None:
+            alpha = _pattern_value(cfg["alpha_pattern"], module, prefix + "alpha_pattern", source, path)
         if alpha is None and cfg.get("lora_alpha") is not None:
-            try:
-                alpha = float(cfg["lora_alpha"])  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                alpha = None
+            alpha = _config_number(cfg["lora_alpha"], prefix + "lora_alpha", source, path)
         if alpha is not None:
             if cfg.get("use_rslora"):
                 alpha = alpha * rank ** 0.5   # rsLoRA: scale α/√r == (α√r)/r
             return alpha
     bare = parsed.metadata.get("alpha")
     if bare is not None:
-        try:
-            return float(bare)
-        except ValueError:
-            return None
+        return _config_number(bare, "alpha", "metadata", path)
     return None
 
 
@@ -550,7 +614,11 @@ def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
 
 def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
     if alpha_tensor is not None:
-        value = float(alpha_tensor.float().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
+        value = float(alpha_tensor.double().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
+        if not math.isfinite(value):
+            raise NonFiniteError(f"alpha tensor {entry.keys.get('alpha', entry.file_module)!r} holds {value}.",
+                                 path=parsed.path, hint="the file is corrupt or diverged in training; "
+                                 "`lorakit doctor` reports it. lorakit will not compute with it.")
         # sd-scripts (LoRAModule) and LyCORIS read a stored α of 0 as α = rank: the file was trained at scale 1
         return value if value != 0 else None
     rank = None
@@ -573,12 +641,15 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
         lb = t["bias"].float() * adapter.scale
         bias = lb if bias is None else bias.float() + lb
     dora = t.get("dora")
+    if dora is not None:
+        # the axis is explicit in the shape: output-axis magnitudes become (out,), input-axis ones stay (1, in)
+        out_rows, in_cols = _composed_shape(entry)
+        dora = dora.reshape(-1) if dora_axis_of_shape(dora.shape, out_rows, in_cols) == "out" else dora.reshape(1, -1)
     alias = entry.match.alias
     if alias.swap_halves:
         adapter, bias, dora = _swap(adapter, bias, dora)
     patch = Patch(Target(entry.component, entry.match.native, loose=entry.match.loose), adapter, _rows(alias, params),
-                  bias=bias, dora=dora.reshape(-1) if dora is not None and dora.shape[0] != 1 else dora,
-                  source=entry.file_module)
+                  bias=bias, dora=dora, source=entry.file_module)
     return patch
 
 
@@ -589,8 +660,9 @@ def _swap(adapter: Adapter | None, bias: torch.Tensor | None, dora: torch.Tensor
             adapter = adapter.swap_halves()
         except NotExact:
             adapter = Full(alpha=None, diff=_swap_rows(adapter.dense()).to(adapter.dtype))
+    # an input-axis magnitude (1, in) is per column: swapping rows leaves it as it is
     return adapter, (_swap_rows(bias) if bias is not None else None), (
-        _swap_rows(dora) if dora is not None and dora.shape[0] > 1 else dora)
+        _swap_rows(dora) if dora is not None and dora.dim() == 1 else dora)
 
 
 def load(parsed: ParsedLora) -> LoraModel:

@@ -102,6 +102,7 @@ class FormatSpec:
     fold_alpha: bool = False              # writer folds every scale into the factors
     split: bool = False                   # writer uses split (diffusers) names for fused weights
     strip_trailing_underscore: bool = False
+    lora_only: bool = False               # its loader reads LoRA factors only (no LoHa/LoKr keys)
 
 
 _PEFT_CONTAINER = "base_model.model."
@@ -129,7 +130,7 @@ FORMATS: tuple[FormatSpec, ...] = (
         rules=(Rule("transformer.", "transformer", ("diffusers",), False),
                Rule("text_encoder.", "clip_l", ("native",), False),
                Rule("text_encoder_2.", "t5", ("native",), False)),
-        write_style="peft", fold_alpha=True, split=True,
+        write_style="peft", fold_alpha=True, split=True, lora_only=True,
     ),
     FormatSpec(
         "peft", "PEFT (base_model.model.… or adapter-named keys)",
