@@ -36,8 +36,9 @@ def run_more(folder: str, ait: str, kohya: str, base: str) -> None:
 
     _step("lorakit bake tiny_flux_base merged_concat -o baked (streamed, fp32 accumulation, bf16 out)")
     br = bake(base, [(p("merged_concat.safetensors"), 1.0)], p("baked.safetensors"), progress=False)
+    skipped = sum(int(x["modules"]) for x in br.not_applied)
     print(f"  {br.changed} of {br.tensors} tensors changed, {br.copied} copied untouched; "
-          f"{len(br.not_applied)} text-encoder modules reported as not applied (no --clip-l given)")
+          f"{skipped} text-encoder modules reported as not applied (no --clip-l given: the CLI exits 1)")
 
     _step("lorakit extract tiny_flux_base baked -o extracted --rank 32 (randomized SVD, seeded)")
     er = extract(base, p("baked.safetensors"), p("extracted.safetensors"), rank=32)
