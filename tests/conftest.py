@@ -60,3 +60,12 @@ def write_st(tmp_path) -> Callable[..., str]:
         return path
 
     return _write
+
+
+def report_line(request: pytest.FixtureRequest, text: str) -> None:
+    """Print a summary line into pytest's output (outside capture), e.g. how many cases ran."""
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    cap = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and cap is not None:
+        with cap.global_and_fixture_disabled():
+            tr.write_line(text)

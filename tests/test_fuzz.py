@@ -15,6 +15,8 @@ import signal
 import time
 
 import pytest
+
+from conftest import report_line
 import torch
 
 from lorakit.conversion import convert
@@ -232,11 +234,7 @@ def run_cases(tmp_path, cases: int, seed: int) -> dict[str, int]:
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
     yield
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    cap = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is not None and cap is not None:
-        with cap.global_and_fixture_disabled():
-            tr.write_line(f"fuzz: {_counter['cases']} header-mutation cases run, no crash")
+    report_line(request, f"fuzz: {_counter['cases']} header-mutation cases run, no crash")
 
 
 def test_fuzz_headers_default(tmp_path) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+
+from conftest import report_line
 import torch
 
 from lorakit import errors as E
@@ -306,12 +308,8 @@ _runs = {"n": 0}
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
     yield
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    cap = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is not None and cap is not None:
-        with cap.global_and_fixture_disabled():
-            tr.write_line(f"robustness: {len(INPUT_CLASSES) + len(OUTPUT_CLASSES)} input classes defined "
-                          f"({len(_seen)} exercised in this run), {_runs['n']} command cases")
+    report_line(request, f"robustness: {len(INPUT_CLASSES) + len(OUTPUT_CLASSES)} input classes defined "
+                         f"({len(_seen)} exercised in this run), {_runs['n']} command cases")
 
 
 # ---------------------------------------------------------------------------------------------
