@@ -8,7 +8,7 @@ import os
 from ..baking import bake, format_plan
 from ..errors import UsageError
 from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
-from .common import add_dtype, add_json, add_output, add_pickle, emit_json, say, status
+from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
 
@@ -34,9 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(p, required=False)
     p.add_argument("--flux-model", "--flux_model", dest="base", default=None, metavar="BASE",
                    help="the base model (sd-scripts spelling; then every positional path is a LoRA)")
-    p.add_argument("--models", nargs="+", default=None, metavar="LORA", help="LoRAs (sd-scripts spelling)")
-    p.add_argument("--ratios", nargs="+", type=float, default=None, metavar="W",
-                   help="weights for --models (sd-scripts spelling)")
+    add_models(p)
     add_dtype(p, "keep each base tensor's dtype")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where ΔW is computed (default cpu)")
     p.add_argument("--allow-partial", action="store_true", default=None,
@@ -79,13 +77,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
     if base is None:
         base = recipe.get("base")
     inputs = [parse_weighted(x) for x in paths]
-    if args.models:
-        ratios = args.ratios or [1.0] * len(args.models)
-        if len(ratios) != len(args.models):
-            raise UsageError(f"{len(args.models)} --models but {len(ratios)} --ratios.")
-        inputs += [WeightedInput(m, r) for m, r in zip(args.models, ratios)]
-    elif args.ratios:
-        raise UsageError("--ratios needs --models.")
+    inputs += models_inputs(args)
     if not inputs:
         inputs = list(recipe.get("inputs") or [])
     if base is None:

@@ -8,6 +8,8 @@ import sys
 from typing import Any
 
 from ..dtypes import parse_dtype
+from ..errors import UsageError
+from ..recipes import WeightedInput
 
 
 def add_dtype(p: argparse.ArgumentParser, default_help: str = "keep the input's dtype") -> None:
@@ -47,3 +49,22 @@ def status(*problems: object) -> int:
 def say(text: str) -> None:
     """Human-readable progress and summaries go to stderr when --json owns stdout."""
     print(text, file=sys.stderr)
+
+
+def add_models(p: argparse.ArgumentParser) -> None:
+    """sd-scripts' ``--models A B --ratios 0.3 0.7`` spelling, next to ``A:0.3 B:0.7``."""
+    p.add_argument("--models", nargs="+", default=None, metavar="LORA", help="LoRAs (sd-scripts spelling)")
+    p.add_argument("--ratios", nargs="+", type=float, default=None, metavar="W",
+                   help="weights for --models, linear strengths (sd-scripts spelling)")
+
+
+def models_inputs(args: argparse.Namespace) -> list[WeightedInput]:
+    if args.models:
+        ratios = args.ratios or [1.0] * len(args.models)
+        if len(ratios) != len(args.models):
+            raise UsageError(f"{len(args.models)} --models but {len(ratios)} --ratios.",
+                             hint="give one ratio per model.")
+        return [WeightedInput(m, r) for m, r in zip(args.models, ratios)]
+    if args.ratios:
+        raise UsageError("--ratios needs --models.", hint="or write each LoRA as PATH:WEIGHT.")
+    return []

@@ -10,7 +10,8 @@ from ..errors import RecipeError
 from ..formats import WRITABLE
 from ..merging import MAJORITY_SIGN, METHODS, merge
 from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
+from .common import (add_dtype, add_json, add_models, add_output, add_pickle, dtype_arg, emit_json, models_inputs,
+                     say, status)
 
 HELP = "merge several LoRAs into one (exact concat by default)"
 
@@ -41,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", metavar="IN[:WEIGHT]", help="LoRA files, each with an optional :weight "
                    "(default 1.0)")
     add_output(p, required=False)
+    add_models(p)
     p.add_argument("--method", choices=METHODS, default=None, help="merge method (default: concat)")
-    p.add_argument("--rank", type=int, default=None, metavar="N",
+    p.add_argument("--rank", "--new-rank", "--new_rank", dest="rank", type=int, default=None, metavar="N",
                    help="output rank for svd/ties/dare (default: the largest input rank of each module); "
                         "with --dynamic, the rank cap")
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
@@ -113,7 +115,7 @@ def _inputs(values: list[Any]) -> list[WeightedInput]:
 
 def run(args: argparse.Namespace) -> int:
     _apply_recipe(args)
-    r = merge(_inputs(args.inputs or []), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,
+    r = merge(_inputs(args.inputs or []) + models_inputs(args), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,
               to=args.to, blocks=args.blocks, verify=bool(args.verify), dtype=dtype_arg(args), density=args.density,
               majority_sign=args.majority_sign, seed=args.seed, kohya_ratios=bool(args.kohya_ratios),
               dry_run=bool(args.dry_run), allow_partial=bool(args.allow_partial),
