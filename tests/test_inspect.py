@@ -17,7 +17,7 @@ from lorakit.errors import AmbiguousFormatError, UnknownFormatError, Unsupported
 from lorakit.formats import read_lora
 from lorakit.formats.spec import FORMATS, FormatSpec, Rule
 from lorakit.inspection import inspect_lora
-from lorakit.io import SafetensorsWriter
+from lorakit.io import SafetensorsWriter, open_weights
 from lorakit.layouts import FLUX1, ArchSpec, expand
 from lorakit.synthetic import full_flux_params
 
@@ -293,3 +293,20 @@ def test_delta_norm_matches_dense() -> None:
               LoKr(alpha=2.0, w1=r(3, 2), w2a=r(4, 2), w2b=r(2, 5)), LoKr(alpha=None, w1=r(3, 2), w2=r(4, 5)),
               Full(alpha=None, diff=r(12, 10))):
         assert delta_norm(a) == pytest.approx(float(a.dense().norm()), rel=1e-5)
+
+
+def test_plain_inspect_shows_hashes_stored_in_the_header(tmp_path, capsys) -> None:
+    from lorakit import convert
+    from lorakit.synthetic import write_aitoolkit_lora
+    src = write_aitoolkit_lora(tmp_path / "ait.safetensors")       # written without sshs hashes
+    out = str(tmp_path / "k.safetensors")
+    convert(src, out, to="kohya")                                    # lorakit writes sshs_* on the written bytes
+    rc, plain = inspect_json(capsys, src)
+    assert rc == 0 and plain["stored_hashes"] == {}
+    rc, r = inspect_json(capsys, out)
+    meta = open_weights(out).metadata
+    assert r["stored_hashes"] == {k: meta[k] for k in ("sshs_model_hash", "sshs_legacy_hash",
+                                                       "modelspec.hash_sha256")}
+    assert "hashes" not in r                                         # nothing recomputed without --hashes
+    assert main(["inspect", out]) == 0
+    assert "stored in the header" in capsys.readouterr().out

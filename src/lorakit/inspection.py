@@ -15,6 +15,7 @@ from .adapters import Full, LoHa, LoKr, LoRA
 from .formats import parse
 from .formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
 from .errors import NonFiniteError
+from .hashes import STORED_HASH_KEYS
 from .io import open_weights
 from .layouts import expand
 
@@ -275,6 +276,8 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             "unknown_keys": parsed.unknown_keys[:MAX_UNKNOWN_LISTED],
             "unknown_key_count": len(parsed.unknown_keys),
             "sizes": {c: {k: v for k, v in sorted(p_.items())} for c, p_ in parsed.arch.params.items()},
+            # hashes the header claims (not verified here: --hashes recomputes them from the bytes)
+            "stored_hashes": {k: parsed.metadata[k] for k in STORED_HASH_KEYS if k in parsed.metadata},
         }
         if deep:
             report["deep"] = _deep(parsed)
@@ -330,6 +333,11 @@ def format_report(r: Mapping[str, Any]) -> str:
     if r["unknown_key_count"]:
         lines.append(f"  NOT UNDERSTOOD {r['unknown_key_count']} keys: {', '.join(r['unknown_keys'][:5])}")
     hashes = r.get("hashes")
+    stored = r.get("stored_hashes")
+    if stored and not hashes:
+        lines.append("  hashes        stored in the header: " + ", ".join(
+            f"{k} {v[:14]}…" if len(v) > 16 else f"{k} {v}" for k, v in stored.items())
+            + " (not verified; --hashes recomputes them and adds AutoV2/AutoV3)")
     if hashes:
         lines.append("  hashes        " + ", ".join(f"{k} {hashes[k]}" for k in ("autov2", "autov3") if k in hashes)
                      + f", sshs_model_hash {hashes['sshs_model_hash'][:12]}…, sshs_legacy_hash "
