@@ -261,3 +261,19 @@ def test_kontext_metadata_note(tmp_path, bases) -> None:
               meta={"modelspec.architecture": "flux-1-kontext-dev/lora"})
     d, _ = _one(p, bases["dev"])
     assert d.verdict == OK and any("Kontext" in n for n in d.notes)
+
+
+def test_complete_module_with_unknown_name_is_not_called_incomplete(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.diagnose import doctor
+    from lorakit.synthetic import write_base, write_sdscripts_lora
+    src = write_sdscripts_lora(tmp_path / "k.safetensors", rank=4, alpha=2.0, clip=None)
+    t = load_file(src)
+    t["lora_unet_bogus_module.lora_down.weight"] = torch.zeros(4, 32)
+    t["lora_unet_bogus_module.lora_up.weight"] = torch.zeros(32, 4)
+    path = str(tmp_path / "u.safetensors")
+    save_file(t, path)
+    rep = doctor([path], write_base(tmp_path / "b.safetensors")).loras[0]
+    assert rep.verdict == "PARTIAL"
+    assert "not FLUX.1 module names" in rep.summary and "missing their" not in rep.summary

@@ -191,9 +191,13 @@ def _unknown_groups(parsed: ParsedLora, matchers: _Matchers) -> list[dict[str, A
             add("architecture", f"{foreign[0]} modules (not FLUX.1)", "use these with a " + foreign[0] + " model", k)
         elif s is not None and s.module not in complete and s.family in ("lora", "loha", "lokr", "meta", "dora"):
             roles = by_module.get(s.module, set())
-            missing = "lora_up" if "down" in roles and "up" not in roles else \
-                "lora_down" if "up" in roles and "down" not in roles else "factors"
-            add("incomplete", f"modules missing their {missing}", "re-export the LoRA from its trainer", k)
+            if {"down", "up"} <= roles or any(r.startswith(("hada_", "lokr_")) for r in roles):
+                add("unknown", "complete modules whose names are not FLUX.1 module names",
+                    "run `lorakit inspect --json` and report the layout", k)
+            else:
+                missing = "lora_up" if "down" in roles and "up" not in roles else \
+                    "lora_down" if "up" in roles and "down" not in roles else "factors"
+                add("incomplete", f"modules missing their {missing}", "re-export the LoRA from its trainer", k)
         else:
             add("unknown", "keys lorakit does not understand", "run `lorakit inspect --json` and report the layout", k)
     return [{**g, "count": len(g["keys"]), "keys": g["keys"][:LISTED]} for g in groups.values()]

@@ -44,6 +44,7 @@ from .conversion import lora_output_metadata
 from .dtypes import ST_DTYPES
 from .errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, emit
+from .formats.emit import fold_error
 from .io import check_output_path, open_weights, save_tensors
 from .linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
 from .metadata import InputRecord
@@ -130,6 +131,7 @@ class ModuleResult:
     max_abs_diff: float
     svd: str
     seconds: float
+    rounding_error: float = 0.0     # extra relative error from storing the factors in the output dtype
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__, shape=list(self.shape))
@@ -176,12 +178,21 @@ class ExtractReport:
     def worst(self) -> ModuleResult | None:
         return max(self.modules, key=lambda m: m.relative_error, default=None)
 
+    @property
+    def worst_rounding(self) -> ModuleResult | None:
+        """The module whose factors lost most by being stored in the output dtype (None if none lost > 1e-6)."""
+        m = max(self.modules, key=lambda m: m.rounding_error, default=None)
+        return m if m is not None and m.rounding_error > 1e-6 else None
+
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
         d["modules"] = [m.to_json() for m in self.modules]
         d["mean_retained_energy"] = self.mean_retained_energy
         worst = self.worst
         d["worst_relative_error"] = {"module": worst.module, "relative_error": worst.relative_error} if worst else None
+        rounded = self.worst_rounding
+        d["worst_rounding_error"] = ({"module": rounded.module, "rounding_error": rounded.rounding_error}
+                                     if rounded else None)
         if not self.dry_run:
             d.pop("plan")
         return d
@@ -448,9 +459,11 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
                 if alpha is not None:
                     up = up * (dec.rank / alpha)
                     stored_alpha = float(alpha)
+                exact_factors = LoRA(alpha=stored_alpha, down=down, up=up)
                 adapter = LoRA(alpha=stored_alpha, down=down.to(out_dtype).clone(), up=up.to(out_dtype).contiguous())
                 report.modules.append(ModuleResult(name, shape, dec.rank, dec.retained_energy, dec.relative_error,
-                                                   peak, dec.svd, time.perf_counter() - t0))
+                                                   peak, dec.svd, time.perf_counter() - t0,
+                                                   fold_error(exact_factors, adapter)))
                 del dec, up, down
             if adapter is not None or bias is not None:
                 patches.append(Patch(Target(COMPONENT, name), adapter, None, bias=bias, source=name))

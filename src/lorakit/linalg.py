@@ -157,4 +157,7 @@ def exact_svd(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def gram_fro_norm(up: Tensor, down: Tensor) -> float:
     """‖up @ down‖_F via small Gram matrices: trace((upᵀup)(down downᵀ))."""
     g = (up.T @ up) * (down @ down.T)
-    return math.sqrt(max(0.0, float(g.sum())))
+    v = float(g.sum())
+    if not math.isfinite(v):   # overflowed or NaN factors: an infinite norm, never a clamped 0
+        return math.inf
+    return math.sqrt(max(0.0, v))

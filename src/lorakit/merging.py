@@ -732,12 +732,14 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
 
     result = merge_models(models, weights, options, blocks=block_weights, arch=arch,
                           metadata=merged_metadata(models))
-    if method == "concat" and out_dtype.itemsize < 4 and any(
-            c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
-            for cs in result.coefficients.values() for c in cs):
-        warnings.append(f"weights folded into {str(out_dtype).replace('torch.', '')} factors are rounded (relative "
-                        "error about 1e-3; --verify measures it); pass --dtype fp32 for an exact file.")
+    rounds = method == "concat" and out_dtype.itemsize < 4 and any(
+        c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
+        for cs in result.coefficients.values() for c in cs)
     emitted = emit(result.model, to, dtype=out_dtype)
+    if rounds or emitted.rounded:
+        worst = f" (worst measured when folding: {max(e for _, e in emitted.rounded):.2g})" if emitted.rounded else ""
+        warnings.append(f"weights folded into {str(out_dtype).replace('torch.', '')} factors are rounded{worst}; "
+                        "--verify measures every module; pass --dtype fp32 for an exact file.")
     loose = len(result.model.loose_targets())
     if loose and to != "comfy":
         warnings.append(f"{loose} norm-scale diff(s) written with lorakit's {to} spelling: lorakit reads and bakes "

@@ -33,6 +33,7 @@ from .checks import require_finite_model
 from .conversion import lora_output_metadata
 from .errors import KeyMappingError, UsageError
 from .formats import WRITABLE, emit, load, parse, read_lora
+from .formats.emit import fold_error
 from .io import check_output_path, open_weights, save_tensors
 from .linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
 from .metadata import InputRecord, file_sha256
@@ -52,6 +53,7 @@ class ResizedModule:
     retained_energy: float
     relative_error: float
     path: str                   # "factored" | "dense" | "unchanged"
+    rounding_error: float = 0.0  # extra relative error from storing the new factors in the output dtype
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__, rows=list(self.rows) if self.rows else None)
@@ -82,10 +84,19 @@ class ResizeReport:
     def worst(self) -> ResizedModule | None:
         return max(self.modules, key=lambda m: m.relative_error, default=None)
 
+    @property
+    def worst_rounding(self) -> ResizedModule | None:
+        """The module whose new factors lost most by being stored in the output dtype (None if none > 1e-6)."""
+        m = max(self.modules, key=lambda m: m.rounding_error, default=None)
+        return m if m is not None and m.rounding_error > 1e-6 else None
+
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
         d["modules"] = [m.to_json() for m in self.modules]
         d["max_verify_error"] = self.max_verify_error
+        rounded = self.worst_rounding
+        d["worst_rounding_error"] = ({"module": rounded.module, "rounding_error": rounded.rounding_error}
+                                     if rounded else None)
         return d
 
 
@@ -130,7 +141,10 @@ def resize_adapter(adapter: Adapter, rank: int | None, dynamic: tuple[str, float
     shape = adapter.weight_shape
     down_t = new_down.reshape(k, *shape[1:])
     up_t = new_up.reshape(shape[0], k, *([1] * (len(shape) - 2)))
-    return LoRA(alpha=float(alpha), down=down_t.to(out_dtype).contiguous(), up=up_t.to(out_dtype).contiguous()), info
+    exact_factors = LoRA(alpha=float(alpha), down=down_t, up=up_t)
+    new = LoRA(alpha=float(alpha), down=down_t.to(out_dtype).contiguous(), up=up_t.to(out_dtype).contiguous())
+    info["rounding_error"] = fold_error(exact_factors, new)
+    return new, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +293,8 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
         new_patches.append(p.with_adapter(new, bias=bias))
         report.modules.append(ResizedModule(_label(p), str(p.target), p.rows, p.adapter.kind, p.adapter.rank,
                                             int(info["rank"]), float(info["retained_energy"]),  # type: ignore[arg-type]
-                                            float(info["relative_error"]), str(info["path"])))  # type: ignore[arg-type]
+                                            float(info["relative_error"]), str(info["path"]),  # type: ignore[arg-type]
+                                            float(info.get("rounding_error", 0.0))))  # type: ignore[arg-type]
     if progress:
         progress(len(model.patches), len(model.patches), "")
     if report.modules and all(m.path == "unchanged" for m in report.modules):

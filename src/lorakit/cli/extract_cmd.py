@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         f"{r.output_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s" if worst else
         f"wrote {r.output}: bias/norm differences only ({len(r.bias_modules)} biases, {len(r.loose_written)} "
         f"norm scales) in {r.seconds:.1f} s")
+    if r.worst_rounding is not None:
+        say(f"  storing the factors as {r.dtype} adds up to {r.worst_rounding.rounding_error:.2e} relative error "
+            f"({r.worst_rounding.module}) on top of the truncation; --dtype fp32 keeps them exact")
     for u in r.unpaired:
         say(f"  unpaired: {u}")
     for name, keys in r.ignored_keys.items():

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         f"{_span(ranks_out)}; mean retained energy {mean:.4f}"
         + (f", worst relative error {worst.relative_error:.3e} ({worst.module})" if worst else "")
         + (f"; would write {r.output or '-'}" if r.dry_run else f"; wrote {r.output} ({r.tensors_out} tensors, {r.dtype})"))
+    if r.worst_rounding is not None:
+        say(f"  storing the new factors as {r.dtype} adds up to {r.worst_rounding.rounding_error:.2e} relative error "
+            f"({r.worst_rounding.module}) on top of the truncation; --dtype fp32 keeps them exact")
     if r.verified is not None:
         say(f"  verified: max relative error of the written file vs the input {r.max_verify_error:.3e} "
             f"over {len(r.verified)} targets")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
-from ..errors import LossyConversionError
+from ..errors import LossyConversionError, NonFiniteError
 from ..layouts import Alias, NameIndex, evaluate
 from ..layouts.base import ParamIndex, ParamMatch, param_name
 from ..model import LoraModel, Patch, Target
@@ -506,9 +506,14 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
     tensors: dict[str, Tensor] = {}
     result = EmitResult(tensors, emitter.lossy)
 
-    def cast(t: Tensor) -> Tensor:
+    def cast(t: Tensor, name: str) -> Tensor:
         t = t.contiguous()
-        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).clone()
+        out = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        if out is not t and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{name}: its values exceed the {str(dtype).replace('torch.', '')} range "
+                                 f"(largest magnitude {float(t.abs().max()):.3g}).", path=model.path,
+                                 hint="write it with --dtype fp32 or bf16.")
+        return out.clone()
 
     for piece in pieces:
         naming = emitter.naming_for(piece.component)
@@ -519,14 +524,21 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
             if dtype is not None and dtype.is_floating_point:
                 adapter = adapter.to(dtype)     # fold in the output precision: one rounding, not two
             folded = fold_scale(adapter)
+            if not all(bool(torch.isfinite(t).all()) for t in folded.tensors().values()):
+                spelled = str(folded.dtype).replace("torch.", "")
+                raise NonFiniteError(
+                    f"{piece.component}:{piece.name}: folding its scale {adapter.scale:g} into {spelled} factors "
+                    f"overflows (format {fmt.name!r} stores no alpha).", path=model.path,
+                    hint="write it as --dtype fp32, or to kohya/comfy, which keep alpha separate.")
             if isinstance(adapter, LoRA) and adapter.mid is None and adapter.scale != 1 and isinstance(folded, LoRA):
                 err = fold_error(adapter, folded)
-                if err > FOLD_TOL:
+                if not err <= FOLD_TOL:   # NaN counts as lossy
                     result.rounded.append((f"{piece.component}:{piece.name}", err))
             adapter = folded
         if adapter is not None:
             for role, t in adapter.tensors().items():
-                tensors[f"{stem}.{suffixes.get(role, role)}"] = cast(t)
+                key = f"{stem}.{suffixes.get(role, role)}"
+                tensors[key] = cast(t, key)
             # kohya-style files always carry α (sd-scripts' loader requires it); α = rank when none is set
             stored = adapter.alpha if adapter.alpha is not None else adapter.rank
             if not fmt.fold_alpha and stored is not None:
@@ -539,7 +551,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
             b = piece.bias
             if key == suffixes.get("bias") and isinstance(adapter, LoRA) and adapter.scale != 1:
                 b = (b.float() / adapter.scale).to(b.dtype)
-            tensors[f"{stem}.{key}"] = cast(b)
+            tensors[f"{stem}.{key}"] = cast(b, f"{stem}.{key}")
         if piece.dora is not None:
             rows = adapter.out_features if adapter is not None else int(piece.dora.shape[0])
             if input_axis_dora(piece.dora, rows):
@@ -548,7 +560,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
                 d = piece.dora.reshape(-1)
                 if fmt.write_style == "kohya":
                     d = d.reshape(-1, *([1] * (len(adapter.weight_shape) - 1))) if adapter is not None else d
-            tensors[f"{stem}.{suffixes['dora']}"] = cast(d)
+            tensors[f"{stem}.{suffixes['dora']}"] = cast(d, f"{stem}.{suffixes['dora']}")
         result.modules += 1
     if result.rounded and fold_rounding == "refuse":
         if not allow_lossy:
