@@ -477,6 +477,11 @@ def _prefix_and_flat(fmt: FormatSpec, component: str, naming: str) -> tuple[str,
     raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {component} component")
 
 
+def _finite(t: Tensor) -> bool:
+    """Every value finite (fp8 has no isfinite kernel: checked after an upcast)."""
+    return bool(torch.isfinite(t if t.element_size() > 1 or not t.is_floating_point() else t.float()).all())
+
+
 def fold_error(adapter: LoRA, folded: LoRA) -> float:
     """Relative Frobenius error of ``folded`` (scale 1) against ``adapter``'s exact delta ``c·B·A``, from the
     factors alone: ‖B'A' − cBA‖ = ‖[B', −cB]·[A'; A]‖ by the Gram trick, in float64 (no dense ΔW)."""
@@ -509,7 +514,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
     def cast(t: Tensor, name: str) -> Tensor:
         t = t.contiguous()
         out = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if out is not t and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+        if out is not t and not _finite(out) and _finite(t):
             raise NonFiniteError(f"{name}: its values exceed the {str(dtype).replace('torch.', '')} range "
                                  f"(largest magnitude {float(t.abs().max()):.3g}).", path=model.path,
                                  hint="write it with --dtype fp32 or bf16.")
@@ -524,7 +529,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
             if dtype is not None and dtype.is_floating_point:
                 adapter = adapter.to(dtype)     # fold in the output precision: one rounding, not two
             folded = fold_scale(adapter)
-            if not all(bool(torch.isfinite(t).all()) for t in folded.tensors().values()):
+            if not all(_finite(t) for t in folded.tensors().values()):
                 spelled = str(folded.dtype).replace("torch.", "")
                 raise NonFiniteError(
                     f"{piece.component}:{piece.name}: folding its scale {adapter.scale:g} into {spelled} factors "
