@@ -8,7 +8,6 @@ are not part of the architecture (VAE, text encoders inside a full checkpoint) a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from .errors import NotALoraError, UnsupportedArchitectureError
 from .formats.spec import split_key
 from .io import WeightFile
 from .layouts import ArchSpec, NameIndex, evaluate, recognize, resolve
+from .layouts.base import ParamIndex
 from .model import ArchInstance
 
 CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
@@ -59,29 +59,11 @@ class BaseModel:
         return (m.out, m.inp) if m else None
 
 
-def _candidates(arch: ArchSpec) -> list[tuple[str, str, NameIndex, dict[str, tuple[str, object]]]]:
+def _candidates(arch: ArchSpec) -> list[tuple[str, NameIndex, ParamIndex]]:
+    """(naming, module index, loose-parameter index) for every base naming of the transformer."""
     comp = arch.components[COMPONENT]
-    out = []
-    for naming in ("native", *[n for n in comp.namings if n not in ("native", "xlabs")]):
-        params: dict[str, tuple[str, object]] = {}
-        for p in comp.params:
-            name = p.native if naming == "native" else p.aliases.get(naming)
-            if name:
-                params[name] = (p.native, p)
-        out.append((naming, naming, NameIndex(comp, naming, flat=False), params))
-    return out
-
-
-def _param_match(name: str, table: dict[str, tuple[str, object]]) -> tuple[str, int | None] | None:
-    for tmpl, (native, _) in table.items():
-        if "{i}" in tmpl:
-            pat = re.escape(tmpl).replace(re.escape("{i}"), r"(\d+)") + r"\Z"
-            m = re.match(pat, name)
-            if m:
-                return native.format(i=int(m.group(1))), int(m.group(1))
-        elif name == tmpl:
-            return native, None
-    return None
+    return [(n, NameIndex(comp, n, flat=False), ParamIndex(comp, n, flat=False))
+            for n in ("native", *[n for n in comp.namings if n not in ("native", "xlabs")])]
 
 
 def open_base(file: WeightFile, *, arch_name: str = "flux1") -> BaseModel:
@@ -93,7 +75,7 @@ def open_base(file: WeightFile, *, arch_name: str = "flux1") -> BaseModel:
         scoped = [k for k in keys if k.startswith(prefix)]
         if not scoped:
             continue
-        for naming, _, index, params in _candidates(arch):
+        for naming, index, params in _candidates(arch):
             hits: dict[str, tuple] = {}
             for k in scoped:
                 body = k[len(prefix):]
@@ -103,9 +85,9 @@ def open_base(file: WeightFile, *, arch_name: str = "flux1") -> BaseModel:
                     if m is not None:
                         hits[k] = ("module", m, leaf)
                         continue
-                pm = _param_match(body, params)
+                pm = params.match(body)
                 if pm is not None:
-                    hits[k] = ("param", pm)
+                    hits[k] = ("param", (pm.native, pm.index))
             if best is None or len(hits) > best[0]:
                 best = (len(hits), prefix, naming, hits)
     if best is None or best[0] == 0:

@@ -238,6 +238,33 @@ def flatten(name: str) -> str:
     return name.replace(".", "_")
 
 
+class TemplateTable:
+    """Name templates (``{i}`` = block index) → payload, with O(1) lookup for names without an index."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, object] = {}
+        self._patterns: list[tuple[re.Pattern[str], object]] = []
+
+    def add(self, template: str, payload: object) -> None:
+        if "{i}" in template:
+            pat = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            self._patterns.append((re.compile(pat + r"\Z"), payload))
+        else:
+            self._exact[template] = payload
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._patterns)
+
+    def lookup(self, name: str) -> tuple[object, int | None] | None:
+        if name in self._exact:
+            return self._exact[name], None
+        for pat, payload in self._patterns:
+            m = pat.match(name)
+            if m and str(int(m.group("i"))) == m.group("i"):   # no leading zeros
+                return payload, int(m.group("i"))
+        return None
+
+
 class NameIndex:
     """Resolve module names of one naming scheme (dotted or kohya-flattened) to module specs."""
 
@@ -245,29 +272,17 @@ class NameIndex:
         self.component = component
         self.naming = naming
         self.flat = flat
-        self._exact: dict[str, tuple[ModuleSpec, Alias]] = {}
-        self._patterns: list[tuple[re.Pattern[str], ModuleSpec, Alias]] = []
+        self._table = TemplateTable()
         for spec in component.modules:
             for alias in spec.names(naming):
-                tmpl = flatten(alias.template) if flat else alias.template
-                if "{i}" in tmpl:
-                    pat = re.escape(tmpl).replace(re.escape("{i}"), r"(?P<i>\d+)")
-                    self._patterns.append((re.compile(pat + r"\Z"), spec, alias))
-                else:
-                    self._exact[tmpl] = (spec, alias)
+                self._table.add(flatten(alias.template) if flat else alias.template, (spec, alias))
 
     def match(self, name: str) -> NameMatch | None:
-        hit = self._exact.get(name)
-        if hit:
-            return NameMatch(hit[0], hit[1], None)
-        for pat, spec, alias in self._patterns:
-            m = pat.match(name)
-            if m:
-                idx = int(m.group("i"))
-                if str(idx) != m.group("i"):   # no leading zeros
-                    continue
-                return NameMatch(spec, alias, idx)
-        return None
+        hit = self._table.lookup(name)
+        if hit is None:
+            return None
+        (spec, alias), idx = hit  # type: ignore[misc]
+        return NameMatch(spec, alias, idx)
 
     def name_of(self, spec: ModuleSpec, alias: Alias, index: int | None) -> str:
         text = alias.template.format(i=index) if index is not None else alias.template
@@ -311,41 +326,25 @@ class ParamIndex:
         self.component = component
         self.naming = naming
         self.flat = flat
-        self._tables: dict[bool, tuple[dict[str, tuple[ParamSpec, Alias]],
-                                       list[tuple[re.Pattern[str], ParamSpec, Alias]]]] = {}
+        self._tables: dict[bool, TemplateTable] = {}
         for stem in (False, True):
-            exact: dict[str, tuple[ParamSpec, Alias]] = {}
-            patterns: list[tuple[re.Pattern[str], ParamSpec, Alias]] = []
+            table = self._tables[stem] = TemplateTable()
             for spec in component.params:
                 full = param_name(spec, naming)
                 if not full:
                     continue
-                alias = Alias(full)
                 tmpl = param_stem(full) if stem else full
-                tmpl = flatten(tmpl) if flat else tmpl
-                if "{i}" in tmpl:
-                    pat = re.escape(tmpl).replace(re.escape("{i}"), r"(?P<i>\d+)")
-                    patterns.append((re.compile(pat + r"\Z"), spec, alias))
-                else:
-                    exact[tmpl] = (spec, alias)
-            self._tables[stem] = (exact, patterns)
+                table.add(flatten(tmpl) if flat else tmpl, (spec, Alias(full)))
 
     def __bool__(self) -> bool:
-        return bool(self._tables[False][0] or self._tables[False][1])
+        return bool(self._tables[False])
 
     def match(self, name: str, *, stem: bool = False) -> ParamMatch | None:
-        exact, patterns = self._tables[stem]
-        hit = exact.get(name)
-        if hit:
-            return ParamMatch(hit[0], hit[1], None)
-        for pat, spec, alias in patterns:
-            m = pat.match(name)
-            if m:
-                idx = int(m.group("i"))
-                if str(idx) != m.group("i"):   # no leading zeros
-                    continue
-                return ParamMatch(spec, alias, idx)
-        return None
+        hit = self._tables[stem].lookup(name)
+        if hit is None:
+            return None
+        (spec, alias), idx = hit  # type: ignore[misc]
+        return ParamMatch(spec, alias, idx)
 
     def name_of(self, spec: ParamSpec, index: int | None, *, stem: bool = False) -> str | None:
         full = param_name(spec, self.naming)
