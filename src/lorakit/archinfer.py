@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -93,11 +94,37 @@ def _variant(arch: ArchSpec, params: Mapping[str, Mapping[str, int]], metadata: 
     merged: dict[str, int] = {}
     for p in params.values():
         merged.update(p)
-    for v in arch.variants:
-        if all(k in merged and merged[k] == val for k, val in v.when.items()):
-            return v.name
     hint = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version")).lower()
+    named = (hint + " " + _base_model_names(metadata)).lower()
+    structural = next((v for v in arch.variants if not v.named_by and
+                       all(k in merged and merged[k] == val for k, val in v.when.items())), None)
     for v in arch.variants:
-        if v.name in hint:
+        # a variant only metadata can name (Kontext): its parameters must not be contradicted, and the shapes
+        # must not have found a variant it does not refine (a Fill or Control LoRA stays Fill or Control)
+        if v.named_by and any(w in named for w in v.named_by) and \
+                all(merged.get(k, val) == val for k, val in v.when.items()) and \
+                (structural is None or dict(structural.when).items() <= dict(v.when).items()):
+            return v.name
+    if structural is not None:
+        return structural.name
+    for v in arch.variants:
+        if not v.named_by and v.name in hint:
             return v.name
     return arch.default_variant
+
+
+def _base_model_names(metadata: Mapping[str, str]) -> str:
+    """The base-model names a LoRA's metadata carries besides the architecture fields: sd-scripts'
+    ``ss_sd_model_name`` (the base file's name) and PEFT's ``base_model_name_or_path`` inside diffusers'
+    ``lora_adapter_metadata`` (read as text; a malformed value is reported by the readers that parse it)."""
+    parts = [metadata.get("ss_sd_model_name", "")]
+    raw = metadata.get("lora_adapter_metadata", "")
+    if raw and len(raw) < 1 << 20:
+        try:
+            cfg = json.loads(raw)
+        except (ValueError, RecursionError):
+            cfg = None
+        if isinstance(cfg, dict):
+            parts += [str(v) for k, v in cfg.items() if str(k).endswith("base_model_name_or_path") and
+                      isinstance(v, str)]
+    return " ".join(parts)

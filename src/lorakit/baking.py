@@ -577,12 +577,16 @@ def _apply(work: torch.Tensor, task: _Task, n0: int, device: torch.device,
             t.sub_(w0)
             acc[lo - n0:hi - n0].add_(t)
     bias = task.place.param == "bias"  # type: ignore[union-attr]
-    for u in task.additive:
+    # replacement values (BFL control LoRAs' norm scales) first: they take the place of W0, whatever the
+    # strength, as flux/util.py's load_state_dict does; additive patches then add to them
+    for u in sorted(task.additive, key=lambda u: not u.patch.replace):
         lo, hi = max(n0, u.window[0]), min(n1, u.window[1])
         if lo >= hi:
             continue
         dst, a, b = work[lo - n0:hi - n0], lo - u.window[0], hi - u.window[0]
-        if bias:
+        if u.patch.replace:
+            dst.view(dst.shape[0], -1).copy_(_delta_rows(u, a, b, device))
+        elif bias:
             dst.add_(u.factors(device)["bias"][a:b], alpha=u.weight)
         else:
             _add_delta(dst, u, a, b, device)
@@ -1110,6 +1114,11 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
                 continue
             uses[comp].setdefault(module, []).append(_Use(p, inp.weight, idx, window))  # type: ignore[arg-type]
             inp.applied += 1
+        replaced = sum(1 for p in inp.model.patches if p.replace)
+        if replaced and inp.weight not in (0, 1):
+            report.warnings.append(f"{name}: {replaced} norm scale(s) are replacement values (BFL control LoRA), "
+                                   f"set to the file's values whatever the strength ({inp.weight:g}), as BFL's "
+                                   "and diffusers' loaders do.")
         for k in inp.model.unknown_keys:
             bad.append(f"key {k!r}: not understood")
         inp.skipped = len(bad)
@@ -1133,6 +1142,13 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         mv = inp.model.arch.variant
         if mv in _labels(bm) and mv != bm.variant and not bad:
             report.warnings.append(f"{name}: made for {_labels(bm)[mv]}, baked into {_base_desc(bm)}.")
+    for module, us in uses[COMPONENT].items():
+        setters = [u for u in us if u.patch.replace]
+        if len(setters) > 1:
+            raise MergeError(f"{module}: {len(setters)} inputs replace this norm scale "
+                             f"({', '.join(os.path.basename(loras[u.input].path) for u in setters)}); "
+                             "a parameter takes one replacement value.",
+                             hint="bake one BFL control LoRA at a time.")
     for c in te_files:
         if not uses[c] and not any(p.target.component == c for i in loras for p in i.model.patches):
             raise UsageError(f"--{c.replace('_', '-')} given, but no LoRA has {c} modules.",

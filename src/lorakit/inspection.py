@@ -264,6 +264,8 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             "adapters": kinds,
             "modules": sum(1 for e in parsed.entries if not e.match.loose),
             "loose_params": sum(1 for e in parsed.entries if e.match.loose),
+            # loose parameters whose tensor is the new value, not a diff (BFL control LoRAs' norm scales)
+            "norm_replacements": sum(1 for e in parsed.entries if e.family == "set"),
             "components": coverage(parsed),
             "ranks": dict(sorted(Counter(r for r in ranks.values() if r is not None).items())),
             "alphas": dict(sorted(Counter(a for a in alphas.values() if a is not None).items())),
@@ -311,8 +313,11 @@ def format_report(r: Mapping[str, Any]) -> str:
         comp_parts.append(f"{c['label']} {c['present']}/{c['total']}" + (f" ({groups})" if len(c["groups"]) > 1 else ""))
     lines.append("  coverage      " + "\n                ".join(comp_parts))
     if r.get("loose_params"):
-        lines.append(f"  norms         {r['loose_params']} loose parameter diffs (q/k norm scales; not in the "
-                     "module coverage)")
+        reps = r.get("norm_replacements", 0)
+        diffs = r["loose_params"] - reps
+        parts = ([f"{diffs} loose parameter diffs"] if diffs else []) + (
+            [f"{reps} replacement values (bake sets the base's norm scale to them)"] if reps else [])
+        lines.append(f"  norms         {'; '.join(parts)} (q/k norm scales; not in the module coverage)")
     lines.append(f"  ranks         {_hist(r['ranks'])}")
     lines.append(f"  alphas        {_hist(r['alphas']) or 'none stored (α = rank)'}")
     lines.append(f"  scales α/r    {_hist(r['scales'])}")

@@ -356,6 +356,11 @@ def gather(models: Sequence[LoraModel], weights: Sequence[float], arch: ArchInst
                 raise MergeError(f"{p.target} is a DoRA module; a DoRA delta depends on the base weight and cannot "
                                  "be merged with other LoRAs on its own.", path=model.path,
                                  hint="bake the DoRA LoRA into the base model first (lorakit bake).")
+            if p.replace:
+                raise MergeError(f"{p.target} is a replacement value (a BFL control LoRA's norm scale), not a "
+                                 "difference; it cannot be weighted or summed with other LoRAs.", path=model.path,
+                                 hint="bake the control LoRA into the base model (lorakit bake), then merge or "
+                                      "extract from the baked model.")
             targets.setdefault(p.target, []).append(Contribution(i, float(w), p.rows, p.adapter, p.bias))
     dropped = []
     for target in list(targets):

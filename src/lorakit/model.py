@@ -42,6 +42,9 @@ class Patch:
     bias: Tensor | None = None          # dense bias delta for the covered rows (strength 1)
     dora: Tensor | None = None          # DoRA magnitude: (rows,) per output row, or (1, in) per input column
     source: str = ""                    # module name in the input file
+    # the adapter's tensor is the loose parameter's new value, not a difference (BFL control LoRAs' norm
+    # scales, which flux/util.py load_state_dict()s over the base's): bake sets it; it has no ΔW
+    replace: bool = False
 
     @property
     def out_rows(self) -> int:
@@ -110,6 +113,10 @@ class LoraModel:
         """Targets that are loose parameters (q/k norm scales), in patch order."""
         return list(dict.fromkeys(p.target for p in self.patches if p.target.loose))
 
+    def replacements(self) -> list[Patch]:
+        """Patches whose tensor replaces a loose parameter's value (not a ΔW), in patch order."""
+        return [p for p in self.patches if p.replace]
+
     def adapter_kinds(self) -> list[str]:
         kinds = {p.adapter.kind for p in self.patches if p.adapter is not None}
         if any(p.dora is not None for p in self.patches):
@@ -122,10 +129,12 @@ class LoraModel:
 def dense_deltas(model: LoraModel, shapes: Mapping[Target, tuple[int, ...]] | None = None) -> dict[Target, Tensor]:
     """Full-size fp32 ΔW per target weight (row patches placed into their windows; strength 1).
 
-    DoRA magnitudes are ignored here: a DoRA delta needs the base weight.
+    DoRA magnitudes are ignored here: a DoRA delta needs the base weight. Replacement values
+    (:attr:`Patch.replace`) are not deltas and are left out (their ΔW depends on the base).
     """
     out: dict[Target, Tensor] = {}
     for target, patches in model.by_target().items():
+        patches = [p for p in patches if not p.replace]
         if all(p.adapter is None for p in patches):
             continue    # bias-only target (diff_b): no weight delta
         shape = shapes.get(target) if shapes else None

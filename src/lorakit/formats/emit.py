@@ -289,7 +289,10 @@ class Emitter:
         params = self.model.arch.params.get(target.component, {})
         want = tuple(evaluate(x, params, -1) for x in m.spec.shape)
         reason = None
-        if name is None:
+        if any(p.replace for p in patches):
+            reason = ("a replacement value (a BFL control LoRA's norm scale) is not a difference; no LoRA format "
+                      "writes one as a diff (bake applies it)")
+        elif name is None:
             reason = f"the {naming} naming has no name for loose parameters such as {m.native}"
         elif any(p.bias is not None or p.dora is not None or p.rows is not None for p in patches):
             reason = "a loose parameter (norm scale) takes a plain diff only (no bias, DoRA or row window)"

@@ -60,6 +60,8 @@ class ModuleEntry:
             return "loha"
         if any(r.startswith("lokr_") for r in roles):
             return "lokr"
+        if "set" in roles:
+            return "set"
         if "diff" in roles:
             return "full"
         if roles & {"diff_b"}:
@@ -83,6 +85,8 @@ class ModuleEntry:
                 return r1 * r2, c1 * c2
             if self.family == "full":
                 return s["diff"][0], _prod(s["diff"][1:])
+            if self.family == "set":
+                return s["set"][0], _prod(s["set"][1:])
             if self.family == "bias":
                 return s["diff_b"][0], None
         except (KeyError, IndexError):
@@ -115,7 +119,7 @@ def _complete(entry: ModuleEntry) -> bool:
             "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
     if fam == "loha":
         return _REQUIRED["loha"][0] <= roles
-    return fam in ("lora", "full", "bias")
+    return fam in ("lora", "full", "bias", "set")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +151,10 @@ class FormatMatcher:
                 break
         split = split_key(body, xlabs=fmt.xlabs_suffixes)
         if split is None:
-            return None
+            if not fmt.replacements:
+                return None
+            # BFL control LoRAs: the key is a loose parameter's own name, its tensor the parameter's new value
+            split = SplitKey(body, "set", "set")
         outer_marked = marked or split.adapter_name is not None
         for rule in fmt.rules:
             if not split.module.startswith(rule.prefix):
@@ -164,7 +171,7 @@ class FormatMatcher:
                 index = self.indexes.get((rule.component, naming, rule.flat))
                 if index is None:
                     continue
-                if split.family != "norm":
+                if split.family not in ("norm", "set"):
                     m = index.match(name)
                     if m is not None:
                         return KeyParse(key, rule, naming, m, split, split.module, marked)
@@ -175,14 +182,20 @@ class FormatMatcher:
 
     def _loose(self, rule: Rule, naming: str, name: str, split: SplitKey) -> tuple[ParamMatch, SplitKey] | None:
         """A diff on a loose parameter: ``<full parameter name>.diff`` (ComfyUI's key for every non-``.weight``
-        parameter, and lorakit's own spelling in every format) or LyCORIS ``<owning module>.w_norm``. Both
+        parameter, and lorakit's own spelling in every format), ``<owning module>.diff`` (AI-Toolkit's full
+        modules, toolkit/lora_special.py FullModule: ``diff`` is the whole-module weight difference, saved as
+        ``transformer.transformer_blocks.0.attn.norm_q.diff``) or LyCORIS ``<owning module>.w_norm``. All
         become role ``diff`` of the parameter. ``b_norm`` is not accepted: the layout's loose parameters
-        have no bias, so such a key stays "not understood"."""
+        have no bias, so such a key stays "not understood". In a format with ``replacements`` (BFL), the
+        parameter's bare name is role ``set``: its tensor is the parameter's new value, not a difference."""
         index = self.loose.get((rule.component, naming, rule.flat))
         if index is None:
             return None
-        if split.role == "diff":
+        if split.role == "set":
             m = index.match(name)
+            return (m, SplitKey(split.module, "set", "set", split.adapter_name)) if m is not None else None
+        if split.role == "diff":
+            m = index.match(name) or index.match(name, stem=True)
         elif split.role == "w_norm":
             m = index.match(name, stem=True)
         else:
@@ -326,7 +339,8 @@ def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | Non
         _check_entry_shapes(e, file.path)
     _check_duplicates(good, file.path)
     observations: list[Observation | ParamObservation] = [
-        ParamObservation(e.component, e.match.spec, e.match.index, e.shapes["diff"]) if e.match.loose
+        ParamObservation(e.component, e.match.spec, e.match.index, e.shapes.get("diff", e.shapes.get("set", ())))
+        if e.match.loose
         else Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
         for e in good]
     instance = infer_instance(arch, observations, file.metadata, path=file.path)
@@ -355,7 +369,7 @@ def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | Non
 
 def _check_loose_shape(entry: ModuleEntry, params: Mapping[str, int], path: str | None) -> None:
     want = tuple(evaluate(x, params, -1) for x in entry.match.spec.shape)
-    got = tuple(entry.shapes["diff"])
+    got = tuple(entry.shapes.get("diff", entry.shapes.get("set", ())))
     if len(got) != len(want) or any(w >= 0 and g != w for g, w in zip(got, want)):
         raise ShapeMismatchError(entry.file_module, want, got, path=path,
                                  hint=f"this diff does not have the shape of the parameter {entry.match.native!r} "
@@ -424,8 +438,12 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
     problem = None
     if entry.match.loose:
         rank = len(entry.match.spec.shape)
-        if set(shapes) != {"diff"} or len(shapes["diff"]) != rank or 0 in shapes["diff"]:
-            problem = (f"a loose parameter takes one diff of {rank} dimension(s), got "
+        role = "set" if "set" in shapes else "diff"
+        if {"set", "diff"} <= set(shapes):
+            problem = ("the file holds both a replacement value (the bare parameter name) and a diff for this "
+                       "parameter (two spellings of one change)")
+        elif set(shapes) != {role} or len(shapes[role]) != rank or 0 in shapes[role]:
+            problem = (f"a loose parameter takes one diff (or one replacement value) of {rank} dimension(s), got "
                        + ", ".join(f"{r} {list(v)}" for r, v in sorted(shapes.items())))
         if problem is not None:
             raise FormatError(f"module {entry.file_module!r}: {problem}.", path=path,
@@ -478,7 +496,8 @@ def _check_duplicates(entries: list[ModuleEntry], path: str | None) -> None:
     for e in entries:
         if e.family == "bias":
             continue
-        key = (e.component, e.match.native, e.match.alias.rows, e.family)
+        # a replacement value and a diff of one loose parameter are two spellings of one change
+        key = (e.component, e.match.native, e.match.alias.rows, "full" if e.family == "set" else e.family)
         other = seen.get(key)
         if other is not None:
             raise KeyMappingError(
@@ -602,6 +621,8 @@ def _build_adapter(entry: ModuleEntry, t: Mapping[str, torch.Tensor], alpha: flo
                     w2=t.get("lokr_w2"), w2a=t.get("lokr_w2_a"), w2b=t.get("lokr_w2_b"), t2=t.get("lokr_t2"))
     if fam == "full":
         return Full(alpha=None, diff=t["diff"])
+    if fam == "set":
+        return Full(alpha=None, diff=t["set"])    # the parameter's new value; the patch says ``replace``
     return None
 
 
@@ -615,6 +636,11 @@ def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
 def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
     if alpha_tensor is not None:
         value = float(alpha_tensor.double().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
+        if value == math.inf and entry.family == "lokr" and {"lokr_w1", "lokr_w2"} <= set(entry.keys):
+            # AI-Toolkit's default LoKr (toolkit/config_modules.py lokr_full_rank: alpha 9999999999, saved in
+            # fp16 as +inf) has both Kronecker factors full; LyCORIS (LokrModule) and ComfyUI then ignore α and
+            # use scale 1, and so does lorakit. Any other non-finite α is refused below.
+            return None
         if not math.isfinite(value):
             raise NonFiniteError(f"alpha tensor {entry.keys.get('alpha', entry.file_module)!r} holds {value}.",
                                  path=parsed.path, hint="the file is corrupt or diverged in training; "
@@ -649,7 +675,7 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     if alias.swap_halves:
         adapter, bias, dora = _swap(adapter, bias, dora)
     patch = Patch(Target(entry.component, entry.match.native, loose=entry.match.loose), adapter, _rows(alias, params),
-                  bias=bias, dora=dora, source=entry.file_module)
+                  bias=bias, dora=dora, source=entry.file_module, replace=entry.family == "set")
     return patch
 
 

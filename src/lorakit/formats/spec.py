@@ -103,6 +103,7 @@ class FormatSpec:
     split: bool = False                   # writer uses split (diffusers) names for fused weights
     strip_trailing_underscore: bool = False
     lora_only: bool = False               # its loader reads LoRA factors only (no LoHa/LoKr keys)
+    replacements: bool = False            # a key naming a loose parameter itself holds its new value (BFL)
 
 
 _PEFT_CONTAINER = "base_model.model."
@@ -119,7 +120,8 @@ FORMATS: tuple[FormatSpec, ...] = (
     ),
     FormatSpec(
         "comfy", "ComfyUI (BFL names under diffusion_model.)",
-        rules=(Rule("diffusion_model.", "transformer", ("native",), False),
+        # diffusers names under ``diffusion_model.``: SimpleTuner ``--lora_format comfyui`` (lora_A/lora_B + alpha)
+        rules=(Rule("diffusion_model.", "transformer", ("native", "diffusers"), False),
                Rule("text_encoders.clip_l.transformer.", "clip_l", ("native",), False),
                Rule("text_encoders.t5xxl.transformer.", "t5", ("native",), False)),
         containers=("model.",),
@@ -154,6 +156,14 @@ FORMATS: tuple[FormatSpec, ...] = (
     FormatSpec(
         "lycoris", "SimpleTuner / LyCORIS generic (lycoris_…)",
         rules=(Rule("lycoris_", "transformer", ("diffusers",), True),),
+    ),
+    FormatSpec(
+        # BFL's own LoRAs (FLUX.1 Canny/Depth dev LoRA: flux/modules/lora.py LinearLora, loaded by
+        # load_state_dict in flux/util.py, whose bare ``…norm.query_norm.scale`` tensors overwrite the base's)
+        # and OneTrainer's ORIGINAL_LORA export (bare BFL names, lora_A/lora_B, ``.alpha``).
+        "bfl", "BFL native names (BFL control LoRAs, OneTrainer ORIGINAL: img_in.lora_A.weight …)",
+        rules=(Rule("", "transformer", ("native",), False),),
+        replacements=True,
     ),
     FormatSpec(
         "diffsynth", "DiffSynth (bare diffusers names)",

@@ -126,11 +126,14 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class Variant:
-    """A named variant recognised when every listed parameter has the given value."""
+    """A named variant recognised when every listed parameter has the given value. A variant with
+    ``named_by`` is key-identical to another one: it is recognised only when the file's metadata names it
+    (one of those words appears in a base-model field) and its parameters hold."""
 
     name: str
     label: str
     when: Mapping[str, int]
+    named_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,11 @@ FLUX1 = ArchSpec(
         Variant("fill", "FLUX.1 Fill (img_in takes 384 channels)", {"IN": 384}),
         Variant("control", "FLUX.1 Canny/Depth (img_in takes 128 channels)", {"IN": 128}),
         Variant("chroma", "Chroma (no modulation layers)", {"modulation": 0}),
+        # Kontext LoRAs have dev's keys and shapes: only metadata tells them apart (AI-Toolkit's
+        # extensions_built_in/diffusion_models/flux_kontext/flux_kontext.py writes ss_base_model_version
+        # "flux.1_kontext"; PEFT/diffusers configs name "black-forest-labs/FLUX.1-Kontext-dev")
+        Variant("kontext", "FLUX.1 Kontext (dev's layout; named by the file's metadata)", {"guidance": 1},
+                named_by=("kontext",)),
         Variant("dev", "FLUX.1-dev (guidance embedder)", {"guidance": 1}),
         Variant("schnell", "FLUX.1-schnell (no guidance embedder)", {"guidance": 0}),
     ),
