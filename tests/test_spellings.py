@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lorakit.baking import bake
 from lorakit.conversion import convert
-from lorakit.errors import LorakitError, MergeError, NonFiniteError
+from lorakit.errors import LorakitError, LossyConversionError, MergeError, NonFiniteError
 from lorakit.formats import read_lora
 from lorakit.inspection import format_report, inspect_lora
 from lorakit.merging import merge
@@ -152,8 +152,10 @@ def test_replacement_plus_additive_diff_and_two_replacements(tmp_path, control_l
 
 def test_replacements_are_not_treated_as_diffs(tmp_path, control_lora) -> None:
     path, _ = control_lora
-    with pytest.raises(LorakitError, match="replacement value"):
-        convert(path, tmp_path / "c.safetensors", "comfy")
+    for to in ("comfy", "kohya", "diffusers"):
+        with pytest.raises(LossyConversionError, match="replacement values") as err:
+            convert(path, tmp_path / "c.safetensors", to)
+        assert "lorakit bake" in str(err.value)
     assert not (tmp_path / "c.safetensors").exists()
     with pytest.raises(MergeError, match="replacement value"):
         merge([(path, 1.0), (path, 0.5)], tmp_path / "m.safetensors")
@@ -302,6 +304,8 @@ def test_aitoolkit_full_lokr_with_inf_alpha_reads_with_scale_1(write_st) -> None
     path = write_st({k: v.half() for k, v in t.items()})
     model = read_lora(path)
     assert model.format == "diffusers" and not model.unknown_keys
+    r = inspect_lora(path, deep=True)
+    assert r["nonfinite_alpha_keys"] == [] and r["deep"]["nonfinite_modules"] == []
     got = deltas(path)
     for name, (native, start) in mods.items():
         kron = torch.kron(t[f"{name}.lokr_w1"].half().float(), t[f"{name}.lokr_w2"].half().float())
@@ -366,3 +370,28 @@ def test_kontext_metadata_does_not_override_shapes(write_st) -> None:
     # a Fill-sized img_in (384 inputs) stays Fill whatever the metadata says
     t = {"transformer.x_embedder.lora_A.weight": rnd(1, 4, 384), "transformer.x_embedder.lora_B.weight": rnd(2, H, 4)}
     assert read_lora(write_st(t, {"ss_base_model_version": "flux.1_kontext"})).arch.variant == "fill"
+
+
+def test_inf_alpha_full_lokr_matches_lycoris_forward(write_st) -> None:
+    """Oracle: lycoris-lora's own LokrModule at AI-Toolkit's "full rank" settings (lora_dim = alpha =
+    9999999999, so both factors are full); its state dict saved in fp16 stores α = +inf."""
+    lokr = pytest.importorskip("lycoris.modules.lokr")
+    import torch.nn.functional as F
+    lin = torch.nn.Linear(H, H)
+    module = lokr.LokrModule("m", lin, multiplier=1.0, lora_dim=9999999999, alpha=9999999999, factor=-1)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.startswith("org_"):
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.3).half().float())
+    module.apply_to()
+    x = torch.eye(H)
+    with torch.no_grad():
+        want = (module(x) - F.linear(x, lin.weight, lin.bias)).T
+    prefix = "transformer.transformer_blocks.0.attn.to_out.0"
+    sd = {f"{prefix}.{k}": v.detach().clone().half() for k, v in module.state_dict().items()
+          if not k.startswith("org_")}
+    assert set(sd) == {f"{prefix}.lokr_w1", f"{prefix}.lokr_w2", f"{prefix}.alpha"}
+    assert torch.isinf(sd[f"{prefix}.alpha"]).item()
+    got = deltas(write_st(sd))["double_blocks.0.img_attn.proj"]
+    assert float((got - want).norm() / want.norm()) <= 1e-5

@@ -289,10 +289,7 @@ class Emitter:
         params = self.model.arch.params.get(target.component, {})
         want = tuple(evaluate(x, params, -1) for x in m.spec.shape)
         reason = None
-        if any(p.replace for p in patches):
-            reason = ("a replacement value (a BFL control LoRA's norm scale) is not a difference; no LoRA format "
-                      "writes one as a diff (bake applies it)")
-        elif name is None:
+        if name is None:
             reason = f"the {naming} naming has no name for loose parameters such as {m.native}"
         elif any(p.bias is not None or p.dora is not None or p.rows is not None for p in patches):
             reason = "a loose parameter (norm scale) takes a plain diff only (no bias, DoRA or row window)"
@@ -317,6 +314,13 @@ class Emitter:
         return Piece(target.component, text, Full(alpha=None, diff=total.to(first.dtype)))  # type: ignore[union-attr]
 
     def pieces(self) -> list[Piece]:
+        replaced = [str(p.target) for p in self.model.patches if p.replace]
+        if replaced:
+            raise LossyConversionError(
+                replaced, f"format {self.fmt.name!r} cannot hold replacement values (a BFL control LoRA's norm "
+                "scales are the norms' new values, not differences; no LoRA format spells them)",
+                path=self.model.path, hint="bake the LoRA into its base model (lorakit bake), which sets those norms; "
+                "--allow-lossy does not help here.")
         out: list[Piece] = []
         for target, patches in self.model.by_target().items():
             loose = self.match_loose(target)
