@@ -395,3 +395,10 @@ def test_inf_alpha_full_lokr_matches_lycoris_forward(write_st) -> None:
     assert torch.isinf(sd[f"{prefix}.alpha"]).item()
     got = deltas(write_st(sd))["double_blocks.0.img_attn.proj"]
     assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+def test_a_base_model_is_not_read_as_replacement_norms(tmp_path) -> None:
+    # a BFL base holds the same bare `…norm.query_norm.scale` names: without LoRA factors it is no LoRA
+    base = write_base(tmp_path / "base.safetensors")
+    with pytest.raises(LorakitError, match="not a LoRA"):
+        read_lora(base)

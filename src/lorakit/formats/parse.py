@@ -228,6 +228,10 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             continue
         matcher = FormatMatcher(fmt, arch)
         parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
+        if fmt.replacements and all(p.split.role == "set" for p in parses.values()):
+            # bare parameter names alone are a base model's norm scales, not a LoRA: BFL's control LoRAs
+            # carry them next to LoRA factors
+            parses = {}
         results.append((fmt, parses))
     results.sort(key=lambda r: -len(r[1]))
     best_fmt, best = results[0]
