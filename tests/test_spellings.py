@@ -402,3 +402,22 @@ def test_a_base_model_is_not_read_as_replacement_norms(tmp_path) -> None:
     base = write_base(tmp_path / "base.safetensors")
     with pytest.raises(LorakitError, match="not a LoRA"):
         read_lora(base)
+
+
+def test_each_spelling_is_detected_unambiguously(write_st) -> None:
+    """Every key of each fixture is understood by exactly the format named, and no other format reads the
+    whole file (detection stays unambiguous)."""
+    rank = 4
+    st = {"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": rnd(1, rank, H),
+          "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": rnd(2, H, rank),
+          "diffusion_model.transformer_blocks.0.attn.to_q.alpha": torch.tensor(4.0)}
+    ot = {"double_blocks.0.img_attn.qkv.lora_A.weight": rnd(1, rank, H),
+          "double_blocks.0.img_attn.qkv.lora_B.weight": rnd(2, 3 * H, rank),
+          "double_blocks.0.img_attn.qkv.alpha": torch.tensor(4.0)}
+    ait = {"transformer.transformer_blocks.0.attn.norm_q.diff": rnd(3, D),
+           "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": rnd(1, rank, H),
+           "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": rnd(2, H, rank)}
+    for tensors, fmt in ((control_tensors(), "bfl"), (ot, "bfl"), (st, "comfy"), (ait, "diffusers")):
+        r = inspect_lora(write_st(tensors))
+        assert r["format"] == fmt and r["confidence"] == 1.0 and r["unknown_key_count"] == 0
+        assert r["runner_up"] is None or r["runner_up"]["score"] < 1.0, (fmt, r["runner_up"])
