@@ -23,6 +23,7 @@ from ..dtypes import FLOAT_CODES
 from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
                       ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError)
 from ..io import WeightFile, open_weights
+from ..io.header import loads_json
 from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, evaluate, recognize, resolve
 from ..layouts.base import ParamIndex, ParamMatch
 from ..model import ArchInstance, LoraModel, Patch, Target
@@ -495,7 +496,7 @@ def _peft_config(path: str | None) -> dict[str, object] | None:
     if os.path.basename(path).startswith("adapter_model") and os.path.isfile(cfg):
         try:
             with open(cfg, encoding="utf-8") as fh:
-                data = json.load(fh)
+                data = loads_json(fh.read())
             return data if isinstance(data, dict) else None
         except (OSError, ValueError):
             return None
@@ -558,7 +559,7 @@ def config_alpha(parsed: ParsedLora, entry: ModuleEntry, rank: int) -> float | N
     raw = parsed.metadata.get("lora_adapter_metadata")
     if raw:
         try:
-            meta = json.loads(raw)
+            meta = loads_json(raw)
         except ValueError:
             raise FormatError(f"metadata key 'lora_adapter_metadata' is not JSON ({raw[:60]!r}).", path=path,
                               hint="fix or remove it (lorakit meta --delete lora_adapter_metadata).") from None
