@@ -432,8 +432,10 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
             raise FormatError(f"module {entry.file_module!r}: {problem}.", path=path,
                               hint="the file is corrupt or was written by a broken exporter; re-export it.")
         return
-    if "alpha" in shapes and len(shapes["alpha"]) and _prod(shapes["alpha"]) > 1:
-        problem = f"alpha holds {_prod(shapes['alpha'])} values instead of one"
+    if "alpha" in shapes and len(shapes["alpha"]) and _prod(shapes["alpha"]) != 1:
+        n = _prod(shapes["alpha"])     # shape [0] holds no α at all: never read it as α = rank
+        problem = f"alpha holds {n} values instead of one" if n else \
+            f"alpha tensor has shape {list(shapes['alpha'])} and holds no value"
     out_rows = None
     if problem is None and entry.family in ("lora", "loha", "lokr", "full"):
         try:
