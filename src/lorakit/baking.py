@@ -43,13 +43,14 @@ import torch
 from .adapters import LoKr, LoRA, NotExact
 from .basemodel import BaseModel, open_base
 from .dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
-from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, OutputError,
+from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
                      PickleRefusedError, UnsupportedArchitectureError,
                      UnsupportedDtypeError, UsageError)
-from .checks import require_finite_model
+from .checks import all_finite, require_finite_model
 from .formats import load, parse
 from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
 from .io.reader import ShardedFile
+from .io.header import loads_json
 from .io.writer import fsync_dir
 from .layouts import NameIndex, evaluate
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
@@ -373,7 +374,7 @@ class _Output:
             return
         src: ShardedFile = self.src  # type: ignore[assignment]
         with open(src.path, encoding="utf-8") as fh:
-            index = json.load(fh)
+            index = loads_json(fh.read())
         meta = dict(index.get("metadata") or {})
         if "total_size" in meta:
             meta["total_size"] = sum(w.size - len(w.header) for w in self.writers.values())
@@ -627,9 +628,49 @@ class _Compute:
             w = work_buf[: (b1 - b0) * per].view(b1 - b0, *src.shape[1:])
             w.copy_(src[b0:b1])
             _apply(w, task, task.place.native_row(j0 + b0), self.device, self.scratch)  # type: ignore[union-attr]
+            if not all_finite(w):      # checked before the fp8 clamp, which would hide an overflow
+                raise _overflow(task, src[b0:b1], torch.float32)
             if lim is not None:
                 w.clamp_(-lim, lim)
             out[b0:b1].copy_(w)
+            if lim is None and out.dtype != torch.float32 and not all_finite(out[b0:b1]):
+                raise _overflow(task, src[b0:b1], out.dtype)
+
+
+def _overflow(task: _Task, src: torch.Tensor, dtype: torch.dtype) -> NonFiniteError:
+    """The error for a baked tensor that is not finite: the base's own NaN/Inf, or W + Σ w·ΔW overflowing."""
+    spelled = str(dtype).replace("torch.", "")
+    if not all_finite(src):
+        return NonFiniteError(f"base tensor {task.key!r} already holds NaN or Inf values; nothing was written.",
+                              path=task.info.file, hint="use an intact copy of the base model.")
+    names = ", ".join(sorted({os.path.basename(u.patch.source or str(u.patch.target)) for u in
+                              (*task.additive, *task.doras)})[:3])
+    return NonFiniteError(f"baking {task.key!r} overflows {spelled} (W + strength·ΔW of {names} is beyond "
+                          f"±{torch.finfo(dtype).max:.3g}); nothing was written.", path=task.info.file,
+                          hint="lower the LoRA strength (PATH:WEIGHT), or write a wider --dtype (fp32/bf16).")
+
+
+def _check_strengths(loras: list[_Input]) -> None:
+    """strength × α/r must be a float32 number: ΔW is accumulated in fp32 (torch refuses larger factors)."""
+    big = torch.finfo(torch.float32).max
+    for inp in loras:
+        for p in inp.model.patches:
+            scale = p.adapter.scale if p.adapter is not None else 1.0
+            if not abs(inp.weight) <= big or not abs(inp.weight * scale) <= big:
+                raise NonFiniteError(f"strength {inp.weight:g} × scale {scale:g} of {p.source or p.target} is beyond "
+                                     f"the float32 range (±{big:.3g}) baking computes in; nothing was written.",
+                                     path=inp.path, hint="give a strength of ordinary size, e.g. PATH:0.8.")
+
+
+def _check_zero_ups(loras: list[_Input]) -> None:
+    """Refuse a LoRA whose every module has an all-zero up matrix (doctor: WILL NOT APPLY)."""
+    for inp in loras:
+        patches = inp.model.patches
+        if patches and all(isinstance(p.adapter, LoRA) and not bool(p.adapter.up.ne(0).any()) for p in patches):
+            raise CoverageError(f"nothing to bake: every one of the {len(patches)} modules has an all-zero up "
+                                "matrix, so the LoRA changes nothing (saved before training started?)",
+                                [os.path.basename(inp.path)], path=inp.path,
+                                hint="use a trained checkpoint, or pass --allow-zero-lora to write the base anyway.")
 
 
 def _fp8_limit(dtype: torch.dtype) -> float | None:
@@ -923,7 +964,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
          clip_l_out: str | os.PathLike[str] | None = None, t5: str | os.PathLike[str] | None = None,
          t5_out: str | os.PathLike[str] | None = None, allow_pickle: bool = False,
          progress: bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-         threads: int | None = None) -> BakeReport:
+         threads: int | None = None, allow_zero_lora: bool = False) -> BakeReport:
     """Bake LoRAs (``path[:weight]`` strings, ``(path, weight)`` pairs or WeightedInput) into ``base``.
 
     The output keeps the base's layout and, unless ``dtype`` is given, every tensor's dtype (``dtype``
@@ -931,7 +972,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     encoders are never converted). Nothing is written unless every LoRA module fits the base (or
     ``allow_partial``); ``dry_run`` returns the per-tensor plan without touching base tensor data.
     ``threads`` sets torch's intra-op threads for the duration of the bake (default: half the CPUs,
-    1 to 8 — the reader and writer threads need a core for their copies).
+    1 to 8 — the reader and writer threads need a core for their copies). A LoRA whose ups are all zero is
+    refused unless ``allow_zero_lora``; a baked tensor that would hold NaN/Inf is refused (NonFiniteError).
     """
     t_start = time.perf_counter()
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
@@ -981,6 +1023,9 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         desc = _base_desc(bm)
         loras = [_Input(w.path, w.weight, _read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run))
                  for w in weighted]
+        _check_strengths(loras)
+        if not dry_run and not allow_zero_lora:
+            _check_zero_ups(loras)
 
         report = BakeReport(base_path, out_path, bm.layout + ("+prefix " + repr(bm.prefix) if bm.prefix else ""),
                             bm.variant, short_name(out_dtype) if out_dtype else "keep", str(dev), dry_run=dry_run)

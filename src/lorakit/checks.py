@@ -62,3 +62,59 @@ def require_finite_model(model: LoraModel) -> None:
                              path=model.path,
                              hint="the LoRA is corrupt or diverged in training; `lorakit doctor` lists the "
                                   "affected modules. lorakit will not compute with it.")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Every value of ``t`` finite; fast path: a finite sum proves it (NaN/Inf always propagate to the sum)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    x = t if t.element_size() > 1 else t.float()     # fp8 has no sum/isfinite kernels
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return _finite(x)     # the sum of finite values may itself overflow: decide element-wise
+
+
+def require_finite_output(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+                          path: str | None, cause: str, hint: str) -> None:
+    """Refuse to write NaN/Inf: raise NonFiniteError naming the tensors and ``cause`` (call before writing)."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    bad = [name for name, t in items if t is not None and not all_finite(t)]
+    if bad:
+        shown = ", ".join(repr(b) for b in bad[:3]) + (f" … and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"the output would hold NaN or Inf in {len(bad)} tensor(s) ({shown}): {cause}; "
+                             "nothing was written.", path=path, hint=hint)
+
+
+def dtype_range_cause(dtype: torch.dtype | None) -> str:
+    """'exceed the <dtype> range …' for the output dtype (fp32 when ``dtype`` is None or not a float)."""
+    d = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+    return f"exceed the {str(d).replace('torch.', '')} range (largest finite {torch.finfo(d).max:.3g})"
+
+
+MEMORY_SAFETY_FRACTION = 0.5
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports as available (``MemAvailable`` of /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def require_dense_fits(module: str, shape: Iterable[int], copies: int, *, path: str | None, fix: str) -> None:
+    """Refuse (MemoryBudgetError) to densify a ``shape`` fp32 ΔW ``copies`` times when that exceeds
+    :data:`MEMORY_SAFETY_FRACTION` of the available memory."""
+    from .errors import MemoryBudgetError
+    dense = math.prod(int(d) for d in shape) * 4
+    avail = available_memory()
+    if avail is None or dense * copies <= avail * MEMORY_SAFETY_FRACTION:
+        return
+    dims = "×".join(str(int(d)) for d in shape)
+    raise MemoryBudgetError(f"module {module!r}: its dense ΔW ({dims}) takes {dense / 2**30:.3g} GiB in fp32 "
+                            f"and this operation needs about {copies} such copies ({dense * copies / 2**30:.3g} GiB), "
+                            f"but only {avail / 2**30:.3g} GiB of memory is available.", path=path, hint=fix)

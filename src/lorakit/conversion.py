@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import dtype_range_cause, require_finite_output
 from .errors import KeyMappingError, UsageError
 from .formats import WRITABLE, emit, load, parse
 from .formats.emit import EmitResult
 from .io import check_output_path, open_weights, save_tensors
+from .io.header import loads_json
 from .metadata import (PROVENANCE_KEY, InputRecord, carry_over, diffusers_adapter_metadata, file_sha256,
                        network_metadata, provenance, with_hashes)
 from .model import LoraModel
@@ -50,7 +52,7 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
     if algos:   # LyCORIS tensors: kohya-style loaders need the LyCORIS network module to read them
         meta["ss_network_module"] = "lycoris.kohya"
         try:
-            args = json.loads(meta.get("ss_network_args") or "{}")
+            args = loads_json(meta.get("ss_network_args") or "{}")
         except ValueError:
             args = {}
         meta["ss_network_args"] = json.dumps({**(args if isinstance(args, dict) else {}), "algo": algos[0]})
@@ -100,5 +102,9 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
                                                     format=model.format)],
                                 title=title, target_format=to,
                                 lossy=[m for m, _ in result.lossy] or None)
+    require_finite_output(result.tensors, path=src, cause="factors (or an alpha) " + dtype_range_cause(
+        dtype or next((t.dtype for t in result.tensors.values() if t.is_floating_point()), None)),
+                          hint="write a wider --dtype (fp32); an alpha or factor beyond the float32 range "
+                               "cannot be written at all — fix the input.")
     save_tensors(os.fspath(output), result.tensors, meta, inputs=[src])
     return report

@@ -7,7 +7,20 @@ shapes involved and end with a fix hint; the CLI prints ``str(error)`` on one li
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Sequence
+
+MAX_MESSAGE_CHARS = 2000     # an error is one readable line, whatever the user's values hold
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 80, 80
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+
+
+def brief(value: object, limit: int = 120) -> str:
+    """A bounded repr of a user value for messages: nested and shared structures are cut, never expanded."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _preview(items: Sequence[str], limit: int = 5) -> str:
@@ -28,7 +41,9 @@ class LorakitError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        text = f"{self.path}: {self.message}" if self.path else self.message
+        message = self.message if len(self.message) <= MAX_MESSAGE_CHARS else \
+            self.message[:MAX_MESSAGE_CHARS - 1] + "…"
+        text = f"{self.path}: {message}" if self.path else message
         if self.hint:
             text += f" Fix: {self.hint}"
         return " ".join(text.split())
@@ -139,6 +154,10 @@ class CoverageError(LorakitError):
 
 class NonFiniteError(LorakitError):
     """NaN or Inf values where a computation needs finite numbers."""
+
+
+class MemoryBudgetError(LorakitError):
+    """An operation that would need more memory than the machine has available (refused before allocating)."""
 
 
 class MergeError(LorakitError):

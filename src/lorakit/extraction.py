@@ -45,6 +45,7 @@ from .dtypes import ST_DTYPES
 from .errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, emit
 from .formats.emit import fold_error
+from .checks import dtype_range_cause, require_finite_output
 from .io import check_output_path, open_weights, save_tensors
 from .linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
 from .metadata import InputRecord
@@ -374,6 +375,8 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         oversample=oversample if not exact else None, niter=niter if not exact else None, min_diff=min_diff,
         include_bias=include_bias or None, include_norms=include_norms or None, modules=len(report.modules),
         norms=len(report.loose_written) or None, skipped=len(report.skipped) or None)
+    require_finite_output(result.tensors, path=out_path, cause="the extracted factors " + dtype_range_cause(out_dtype),
+                          hint="write a wider --dtype (fp32 or bf16).")
     save_tensors(out_path, result.tensors, meta, inputs=[src_o, src_t])
     report.tensors_out = len(result.tensors)
     report.output_bytes = os.path.getsize(out_path)

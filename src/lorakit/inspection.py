@@ -17,6 +17,7 @@ from .formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
 from .errors import NonFiniteError
 from .hashes import STORED_HASH_KEYS
 from .io import open_weights
+from .io.header import loads_json
 from .layouts import expand
 
 MAX_UNKNOWN_LISTED = 20
@@ -109,7 +110,7 @@ def metadata_summary(meta: Mapping[str, str]) -> dict[str, Any]:
     sw = meta.get("software")
     if sw:
         try:
-            out["trainer"] = json.loads(sw).get("name", sw)
+            out["trainer"] = loads_json(sw).get("name", sw)
         except (ValueError, AttributeError):
             out["trainer"] = sw
     base = meta.get("ss_sd_model_name") or meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
@@ -140,7 +141,7 @@ def trigger_words(meta: Mapping[str, str], limit: int = 10) -> list[str]:
     if raw:
         try:
             freq: Counter[str] = Counter()
-            for tags in json.loads(raw).values():
+            for tags in loads_json(raw).values():
                 for tag, n in tags.items():
                     freq[tag.strip()] += int(n)
             words.extend(t for t, _ in freq.most_common(limit) if t)
@@ -149,7 +150,7 @@ def trigger_words(meta: Mapping[str, str], limit: int = 10) -> list[str]:
     for key in ("meta", "ss_meta"):
         if key in meta:
             try:
-                tw = json.loads(meta[key]).get("trigger_words")
+                tw = loads_json(meta[key]).get("trigger_words")
                 if isinstance(tw, list):
                     words.extend(str(w) for w in tw)
                 elif isinstance(tw, str):
@@ -168,7 +169,7 @@ def _split_qkv_flag(meta: Mapping[str, str]) -> bool:
     if not raw:
         return False
     try:
-        args = json.loads(raw)
+        args = loads_json(raw)
     except ValueError:
         return False
     value = args.get("split_qkv") if isinstance(args, dict) else None

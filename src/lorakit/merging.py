@@ -41,8 +41,8 @@ from torch import Tensor
 from .adapters import Adapter, Full, LoHa, LoKr, LoRA
 from .blocks import BlockWeights, parse_blocks
 from .conversion import lora_output_metadata
-from .errors import ArchitectureError, MergeError, UsageError
-from .checks import require_finite_model
+from .errors import ArchitectureError, MergeError, NonFiniteError, UsageError
+from .checks import all_finite, dtype_range_cause, require_dense_fits, require_finite_model, require_finite_output
 from .formats import WRITABLE, emit, get_format, read_lora
 from .formats.emit import is_pow2
 from .io import check_output_path, save_tensors
@@ -553,13 +553,26 @@ def _svd(target: Target, contribs: list[Contribution], shape: tuple[int, ...],
         return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
     stacked = stacked_factors(contribs, shape[0]) if len(shape) == 2 else None
     if stacked is not None:
+        _require_finite_sum(target, *stacked)
         u, s, vh = factored_svd(*stacked)
     else:
-        u, s, vh = exact_svd(_dense_sum(contribs, shape).flatten(1))
+        require_dense_fits(str(target), shape, 4, path=None,
+                           fix="merge with --method concat (exact, keeps the factors) instead.")
+        dense = _dense_sum(contribs, shape)
+        _require_finite_sum(target, dense)
+        u, s, vh = exact_svd(dense.flatten(1))
     k = _choose_rank(s, contribs, shape, options)
     lr = truncate(u, s, vh, k)
     return [_lowrank_patch(target, u, s, vh, lr.rank, shape, bias)], \
         ModuleStat(str(target), lr.rank, lr.retained_energy, lr.relative_error)
+
+
+def _require_finite_sum(target: Target, *tensors: Tensor) -> None:
+    """The weighted sum an SVD is about to factor must be finite (large weights overflow float32)."""
+    if not all(all_finite(t) for t in tensors):
+        raise NonFiniteError(f"module {str(target)!r}: the weighted sum of the inputs overflows float32 (weights × "
+                             "ΔW beyond ±3.4e38), so it cannot be re-factored; nothing was written.",
+                             hint="lower the merge weights (PATH:WEIGHT).")
 
 
 def input_deltas(contribs: Sequence[Contribution], shape: tuple[int, ...]) -> tuple[list[int], list[Tensor]]:
@@ -597,9 +610,14 @@ def dense_merge(target: Target, contribs: Sequence[Contribution], shape: tuple[i
 def _dense_method(target: Target, contribs: list[Contribution], shape: tuple[int, ...], options: MergeOptions,
                   weights: Sequence[float], multiplier: float) -> tuple[list[Patch], ModuleStat]:
     bias = _scaled_bias(contribs, shape[0])
+    n = len({c.input for c in contribs if c.adapter is not None})
+    require_dense_fits(str(target), shape, 6 * n + 4, path=None,
+                       fix=f"--method {options.method} needs each input's dense ΔW; use --method svd (works on the "
+                           "factors) or concat (exact), or a machine with more memory.")
     merged = dense_merge(target, contribs, shape, options, weights, multiplier)
     if merged is None:
         return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
+    _require_finite_sum(target, merged)
     u, s, vh = exact_svd(merged.flatten(1))
     k = _choose_rank(s, contribs, shape, options)
     lr = truncate(u, s, vh, k)
@@ -773,6 +791,9 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
                                 majority_sign=options.majority_sign if method in ("ties", "dare_ties") else None,
                                 blocks=blocks, kohya_ratios=True if options.kohya_ratios else None,
                                 strength="sd-scripts ratio·|ratio|·r/R" if options.kohya_ratios else "linear")
+    require_finite_output(emitted.tensors, path=out_path,
+                          cause="weights × factors (or an alpha) " + dtype_range_cause(out_dtype),
+                          hint="lower the merge weights (PATH:WEIGHT), or write a wider --dtype (fp32).")
     save_tensors(out_path, emitted.tensors, meta, inputs=[w.path for w in items])
     if verify:
         written = read_lora(out_path)

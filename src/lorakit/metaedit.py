@@ -23,6 +23,7 @@ from .formats import parse
 from .formats.parse import entry_alpha
 from .hashes import sshs_hashes_of
 from .io import SafetensorsFile, SafetensorsWriter, open_weights
+from .io.header import loads_json
 from .metadata import STALE_KEYS, STALE_PREFIXES, summarize_values
 
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
@@ -35,7 +36,7 @@ def unescape(metadata: Mapping[str, str]) -> dict[str, Any]:
         text = v.strip()
         if text[:1] in ("{", "["):
             try:
-                out[k] = json.loads(text)
+                out[k] = loads_json(text)
                 continue
             except ValueError:
                 pass

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError, UsageError
+from .errors import RecipeError, UsageError, brief
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,15 @@ class WeightedInput:
     def __post_init__(self) -> None:
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) and not hasattr(w, "__float__"):
-            raise UsageError(f"weight of {self.path!r} must be a number, got {w!r}.",
+            raise UsageError(f"weight of {brief(self.path)} must be a number, got {brief(w)}.",
                              hint="write PATH:WEIGHT with a finite number, e.g. lora.safetensors:0.7.")
         try:
             value = float(w)
         except (TypeError, ValueError):
-            raise UsageError(f"weight of {self.path!r} must be a number, got {w!r}.",
+            raise UsageError(f"weight of {brief(self.path)} must be a number, got {brief(w)}.",
                              hint="write PATH:WEIGHT with a finite number, e.g. lora.safetensors:0.7.") from None
         if not math.isfinite(value):
-            raise UsageError(f"weight of {self.path!r} is not finite ({w!r}).",
+            raise UsageError(f"weight of {brief(self.path)} is not finite ({brief(w)}).",
                              hint="give a finite strength, e.g. lora.safetensors:0.7.")
         object.__setattr__(self, "weight", value)
 
@@ -89,6 +89,93 @@ def opt(*types: type, choices: Iterable[str] | None = None) -> Opt:
     return Opt(tuple(types), tuple(choices) if choices is not None else None)
 
 
+MAX_RECIPE_BYTES = 1 << 20      # recipes are a few lines; a larger file is not one
+MAX_RECIPE_NODES = 10_000       # YAML nodes after alias expansion (an alias "bomb" expands exponentially)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error (YAML 1.2
+    requires unique keys; PyYAML silently keeps the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise RecipeError(f"recipe key {brief(key)} is given twice (lines {seen[key]} and {line}).",
+                                  path=self.name if isinstance(self.name, str) and self.name[:1] != "<" else None,
+                                  hint="keep one of them; lorakit will not guess which value is meant.")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes of the document with every alias expanded (memoised, so a bomb is measured, not expanded);
+    -1 for a recursive document (an alias inside its own anchor)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            return -1
+        active.add(key)
+        total = 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        for child in children:
+            n = size(child)
+            if n < 0:
+                return -1
+            total += n
+            if total > limit:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _read_yaml(p: str) -> Any:
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError("recipe file not found.", path=p) from None
+    except IsADirectoryError:
+        raise RecipeError("recipe path is a folder, not a YAML file.", path=p) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe ({exc.strerror or exc}).", path=p) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file.", path=p)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}).", path=p,
+                          hint="save it as UTF-8.") from None
+    loader = _RecipeLoader(text)
+    loader.name = p
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node, MAX_RECIPE_NODES)
+        if n < 0:
+            raise RecipeError("recipe refers to itself (a YAML alias inside its own anchor).", path=p)
+        if n > MAX_RECIPE_NODES:
+            raise RecipeError(f"recipe expands to more than {MAX_RECIPE_NODES} YAML values (aliases "
+                              "repeated inside aliases?).", path=p, hint="write the recipe without nested aliases.")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 # A recipe schema: option name (underscores) -> expected type. ``inputs`` is always allowed and parsed apart.
 RecipeSchema = Mapping[str, "Opt | type"]
 
@@ -102,12 +189,11 @@ def load_recipe(path: str | os.PathLike[str], schema: RecipeSchema) -> dict[str,
     p = os.fspath(path)
     types = {str(k).replace("-", "_"): (v if isinstance(v, Opt) else opt(v)) for k, v in schema.items()}
     try:
-        with open(p, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise RecipeError("recipe file not found.", path=p) from None
+        data = _read_yaml(p)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe is not valid YAML ({str(exc).splitlines()[0]}).", path=p) from None
+        raise RecipeError(f"recipe is not valid YAML ({brief(str(exc).splitlines()[0], 200)}).", path=p) from None
+    except RecursionError:
+        raise RecipeError("recipe is nested too deeply to be a recipe.", path=p) from None
     if not isinstance(data, Mapping):
         raise RecipeError("recipe must be a mapping of option names to values.", path=p)
     allowed_set = set(types) | {"inputs"}
@@ -115,14 +201,14 @@ def load_recipe(path: str | os.PathLike[str], schema: RecipeSchema) -> dict[str,
     for key, value in data.items():
         norm = str(key).replace("-", "_")
         if norm not in allowed_set:
-            raise RecipeError(f"unknown recipe key {key!r}.", path=p,
+            raise RecipeError(f"unknown recipe key {brief(key)}.", path=p,
                               hint="allowed keys: " + ", ".join(sorted(allowed_set)) + ".")
         if value is None:
             continue
         if norm != "inputs":
             checked = types[norm].check(value)
             if checked is None:
-                raise RecipeError(f"recipe key {key!r} has value {value!r} ({type(value).__name__}); expected "
+                raise RecipeError(f"recipe key {brief(key)} has value {brief(value)} ({type(value).__name__}); expected "
                                   f"{types[norm].describe()}.", path=p,
                                   hint=f"write e.g. {key}: {_example(types[norm])}.")
             value = checked
@@ -143,11 +229,11 @@ def _inputs(value: Any, *, base: str, path: str) -> list[WeightedInput]:
             elif isinstance(item, Mapping) and isinstance(item.get("path"), str) and set(item) <= {"path", "weight"}:
                 w = WeightedInput(item["path"], item.get("weight", 1.0))
             else:
-                raise RecipeError(f"bad input entry {item!r}; use a path or {{path: …, weight: …}}.", path=path)
+                raise RecipeError(f"bad input entry {brief(item)}; use a path or {{path: …, weight: …}}.", path=path)
         except RecipeError:
             raise
         except UsageError as exc:
-            raise RecipeError(f"bad input {item!r}: {exc.message}", path=path, hint=exc.hint) from None
+            raise RecipeError(f"bad input {brief(item)}: {exc.message}", path=path, hint=exc.hint) from None
         resolved = w.path if os.path.isabs(w.path) else os.path.join(base, w.path)
         out.append(WeightedInput(resolved, w.weight))
     return out

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Adapter, LoRA
-from .checks import require_finite_model
+from .checks import dtype_range_cause, require_finite_model, require_finite_output
 from .conversion import lora_output_metadata
 from .errors import KeyMappingError, UsageError
 from .formats import WRITABLE, emit, load, parse, read_lora
@@ -327,6 +327,11 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
         out_model, result, fmt, operation="resize",
         inputs=[InputRecord(src, file_sha256(src) if os.path.isfile(src) else None, format=model.format)],
         title=title, rank=rank, dynamic=report.dynamic, method="factored_svd")
+    require_finite_output(result.tensors, path=src, cause="the resized factors (or an alpha) " +
+                          dtype_range_cause(dtype or next((t.dtype for t in result.tensors.values()
+                                                           if t.is_floating_point()), None)),
+                          hint="write a wider --dtype (fp32); an alpha or factor beyond the float32 range "
+                               "cannot be written at all — fix the input.")
     save_tensors(out_path, result.tensors, meta_out, inputs=[src])
     report.tensors_out = len(result.tensors)
     if report.dtype is None:

@@ -14,7 +14,7 @@ HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout 
 
 # recipe keys (the long options, plus `base` and `inputs`) and the type each value must have
 RECIPE_SCHEMA = {"base": str, "output": str, "dtype": str, "device": opt(str, choices=("cpu", "cuda")),
-                 "allow_partial": bool, "dry_run": bool, "clip_l": str, "clip_l_out": str, "t5": str, "t5_out": str,
+                 "allow_partial": bool, "allow_zero_lora": bool, "dry_run": bool, "clip_l": str, "clip_l_out": str, "t5": str, "t5_out": str,
                  "allow_pickle": bool, "json": bool}
 RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where ΔW is computed (default cpu)")
     p.add_argument("--allow-partial", action="store_true", default=None,
                    help="bake the modules that fit and report those that do not (default: refuse)")
+    p.add_argument("--allow-zero-lora", action="store_true", default=None,
+                   help="bake even a LoRA whose up matrices are all zero (it changes nothing; default: refuse)")
     p.add_argument("--dry-run", action="store_true", default=None,
                    help="print the per-tensor plan; read no base tensor data, write nothing")
     p.add_argument("--clip-l", "--clip_l", dest="clip_l", default=None, metavar="FILE",
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
              allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
              clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, allow_pickle=bool(args.allow_pickle),
-             progress=False if (args.no_progress or args.dry_run) else None)
+             progress=False if (args.no_progress or args.dry_run) else None,
+             allow_zero_lora=bool(args.allow_zero_lora))
     if args.json:
         emit_json(r.to_json())
         return status(r.skipped, r.not_applied, r.warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..io.header import loads_json
 from ..metaedit import audit_lora_metadata, edit_metadata, parse_assignment, read_metadata
 from .common import add_json, emit_json, say
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                 text = v
                 if v.strip()[:1] in ("{", "["):
                     try:
-                        text = json.dumps(json.loads(v), indent=2, ensure_ascii=False).replace("\n", "\n    ")
+                        text = json.dumps(loads_json(v), indent=2, ensure_ascii=False).replace("\n", "\n    ")
                     except ValueError:
                         pass
                 print(f"{k}: {text}")

@@ -23,6 +23,7 @@ from ..dtypes import FLOAT_CODES
 from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
                       ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError)
 from ..io import WeightFile, open_weights
+from ..io.header import loads_json
 from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, evaluate, recognize, resolve
 from ..layouts.base import ParamIndex, ParamMatch
 from ..model import ArchInstance, LoraModel, Patch, Target
@@ -453,8 +454,10 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
             raise FormatError(f"module {entry.file_module!r}: {problem}.", path=path,
                               hint="the file is corrupt or was written by a broken exporter; re-export it.")
         return
-    if "alpha" in shapes and len(shapes["alpha"]) and _prod(shapes["alpha"]) > 1:
-        problem = f"alpha holds {_prod(shapes['alpha'])} values instead of one"
+    if "alpha" in shapes and len(shapes["alpha"]) and _prod(shapes["alpha"]) != 1:
+        n = _prod(shapes["alpha"])     # shape [0] holds no α at all: never read it as α = rank
+        problem = f"alpha holds {n} values instead of one" if n else \
+            f"alpha tensor has shape {list(shapes['alpha'])} and holds no value"
     out_rows = None
     if problem is None and entry.family in ("lora", "loha", "lokr", "full"):
         try:
@@ -518,7 +521,7 @@ def _peft_config(path: str | None) -> dict[str, object] | None:
     if os.path.basename(path).startswith("adapter_model") and os.path.isfile(cfg):
         try:
             with open(cfg, encoding="utf-8") as fh:
-                data = json.load(fh)
+                data = loads_json(fh.read())
             return data if isinstance(data, dict) else None
         except (OSError, ValueError):
             return None
@@ -581,7 +584,7 @@ def config_alpha(parsed: ParsedLora, entry: ModuleEntry, rank: int) -> float | N
     raw = parsed.metadata.get("lora_adapter_metadata")
     if raw:
         try:
-            meta = json.loads(raw)
+            meta = loads_json(raw)
         except ValueError:
             raise FormatError(f"metadata key 'lora_adapter_metadata' is not JSON ({raw[:60]!r}).", path=path,
                               hint="fix or remove it (lorakit meta --delete lora_adapter_metadata).") from None

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..dtypes import ST_DTYPES, ST_ORDER, itemsize
 from ..errors import HeaderError, UnsupportedDtypeError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit safetensors applies
+# More tensors than any FLUX checkpoint or LoRA has (a full FLUX.1 + T5 + CLIP checkpoint has ~2,000; a LyCORIS
+# LoRA on every module of all three ~8,000): a header past this is refused before a per-tensor object is built.
+MAX_TENSORS = 50_000
+MAX_JSON_DEPTH = 64     # a safetensors header is 3 deep; JSON metadata values (tag frequencies, configs) ~4
+
+
+class JSONDepthError(ValueError):
+    """JSON nested deeper than :data:`MAX_JSON_DEPTH` (a ValueError, so "not JSON" handlers treat it alike)."""
+
+
+def loads_json(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH,
+               object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """``json.loads`` of file content with bounded nesting: deeper than ``max_depth`` is a JSONDepthError
+    (never a RecursionError, whatever the depth)."""
+    try:
+        obj = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise JSONDepthError(f"JSON nested deeper than {max_depth} levels") from None
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:      # iterative: a value that parsed must also be walkable by code that recurses over it
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise JSONDepthError(f"JSON nested deeper than {max_depth} levels")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return obj
 
 
 @dataclass(frozen=True)
@@ -56,12 +84,14 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> tuple[dict[str, Te
         raise HeaderError(f"header length {n} runs past the end of the {file_size}-byte file (truncated or corrupt).",
                           path=path)
     raw = prefix[8:8 + n]
+    _check_count(raw.count(b'"data_offsets"'), path)   # C-speed pre-count: refuse before parsing a bomb
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = loads_json(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise HeaderError(f"header is not valid JSON ({exc}).", path=path) from None
+        raise HeaderError(f"header is not valid JSON ({_clip(str(exc))}).", path=path) from None
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object.", path=path)
+    _check_count(len(header) - ("__metadata__" in header), path)
     meta_raw = header.pop("__metadata__", None) or {}
     if not isinstance(meta_raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()):
         raise HeaderError("__metadata__ must map strings to strings.", path=path)
@@ -72,6 +102,17 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> tuple[dict[str, Te
         infos[name] = _tensor_info(name, entry, data_start, data_len, path)
     _check_overlaps(infos, path)
     return infos, dict(meta_raw), data_start
+
+
+def _check_count(count: int, path: str) -> None:
+    if count > MAX_TENSORS:
+        raise HeaderError(f"header lists {count} tensors, more than the {MAX_TENSORS} any FLUX checkpoint or LoRA "
+                          "has (corrupt or hostile file?).", path=path,
+                          hint="lorakit refuses it before reading further; check where the file came from.")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _tensor_info(name: str, entry: object, data_start: int, data_len: int, path: str) -> TensorInfo:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..dtypes import TORCH_TO_ST, torch_dtype
-from ..errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError
-from .header import MAX_HEADER_BYTES, TensorInfo, parse_header
+from ..errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError, brief
+from .header import MAX_HEADER_BYTES, TensorInfo, loads_json, parse_header
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -130,7 +131,7 @@ class ShardedFile(WeightFile):
         self.folder = os.path.dirname(self.path)
         try:
             with open(self.path, encoding="utf-8") as fh:
-                index = json.load(fh)
+                index = loads_json(fh.read())
             weight_map = index["weight_map"]
             assert isinstance(weight_map, dict)
         except (OSError, ValueError, KeyError, AssertionError, TypeError) as exc:
@@ -170,8 +171,8 @@ class PickleFile(WeightFile):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        try:   # mmap only works on zip checkpoints; legacy (pre-1.6) pickles are read into memory
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
         except FileNotFoundError:
             raise InputFileError("file not found.", path=self.path) from None
         except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
@@ -181,6 +182,11 @@ class PickleFile(WeightFile):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise InputFileError("pickle checkpoint does not hold a state dict.", path=self.path)
+        odd = [k for k, v in obj.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]
+        if odd:
+            raise InputFileError(f"pickle checkpoint has {len(odd)} tensor(s) under keys that are not strings "
+                                 f"(e.g. {brief(odd[0])}, a {type(odd[0]).__name__}); a state dict maps names to "
+                                 "tensors.", path=self.path, hint="save it with string keys (module names).")
         self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         self.metadata = {}
         self.infos = {}
