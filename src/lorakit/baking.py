@@ -50,7 +50,7 @@ from .formats import load, parse
 from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
 from .io.reader import ShardedFile, check_shard_name, input_files
 from .io.tempfiles import clean_stale_temps, create_temp_dir
-from .io.writer import fsync_dir
+from .io.writer import _SLOW_WRITE, fsync_dir
 from .layouts import NameIndex, evaluate
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from .model import LoraModel, Patch
@@ -781,6 +781,8 @@ class _Pipeline:
             task, j0, j1, buf, pooled = item
             w = task.out.writer(task.key)
             dst = w.offsets[task.key][0]
+            if _SLOW_WRITE:   # test hook (as in SafetensorsWriter.write): makes kill-mid-bake tests deterministic
+                time.sleep(_SLOW_WRITE)
             if buf is None:
                 _copy_range(self._fd(task.info.file), w.fd, task.info.nbytes, task.info.start, dst, w.path,
                             src_path=task.info.file)
