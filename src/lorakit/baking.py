@@ -48,7 +48,7 @@ from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, M
 from .checks import require_finite_model
 from .formats import load, parse
 from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
-from .io.reader import ShardedFile, check_shard_name, input_files
+from .io.reader import ShardedFile, check_shard_name, input_files, read_index
 from .io.tempfiles import clean_stale_temps, create_temp_dir
 from .io.writer import _SLOW_WRITE, fsync_dir
 from .layouts import NameIndex, evaluate
@@ -373,9 +373,8 @@ class _Output:
         if self.tmpdir is None:
             return
         src: ShardedFile = self.src  # type: ignore[assignment]
-        with open(src.path, encoding="utf-8") as fh:
-            index = json.load(fh)
-        meta = dict(index.get("metadata") or {})
+        index = read_index(src.path)
+        meta = dict(index.get("metadata") or {})  # type: ignore[call-overload]
         if "total_size" in meta:
             meta["total_size"] = sum(w.size - len(w.header) for w in self.writers.values())
         index["metadata"] = meta
