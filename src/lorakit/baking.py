@@ -48,6 +48,7 @@ from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, M
 from .checks import require_finite_model
 from .formats import load, parse
 from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
+from .io.header import MAX_HEADER_BYTES
 from .io.reader import ShardedFile, check_shard_name, input_files, read_index
 from .io.tempfiles import clean_stale_temps, create_temp_dir
 from .io.writer import _SLOW_WRITE, fsync_dir
@@ -378,9 +379,12 @@ class _Output:
         if "total_size" in meta:
             meta["total_size"] = sum(w.size - len(w.header) for w in self.writers.values())
         index["metadata"] = meta
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        if len(text.encode("utf-8")) > MAX_HEADER_BYTES:   # never write an index the reader would refuse
+            raise OutputError(f"the output's index would be over the {MAX_HEADER_BYTES}-byte limit lorakit reads.",
+                              path=self.path, hint="shorten the input index (e.g. its metadata).")
         with open(os.path.join(self.tmpdir, os.path.basename(src.path)), "w", encoding="utf-8") as fh:
-            json.dump(index, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         for name in sorted(os.listdir(src.folder)):
