@@ -348,9 +348,8 @@ class _Output:
                     shard_src = src.shards[shard]
                     meta = {**carry_over(shard_src.metadata), **metadata}
                     entries = [(k, codes[k], i.shape) for k, i in shard_src.infos.items()]
-                    self.writers[shard] = SafetensorsWriter(os.path.join(self.tmpdir, check_shard_name(shard, src.path)),
-                                                            entries, meta,
-                                                            inputs=inputs)
+                    shard_out = os.path.join(self.tmpdir, check_shard_name(shard, src.path))
+                    self.writers[shard] = SafetensorsWriter(shard_out, entries, meta, inputs=inputs)
             else:
                 entries = [(k, codes[k], i.shape) for k, i in src.infos.items()]
                 meta = {**carry_over(src.metadata), **metadata}

@@ -162,8 +162,8 @@ class ShardedFile(WeightFile):
                     self.shard_of[name] = shard
             missing = [k for k in weight_map if k not in self.infos]
             if missing:
-                raise HeaderError(f"the index lists {len(missing)} tensors missing from the shards (e.g. {missing[0]!r}).",
-                                  path=self.path)
+                raise HeaderError(f"the index lists {len(missing)} tensors missing from the shards "
+                                  f"(e.g. {missing[0][:200]!r}).", path=self.path)
         except BaseException:
             self.close()
             raise
