@@ -32,7 +32,6 @@ import os
 import queue
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,9 +48,10 @@ from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, M
 from .checks import all_finite, require_finite_model
 from .formats import load, parse
 from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
-from .io.reader import ShardedFile
-from .io.header import loads_json
-from .io.writer import fsync_dir
+from .io.header import MAX_HEADER_BYTES
+from .io.reader import ShardedFile, check_shard_name, input_files, read_index
+from .io.tempfiles import clean_stale_temps, create_temp_dir
+from .io.writer import _SLOW_WRITE, fsync_dir
 from .layouts import NameIndex, evaluate
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from .model import LoraModel, Patch
@@ -339,17 +339,17 @@ class _Output:
         try:
             if isinstance(src, ShardedFile):
                 parent = os.path.dirname(os.path.abspath(path))
-                self.tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".lorakit-tmp",
-                                               dir=parent)
+                clean_stale_temps(parent)
+                self.tmpdir = create_temp_dir(parent, os.path.basename(os.path.normpath(path)))
                 mask = os.umask(0o022)
                 os.umask(mask)
-                os.chmod(self.tmpdir, 0o777 & ~mask)     # mkdtemp makes 0700; outputs get normal permissions
+                os.chmod(self.tmpdir, 0o777 & ~mask)     # made 0700; outputs get normal permissions
                 for shard in src.shard_names:
                     shard_src = src.shards[shard]
                     meta = {**carry_over(shard_src.metadata), **metadata}
                     entries = [(k, codes[k], i.shape) for k, i in shard_src.infos.items()]
-                    self.writers[shard] = SafetensorsWriter(os.path.join(self.tmpdir, shard), entries, meta,
-                                                            inputs=inputs)
+                    shard_out = os.path.join(self.tmpdir, check_shard_name(shard, src.path))
+                    self.writers[shard] = SafetensorsWriter(shard_out, entries, meta, inputs=inputs)
             else:
                 entries = [(k, codes[k], i.shape) for k, i in src.infos.items()]
                 meta = {**carry_over(src.metadata), **metadata}
@@ -373,15 +373,17 @@ class _Output:
         if self.tmpdir is None:
             return
         src: ShardedFile = self.src  # type: ignore[assignment]
-        with open(src.path, encoding="utf-8") as fh:
-            index = loads_json(fh.read())
-        meta = dict(index.get("metadata") or {})
+        index = read_index(src.path)
+        meta = dict(index.get("metadata") or {})  # type: ignore[call-overload]
         if "total_size" in meta:
             meta["total_size"] = sum(w.size - len(w.header) for w in self.writers.values())
         index["metadata"] = meta
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        if len(text.encode("utf-8")) > MAX_HEADER_BYTES:   # never write an index the reader would refuse
+            raise OutputError(f"the output's index would be over the {MAX_HEADER_BYTES}-byte limit lorakit reads.",
+                              path=self.path, hint="shorten the input index (e.g. its metadata).")
         with open(os.path.join(self.tmpdir, os.path.basename(src.path)), "w", encoding="utf-8") as fh:
-            json.dump(index, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         for name in sorted(os.listdir(src.folder)):
@@ -414,7 +416,7 @@ def _check_output(path: str, src: WeightFile, inputs: Sequence[str]) -> None:
             raise OutputError("the base is a sharded folder, so the output is a folder too.", path=path,
                               hint="give a folder name (it is created; an existing one must be empty).")
         real = os.path.realpath(path)
-        for inp in inputs:
+        for inp in (f for given in inputs for f in input_files(given)):
             r = os.path.realpath(inp)
             if real == r or real == os.path.dirname(r) or r.startswith(real + os.sep) or real.startswith(r + os.sep):
                 raise OutputError(f"output folder overlaps input {inp!r}; lorakit never overwrites its inputs.",
@@ -825,8 +827,11 @@ class _Pipeline:
             task, j0, j1, buf, pooled = item
             w = task.out.writer(task.key)
             dst = w.offsets[task.key][0]
+            if _SLOW_WRITE:   # test hook (as in SafetensorsWriter.write): makes kill-mid-bake tests deterministic
+                time.sleep(_SLOW_WRITE)
             if buf is None:
-                _copy_range(self._fd(task.info.file), w.fd, task.info.nbytes, task.info.start, dst, w.path)
+                _copy_range(self._fd(task.info.file), w.fd, task.info.nbytes, task.info.start, dst, w.path,
+                            src_path=task.info.file)
                 self._writeback(w.fd, dst, task.info.nbytes)
                 w.written.add(task.key)
                 self.progress.add(task.info.nbytes)
@@ -916,8 +921,9 @@ def _pwrite(fd: int, buf: torch.Tensor, n: int, offset: int, path: str) -> None:
                           hint="check free disk space and permissions.") from None
 
 
-def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int, path: str) -> None:
-    """Kernel-side copy (no user-space buffers); falls back to pread/pwrite."""
+def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int, path: str, *,
+                src_path: str = "") -> None:
+    """Kernel-side copy (no user-space buffers); falls back to pread/pwrite. Short copies are errors."""
     done = 0
     try:
         while done < n:
@@ -925,24 +931,34 @@ def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int, path: st
                 got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
             except OSError as exc:
                 if exc.errno in (18, 22, 38, 95) and done == 0:   # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                    _copy_slow(src, dst, n, src_off, dst_off)
+                    _copy_slow(src, dst, n, src_off, dst_off, src_path or path)
                     return
                 raise
             if got <= 0:
-                raise OutputError("input file ended during a copy (was it changed?).", path=path)
+                raise InputFileError(f"input file ended {n - done} bytes early during a copy (truncated or changed "
+                                     "while lorakit read it?); nothing was published.", path=src_path or path)
             done += got
     except OSError as exc:
         raise OutputError(f"write failed ({exc.strerror or exc}); nothing was published.", path=path,
                           hint="check free disk space and permissions.") from None
 
 
-def _copy_slow(src: int, dst: int, n: int, src_off: int, dst_off: int) -> None:
+def _copy_slow(src: int, dst: int, n: int, src_off: int, dst_off: int, path: str = "") -> None:
+    """pread/pwrite copy; every byte count is checked (a short read is a changed input, never zeros)."""
     step = 16 << 20
-    for off in range(0, n, step):
+    off = 0
+    while off < n:
         data = os.pread(src, min(step, n - off), src_off + off)
+        if not data:
+            raise InputFileError(f"input file ended {n - off} bytes early during a copy (truncated or changed while "
+                                 "lorakit read it?); nothing was published.", path=path or None)
         view, done = memoryview(data), 0
         while done < len(view):
-            done += os.pwrite(dst, view[done:], dst_off + off + done)
+            wrote = os.pwrite(dst, view[done:], dst_off + off + done)
+            if wrote <= 0:
+                raise OSError(28, "no byte written")
+            done += wrote
+        off += len(data)
 
 
 # =============================================================================================

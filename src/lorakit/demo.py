@@ -1,17 +1,22 @@
 """``python -m lorakit.demo [FOLDER]``: generate sample LoRAs, inspect them and convert them.
 
+FOLDER (default ``demo-out``) is created; an existing one must be empty, else the demo refuses (exit 2)
+and touches nothing: it never removes or replaces files it did not create.
+
 Everything is synthetic (a tiny FLUX-shaped model generated from the layout data); nothing is
 downloaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
 
 from . import convert, inspect
+from .errors import LorakitError, OutputError
 from .formats import read_lora
 from .inspection import format_report
 from .model import dense_deltas
@@ -28,12 +33,30 @@ def _max_rel_error(a_path: str, b_path: str) -> float:
     return max(float((b[t] - a[t]).norm() / a[t].norm()) for t in a)
 
 
+def prepare_folder(folder: str) -> None:
+    """Create ``folder`` for the demo's files; refuse one that exists and is not empty (nothing there is
+    ever removed or replaced: the demo only writes into a folder holding nothing of anyone else's)."""
+    try:
+        os.mkdir(folder)
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"cannot create the demo folder ({exc.strerror}).", path=folder,
+                          hint="create its parent folder first, or choose another folder.") from None
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise OutputError("exists and is not a folder; the demo writes only into a new or empty folder.",
+                          path=folder, hint="choose another folder, e.g. python -m lorakit.demo demo-out-2.")
+    if os.listdir(folder):
+        raise OutputError("folder is not empty; the demo writes only into a new or empty folder and never "
+                          "removes or replaces files it did not create.", path=folder,
+                          hint="choose another folder, e.g. python -m lorakit.demo demo-out-2, or empty this one.")
+
+
 def main(folder: str = "demo-out") -> int:
-    os.makedirs(folder, exist_ok=True)
+    """Run the demo in ``folder`` (created; an existing one must be empty)."""
+    prepare_folder(folder)
     p = lambda name: os.path.join(folder, name)  # noqa: E731
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            os.unlink(p(name))
     _step(f"generating samples in {folder}/ (tiny FLUX: hidden {TINY_FLUX['H']}, "
           f"{TINY_FLUX['double']}+{TINY_FLUX['single']} blocks)")
     ait = write_aitoolkit_lora(p("aitoolkit_style.safetensors"), rank=4, seed=1)
@@ -72,5 +95,22 @@ def _extra_steps(folder: str, ait: str, kohya: str, base: str) -> None:
     run_more(folder, ait, kohya, base)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m lorakit.demo [FOLDER]``; exit 2 with one line when FOLDER cannot be used."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lorakit.demo",
+        description="Generate sample LoRAs for a tiny synthetic FLUX-shaped model, then inspect, convert, merge, "
+                    "bake, extract and resize them. Files are written into FOLDER, which is created; an existing "
+                    "FOLDER must be empty (the demo never removes or replaces files it did not create).")
+    parser.add_argument("folder", nargs="?", default="demo-out", metavar="FOLDER",
+                        help="a new or empty folder for the demo's files (default: demo-out)")
+    args = parser.parse_args(argv)
+    try:
+        return main(args.folder)
+    except LorakitError as exc:
+        print(f"lorakit demo: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:2]))
+    sys.exit(cli())

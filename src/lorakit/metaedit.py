@@ -24,6 +24,7 @@ from .formats.parse import entry_alpha
 from .hashes import sshs_hashes_of
 from .io import SafetensorsFile, SafetensorsWriter, open_weights
 from .io.header import loads_json
+from .io.writer import same_file
 from .metadata import STALE_KEYS, STALE_PREFIXES, summarize_values
 
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
@@ -94,8 +95,7 @@ def edit_metadata(path: str | os.PathLike[str], *, set_items: Mapping[str, str] 
     items = list(set_items.items()) if isinstance(set_items, Mapping) else list(set_items)
     deletes = list(delete)
     out = os.fspath(output) if output is not None else src
-    in_place = os.path.abspath(out) == os.path.abspath(src) or (
-        os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src))
+    in_place = os.path.abspath(out) == os.path.abspath(src) or same_file(out, src)
     with _open_single(src) as f:
         old = dict(f.metadata)
         new = dict(old)
@@ -134,7 +134,10 @@ def edit_metadata(path: str | os.PathLike[str], *, set_items: Mapping[str, str] 
             raise UsageError("the edit changes nothing; the file was left as it was.", path=src)
         entries = [(i.name, i.dtype, i.shape) for i in f.infos.values()]
         mode = stat.S_IMODE(os.stat(src).st_mode)
-        with SafetensorsWriter(out, entries, new, inputs=() if in_place else [src]) as w:
+        inputs = [] if in_place else [src]
+        if copy_from is not None and not (in_place and same_file(copy_from, src)):
+            inputs.append(os.fspath(copy_from))   # never replace the file the metadata came from
+        with SafetensorsWriter(out, entries, new, inputs=inputs) as w:
             for name in w.order:
                 w.write(name, f.get(name))
     try:

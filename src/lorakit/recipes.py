@@ -244,3 +244,16 @@ def _example(o: Opt) -> str:
         return o.choices[0]
     t = o.types[0]
     return {bool: "true", int: "4", float: "0.5", str: "'…'", list: "[…]", dict: "{…}"}.get(t, "…")
+
+
+def refuse_recipe_as_output(recipe: str | os.PathLike[str] | None, outputs: Iterable[object]) -> None:
+    """A recipe is an input too: refuse any output path (``-o`` or the recipe's own ``output:``) naming it."""
+    if recipe is None:
+        return
+    from .errors import OutputError
+    from .io.writer import same_file
+
+    for out in outputs:
+        if isinstance(out, (str, os.PathLike)) and same_file(out, recipe):
+            raise OutputError(f"output path is the recipe {os.fspath(recipe)!r}; lorakit never overwrites its inputs.",
+                              path=os.fspath(out), hint="give the recipe's 'output:' (or -o) another path.")

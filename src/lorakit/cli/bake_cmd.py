@@ -7,7 +7,7 @@ import os
 
 from ..baking import bake, format_plan
 from ..errors import UsageError
-from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
+from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
 from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
@@ -91,6 +91,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
 
 def run(args: argparse.Namespace) -> int:
     base, inputs = _resolve(args)
+    refuse_recipe_as_output(args.recipe, (args.output, args.clip_l_out, args.t5_out))
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
              allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
              clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, allow_pickle=bool(args.allow_pickle),

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import RecipeError
 from ..formats import WRITABLE
 from ..merging import MAJORITY_SIGN, METHODS, merge
-from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
+from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
 from .common import (add_dtype, add_json, add_models, add_output, add_pickle, dtype_arg, emit_json, models_inputs,
                      say, status)
 
@@ -115,6 +115,7 @@ def _inputs(values: list[Any]) -> list[WeightedInput]:
 
 def run(args: argparse.Namespace) -> int:
     _apply_recipe(args)
+    refuse_recipe_as_output(args.recipe, (args.output,))
     r = merge(_inputs(args.inputs or []) + models_inputs(args), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,
               to=args.to, blocks=args.blocks, verify=bool(args.verify), dtype=dtype_arg(args), density=args.density,
               majority_sign=args.majority_sign, seed=args.seed, kohya_ratios=bool(args.kohya_ratios),

@@ -106,7 +106,7 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> tuple[dict[str, Te
 
 def _check_count(count: int, path: str) -> None:
     if count > MAX_TENSORS:
-        raise HeaderError(f"header lists {count} tensors, more than the {MAX_TENSORS} any FLUX checkpoint or LoRA "
+        raise HeaderError(f"header lists {count} tensors, more than the {MAX_TENSORS} any known checkpoint or LoRA "
                           "has (corrupt or hostile file?).", path=path,
                           hint="lorakit refuses it before reading further; check where the file came from.")
 

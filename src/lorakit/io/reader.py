@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class WeightFile:
 class SafetensorsFile(WeightFile):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        _regular(self.path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -129,32 +131,43 @@ class ShardedFile(WeightFile):
     def __init__(self, index_path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(index_path)
         self.folder = os.path.dirname(self.path)
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                index = loads_json(fh.read())
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, AssertionError, TypeError) as exc:
-            raise HeaderError(f"not a valid shard index ({exc}).", path=self.path) from None
+        index = read_index(self.path)
+        weight_map: dict[str, str] = index["weight_map"]
         self.index_metadata = index.get("metadata") or {}
         self.shard_names = sorted(set(weight_map.values()))
         self.shards: dict[str, SafetensorsFile] = {}
         try:
             for shard in self.shard_names:
-                self.shards[shard] = SafetensorsFile(os.path.join(self.folder, shard))
+                full = os.path.join(self.folder, shard)
+                for other in self.shards:
+                    if _same(full, os.path.join(self.folder, other)):
+                        raise HeaderError(f"the index names one shard file twice, as {other!r} and {shard!r}.",
+                                          path=self.path, hint="list each shard file under one name.")
+                self.shards[shard] = SafetensorsFile(full)
         except BaseException:
             self.close()
             raise
         self.infos = {}
         self.shard_of: dict[str, str] = {}
-        for shard in self.shard_names:
-            for name, info in self.shards[shard].infos.items():
-                self.infos[name] = info
-                self.shard_of[name] = shard
-        missing = [k for k in weight_map if k not in self.infos]
-        if missing:
-            raise HeaderError(f"the index lists {len(missing)} tensors missing from the shards (e.g. {missing[0]!r}).",
-                              path=self.path)
+        try:
+            for shard in self.shard_names:
+                for name, info in self.shards[shard].infos.items():
+                    if name in self.shard_of:
+                        raise HeaderError(f"tensor {name!r} is in two shards, {self.shard_of[name]!r} and {shard!r}.",
+                                          path=self.path, hint="keep each tensor in one shard.")
+                    listed = weight_map.get(name)
+                    if listed is not None and listed != shard:
+                        raise HeaderError(f"the index puts tensor {name!r} in {listed!r}, but it is in {shard!r}.",
+                                          path=self.path, hint="fix the index's weight_map.")
+                    self.infos[name] = info
+                    self.shard_of[name] = shard
+            missing = [k for k in weight_map if k not in self.infos]
+            if missing:
+                raise HeaderError(f"the index lists {len(missing)} tensors missing from the shards "
+                                  f"(e.g. {missing[0][:200]!r}).", path=self.path)
+        except BaseException:
+            self.close()
+            raise
         first = self.shards[self.shard_names[0]] if self.shard_names else None
         self.metadata = dict(first.metadata) if first else {}
 
@@ -200,7 +213,118 @@ class PickleFile(WeightFile):
         return self._tensors[name].contiguous()
 
 
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def check_shard_name(name: object, index_path: str, tensor: str | None = None) -> str:
+    """A shard name from an index: a plain file name inside the index's folder, else a HeaderError."""
+    where = f" for tensor {tensor[:200]!r}" if tensor is not None else ""
+    if not isinstance(name, str):
+        raise HeaderError(f"the index's weight_map gives {type(name).__name__} {_short(name)}{where}; shard names "
+                          "are strings.", path=index_path, hint="fix the index's weight_map.")
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set()) | {"\\"}
+    if (not name or name in (".", "..") or any(c in name for c in seps) or "\0" in name or os.path.isabs(name)
+            or (len(name) > 1 and name[1] == ":")):
+        raise HeaderError(f"the index names shard {name[:200]!r}{where}, which is not a plain file name in the "
+                          "index's folder; lorakit never reads or writes outside it.", path=index_path,
+                          hint="shard names must be file names without folders, e.g. "
+                               "'diffusion_pytorch_model-00001-of-00002.safetensors'.")
+    return name
+
+
+def _short(value: object) -> str:
+    text = repr(value) if not isinstance(value, (list, dict)) else f"({len(value)} items)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_index(path: str) -> dict[str, object]:
+    """A validated ``*.safetensors.index.json``: a ``weight_map`` of tensor name -> plain shard file name,
+    and an optional ``metadata`` object. Typed one-line errors for anything else."""
+    try:
+        if not os.path.isfile(path):
+            raise InputFileError("index file not found." if not os.path.exists(path) else
+                                 "index path is not a regular file.", path=path)
+        if os.path.getsize(path) > MAX_HEADER_BYTES:
+            raise HeaderError(f"index is {os.path.getsize(path)} bytes, over the {MAX_HEADER_BYTES}-byte limit.",
+                              path=path)
+        with open(path, encoding="utf-8") as fh:
+            index = loads_json(fh.read(), object_pairs_hook=_no_duplicate_keys)
+    except (InputFileError, HeaderError):
+        raise
+    except RecursionError:
+        raise HeaderError("not a valid shard index (JSON nested too deeply).", path=path) from None
+    except (OSError, ValueError) as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise HeaderError(f"not a valid shard index ({str(exc)[:200]}).", path=path) from None
+    if not isinstance(index, dict):
+        raise HeaderError(f"not a valid shard index (a JSON {type(index).__name__}, not an object).", path=path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise HeaderError("not a valid shard index (no 'weight_map' object).", path=path,
+                          hint="an index maps tensor names to shard files under 'weight_map'.")
+    meta = index.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise HeaderError(f"the index's 'metadata' is a {type(meta).__name__}, not an object.", path=path,
+                          hint="write it as {\"total_size\": …} or leave it out.")
+    for tensor, shard in weight_map.items():
+        check_shard_name(shard, path, tensor)
+    return index
+
+
+def input_files(path: str | os.PathLike[str]) -> list[str]:
+    """Every file reading ``path`` may open: the path itself, a folder's or index's index and shards, and
+    the ``adapter_config.json`` that PEFT's ``adapter_model*`` files take alphas from (the rule of
+    ``formats.parse._peft_config``). Best effort: an index that does not parse adds nothing."""
+    p = os.fspath(path)
+    files = [p]
+    index = None
+    if os.path.isdir(p):
+        try:
+            index = find_index(p)
+        except OSError:
+            index = None
+    elif p.endswith(INDEX_SUFFIX):
+        index = p
+    if index is not None:
+        if index != p:
+            files.append(index)
+        try:
+            weight_map = read_index(index)["weight_map"]
+        except InputFileError:
+            weight_map = {}
+        folder = os.path.dirname(index)
+        files += [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]  # type: ignore[union-attr]
+    elif not os.path.isdir(p) and os.path.basename(p).startswith("adapter_model"):
+        files.append(os.path.join(os.path.dirname(p), "adapter_config.json"))
+    return files
+
+
+def _regular(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputFileError("file not found.", path=path) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot open ({exc.strerror}).", path=path) from None
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        raise InputFileError("is not a regular file (a FIFO, device or socket); lorakit reads weight files only.",
+                             path=path)
+
+
 def _sniff(path: str) -> str:
+    _regular(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(9)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
+import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -19,7 +19,8 @@ import torch
 
 from ..dtypes import dtype_code, itemsize
 from ..errors import OutputError, UsageError
-from .header import build_header, serialisation_order
+from .header import MAX_HEADER_BYTES, MAX_TENSORS, build_header, serialisation_order
+from .tempfiles import clean_stale_temps, create_temp_file
 
 _MAX_CHUNK = 1 << 30
 _SLOW_WRITE = float(os.environ.get("LORAKIT_TEST_SLOW_WRITE") or 0)
@@ -39,31 +40,71 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def check_output_path(out: str, inputs: Iterable[str | os.PathLike[str]] = ()) -> str:
-    """Refuse an output that is one of the inputs or whose folder cannot take it."""
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (same real path, or the same inode through another link)."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_output(out: str | os.PathLike[str]) -> str:
+    """The file an output path will replace: ``out`` itself, or the regular file a symlink names.
+
+    Refuses anything that exists and is not a regular file (FIFO, device, socket, dangling link): writing
+    there would replace a special file with a regular one. A symlink to a regular file is followed, so
+    the link stays and its target receives the new content (as ``cp`` or a shell redirection would).
+    """
     out = os.fspath(out)
-    real = os.path.realpath(out)
-    for inp in inputs:
-        inp = os.fspath(inp)
-        same = os.path.realpath(inp) == real
-        if not same and os.path.exists(out) and os.path.exists(inp):
-            try:
-                same = os.path.samefile(inp, out)
-            except OSError:
-                same = False
-        if not same and os.path.isdir(inp) and real.startswith(os.path.realpath(inp) + os.sep):
-            same = True
-        if same:
-            raise OutputError(f"output path is the same as input {inp!r}; lorakit never overwrites its inputs.",
-                              path=out, hint="choose another -o path.")
-    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.lexists(out):
+        return out
+    try:
+        st = os.stat(out)
+    except OSError:
+        raise OutputError("output path is a symbolic link to nothing (dangling link).", path=out,
+                          hint="remove the link or choose another -o path.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError("output path is a folder.", path=out, hint="give a file name ending in .safetensors.")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise OutputError(f"output path exists and is {kind}; lorakit only replaces regular files.", path=out,
+                          hint="choose a regular file path for -o.")
+    return os.path.realpath(out) if os.path.islink(out) else out
+
+
+def check_output_path(out: str, inputs: Iterable[str | os.PathLike[str]] = ()) -> str:
+    """Refuse an output that would replace any file an input reads, or whose folder cannot take it.
+
+    Each input counts with every file it reads (an index's shards, a PEFT adapter's config: see
+    :func:`~lorakit.io.reader.input_files`). Returns the path to write (a symlink's target, see
+    :func:`resolve_output`).
+    """
+    from .reader import input_files
+
+    out = os.fspath(out)
+    target = resolve_output(out)
+    real = os.path.realpath(target)
+    for given in inputs:
+        given = os.fspath(given)
+        for inp in input_files(given):
+            same = same_file(inp, target)
+            if not same and os.path.isdir(inp) and real.startswith(os.path.realpath(inp) + os.sep):
+                same = True
+            if same:
+                what = repr(given) if inp == given else f"{inp!r} (read as part of input {given!r})"
+                raise OutputError(f"output path is the same as input {what}; lorakit never overwrites its inputs.",
+                                  path=out, hint="choose another -o path.")
+    folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         raise OutputError("output folder does not exist.", path=out, hint=f"create {folder!r} first.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError("output folder is not writable.", path=out)
-    if os.path.isdir(out):
-        raise OutputError("output path is a folder.", path=out, hint="give a file name ending in .safetensors.")
-    return out
+    return target
 
 
 class SafetensorsWriter:
@@ -77,20 +118,29 @@ class SafetensorsWriter:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise UsageError(f"internal plan has duplicate tensor names: {dup[:5]}")
+        if len(plan) > MAX_TENSORS:   # never write what the reader would refuse
+            raise OutputError(f"the file would hold {len(plan)} tensors, more than the {MAX_TENSORS} lorakit reads; "
+                              "nothing was written.", path=self.path)
         self.plan = {n: (code, shape) for n, code, shape in plan}
         self.header, ranges = build_header(plan, dict(metadata) if metadata is not None else None)
+        if len(self.header) - 8 > MAX_HEADER_BYTES:
+            raise OutputError(f"the header would be {len(self.header) - 8} bytes, over the {MAX_HEADER_BYTES}-byte "
+                              "limit that lorakit and safetensors read; nothing was written.", path=self.path,
+                              hint="drop large metadata values (e.g. --delete 'ss_tag_frequency') or tensors.")
         self.offsets = {n: (len(self.header) + b, len(self.header) + e) for n, (b, e) in ranges.items()}
         self.size = len(self.header) + (max((e for _, e in ranges.values()), default=0))
         self.written: set[str] = set()
+        self.tmp = ""
+        self.fd = -1
         folder = os.path.dirname(os.path.abspath(self.path))
+        clean_stale_temps(folder)
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".lorakit-tmp",
-                                            dir=folder)
+            fd, self.tmp = create_temp_file(folder, os.path.basename(self.path))
         except OSError as exc:
             raise OutputError(f"cannot create a temporary file ({exc.strerror}).", path=self.path) from None
         self.fd = fd
         try:
-            os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; outputs get normal permissions
+            os.fchmod(fd, 0o666 & ~_umask())   # the temporary file is made 0600; outputs get normal permissions
             self._pwrite(memoryview(self.header), 0)
             os.ftruncate(self.fd, self.size)
         except BaseException:
@@ -105,7 +155,10 @@ class SafetensorsWriter:
         done = 0
         try:
             while done < len(data):
-                done += os.pwrite(self.fd, data[done: done + _MAX_CHUNK], offset + done)
+                n = os.pwrite(self.fd, data[done: done + _MAX_CHUNK], offset + done)
+                if n <= 0:
+                    raise OSError(28, "no byte written")
+                done += n
         except OSError as exc:
             raise OutputError(f"write failed ({exc.strerror or exc}); nothing was published.", path=self.path,
                               hint="check free disk space and permissions.") from None
@@ -135,9 +188,13 @@ class SafetensorsWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
+            resolve_output(self.path)     # still absent or a regular file (not turned into a FIFO meanwhile)
             os.replace(self.tmp, self.path)
-        except OSError as exc:
+            self.tmp = ""
+        except (OSError, OutputError) as exc:
             self.abort()
+            if isinstance(exc, OutputError):
+                raise
             raise OutputError(f"cannot publish the output ({exc.strerror}).", path=self.path) from None
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         return self.path
@@ -149,10 +206,12 @@ class SafetensorsWriter:
             except OSError:
                 pass
             self.fd = -1
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
+        if self.tmp:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = ""
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
