@@ -40,7 +40,14 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
             continue
         present.setdefault(e.component, set()).add(e.match.native)
     out: dict[str, Any] = {}
+    # an absent component's size is the published model's (its preset) only when the file's own components are
+    # published sizes too; a non-standard model (e.g. lorakit's tiny synthetic one) says nothing about it
+    standard = all(c in parsed.arch.preset for c in parsed.arch.params)
     for name, comp in parsed.arch.spec.components.items():
+        if name not in parsed.arch.params and not standard:
+            out[name] = {"label": comp.label, "present": 0, "total": None, "groups": {},
+                         "note": "not in this file; its module count is unknown for a model of non-standard sizes"}
+            continue
         params = _component_params(parsed, name)
         if params is None:
             continue
@@ -307,6 +314,9 @@ def format_report(r: Mapping[str, Any]) -> str:
              f"  dtype         {r['dtype']}; {r['size_bytes'] / 1e6:.1f} MB"]
     comp_parts = []
     for c in r["components"].values():
+        if c["total"] is None:
+            comp_parts.append(f"{c['label']} none (count unknown: non-standard model sizes)")
+            continue
         groups = ", ".join(f"{g['label']} {g['present']}/{g['total']}" for g in c["groups"].values())
         comp_parts.append(f"{c['label']} {c['present']}/{c['total']}" + (f" ({groups})" if len(c["groups"]) > 1 else ""))
     lines.append("  coverage      " + "\n                ".join(comp_parts))
