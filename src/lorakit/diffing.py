@@ -26,6 +26,8 @@ from .errors import LorakitError, NotALoraError, ShapeMismatchError, UsageError
 from .formats import load, parse
 from .io import open_weights
 from .model import LoraModel, Patch, Target, _target_shape
+from .progress import Progress
+from .progress import report as report_progress
 
 EPS = 1e-30
 EQUIVALENT = 1e-6
@@ -333,7 +335,10 @@ def _model_side(path: str, base: BaseModel) -> dict[str, Any]:
             "tensors": len(base.file.keys()), "dtypes": dict(dtypes)}
 
 
-def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> DiffReport:
+def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str,
+                progress: Progress | None = None) -> DiffReport:
+    """Compare two base models tensor by tensor in bounded memory (norms, inner products per module/block);
+    ``progress(done, total, tensor)`` is called once per shared tensor."""
     rep = DiffReport("model", _model_side(path_a, a), _model_side(path_b, b))
     na, nb = _native_slots(a), _native_slots(b)
     rep.only_in_a = sorted(k for k in na if k not in nb)
@@ -343,7 +348,8 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> Diff
     blocks: dict[str, Pair] = {}
     total = Pair()
     mods_a = a.arch.module_map("transformer")
-    for k in shared:
+    for i, k in enumerate(shared):
+        report_progress(progress, i, len(shared), k)
         da = {a.file.infos[s.key].dtype for s in na[k]}
         db = {b.file.infos[s.key].dtype for s in nb[k]}
         if da != db:
@@ -362,6 +368,7 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> Diff
         mod = mods_a.get(module)
         blocks.setdefault(block_of("transformer", module, mod.group if mod else None), Pair()).add(pair)
         total.add(pair)
+    report_progress(progress, len(shared), len(shared))
     rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
     rep.total = total.to_json()
     return rep
@@ -372,8 +379,9 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> Diff
 # ---------------------------------------------------------------------------------------------
 
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: bool = False,
-         from_format: str | None = None) -> DiffReport:
-    """Compare two LoRAs or two base models (detected from their keys)."""
+         from_format: str | None = None, progress: Progress | None = None) -> DiffReport:
+    """Compare two LoRAs or two base models (detected from their keys); ``progress(done, total, tensor)``
+    is called while two base models are compared (LoRAs are compared from their small factors)."""
     pa, pb = os.fspath(a), os.fspath(b)
     fa = open_weights(pa, allow_pickle=allow_pickle)
     try:
@@ -401,7 +409,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
                              hint=f"to see how the LoRA fits the model, run `lorakit doctor {lora} --base {model}`.")
         if kinds[0] == "lora":
             return diff_loras(sides[0][1], sides[1][1])
-        return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb)
+        return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb, progress=progress)
 
 
 def _extra_text(e: Mapping[str, Any]) -> str:

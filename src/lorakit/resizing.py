@@ -31,6 +31,7 @@ from torch import Tensor
 from .adapters import Adapter, LoRA
 from .checks import require_finite_model
 from .conversion import lora_output_metadata
+from .dtypes import as_dtype
 from .errors import KeyMappingError, UsageError
 from .formats import WRITABLE, emit, load, parse, read_lora
 from .formats.emit import fold_error
@@ -236,16 +237,18 @@ def _label(p: Patch) -> str:
 
 def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, *, rank: int | None = None,
            dynamic: str | tuple[str, float] | None = None, verify: bool = False, to: str | None = None,
-           dtype: torch.dtype | None = None, allow_pickle: bool = False, allow_partial: bool = False,
+           dtype: torch.dtype | str | None = None, allow_pickle: bool = False, allow_partial: bool = False,
            progress: Progress | None = None, dry_run: bool = False) -> ResizeReport:
     """Resize every patch of a LoRA to ``rank`` (or a ``dynamic`` rank capped at ``rank``) and write it.
 
     ``dry_run`` computes the per-module plan (rank in → rank out, retained energy; LoRA factors are small)
     and writes nothing. A resize whose target is already met (every rank already at or below the
     requested one) writes the deltas unchanged (format/dtype as asked) and says so in ``notes``
-    (``target_met``); it is not an error, so batches over files of mixed ranks work.
+    (``target_met``); it is not an error, so batches over files of mixed ranks work. ``dtype`` also
+    takes the CLI's spellings (``"bf16"``, ``"fp16"``…).
     """
     started = time.perf_counter()
+    dtype = as_dtype(dtype)
     src = os.fspath(input)
     dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
     if rank is None and dyn is None:

@@ -8,6 +8,7 @@ import os
 from ..baking import bake, format_plan
 from ..errors import UsageError
 from ..recipes import WeightedInput, load_recipe, opt, parse_weighted
+from ..progress import terminal_progress
 from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
              allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
              clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, allow_pickle=bool(args.allow_pickle),
-             progress=False if (args.no_progress or args.dry_run) else None)
+             progress=terminal_progress("bake", enabled=not (args.no_progress or args.dry_run or args.json),
+                                        unit="bytes"))
     if args.json:
         emit_json(r.to_json())
         return status(r.skipped, r.not_applied, r.warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..diffing import diff, format_report
+from ..progress import terminal_progress
 from .common import add_json, add_pickle, emit_json
 
 HELP = "compare two LoRAs (or two base models): modules, ranks, alphas, relative size and cosine per module/block"
@@ -25,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rep = diff(args.a, args.b, allow_pickle=args.allow_pickle, from_format=args.from_format)
+    rep = diff(args.a, args.b, allow_pickle=args.allow_pickle, from_format=args.from_format,
+               progress=terminal_progress("diff", enabled=not args.json))
     if args.json:
         emit_json(rep.to_json())
     else:

@@ -6,7 +6,8 @@ import argparse
 
 from ..formats import WRITABLE
 from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
-from .extract_cmd import ProgressBar, add_dynamic, dynamic_arg
+from ..progress import terminal_progress
+from .extract_cmd import add_dynamic, dynamic_arg
 
 HELP = "lower a LoRA's rank by the exact optimal truncation"
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..resizing import resize
     r = resize(args.input, args.output, rank=args.rank, dynamic=dynamic_arg(args), verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,
-               progress=None if args.json else ProgressBar("resize"), dry_run=args.dry_run)
+               progress=terminal_progress("resize", enabled=not args.json), dry_run=args.dry_run)
     code = status(r.unknown_keys, r.warnings)
     if args.json:
         emit_json(r.to_json())
