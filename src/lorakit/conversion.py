@@ -22,6 +22,8 @@ from .progress import report as report_progress
 
 @dataclass
 class ConvertReport:
+    """What :func:`convert` did: formats, module and tensor counts, dtype, lossy/rounded modules, warnings."""
+
     input: str
     output: str | None
     source_format: str

@@ -215,6 +215,7 @@ _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
 def block_of(component: str, module: str, group: str | None = None) -> str:
+    """The block a module belongs to (e.g. ``transformer:double_blocks.3``), for per-block totals."""
     m = _BLOCK.match(module)
     if m:
         return f"{component}:{m.group(1)}"
@@ -256,6 +257,7 @@ def _alphas(patches: Iterable[Patch]) -> list[float]:
 
 
 def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
+    """Compare two loaded LoRAs on native targets from their factors (no dense ΔW for plain LoRAs)."""
     ta, tb = a.by_target(), b.by_target()
     rep = DiffReport("lora", _lora_side(a.path or "A", a), _lora_side(b.path or "B", b))
     rep.only_in_a = sorted(str(t) for t in ta if t not in tb)
@@ -422,6 +424,7 @@ def _extra_text(e: Mapping[str, Any]) -> str:
 
 
 def format_report(rep: DiffReport, *, top: int = 12) -> str:
+    """The human-readable text of a diff report (the ``top`` most different blocks)."""
     a, b = rep.a, rep.b
 
     def side(s: Mapping[str, Any]) -> str:

@@ -59,6 +59,7 @@ def parse_dtype(text: str | None) -> torch.dtype | None:
 
 
 def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
+    """The safetensors dtype code of a torch dtype (UnsupportedDtypeError if it has none)."""
     try:
         return TORCH_TO_ST[dtype]
     except KeyError:
@@ -66,6 +67,7 @@ def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
 
 
 def torch_dtype(code: str, *, name: str = "tensor", path: str | None = None) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (UnsupportedDtypeError if unknown)."""
     try:
         return ST_DTYPES[code][0]
     except KeyError:
@@ -74,14 +76,17 @@ def torch_dtype(code: str, *, name: str = "tensor", path: str | None = None) -> 
 
 
 def itemsize(code: str) -> int:
+    """Bytes per element of a safetensors dtype code."""
     return ST_DTYPES[code][1]
 
 
 def is_float(code: str) -> bool:
+    """Whether a safetensors dtype code is a floating-point type."""
     return code in FLOAT_CODES
 
 
 def short_name(dtype: torch.dtype) -> str:
+    """The short spelling of a dtype (bf16, fp16, fp32, …), as the CLI accepts it."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
             torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}.get(dtype, str(dtype).replace("torch.", ""))
 

@@ -109,6 +109,7 @@ def _scale(e: ModuleEntry, alpha: float | None, rank: int | None) -> float | Non
 
 
 def metadata_summary(meta: Mapping[str, str]) -> dict[str, Any]:
+    """Trainer, base model, title and training settings found in the metadata."""
     out: dict[str, Any] = {}
     if any(k.startswith("ss_") for k in meta):
         out["trainer"] = "kohya sd-scripts" if "ss_training_started_at" in meta or "ss_output_name" in meta \
@@ -139,6 +140,7 @@ def metadata_summary(meta: Mapping[str, str]) -> dict[str, Any]:
 
 
 def trigger_words(meta: Mapping[str, str], limit: int = 10) -> list[str]:
+    """Trigger words from modelspec.trigger_phrase and ss_tag_frequency (at most ``limit``)."""
     words: list[str] = []
     phrase = meta.get("modelspec.trigger_phrase")
     if phrase:
@@ -245,6 +247,7 @@ def delta_norm(adapter: LoRA | LoHa | LoKr | Full) -> float:
 
 def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pickle: bool = False,
                  from_format: str | None = None, hashes: bool = False) -> dict[str, Any]:
+    """What a LoRA file is: format, architecture, coverage, ranks, alphas, metadata (``deep``: also tensor checks; ``hashes``: also hashes)."""
     p = os.fspath(path)
     with open_weights(p, allow_pickle=allow_pickle) as f:
         parsed = parse(f, force_format=from_format)
@@ -304,6 +307,7 @@ def _kind(e: ModuleEntry) -> str | None:
 
 
 def format_report(r: Mapping[str, Any]) -> str:
+    """The human-readable text of an inspect report."""
     lines = [f"{r['file']}",
              f"  format        {r['format']} — {r['format_label']} (confidence {r['confidence']:.0%}"
              + (f"; runner-up {r['runner_up']['format']} {r['runner_up']['score']:.0%}" if r.get("runner_up") else "")

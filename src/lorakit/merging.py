@@ -281,6 +281,7 @@ def _rank_of(adapter: Adapter | None, shape: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def magnitude_prune(t: Tensor, density: float) -> Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (PEFT's TIES pruning)."""
     if density >= 1:
         return t
     mask = torch.zeros_like(t).reshape(-1)
@@ -291,6 +292,7 @@ def magnitude_prune(t: Tensor, density: float) -> Tensor:
 
 
 def random_prune(t: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """Keep each entry with probability ``density`` and rescale by 1/density (PEFT's DARE)."""
     if density >= 1:
         return t
     mask = torch.bernoulli(torch.full_like(input=t, fill_value=density), generator=generator)
@@ -298,6 +300,7 @@ def random_prune(t: Tensor, density: float, generator: torch.Generator) -> Tenso
 
 
 def majority_sign_mask(stacked: Tensor, method: str = "total") -> Tensor:
+    """Entries whose sign agrees with the elected sign (``total`` or ``frequency``, PEFT)."""
     sign = stacked.sign()
     magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
     majority = torch.where(magnitude >= 0, 1, -1)

@@ -98,6 +98,7 @@ class Opt:
 
 
 def opt(*types: type, choices: Iterable[str] | None = None) -> Opt:
+    """The expected type(s) of a recipe value (see :class:`Opt`)."""
     return Opt(tuple(types), tuple(choices) if choices is not None else None)
 
 

@@ -21,6 +21,7 @@ RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``bake`` subcommand to the parser."""
     p = sub.add_parser(
         "bake", help=HELP,
         description=HELP + ". BASE is a FLUX.1 transformer in BFL, ComfyUI (model.diffusion_model.) or diffusers "
@@ -89,6 +90,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit bake`` and print its report; returns the exit code."""
     base, inputs = _resolve(args)
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
              allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,

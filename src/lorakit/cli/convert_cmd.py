@@ -13,6 +13,7 @@ HELP = "convert a LoRA between formats, exactly"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand to the parser."""
     p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in FORMATS)
                        + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights, alpha and the FLUX final-layer "
                        "half-swap are converted losslessly; anything that would lose precision stops unless "
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit convert`` and print its report; returns the exit code."""
     r = convert(args.input, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
                 lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
                 from_format=args.from_format, dry_run=args.dry_run,

@@ -12,6 +12,7 @@ HELP = "extract a LoRA from the difference of a fine-tuned model and its base"
 
 
 def add_dynamic(p: argparse.ArgumentParser) -> None:
+    """Add ``--dynamic`` (and sd-scripts' ``--dynamic_method``/``--dynamic_param``) to a command."""
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
                    help="rank per module from its singular values: sv_ratio:R (keep s_i > s_0/R, R > 1), sv_fro:F "
                         "(keep a fraction F in (0, 1] of the Frobenius norm), sv_cumulative:C (keep a fraction C in "
@@ -36,6 +37,7 @@ def dynamic_arg(args: argparse.Namespace) -> str | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``extract`` subcommand to the parser."""
     p = sub.add_parser(
         "extract", help=HELP,
         description=HELP + ". ORIGINAL and TUNED may be in any FLUX.1 base layout (BFL, ComfyUI, diffusers file or "
@@ -100,6 +102,7 @@ def _models(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit extract`` and print its report; returns the exit code."""
     from ..extraction import extract, format_plan
     original, tuned = _models(args)
     r = extract(original, tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),

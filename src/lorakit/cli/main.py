@@ -43,6 +43,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lorakit`` argument parser with every subcommand registered."""
     from .. import __version__
     parser = Parser(
         prog="lorakit",
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the command and map lorakit errors to exit codes (see the parser epilog)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

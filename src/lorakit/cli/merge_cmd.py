@@ -39,6 +39,7 @@ RECIPE_KEYS = tuple(RECIPE_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``merge`` subcommand to the parser."""
     p = sub.add_parser("merge", help=HELP, description=DESCRIPTION)
     p.add_argument("inputs", nargs="*", metavar="IN[:WEIGHT]", help="LoRA files, each with an optional :weight "
                    "(default 1.0)")
@@ -151,6 +152,7 @@ def _sd_scripts_options(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit merge`` and print its report; returns the exit code."""
     _apply_recipe(args)
     notes = _sd_scripts_options(args)
     r = merge(_inputs(args.inputs or []) + models_inputs(args), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,

@@ -13,6 +13,7 @@ HELP = "lower a LoRA's rank by the exact optimal truncation"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``resize`` subcommand to the parser."""
     p = sub.add_parser(
         "resize", help=HELP,
         description=HELP + " (SVD of the factors through small QR cores; LoHa/LoKr/Full are densified and come out "
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit resize`` and print its report; returns the exit code."""
     from ..resizing import resize
     r = resize(args.input, args.output, rank=args.rank, dynamic=dynamic_arg(args), verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,
