@@ -121,10 +121,9 @@ def _quantile(x: Tensor, q: float) -> float:
     """``torch.quantile(x, q)`` (linear interpolation between the two nearest ranks) without its 2²⁴-element
     limit: position ``q·(n−1)`` in the sorted values."""
     v = x.flatten().sort().values
-    pos = q * (v.numel() - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, v.numel() - 1)
-    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+    pos = torch.tensor(q, dtype=v.dtype) * (v.numel() - 1)     # in the values' dtype, as torch.quantile does
+    lo, hi = int(pos.floor()), int(pos.ceil())
+    return float(torch.lerp(v[lo], v[hi], pos - pos.floor()))
 
 
 def clamp_factors(up: Tensor, down: Tensor, q: float) -> tuple[Tensor, Tensor]:
