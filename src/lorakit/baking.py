@@ -31,7 +31,6 @@ import math
 import os
 import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
