@@ -95,10 +95,11 @@ def test_resize_to_at_least_the_true_rank_is_exact(tmp_path):
         assert max(rel(dout[t], din[t]) for t in din) <= 1e-6
         assert rep.max_verify_error <= 1e-6
         assert all(m.relative_error <= 1e-6 for m in rep.modules)
-    # a resize that changes nothing (every module already at or below the rank) is refused, nothing written
-    with pytest.raises(UsageError, match="nothing to resize") as exc:
-        resize(src, tmp_path / "r8.safetensors", rank=8)
-    assert "Fix:" in str(exc.value) and not (tmp_path / "r8.safetensors").exists()
+    # a resize whose target is already met (every module at or below the rank) writes the deltas unchanged
+    rep = resize(src, tmp_path / "r8.safetensors", rank=8)
+    assert rep.target_met and "already met" in rep.notes[0] and {m.path for m in rep.modules} == {"unchanged"}
+    din, dout = dense_deltas(read_lora(src)), dense_deltas(read_lora(tmp_path / "r8.safetensors"))
+    assert all(torch.equal(dout[t], din[t]) for t in din)
 
 
 def test_lower_rank_is_the_optimal_truncation_and_strength_is_kept(tmp_path):

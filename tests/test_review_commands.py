@@ -171,8 +171,8 @@ def test_resize_exit_codes_and_no_op_refused(files, tmp_path, capsys):
     before = _listing(tmp_path)
     rc = main(["resize", src, "-o", str(tmp_path / "same.safetensors"), "--rank", "8"])
     err = capsys.readouterr().err
-    assert rc == 2 and "nothing to resize" in err and "Fix:" in err
-    assert _listing(tmp_path) == before
+    assert rc == 0 and "target already met" in err           # written unchanged, said so (not refused)
+    assert _listing(tmp_path) == before | {"same.safetensors"}
     assert main(["resize", src, "-o", str(tmp_path / "r.safetensors"), "--rank", "2"]) == 0
     # keys not understood, opted in with --allow-partial: exit 1
     with open_weights(src) as f:
@@ -328,8 +328,8 @@ def test_resize_dry_run_plans_and_writes_nothing(files, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["dry_run"] and rep["output"] is None and all(1 <= m["rank_out"] <= 4 for m in rep["modules"])
     assert _listing(tmp_path) == set()
-    with pytest.raises(UsageError, match="nothing to resize"):      # a dry run of a no-op is refused too
-        lorakit.resize(files["kohya"], None, rank=4, dry_run=True)
+    rep = lorakit.resize(files["kohya"], None, rank=4, dry_run=True)   # a met target is planned, not refused
+    assert rep.target_met and {m.path for m in rep.modules} == {"unchanged"} and _listing(tmp_path) == set()
 
 
 # ---------------------------------------------------------------------------------------------

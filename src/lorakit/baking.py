@@ -31,7 +31,6 @@ import math
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,6 +54,7 @@ from .io.writer import _SLOW_WRITE, fsync_dir
 from .layouts import NameIndex, evaluate
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from .model import LoraModel, Patch
+from .progress import Progress, ProgressBar
 from .recipes import WeightedInput, parse_weighted
 
 COMPONENT = "transformer"
@@ -690,36 +690,23 @@ class _Stop(Exception):
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool, label: str = "bake") -> None:
-        self.total, self.enabled, self.label = max(1, total), enabled, label
+    """Byte counts from the pipeline's threads, forwarded to the caller's progress callback."""
+
+    def __init__(self, total: int, callback: Progress | None) -> None:
+        self.total, self.callback = max(1, total), callback
         self.done = 0
-        self.t0 = time.perf_counter()
-        self.last = 0.0
         self.lock = threading.Lock()
 
     def add(self, n: int) -> None:
+        if self.callback is None:
+            return
         with self.lock:
             self.done += n
-            now = time.perf_counter()
-            if self.enabled and (now - self.last >= 0.25 or self.done >= self.total):
-                self.last = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        el = max(1e-9, now - self.t0)
-        rate = self.done / el
-        frac = min(1.0, self.done / self.total)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        bar = "#" * int(frac * 24)
-        sys.stderr.write(f"\r{self.label} [{bar:<24}] {frac * 100:5.1f}% {self.done / 1e9:6.2f}/"
-                         f"{self.total / 1e9:.2f} GB {rate / 1e9:5.2f} GB/s ETA {eta:4.0f}s ")
-        sys.stderr.flush()
+            self.callback(min(self.done, self.total), self.total, "")
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.callback is not None:
+            self.callback(self.total, self.total, "")
 
 
 class _Pipeline:
@@ -979,7 +966,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
          dry_run: bool = False, clip_l: str | os.PathLike[str] | None = None,
          clip_l_out: str | os.PathLike[str] | None = None, t5: str | os.PathLike[str] | None = None,
          t5_out: str | os.PathLike[str] | None = None, allow_pickle: bool = False,
-         progress: bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+         progress: Progress | bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          threads: int | None = None, allow_zero_lora: bool = False) -> BakeReport:
     """Bake LoRAs (``path[:weight]`` strings, ``(path, weight)`` pairs or WeightedInput) into ``base``.
 
@@ -990,6 +977,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     ``threads`` sets torch's intra-op threads for the duration of the bake (default: half the CPUs,
     1 to 8 — the reader and writer threads need a core for their copies). A LoRA whose ups are all zero is
     refused unless ``allow_zero_lora``; a baked tensor that would hold NaN/Inf is refused (NonFiniteError).
+    ``progress`` is called as ``progress(bytes_done, bytes_total, "")`` (``True``: a bar on stderr when it is a
+    terminal; default none).
     """
     t_start = time.perf_counter()
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
@@ -1087,8 +1076,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             report.plan = _describe(tasks, loras)
             report.seconds = time.perf_counter() - t_start
             return report
-        show = sys.stderr.isatty() if progress is None else progress
-        prog = _Progress(report.bytes_in, show)
+        callback = ProgressBar("bake", unit="bytes") if progress is True else (progress or None)
+        prog = _Progress(report.bytes_in, callback)  # type: ignore[arg-type]
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads or _default_threads())
         try:

@@ -67,6 +67,7 @@ def _candidates(arch: ArchSpec) -> list[tuple[str, NameIndex, ParamIndex]]:
 
 
 def open_base(file: WeightFile, *, arch_name: str = "flux1") -> BaseModel:
+    """Recognise ``file`` as a base model (BFL, ComfyUI or diffusers layout) and map its tensors to native modules."""
     arch = resolve(arch_name)
     keys = file.keys()
     _refuse_non_base(file, keys)

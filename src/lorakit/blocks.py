@@ -106,6 +106,7 @@ def _vector_layouts(counts: list[tuple[str, int]]) -> dict[int, tuple[str, list[
 
 
 def parse_blocks(spec: str, arch: ArchInstance) -> BlockWeights:
+    """Parse a ``--blocks`` spec (multiplier list, LoRA-Block-Weight vector or selectors) for ``arch``."""
     text = spec.strip()
     if not text:
         raise UsageError("empty --blocks spec.", hint="give a comma list of multipliers or SELECTOR=VALUE pairs.")

@@ -23,6 +23,7 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def nonfinite_names(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors that hold NaN or Inf values."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     return [name for name, t in items if t is not None and not _finite(t)]
 
@@ -55,6 +56,7 @@ def nonfinite_modules(model: LoraModel) -> list[str]:
 
 
 def require_finite_model(model: LoraModel) -> None:
+    """Raise NonFiniteError if any module of ``model`` holds NaN/Inf factors or alpha."""
     bad = nonfinite_modules(model)
     if bad:
         shown = ", ".join(repr(b) for b in bad[:5]) + (f" … and {len(bad) - 5} more" if len(bad) > 5 else "")

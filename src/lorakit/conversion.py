@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checks import dtype_range_cause, require_finite_output
+from .dtypes import as_dtype, worst_cast_error
 from .errors import KeyMappingError, UsageError
 from .formats import WRITABLE, emit, load, parse
 from .formats.emit import EmitResult
@@ -17,10 +18,14 @@ from .io.header import loads_json
 from .metadata import (PROVENANCE_KEY, InputRecord, carry_over, diffusers_adapter_metadata, file_sha256,
                        network_metadata, provenance, with_hashes)
 from .model import LoraModel
+from .progress import Progress
+from .progress import report as report_progress
 
 
 @dataclass
 class ConvertReport:
+    """What :func:`convert` did: formats, module and tensor counts, dtype, lossy/rounded modules, warnings."""
+
     input: str
     output: str | None
     source_format: str
@@ -35,10 +40,12 @@ class ConvertReport:
     unknown_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    rounding: tuple[str, float] | None = None   # (module, rel. error) the output dtype adds, worst module (> 1e-6)
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
         d["lossy"] = [{"module": m, "relative_error": e} for m, e in self.lossy]
+        d["rounding"] = {"module": self.rounding[0], "relative_error": self.rounding[1]} if self.rounding else None
         return d
 
 
@@ -70,9 +77,17 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
 
 
 def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, to: str, *,
-            dtype: torch.dtype | None = None, allow_lossy: bool = False, lossy_rank: int | None = None,
+            dtype: torch.dtype | str | None = None, allow_lossy: bool = False, lossy_rank: int | None = None,
             allow_partial: bool = False, allow_pickle: bool = False, from_format: str | None = None,
-            dry_run: bool = False) -> ConvertReport:
+            dry_run: bool = False, progress: Progress | None = None) -> ConvertReport:
+    """Convert the LoRA ``input`` to format ``to`` (kohya, diffusers, comfy) and write it to ``output``.
+
+    Exact by default: anything the target cannot hold exactly stops with a LossyConversionError unless
+    ``allow_lossy`` (then re-factored and reported in ``lossy``). ``dtype`` is a torch dtype or a CLI
+    spelling (``"bf16"``, ``"fp16"``, ``"fp8"``…); the relative error storing the factors in it adds is
+    measured and reported in ``rounding``. ``progress(done, total, stage)`` is called per stage.
+    """
+    dtype = as_dtype(dtype)
     if to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
     src = os.fspath(input)
@@ -80,22 +95,28 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
         raise UsageError("no output path given.", hint="pass -o OUT.safetensors (or --dry-run).")
     if output is not None:
         check_output_path(os.fspath(output), [src])
+    report_progress(progress, 0, 3, "reading")
     with open_weights(src, allow_pickle=allow_pickle) as f:
         parsed = parse(f, force_format=from_format)
         if parsed.unknown_keys and not allow_partial:
             raise KeyMappingError("keys not understood; converting without them would drop part of the LoRA",
                                   parsed.unknown_keys, path=src, hint="pass --allow-partial to convert the rest.")
         model = load(parsed)
+    report_progress(progress, 1, 3, "converting")
     result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype, fold_rounding="refuse")
+    rounding = worst_cast_error([(p.source or str(p.target), p.adapter) for p in model.patches
+                                 if p.adapter is not None], dtype)
     warnings = []
     if to == "diffusers" and "t5" in model.components():
         warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
     out_dtype = next((str(t.dtype).replace("torch.", "") for t in result.tensors.values() if t.dim() > 0), None)
     report = ConvertReport(src, os.fspath(output) if output else None, model.format, to, model.arch.name,
                            model.arch.variant, len(model.patches), result.modules, len(result.tensors), out_dtype,
-                           result.lossy, list(parsed.unknown_keys), warnings, dry_run)
+                           result.lossy, list(parsed.unknown_keys), warnings, dry_run, rounding)
     if dry_run:
+        report_progress(progress, 3, 3)
         return report
+    report_progress(progress, 2, 3, "writing")
     title = os.path.splitext(os.path.basename(os.fspath(output)))[0]
     meta = lora_output_metadata(model, result, to, operation="convert",
                                 inputs=[InputRecord(src, file_sha256(src) if os.path.isfile(src) else None,
@@ -107,4 +128,5 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
                           hint="write a wider --dtype (fp32); an alpha or factor beyond the float32 range "
                                "cannot be written at all — fix the input.")
     save_tensors(os.fspath(output), result.tensors, meta, inputs=[src])
+    report_progress(progress, 3, 3)
     return report

@@ -15,6 +15,7 @@ def _step(text: str) -> None:
 
 
 def run_more(folder: str, ait: str, kohya: str, base: str) -> None:
+    """The demo's merge, bake, extract, resize and diff steps on the sample files in ``folder``."""
     p = lambda name: os.path.join(folder, name)  # noqa: E731
 
     _step("lorakit merge aitoolkit_style:0.3 sdscripts_style:0.7 --method concat --to kohya --verify")

@@ -581,6 +581,7 @@ def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], bas
 
 
 def format_report(report: DoctorReport) -> str:
+    """The human-readable text of a doctor report."""
     lines: list[str] = []
     if report.base:
         b = report.base

@@ -26,6 +26,8 @@ from .errors import LorakitError, NotALoraError, ShapeMismatchError, UsageError
 from .formats import load, parse
 from .io import open_weights
 from .model import LoraModel, Patch, Target, _target_shape
+from .progress import Progress
+from .progress import report as report_progress
 
 EPS = 1e-30
 EQUIVALENT = 1e-6
@@ -213,6 +215,7 @@ _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
 def block_of(component: str, module: str, group: str | None = None) -> str:
+    """The block a module belongs to (e.g. ``transformer:double_blocks.3``), for per-block totals."""
     m = _BLOCK.match(module)
     if m:
         return f"{component}:{m.group(1)}"
@@ -254,6 +257,7 @@ def _alphas(patches: Iterable[Patch]) -> list[float]:
 
 
 def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
+    """Compare two loaded LoRAs on native targets from their factors (no dense ΔW for plain LoRAs)."""
     ta, tb = a.by_target(), b.by_target()
     rep = DiffReport("lora", _lora_side(a.path or "A", a), _lora_side(b.path or "B", b))
     rep.only_in_a = sorted(str(t) for t in ta if t not in tb)
@@ -333,7 +337,10 @@ def _model_side(path: str, base: BaseModel) -> dict[str, Any]:
             "tensors": len(base.file.keys()), "dtypes": dict(dtypes)}
 
 
-def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> DiffReport:
+def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str,
+                progress: Progress | None = None) -> DiffReport:
+    """Compare two base models tensor by tensor in bounded memory (norms, inner products per module/block);
+    ``progress(done, total, tensor)`` is called once per shared tensor."""
     rep = DiffReport("model", _model_side(path_a, a), _model_side(path_b, b))
     na, nb = _native_slots(a), _native_slots(b)
     rep.only_in_a = sorted(k for k in na if k not in nb)
@@ -343,7 +350,8 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> Diff
     blocks: dict[str, Pair] = {}
     total = Pair()
     mods_a = a.arch.module_map("transformer")
-    for k in shared:
+    for i, k in enumerate(shared):
+        report_progress(progress, i, len(shared), k)
         da = {a.file.infos[s.key].dtype for s in na[k]}
         db = {b.file.infos[s.key].dtype for s in nb[k]}
         if da != db:
@@ -362,6 +370,7 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> Diff
         mod = mods_a.get(module)
         blocks.setdefault(block_of("transformer", module, mod.group if mod else None), Pair()).add(pair)
         total.add(pair)
+    report_progress(progress, len(shared), len(shared))
     rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
     rep.total = total.to_json()
     return rep
@@ -372,8 +381,9 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str) -> Diff
 # ---------------------------------------------------------------------------------------------
 
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: bool = False,
-         from_format: str | None = None) -> DiffReport:
-    """Compare two LoRAs or two base models (detected from their keys)."""
+         from_format: str | None = None, progress: Progress | None = None) -> DiffReport:
+    """Compare two LoRAs or two base models (detected from their keys); ``progress(done, total, tensor)``
+    is called while two base models are compared (LoRAs are compared from their small factors)."""
     pa, pb = os.fspath(a), os.fspath(b)
     fa = open_weights(pa, allow_pickle=allow_pickle)
     try:
@@ -401,7 +411,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
                              hint=f"to see how the LoRA fits the model, run `lorakit doctor {lora} --base {model}`.")
         if kinds[0] == "lora":
             return diff_loras(sides[0][1], sides[1][1])
-        return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb)
+        return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb, progress=progress)
 
 
 def _extra_text(e: Mapping[str, Any]) -> str:
@@ -414,6 +424,7 @@ def _extra_text(e: Mapping[str, Any]) -> str:
 
 
 def format_report(rep: DiffReport, *, top: int = 12) -> str:
+    """The human-readable text of a diff report (the ``top`` most different blocks)."""
     a, b = rep.a, rep.b
 
     def side(s: Mapping[str, Any]) -> str:

@@ -59,6 +59,7 @@ def parse_dtype(text: str | None) -> torch.dtype | None:
 
 
 def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
+    """The safetensors dtype code of a torch dtype (UnsupportedDtypeError if it has none)."""
     try:
         return TORCH_TO_ST[dtype]
     except KeyError:
@@ -66,6 +67,7 @@ def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
 
 
 def torch_dtype(code: str, *, name: str = "tensor", path: str | None = None) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (UnsupportedDtypeError if unknown)."""
     try:
         return ST_DTYPES[code][0]
     except KeyError:
@@ -74,13 +76,58 @@ def torch_dtype(code: str, *, name: str = "tensor", path: str | None = None) -> 
 
 
 def itemsize(code: str) -> int:
+    """Bytes per element of a safetensors dtype code."""
     return ST_DTYPES[code][1]
 
 
 def is_float(code: str) -> bool:
+    """Whether a safetensors dtype code is a floating-point type."""
     return code in FLOAT_CODES
 
 
 def short_name(dtype: torch.dtype) -> str:
+    """The short spelling of a dtype (bf16, fp16, fp32, …), as the CLI accepts it."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
             torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def as_dtype(value: "torch.dtype | str | None") -> torch.dtype | None:
+    """A torch dtype, or any spelling :func:`parse_dtype` accepts (the Python API takes the CLI's strings)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        return parse_dtype(value)
+    raise UsageError(f"dtype must be a torch dtype or a name such as 'bf16', got {value!r}.")
+
+
+def cast_error(adapter: object, dtype: torch.dtype | None) -> float:
+    """Relative Frobenius error that storing ``adapter``'s tensors as ``dtype`` adds to its delta (float64).
+
+    Plain LoRA factors are measured from the factors alone (:func:`lorakit.formats.emit.fold_error`, the
+    measurement extract and resize report); other adapters from their dense delta, one module at a time.
+    0.0 when ``dtype`` is None or already the adapter's dtype."""
+    from .adapters import Adapter, LoRA
+    from .formats.emit import fold_error
+    if dtype is None or not isinstance(adapter, Adapter) or adapter.dtype == dtype:
+        return 0.0
+    cast = adapter.to(dtype)
+    if isinstance(adapter, LoRA) and adapter.mid is None and isinstance(cast, LoRA):
+        return fold_error(adapter, cast)
+    want = adapter.dense().double()
+    got = cast.dense().double()
+    norm = float(want.norm())
+    err = float((got - want).norm())
+    return (0.0 if err == 0 else float("inf")) if norm == 0 else err / norm
+
+
+def worst_cast_error(adapters: "list[tuple[str, object]]", dtype: torch.dtype | None,
+                     threshold: float = 1e-6) -> tuple[str, float] | None:
+    """``(module, error)`` of the adapter that loses most by being stored as ``dtype``; None if none > ``threshold``."""
+    if dtype is None:
+        return None
+    worst: tuple[str, float] | None = None
+    for name, a in adapters:
+        e = cast_error(a, dtype)
+        if e > threshold and (worst is None or e > worst[1]):
+            worst = (name, e)
+    return worst

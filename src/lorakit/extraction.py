@@ -41,7 +41,7 @@ from torch import Tensor
 from .adapters import Full, LoRA
 from .basemodel import COMPONENT, BaseModel, Slot, open_base
 from .conversion import lora_output_metadata
-from .dtypes import ST_DTYPES
+from .dtypes import ST_DTYPES, as_dtype
 from .errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, emit
 from .formats.emit import fold_error
@@ -118,6 +118,23 @@ def decompose(d: Tensor, rank: int, *, dynamic: tuple[str, float] | None = None,
     return Decomposition(up, down, k, s, 1.0 - err2, math.sqrt(err2), kind)
 
 
+def _quantile(x: Tensor, q: float) -> float:
+    """``torch.quantile(x, q)`` (linear interpolation between the two nearest ranks) without its 2²⁴-element
+    limit: position ``q·(n−1)`` in the sorted values."""
+    v = x.flatten().sort().values
+    pos = torch.tensor(q, dtype=v.dtype) * (v.numel() - 1)     # in the values' dtype, as torch.quantile does
+    lo, hi = int(pos.floor()), int(pos.ceil())
+    return float(torch.lerp(v[lo], v[hi], pos - pos.floor()))
+
+
+def clamp_factors(up: Tensor, down: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """sd-scripts' ``--clamp_quantile`` (networks/extract_lora_from_models.py): with ``up = U·S`` and
+    ``down = Vh``, ``hi = quantile(cat(up.flatten(), down.flatten()), q)`` of the signed values, and both
+    factors are clamped to ``[−hi, hi]`` (in float32, as sd-scripts computes)."""
+    hi = _quantile(torch.cat([up.flatten(), down.flatten()]).float(), q)
+    return up.clamp(-hi, hi), down.clamp(-hi, hi)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +150,7 @@ class ModuleResult:
     svd: str
     seconds: float
     rounding_error: float = 0.0     # extra relative error from storing the factors in the output dtype
+    clamp_error: float = 0.0        # --clamp-quantile: ‖B'A' − BA‖/‖BA‖ of the clamped factors (0 without it)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__, shape=list(self.shape))
@@ -170,6 +188,7 @@ class ExtractReport:
     seconds: float = 0.0
     dry_run: bool = False
     plan: list[dict[str, object]] = field(default_factory=list)   # dry run: paired tensors per native module
+    clamp_quantile: float | None = None   # sd-scripts' --clamp_quantile, when given
 
     @property
     def mean_retained_energy(self) -> float:
@@ -178,6 +197,12 @@ class ExtractReport:
     @property
     def worst(self) -> ModuleResult | None:
         return max(self.modules, key=lambda m: m.relative_error, default=None)
+
+    @property
+    def worst_clamp(self) -> ModuleResult | None:
+        """The module whose factors lost most to ``clamp_quantile`` (None without it)."""
+        m = max(self.modules, key=lambda m: m.clamp_error, default=None)
+        return m if m is not None and m.clamp_error > 0 else None
 
     @property
     def worst_rounding(self) -> ModuleResult | None:
@@ -194,6 +219,10 @@ class ExtractReport:
         rounded = self.worst_rounding
         d["worst_rounding_error"] = ({"module": rounded.module, "rounding_error": rounded.rounding_error}
                                      if rounded else None)
+        clamped = self.worst_clamp
+        d["worst_clamp_error"] = {"module": clamped.module, "clamp_error": clamped.clamp_error} if clamped else None
+        ranks = sorted({m.rank for m in self.modules})
+        d["rank_range"] = [ranks[0], ranks[-1]] if ranks else None   # the ranks written (text shows the same)
         if not self.dry_run:
             d.pop("plan")
         return d
@@ -314,17 +343,25 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
             *, rank: int | None = None, dynamic: str | tuple[str, float] | None = None, conv_rank: int | None = None,
             min_diff: float = 0.0, to: str = "kohya", device: str = "cpu", exact: bool = False, seed: int = 0,
             alpha: float | None = None, include_bias: bool = False, include_norms: bool = False,
-            dtype: torch.dtype | None = None, oversample: int = DEFAULT_OVERSAMPLE, niter: int = DEFAULT_NITER,
-            allow_pickle: bool = False, progress: Progress | None = None, dry_run: bool = False) -> ExtractReport:
+            dtype: torch.dtype | str | None = None, oversample: int = DEFAULT_OVERSAMPLE, niter: int = DEFAULT_NITER,
+            allow_pickle: bool = False, progress: Progress | None = None, dry_run: bool = False,
+            clamp_quantile: float | None = None) -> ExtractReport:
     """Extract a LoRA ``tuned − original`` and write it to ``output`` in format ``to``.
 
     ``rank`` fixes the rank (the cap with ``dynamic``; default cap 128 there). ``alpha`` stores that α
     and scales the up factors by ``k/α`` so that the delta is unchanged. ``dtype`` defaults to the
     tuned model's weight dtype (bf16 for fp8 or other non-float inputs). Returns a per-module report.
     ``dry_run`` pairs the tensors of both models per native module from their headers alone (no tensor
-    data is read, nothing is written) and returns that plan in ``report.plan``.
+    data is read, nothing is written) and returns that plan in ``report.plan``. ``dtype`` also takes the
+    CLI's spellings (``"bf16"``, ``"fp16"``…). ``clamp_quantile`` (sd-scripts' ``--clamp_quantile``, in
+    (0, 1]) clamps both factors of every module to ``±quantile(concat(up·S, Vh), q)`` as sd-scripts does;
+    it adds error, measured per module (``clamp_error``) and included in ``relative_error``.
     """
     started = time.perf_counter()
+    dtype = as_dtype(dtype)
+    if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
+        raise UsageError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile}.",
+                         hint="sd-scripts' default is 0.99; leave it out for unclamped (optimal) factors.")
     src_o, src_t = os.fspath(original), os.fspath(tuned)
     dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
     _validate(rank, dyn, conv_rank, min_diff, to, alpha, oversample, niter, include_norms)
@@ -343,7 +380,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         report = ExtractReport(
             src_o, src_t, out_path, _layout_label(orig), _layout_label(tune), tune.arch.name, tune.variant, to,
             str(out_dtype).replace("torch.", ""), "exact_svd" if exact else "randomized_svd", rank,
-            f"{dyn[0]}:{dyn[1]:g}" if dyn else None, alpha, seed, min_diff, str(dev))
+            f"{dyn[0]}:{dyn[1]:g}" if dyn else None, alpha, seed, min_diff, str(dev), clamp_quantile=clamp_quantile)
         for base, path in ((orig, src_o), (tune, src_t)):
             if base.passthrough:
                 report.ignored_keys[os.path.basename(path)] = list(base.passthrough)
@@ -356,7 +393,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         patches = _stream(orig, tune, report, cap=cap, conv_rank=conv_rank, dyn=dyn, exact=exact,
                           oversample=oversample, niter=niter, seed=seed, alpha=alpha, min_diff=min_diff,
                           include_bias=include_bias, include_norms=include_norms, dev=dev, out_dtype=out_dtype,
-                          progress=progress)
+                          progress=progress, clamp_quantile=clamp_quantile)
         arch = tune.arch
 
     if not patches:
@@ -374,7 +411,8 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         dynamic=report.dynamic, rank_cap=cap if dyn else None, seed=seed if not exact else None, alpha=alpha,
         oversample=oversample if not exact else None, niter=niter if not exact else None, min_diff=min_diff,
         include_bias=include_bias or None, include_norms=include_norms or None, modules=len(report.modules),
-        norms=len(report.loose_written) or None, skipped=len(report.skipped) or None)
+        norms=len(report.loose_written) or None, skipped=len(report.skipped) or None,
+        clamp_quantile=clamp_quantile)
     require_finite_output(result.tensors, path=out_path, cause="the extracted factors " + dtype_range_cause(out_dtype),
                           hint="write a wider --dtype (fp32 or bf16).")
     save_tensors(out_path, result.tensors, meta, inputs=[src_o, src_t])
@@ -421,7 +459,8 @@ def _device(device: str) -> torch.device:
 def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int, conv_rank: int | None,
             dyn: tuple[str, float] | None, exact: bool, oversample: int, niter: int, seed: int,
             alpha: float | None, min_diff: float, include_bias: bool, dev: torch.device, out_dtype: torch.dtype,
-            progress: Progress | None, include_norms: bool = False) -> list[Patch]:
+            progress: Progress | None, include_norms: bool = False,
+            clamp_quantile: float | None = None) -> list[Patch]:
     om, tm, loose_o, loose_t, work = _pair(orig, tune, report)
     modules = tune.arch.module_map(COMPONENT)
 
@@ -458,6 +497,15 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
                 dec = decompose(d.flatten(1).to(dev), k_cap, dynamic=dyn, exact=exact, oversample=oversample,
                                 niter=niter, seed=seed)
                 up, down = dec.up.to("cpu"), dec.down.to("cpu")
+                clamp_err = 0.0
+                if clamp_quantile is not None:   # sd-scripts' clamp: adds error, measured against D itself
+                    cu, cd = clamp_factors(up, down, clamp_quantile)
+                    clamp_err = fold_error(LoRA(alpha=float(dec.rank), down=down, up=up),
+                                           LoRA(alpha=float(dec.rank), down=cd, up=cu))
+                    up, down = cu, cd
+                    total = fro_sq(d.flatten(1))
+                    err2 = min(1.0, _residual_sq(d.flatten(1), up, down) / total) if total > 0 else 0.0
+                    dec.relative_error, dec.retained_energy = math.sqrt(err2), 1.0 - err2
                 stored_alpha = float(dec.rank)
                 if alpha is not None:
                     up = up * (dec.rank / alpha)
@@ -466,7 +514,7 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, *, cap: int
                 adapter = LoRA(alpha=stored_alpha, down=down.to(out_dtype).clone(), up=up.to(out_dtype).contiguous())
                 report.modules.append(ModuleResult(name, shape, dec.rank, dec.retained_energy, dec.relative_error,
                                                    peak, dec.svd, time.perf_counter() - t0,
-                                                   fold_error(exact_factors, adapter)))
+                                                   fold_error(exact_factors, adapter), clamp_err))
                 del dec, up, down
             if adapter is not None or bias is not None:
                 patches.append(Patch(Target(COMPONENT, name), adapter, None, bias=bias, source=name))

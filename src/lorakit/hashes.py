@@ -109,4 +109,5 @@ def hash_report(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
 
 
 def stale_hash_keys(report: Mapping[str, Any]) -> list[str]:
+    """The stored hash keys of a hash report that no longer match the file."""
     return [k for k, v in report.get("stored", {}).items() if not v["current"]]

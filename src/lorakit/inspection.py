@@ -41,7 +41,14 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
             continue
         present.setdefault(e.component, set()).add(e.match.native)
     out: dict[str, Any] = {}
+    # an absent component's size is the published model's (its preset) only when the file's own components are
+    # published sizes too; a non-standard model (e.g. lorakit's tiny synthetic one) says nothing about it
+    standard = all(c in parsed.arch.preset for c in parsed.arch.params)
     for name, comp in parsed.arch.spec.components.items():
+        if name not in parsed.arch.params and not standard:
+            out[name] = {"label": comp.label, "present": 0, "total": None, "groups": {},
+                         "note": "not in this file; its module count is unknown for a model of non-standard sizes"}
+            continue
         params = _component_params(parsed, name)
         if params is None:
             continue
@@ -103,6 +110,7 @@ def _scale(e: ModuleEntry, alpha: float | None, rank: int | None) -> float | Non
 
 
 def metadata_summary(meta: Mapping[str, str]) -> dict[str, Any]:
+    """Trainer, base model, title and training settings found in the metadata."""
     out: dict[str, Any] = {}
     if any(k.startswith("ss_") for k in meta):
         out["trainer"] = "kohya sd-scripts" if "ss_training_started_at" in meta or "ss_output_name" in meta \
@@ -133,6 +141,7 @@ def metadata_summary(meta: Mapping[str, str]) -> dict[str, Any]:
 
 
 def trigger_words(meta: Mapping[str, str], limit: int = 10) -> list[str]:
+    """Trigger words from modelspec.trigger_phrase and ss_tag_frequency (at most ``limit``)."""
     words: list[str] = []
     phrase = meta.get("modelspec.trigger_phrase")
     if phrase:
@@ -239,6 +248,7 @@ def delta_norm(adapter: LoRA | LoHa | LoKr | Full) -> float:
 
 def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pickle: bool = False,
                  from_format: str | None = None, hashes: bool = False) -> dict[str, Any]:
+    """What a LoRA file is: format, architecture, coverage, ranks, alphas, metadata (``deep``: also tensor checks; ``hashes``: also hashes)."""
     p = os.fspath(path)
     with open_weights(p, allow_pickle=allow_pickle) as f:
         parsed = parse(f, force_format=from_format)
@@ -300,6 +310,7 @@ def _kind(e: ModuleEntry) -> str | None:
 
 
 def format_report(r: Mapping[str, Any]) -> str:
+    """The human-readable text of an inspect report."""
     lines = [f"{r['file']}",
              f"  format        {r['format']} — {r['format_label']} (confidence {r['confidence']:.0%}"
              + (f"; runner-up {r['runner_up']['format']} {r['runner_up']['score']:.0%}" if r.get("runner_up") else "")
@@ -310,6 +321,9 @@ def format_report(r: Mapping[str, Any]) -> str:
              f"  dtype         {r['dtype']}; {r['size_bytes'] / 1e6:.1f} MB"]
     comp_parts = []
     for c in r["components"].values():
+        if c["total"] is None:
+            comp_parts.append(f"{c['label']} none (count unknown: non-standard model sizes)")
+            continue
         groups = ", ".join(f"{g['label']} {g['present']}/{g['total']}" for g in c["groups"].values())
         comp_parts.append(f"{c['label']} {c['present']}/{c['total']}" + (f" ({groups})" if len(c["groups"]) > 1 else ""))
     lines.append("  coverage      " + "\n                ".join(comp_parts))

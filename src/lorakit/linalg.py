@@ -50,6 +50,7 @@ def factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def truncate(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> LowRank:
+    """The rank-``rank`` factors of an SVD (``up = U_k·S_k``, ``down = Vh_k``)."""
     k = max(1, min(rank, s.numel()))
     return LowRank(up=u[:, :k] * s[:k], down=vh[:k], s=s, rank=k)
 

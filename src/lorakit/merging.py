@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .adapters import Adapter, Full, LoHa, LoKr, LoRA
 from .blocks import BlockWeights, parse_blocks
+from .dtypes import parse_dtype, worst_cast_error
 from .conversion import lora_output_metadata
 from .errors import ArchitectureError, MergeError, NonFiniteError, UsageError
 from .checks import all_finite, dtype_range_cause, require_dense_fits, require_finite_model, require_finite_output
@@ -49,6 +50,8 @@ from .io import check_output_path, save_tensors
 from .linalg import dynamic_rank, exact_svd, factored_svd, gram_fro_norm, parse_dynamic, truncate
 from .metadata import InputRecord, file_sha256
 from .model import ArchInstance, LoraModel, Patch, Target
+from .progress import Progress
+from .progress import report as report_progress
 from .recipes import WeightedInput, parse_weighted
 
 METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
@@ -94,6 +97,7 @@ class MergeReport:
     verify: dict[str, object] | None = None
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    rounding: tuple[str, float] | None = None   # (module, rel. error) storing the merged factors in dtype adds
 
     @property
     def ranks(self) -> tuple[int, int] | None:
@@ -111,6 +115,7 @@ class MergeReport:
         d["rank_range"] = list(self.ranks) if self.ranks else None
         worst = self.min_retained_energy
         d["min_retained_energy"] = {"module": worst[0], "retained_energy": worst[1]} if worst else None
+        d["rounding"] = {"module": self.rounding[0], "relative_error": self.rounding[1]} if self.rounding else None
         return d
 
 
@@ -276,6 +281,7 @@ def _rank_of(adapter: Adapter | None, shape: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def magnitude_prune(t: Tensor, density: float) -> Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (PEFT's TIES pruning)."""
     if density >= 1:
         return t
     mask = torch.zeros_like(t).reshape(-1)
@@ -286,6 +292,7 @@ def magnitude_prune(t: Tensor, density: float) -> Tensor:
 
 
 def random_prune(t: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """Keep each entry with probability ``density`` and rescale by 1/density (PEFT's DARE)."""
     if density >= 1:
         return t
     mask = torch.bernoulli(torch.full_like(input=t, fill_value=density), generator=generator)
@@ -293,6 +300,7 @@ def random_prune(t: Tensor, density: float, generator: torch.Generator) -> Tenso
 
 
 def majority_sign_mask(stacked: Tensor, method: str = "total") -> Tensor:
+    """Entries whose sign agrees with the elected sign (``total`` or ``frequency``, PEFT)."""
     sign = stacked.sign()
     magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
     majority = torch.where(magnitude >= 0, 1, -1)
@@ -394,8 +402,9 @@ def _kohya_coefficients(target: Target, contribs: list[Contribution]) -> None:
 
 def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options: MergeOptions, *,
                  blocks: BlockWeights | None = None, arch: ArchInstance | None = None,
-                 metadata: dict[str, str] | None = None) -> MergeResult:
-    """Merge loaded LoRAs into one :class:`LoraModel` (fp32 factors; the caller emits and casts)."""
+                 metadata: dict[str, str] | None = None, progress: Progress | None = None) -> MergeResult:
+    """Merge loaded LoRAs into one :class:`LoraModel` (fp32 factors; the caller emits and casts).
+    ``progress(done, total, target)`` is called once per target module."""
     if not models:
         raise UsageError("no inputs to merge.")
     arch = arch or merge_arch(models)
@@ -407,7 +416,8 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
     stats: list[ModuleStat] = []
     warnings: list[str] = []
     loose = 0
-    for target, contribs in targets.items():
+    for i, (target, contribs) in enumerate(targets.items()):
+        report_progress(progress, i, len(targets), str(target))
         shape = _target_shape(arch, target, contribs)
         if target.loose:
             new, stat = _loose_sum(target, contribs, shape)
@@ -421,6 +431,7 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
                                       blocks.multiplier(target) if blocks else 1.0)
         patches.extend(new)
         stats.append(stat)
+    report_progress(progress, len(targets), len(targets))
     if loose and options.method != "concat":
         warnings.append(f"{loose} loose parameter(s) (q/k norm scales) merged as exact weighted sums Σ w·diff: "
                         f"--method {options.method} applies to weight matrices only.")
@@ -721,10 +732,15 @@ def _check_options(method: str, rank: int | None, dynamic: str | None, density: 
 
 def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *, method: str = "concat",
           rank: int | None = None, dynamic: str | None = None, to: str = "kohya", blocks: str | None = None,
-          verify: bool = False, dtype: torch.dtype | None = None, density: float | None = None,
+          verify: bool = False, dtype: torch.dtype | str | None = None, density: float | None = None,
           majority_sign: str | None = None, seed: int | None = None, kohya_ratios: bool = False,
-          dry_run: bool = False, allow_partial: bool = False, allow_pickle: bool = False) -> MergeReport:
-    """Merge LoRAs ``[(path, weight), …]`` into ``output`` (see the module docstring for the semantics)."""
+          dry_run: bool = False, allow_partial: bool = False, allow_pickle: bool = False,
+          progress: Progress | None = None) -> MergeReport:
+    """Merge LoRAs ``[(path, weight), …]`` into ``output`` (see the module docstring for the semantics).
+
+    ``dtype`` is a torch dtype or a CLI spelling (``"fp16"``, ``"bf16"``, ``"fp8"``…); ``progress`` is called
+    as ``progress(done, total, module)`` while the modules are merged."""
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     options = _check_options(method, rank, dynamic, density, majority_sign, seed, kohya_ratios, to)
     items = _weighted(inputs)
     if not items:
@@ -754,7 +770,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
             warnings.append(f"{w.path}: {len(m.unknown_keys)} keys not understood were left out (--allow-partial).")
 
     result = merge_models(models, weights, options, blocks=block_weights, arch=arch,
-                          metadata=merged_metadata(models))
+                          metadata=merged_metadata(models), progress=progress)
     rounds = method == "concat" and out_dtype.itemsize < 4 and any(
         c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
         for cs in result.coefficients.values() for c in cs)
@@ -777,7 +793,9 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
         dtype=str(out_dtype).replace("torch.", "") if out_dtype is not None else None,
         rank=options.rank, dynamic=dynamic, seed=options.seed if method.startswith("dare") else None,
         density=density, blocks=blocks, kohya_ratios=options.kohya_ratios, modules=result.stats,
-        dropped=result.dropped, warnings=warnings + result.warnings, dry_run=dry_run)
+        dropped=result.dropped, warnings=warnings + result.warnings, dry_run=dry_run,
+        rounding=worst_cast_error([(str(p.target), p.adapter) for p in result.model.patches
+                                   if p.adapter is not None], out_dtype))
     if dry_run or out_path is None:
         if verify:
             report.warnings.append("--verify needs a written file; skipped in --dry-run.")

@@ -23,6 +23,7 @@ STALE_KEYS = ("modelspec.hash_sha256", "lora_adapter_metadata", PROVENANCE_KEY)
 
 
 def version() -> str:
+    """lorakit's installed version (the source tree's when not installed)."""
     try:
         from importlib.metadata import version as _v
         return _v("lorakit")
@@ -32,6 +33,7 @@ def version() -> str:
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:
@@ -64,6 +66,7 @@ class InputRecord:
 
 
 def provenance(operation: str, inputs: Iterable[InputRecord], **details: object) -> str:
+    """The JSON provenance record lorakit stores in every file it writes."""
     record: dict[str, object] = {
         "tool": "lorakit",
         "version": version(),
@@ -81,6 +84,7 @@ def carry_over(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 def summarize_values(values: Iterable[float | int]) -> str:
+    """One value as text, or "Dynamic" when the values differ (kohya's convention)."""
     vals = sorted(set(values))
     if not vals:
         return ""
@@ -170,6 +174,7 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 
 
 def with_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """``metadata`` with sshs_model_hash and sshs_legacy_hash of ``tensors`` added."""
     model_hash, legacy = sshs_hashes(tensors, metadata)
     out = dict(metadata)
     out["sshs_model_hash"] = model_hash

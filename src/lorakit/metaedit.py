@@ -55,12 +55,14 @@ def _open_single(path: str) -> SafetensorsFile:
 
 
 def read_metadata(path: str | os.PathLike[str], *, nested: bool = False) -> dict[str, Any]:
+    """A file's metadata (``nested``: JSON-encoded values decoded)."""
     with _open_single(os.fspath(path)) as f:
         meta = dict(f.metadata)
     return unescape(meta) if nested else dict(sorted(meta.items()))
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` (UsageError when there is no '=' or no key)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise UsageError(f"--set expects KEY=VALUE, got {text!r}.", hint="e.g. --set modelspec.title='My LoRA'")
@@ -120,7 +122,7 @@ def edit_metadata(path: str | os.PathLike[str], *, set_items: Mapping[str, str] 
         if rehash or (ss_changed and had):
             model_hash, legacy = sshs_hashes_of(f, new)
             wanted = {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
-            if rehash and ("modelspec.hash_sha256" in new or "modelspec.hash_sha256" in old):
+            if rehash and any(k.startswith("modelspec.") for k in (*new, *old)):   # what --check then expects
                 wanted["modelspec.hash_sha256"] = "0x" + model_hash
             for k, v in wanted.items():
                 if k in explicit or (not rehash and k not in had):
@@ -167,7 +169,8 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
 
     Checks ss_network_dim / ss_network_alpha ("Dynamic" when mixed), ss_network_module,
     ss_base_model_version, modelspec.architecture (dev vs schnell vs chroma) and that the stored
-    sshs_* / modelspec.hash_sha256 hashes match the tensors as written.
+    sshs_* / modelspec.hash_sha256 hashes match the tensors as written. The ss_* and modelspec.* keys
+    are checked when the file uses that family at all; a file ``--rehash`` just wrote passes.
     """
     p = os.fspath(path)
     problems: list[str] = []
@@ -184,7 +187,11 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
                 ranks.append(r)
                 alphas.append(float(a) if a is not None else float(r))
         model_hash, legacy = sshs_hashes_of(f)
-    if ranks:
+    # a family of keys the file does not use at all (no ss_* training description, no modelspec.*) is not
+    # inconsistent: only the keys of a family the file has are checked (hashes always are: --rehash adds them)
+    has_ss = any(k.startswith("ss_") for k in meta)
+    has_spec = any(k.startswith("modelspec.") for k in meta)
+    if ranks and has_ss:
         for key, values in (("ss_network_dim", ranks), ("ss_network_alpha", alphas)):
             want = summarize_values(values)
             got = meta.get(key)
@@ -194,18 +201,19 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
                 problems.append(f"{key} = {got!r} but the tensors say {want!r}")
     lyco = families["loha"] + families["lokr"]
     want_module = "lycoris.kohya" if lyco else "networks.lora_flux"
-    if parsed.arch.name == "flux1" and meta.get("ss_network_module") not in (want_module,) + (
+    if has_ss and parsed.arch.name == "flux1" and meta.get("ss_network_module") not in (want_module,) + (
             ("networks.lora_flux",) if not lyco and families["full"] else ()):
         problems.append(f"ss_network_module = {meta.get('ss_network_module')!r}, expected {want_module!r}")
     variant = parsed.arch.variant
     want_version = "chroma" if variant == "chroma" else "flux1"
-    if meta.get("ss_base_model_version") != want_version:
+    if has_ss and meta.get("ss_base_model_version") != want_version:
         problems.append(f"ss_base_model_version = {meta.get('ss_base_model_version')!r}, expected {want_version!r}")
     arch = meta.get("modelspec.architecture")
     expected_arch = {"schnell": "flux-1-schnell/lora", "chroma": "chroma/lora"}.get(
         variant, "flux-1-dev/lora" if variant in ("dev", "fill", "control") else None)
     if arch is None:
-        problems.append("modelspec.architecture missing")
+        if has_spec:
+            problems.append("modelspec.architecture missing")
     elif expected_arch and arch != expected_arch:
         problems.append(f"modelspec.architecture = {arch!r}, expected {expected_arch!r} for variant {variant!r}")
     elif not arch.endswith("/lora"):
@@ -213,6 +221,8 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
     for key, want in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy),
                       ("modelspec.hash_sha256", "0x" + model_hash)):
         got = meta.get(key)
+        if got is None and key.startswith("modelspec.") and not has_spec:
+            continue
         if got is None:
             problems.append(f"{key} missing")
         elif got.lower() != want:

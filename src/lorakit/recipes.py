@@ -46,10 +46,22 @@ def parse_weighted(spec: str) -> WeightedInput:
     head, sep, tail = spec.rpartition(":")
     if sep and head and not (len(head) == 1 and head.isalpha()):
         try:
-            return WeightedInput(head, float(tail))
+            weight = float(tail)
         except ValueError:
-            pass
+            weight = None
+        if weight is not None:
+            if not math.isfinite(weight):
+                raise UsageError(f"bad strength {tail!r} in {spec!r}: the weight is not finite.",
+                                 hint="write PATH:WEIGHT with a number such as 0.8.")
+            return WeightedInput(head, weight)
+        # `a.safetensors:abc` is a mistyped strength, not a file named that (unless such a file exists)
+        if not os.path.exists(spec) and (os.path.exists(head) or head.lower().endswith(_WEIGHT_SUFFIXES)):
+            raise UsageError(f"bad strength {tail!r} in {spec!r}: the text after the last ':' must be a number.",
+                             hint=f"write {head}:0.8 (or {head} for strength 1).")
     return WeightedInput(spec, 1.0)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".json")
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class Opt:
 
 
 def opt(*types: type, choices: Iterable[str] | None = None) -> Opt:
+    """The expected type(s) of a recipe value (see :class:`Opt`)."""
     return Opt(tuple(types), tuple(choices) if choices is not None else None)
 
 

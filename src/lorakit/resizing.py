@@ -31,6 +31,7 @@ from torch import Tensor
 from .adapters import Adapter, LoRA
 from .checks import dtype_range_cause, require_finite_model, require_finite_output
 from .conversion import lora_output_metadata
+from .dtypes import as_dtype
 from .errors import KeyMappingError, UsageError
 from .formats import WRITABLE, emit, load, parse, read_lora
 from .formats.emit import fold_error
@@ -75,6 +76,8 @@ class ResizeReport:
     tensors_out: int = 0
     seconds: float = 0.0
     dry_run: bool = False
+    target_met: bool = False                     # every module already met the target: deltas written unchanged
+    notes: list[str] = field(default_factory=list)   # informational lines (not warnings: exit code unaffected)
 
     @property
     def max_verify_error(self) -> float | None:
@@ -234,15 +237,18 @@ def _label(p: Patch) -> str:
 
 def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, *, rank: int | None = None,
            dynamic: str | tuple[str, float] | None = None, verify: bool = False, to: str | None = None,
-           dtype: torch.dtype | None = None, allow_pickle: bool = False, allow_partial: bool = False,
+           dtype: torch.dtype | str | None = None, allow_pickle: bool = False, allow_partial: bool = False,
            progress: Progress | None = None, dry_run: bool = False) -> ResizeReport:
     """Resize every patch of a LoRA to ``rank`` (or a ``dynamic`` rank capped at ``rank``) and write it.
 
     ``dry_run`` computes the per-module plan (rank in → rank out, retained energy; LoRA factors are small)
-    and writes nothing. A resize that would change no module (every rank already at or below the
-    requested one) is refused: its output would equal its input.
+    and writes nothing. A resize whose target is already met (every rank already at or below the
+    requested one) writes the deltas unchanged (format/dtype as asked) and says so in ``notes``
+    (``target_met``); it is not an error, so batches over files of mixed ranks work. ``dtype`` also
+    takes the CLI's spellings (``"bf16"``, ``"fp16"``…).
     """
     started = time.perf_counter()
+    dtype = as_dtype(dtype)
     src = os.fspath(input)
     dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
     if rank is None and dyn is None:
@@ -300,10 +306,9 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     if report.modules and all(m.path == "unchanged" for m in report.modules):
         ranks = sorted({m.rank_in for m in report.modules if m.rank_in is not None})
         asked = f"--dynamic {report.dynamic}" + (f" (cap {rank})" if rank else "") if dyn else f"--rank {rank}"
-        raise UsageError(f"nothing to resize: every module already has a rank at most what {asked} keeps "
-                         f"(ranks {_ranges(ranks)}), so the output would equal the input; nothing was written.",
-                         path=src, hint="ask for a lower --rank (or a stricter --dynamic); to change only the "
-                                        "format or dtype use `lorakit convert`.")
+        report.target_met = True
+        report.notes.append(f"target already met: every module has a rank at most what {asked} keeps (ranks "
+                            f"{_ranges(ranks)}); the deltas are written unchanged")
     report.dry_run = dry_run
     report.output = out_path
     if dry_run or out_path is None:

@@ -81,6 +81,7 @@ def write_base(path: str | os.PathLike[str], params: Mapping[str, int] = TINY_FL
 
 
 def lora_factors(out: int, inp: int, rank: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random (down, up) factors of one module."""
     down = (torch.randn(rank, inp, generator=gen) / inp ** 0.5).to(dtype)
     up = (torch.randn(out, rank, generator=gen) * 0.05).to(dtype)
     return down, up

@@ -8,6 +8,7 @@ import os
 from ..baking import bake, format_plan
 from ..errors import UsageError
 from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
+from ..progress import terminal_progress
 from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
@@ -20,6 +21,7 @@ RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``bake`` subcommand to the parser."""
     p = sub.add_parser(
         "bake", help=HELP,
         description=HELP + ". BASE is a FLUX.1 transformer in BFL, ComfyUI (model.diffusion_model.) or diffusers "
@@ -90,12 +92,14 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit bake`` and print its report; returns the exit code."""
     base, inputs = _resolve(args)
     refuse_recipe_as_output(args.recipe, (args.output, args.clip_l_out, args.t5_out))
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
              allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
              clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, allow_pickle=bool(args.allow_pickle),
-             progress=False if (args.no_progress or args.dry_run) else None,
+             progress=terminal_progress("bake", enabled=not (args.no_progress or args.dry_run or args.json),
+                                        unit="bytes"),
              allow_zero_lora=bool(args.allow_zero_lora))
     if args.json:
         emit_json(r.to_json())

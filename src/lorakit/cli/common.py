@@ -13,29 +13,35 @@ from ..recipes import WeightedInput
 
 
 def add_dtype(p: argparse.ArgumentParser, default_help: str = "keep the input's dtype") -> None:
+    """Add ``--dtype`` (and sd-scripts' ``--save_precision``) to a command."""
     p.add_argument("--dtype", "--save-precision", "--save_precision", dest="dtype", default=None, metavar="DTYPE",
                    help=f"output dtype: keep, fp32/float, fp16, bf16, fp8_e4m3fn, fp8_e5m2 (default: {default_help})")
 
 
 def add_json(p: argparse.ArgumentParser) -> None:
+    """Add ``--json`` (a machine-readable report on stdout) to a command."""
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout")
 
 
 def add_pickle(p: argparse.ArgumentParser) -> None:
+    """Add ``--allow-pickle`` to a command."""
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .ckpt/.pt/.bin files (loaded with torch.load(weights_only=True))")
 
 
 def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Add ``-o/--output`` (and sd-scripts' ``--save_to``) to a command."""
     p.add_argument("-o", "--output", "--save-to", "--save_to", dest="output", required=required, metavar="OUT",
                    help="output file (written to a temporary file and renamed into place when complete)")
 
 
 def dtype_arg(args: argparse.Namespace):
+    """The torch dtype ``--dtype`` names (None: keep the input's)."""
     return parse_dtype(getattr(args, "dtype", None))
 
 
 def emit_json(obj: Any) -> None:
+    """Print ``obj`` as indented JSON on stdout."""
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
 
@@ -59,6 +65,7 @@ def add_models(p: argparse.ArgumentParser) -> None:
 
 
 def models_inputs(args: argparse.Namespace) -> list[WeightedInput]:
+    """The LoRAs given as sd-scripts' ``--models``/``--ratios``."""
     if args.models:
         ratios = args.ratios or [1.0] * len(args.models)
         if len(ratios) != len(args.models):

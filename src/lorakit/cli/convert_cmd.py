@@ -6,12 +6,14 @@ import argparse
 
 from ..conversion import convert
 from ..formats import FORMATS, WRITABLE
+from ..progress import terminal_progress
 from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "convert a LoRA between formats, exactly"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand to the parser."""
     p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in FORMATS)
                        + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights, alpha and the FLUX final-layer "
                        "half-swap are converted losslessly; anything that would lose precision stops unless "
@@ -34,15 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit convert`` and print its report; returns the exit code."""
     r = convert(args.input, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
                 lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
-                from_format=args.from_format, dry_run=args.dry_run)
+                from_format=args.from_format, dry_run=args.dry_run,
+                progress=terminal_progress("convert", enabled=not args.json))
     if args.json:
         emit_json(r.to_json())
         return status(r.unknown_keys, r.warnings)
     verb = "would write" if r.dry_run else "wrote"
     say(f"{r.input}: {r.source_format} → {r.target_format} ({r.architecture}, {r.variant}); {r.modules_in} modules in, "
         f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {r.output or '-'}")
+    if r.rounding is not None:
+        say(f"  storing the factors as {r.dtype} adds up to {r.rounding[1]:.2e} relative error ({r.rounding[0]}); "
+            "--dtype fp32 keeps them exact")
     for m, e in r.lossy:
         say(f"  LOSSY {m}: relative error {e:.3e}")
     for w in r.warnings:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..diffing import diff, format_report
+from ..progress import terminal_progress
 from .common import add_json, add_pickle, emit_json
 
 HELP = "compare two LoRAs (or two base models): modules, ranks, alphas, relative size and cosine per module/block"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``diff`` subcommand to the parser."""
     p = sub.add_parser("diff", help=HELP, description=HELP + ". LoRAs are compared on native targets (a kohya file "
                        "and its diffusers conversion compare equivalent) without forming ΔW; models are compared "
                        "tensor by tensor in bounded memory. Exit 0 when equivalent, 1 when different.")
@@ -25,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rep = diff(args.a, args.b, allow_pickle=args.allow_pickle, from_format=args.from_format)
+    """Run ``lorakit diff`` and print its report; exit 0 when equivalent, 1 when different."""
+    rep = diff(args.a, args.b, allow_pickle=args.allow_pickle, from_format=args.from_format,
+               progress=terminal_progress("diff", enabled=not args.json))
     if args.json:
         emit_json(rep.to_json())
     else:

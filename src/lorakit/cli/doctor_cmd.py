@@ -11,6 +11,7 @@ HELP = "diagnose LoRAs: will they apply (to this base), and if not, why and how 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``doctor`` subcommand to the parser."""
     p = sub.add_parser("doctor", help=HELP, description=HELP + ". Reads every LoRA tensor (NaN/Inf, all-zero ups, "
                        "extreme α/rank, odd dtypes, stale hashes); with --base also checks which modules apply and "
                        "why the others do not. Verdicts: OK (exit 0), PARTIAL (exit 1), WILL NOT APPLY or INVALID "
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit doctor`` and print its verdicts; the worst verdict sets the exit code."""
     report = doctor(args.loras, args.base, text_encoders=args.text_encoders, allow_pickle=args.allow_pickle,
                     from_format=args.from_format)
     if args.json:

@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import TextIO
 
 from ..formats import WRITABLE
+from ..progress import ProgressBar, terminal_progress  # noqa: F401 (ProgressBar: re-exported)
 from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "extract a LoRA from the difference of a fine-tuned model and its base"
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 28) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def __call__(self, done: int, total: int, item: str) -> None:
-        if not self.enabled or total <= 0:
-            return
-        fill = int(self.width * done / total)
-        line = f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} {item[:48]:<48}"
-        self.stream.write(line if done < total else "\r" + " " * len(line) + "\r")
-        self.stream.flush()
-
-
 def add_dynamic(p: argparse.ArgumentParser) -> None:
+    """Add ``--dynamic`` (and sd-scripts' ``--dynamic_method``/``--dynamic_param``) to a command."""
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
                    help="rank per module from its singular values: sv_ratio:R (keep s_i > s_0/R, R > 1), sv_fro:F "
                         "(keep a fraction F in (0, 1] of the Frobenius norm), sv_cumulative:C (keep a fraction C in "
@@ -55,6 +37,7 @@ def dynamic_arg(args: argparse.Namespace) -> str | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``extract`` subcommand to the parser."""
     p = sub.add_parser(
         "extract", help=HELP,
         description=HELP + ". ORIGINAL and TUNED may be in any FLUX.1 base layout (BFL, ComfyUI, diffusers file or "
@@ -62,8 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "native targets. Streams one module at a time. Decomposition: seeded randomized SVD (same inputs and seed "
         "give the same file), or thin SVD with --exact. Every module's retained energy and relative error are "
         "reported. Modules with max|difference| <= --min-diff are skipped (default 0: only unchanged modules).")
-    p.add_argument("original", metavar="ORIGINAL", help="the base model the fine-tune started from")
-    p.add_argument("tuned", metavar="TUNED", help="the fine-tuned model")
+    p.add_argument("original", metavar="ORIGINAL", nargs="?", default=None,
+                   help="the base model the fine-tune started from")
+    p.add_argument("tuned", metavar="TUNED", nargs="?", default=None, help="the fine-tuned model")
+    p.add_argument("--model-org", "--model_org", dest="model_org", default=None, metavar="ORIGINAL",
+                   help="ORIGINAL (sd-scripts spelling)")
+    p.add_argument("--model-tuned", "--model_tuned", dest="model_tuned", default=None, metavar="TUNED",
+                   help="TUNED (sd-scripts spelling)")
+    p.add_argument("--clamp-quantile", "--clamp_quantile", dest="clamp_quantile", type=float, default=None,
+                   metavar="Q", help="sd-scripts' clamp: both factors (up = U·S, down = Vh) are clamped to ±the "
+                   "Q-quantile of their values (sd-scripts' default 0.99). Adds error (measured and reported); "
+                   "default: no clamp (the optimal factors)")
     add_output(p, required=False)
     p.add_argument("--rank", "--dim", "--network-dim", "--network_dim", dest="rank", type=int, default=None,
                    metavar="N", help="rank of every module (the cap with --dynamic; default cap 128 there)")
@@ -94,13 +86,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _models(args: argparse.Namespace) -> tuple[str, str]:
+    """ORIGINAL and TUNED from the positionals and/or sd-scripts' --model_org/--model_tuned."""
+    from ..errors import UsageError
+    positional = [x for x in (args.original, args.tuned) if x is not None]
+    original = args.model_org if args.model_org is not None else (positional.pop(0) if positional else None)
+    tuned = args.model_tuned if args.model_tuned is not None else (positional.pop(0) if positional else None)
+    if positional:
+        raise UsageError(f"one model too many: {positional[0]!r} (ORIGINAL and TUNED are already given).",
+                         hint="give each model once, as a positional path or with --model_org/--model_tuned.")
+    if original is None or tuned is None:
+        raise UsageError("give the base model and the fine-tuned model.",
+                         hint="lorakit extract ORIGINAL TUNED -o OUT --rank N (or --model_org/--model_tuned).")
+    return original, tuned
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit extract`` and print its report; returns the exit code."""
     from ..extraction import extract, format_plan
-    r = extract(args.original, args.tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),
+    original, tuned = _models(args)
+    r = extract(original, tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),
                 conv_rank=args.conv_rank, min_diff=args.min_diff, to=args.to, device=args.device, exact=args.exact,
                 seed=args.seed, alpha=args.alpha, include_bias=args.include_bias, include_norms=args.include_norms,
                 dtype=dtype_arg(args), oversample=args.oversample, niter=args.niter, allow_pickle=args.allow_pickle,
-                progress=None if args.json else ProgressBar("extract"), dry_run=args.dry_run)
+                progress=terminal_progress("extract", enabled=not args.json), dry_run=args.dry_run,
+                clamp_quantile=args.clamp_quantile)
     code = status(r.unpaired, r.warnings)
     if args.json:
         emit_json(r.to_json())
@@ -118,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     worst = r.worst
     ranks = sorted({m.rank for m in r.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    if r.dynamic:
+        rank_text += f" by {r.dynamic}, cap {r.rank or 128}"
+    elif r.rank is not None and ranks and ranks[-1] != r.rank:
+        rank_text += f"; --rank {r.rank} capped by the module sizes"
     say(f"{r.original} ({r.original_layout}) → {r.tuned} ({r.tuned_layout}): {r.architecture} {r.variant}; "
         f"{len(r.modules)} modules extracted (rank {rank_text}, {r.method}), {len(r.skipped)} unchanged skipped; "
         f"mean retained energy {r.mean_retained_energy:.4f}, worst relative error "
@@ -125,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         f"{r.output_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s" if worst else
         f"wrote {r.output}: bias/norm differences only ({len(r.bias_modules)} biases, {len(r.loose_written)} "
         f"norm scales) in {r.seconds:.1f} s")
+    if r.worst_clamp is not None:
+        say(f"  --clamp-quantile {r.clamp_quantile:g} (sd-scripts' clamp) adds up to {r.worst_clamp.clamp_error:.2e} "
+            f"relative error ({r.worst_clamp.module}); it is included in the errors above; leave it out for the "
+            "optimal factors")
     if r.worst_rounding is not None:
         say(f"  storing the factors as {r.dtype} adds up to {r.worst_rounding.rounding_error:.2e} relative error "
             f"({r.worst_rounding.module}) on top of the truncation; --dtype fp32 keeps them exact")

@@ -11,6 +11,7 @@ HELP = "show what a LoRA is: format, architecture, coverage, ranks, alphas, meta
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``inspect`` subcommand to the parser."""
     p = sub.add_parser("inspect", help=HELP, description=HELP + ". Plain inspect reads only the header "
                        "(and the alpha scalars); --hashes reads the whole file for its hashes; --deep also reads "
                        "every tensor (and shows the hashes).")
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit inspect`` and print its report; exit 1 when some keys are not understood."""
     reports = [inspect_lora(f, deep=args.deep, allow_pickle=args.allow_pickle, from_format=args.from_format,
                             hashes=args.hashes)
                for f in args.files]

@@ -10,6 +10,7 @@ from ..errors import RecipeError
 from ..formats import WRITABLE
 from ..merging import MAJORITY_SIGN, METHODS, merge
 from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
+from ..progress import terminal_progress
 from .common import (add_dtype, add_json, add_models, add_output, add_pickle, dtype_arg, emit_json, models_inputs,
                      say, status)
 
@@ -38,6 +39,7 @@ RECIPE_KEYS = tuple(RECIPE_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``merge`` subcommand to the parser."""
     p = sub.add_parser("merge", help=HELP, description=DESCRIPTION)
     p.add_argument("inputs", nargs="*", metavar="IN[:WEIGHT]", help="LoRA files, each with an optional :weight "
                    "(default 1.0)")
@@ -50,6 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
                    help="rank per module from its singular values: sv_ratio:R (R > 1), sv_fro:F or sv_cumulative:F "
                         "(F in (0, 1])")
+    p.add_argument("--dynamic-method", "--dynamic_method", dest="dynamic_method", default=None,
+                   choices=("sv_ratio", "sv_fro", "sv_cumulative"), help="sd-scripts spelling of --dynamic's METHOD")
+    p.add_argument("--dynamic-param", "--dynamic_param", dest="dynamic_param", type=float, default=None,
+                   metavar="PARAM", help="sd-scripts spelling of --dynamic's PARAM")
+    p.add_argument("--concat", action="store_true", default=None,
+                   help="sd-scripts spelling: concatenate the factors (exact; lorakit's default method)")
+    p.add_argument("--precision", default=None, metavar="DTYPE",
+                   help="sd-scripts' merging precision: lorakit always merges in fp32/fp64; as in sd-scripts, "
+                        "it is also the output dtype when --dtype/--save_precision is not given")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="sd-scripts spelling; LoRA factors are merged on the CPU (they are small), as sd-scripts' "
+                        "flux_merge_lora does")
     p.add_argument("--to", choices=WRITABLE, default=None, help="output format (default: kohya)")
     p.add_argument("--blocks", default=None, metavar="SPEC", help=BLOCKS_HELP)
     p.add_argument("--verify", action="store_true", default=None,
@@ -113,14 +127,40 @@ def _inputs(values: list[Any]) -> list[WeightedInput]:
     return [v if isinstance(v, WeightedInput) else parse_weighted(str(v)) for v in values]
 
 
+def _sd_scripts_options(args: argparse.Namespace) -> list[str]:
+    """Fold sd-scripts' spellings into lorakit's options; returns the notes to print."""
+    from ..dtypes import parse_dtype
+    from ..errors import UsageError
+    from .extract_cmd import dynamic_arg
+    notes: list[str] = []
+    args.dynamic = dynamic_arg(args)
+    if args.concat:
+        if args.method not in (None, "concat"):
+            raise UsageError(f"--concat and --method {args.method} contradict each other.",
+                             hint="--concat is lorakit's default method; give one of them.")
+        args.method = "concat"
+    if args.precision is not None:
+        precision = parse_dtype(args.precision)     # a bad spelling is refused like --dtype's
+        notes.append("--precision: lorakit always merges in fp32 (fp64 for the SVD cores)"
+                     + (f"; the output is stored as {args.precision} (sd-scripts: the save precision defaults to "
+                        "the merging precision)" if args.dtype is None and precision is not None else ""))
+        if args.dtype is None and precision is not None:
+            args.dtype = args.precision
+    if args.device == "cuda":
+        notes.append("--device cuda: LoRA factors are merged on the CPU (they are small).")
+    return notes
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit merge`` and print its report; returns the exit code."""
     _apply_recipe(args)
     refuse_recipe_as_output(args.recipe, (args.output,))
+    notes = _sd_scripts_options(args)
     r = merge(_inputs(args.inputs or []) + models_inputs(args), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,
               to=args.to, blocks=args.blocks, verify=bool(args.verify), dtype=dtype_arg(args), density=args.density,
               majority_sign=args.majority_sign, seed=args.seed, kohya_ratios=bool(args.kohya_ratios),
               dry_run=bool(args.dry_run), allow_partial=bool(args.allow_partial),
-              allow_pickle=bool(args.allow_pickle))
+              allow_pickle=bool(args.allow_pickle), progress=terminal_progress("merge", enabled=not args.json))
     if args.json:
         emit_json(r.to_json())
         return status(r.warnings)
@@ -140,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
     if r.verify:
         say(f"  verify: max relative error {float(r.verify['max_relative_error']):.3e} in {r.verify['worst_module']} "
             f"(against the {r.verify['reference']})")
+    if r.rounding is not None:
+        say(f"  storing the merged factors as {r.dtype} adds up to {r.rounding[1]:.2e} relative error "
+            f"({r.rounding[0]}); --dtype fp32 keeps them exact")
+    for n in notes:
+        say(f"  note: {n}")
     for w in r.warnings:
         say(f"  warning: {w}")
     return status(r.warnings)

@@ -13,6 +13,7 @@ HELP = "show, edit or audit safetensors metadata (kohya ss_*, modelspec.*, diffu
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``meta`` subcommand to the parser."""
     p = sub.add_parser("meta", help=HELP, description=HELP + ". Without edit options it prints the metadata "
                        "(--json decodes JSON-encoded values). Edits rewrite the file atomically (temporary file "
                        "in the same folder, then rename); without -o the input is replaced — the only lorakit "
@@ -36,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit meta``: show, edit or audit metadata; returns the exit code."""
     editing = bool(args.set_items or args.delete or args.copy_from or args.rehash)
     if args.check:
         problems = audit_lora_metadata(args.file)

@@ -6,17 +6,20 @@ import argparse
 
 from ..formats import WRITABLE
 from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
-from .extract_cmd import ProgressBar, add_dynamic, dynamic_arg
+from ..progress import terminal_progress
+from .extract_cmd import add_dynamic, dynamic_arg
 
 HELP = "lower a LoRA's rank by the exact optimal truncation"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``resize`` subcommand to the parser."""
     p = sub.add_parser(
         "resize", help=HELP,
         description=HELP + " (SVD of the factors through small QR cores; LoHa/LoKr/Full are densified and come out "
         "as LoRA). Strength is preserved (alpha rescaled with the rank). Modules already at or below the rank are "
-        "kept as they are (a resize that would change no module is refused); split parts (diffusers q/k/v) are resized separately. Every module's retained energy "
+        "kept as they are (when every module already meets the target the deltas are written unchanged and the "
+        "report says so, exit 0); split parts (diffusers q/k/v) are resized separately. Every module's retained energy "
         "is reported; --verify re-reads the output and reports its error against the input.")
     p.add_argument("input", metavar="IN")
     add_output(p, required=False)
@@ -36,10 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``lorakit resize`` and print its report; returns the exit code."""
     from ..resizing import resize
     r = resize(args.input, args.output, rank=args.rank, dynamic=dynamic_arg(args), verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,
-               progress=None if args.json else ProgressBar("resize"), dry_run=args.dry_run)
+               progress=terminal_progress("resize", enabled=not args.json), dry_run=args.dry_run)
     code = status(r.unknown_keys, r.warnings)
     if args.json:
         emit_json(r.to_json())
@@ -55,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         f"{_span(ranks_out)}; mean retained energy {mean:.4f}"
         + (f", worst relative error {worst.relative_error:.3e} ({worst.module})" if worst else "")
         + (f"; would write {r.output or '-'}" if r.dry_run else f"; wrote {r.output} ({r.tensors_out} tensors, {r.dtype})"))
+    for n in r.notes:
+        say(f"  note: {n}")
     if r.worst_rounding is not None:
         say(f"  storing the new factors as {r.dtype} adds up to {r.worst_rounding.rounding_error:.2e} relative error "
             f"({r.worst_rounding.module}) on top of the truncation; --dtype fp32 keeps them exact")

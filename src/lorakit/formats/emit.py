@@ -72,6 +72,7 @@ def input_axis_dora(dora: Tensor | None, out_rows: int) -> bool:
 
 
 def is_pow2(c: float) -> bool:
+    """Whether scaling by ``c`` is exact in binary floating point (``c = ±2^k``)."""
     if c == 0 or not math.isfinite(c):
         return False
     m, _ = math.frexp(abs(c))

@@ -220,6 +220,7 @@ def _meaning(p: KeyParse) -> tuple[object, ...]:
 
 def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], *,
            arch: ArchSpec, path: str | None = None, force: str | None = None) -> Detection:
+    """Score every known format against the keys and return the detected one (with confidence)."""
     total = len(keys)
     if total == 0:
         raise NotALoraError("file holds no tensors (an empty LoRA).", path=path)
@@ -318,6 +319,7 @@ class ParsedLora:
 
 
 def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | None = None) -> ParsedLora:
+    """Detect ``file``'s format and architecture and map its keys to modules (reads no factor data)."""
     arch = resolve(arch_name)
     keys = file.keys()
     shapes = {k: file.shape(k) for k in keys}
@@ -641,6 +643,7 @@ def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
 
 
 def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
+    """The alpha of one parsed module (from its alpha tensor or the format's default)."""
     if alpha_tensor is not None:
         value = float(alpha_tensor.double().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
         if value == math.inf and entry.family == "lokr" and {"lokr_w1", "lokr_w2"} <= set(entry.keys):
@@ -665,6 +668,7 @@ def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tens
 
 
 def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
+    """Read one parsed module's tensors and build its patch."""
     t = {role: parsed.file.get(key) for role, key in entry.keys.items()}
     alpha = entry_alpha(parsed, entry, t.get("alpha"))
     adapter = _build_adapter(entry, t, alpha)
@@ -699,6 +703,7 @@ def _swap(adapter: Adapter | None, bias: torch.Tensor | None, dora: torch.Tensor
 
 
 def load(parsed: ParsedLora) -> LoraModel:
+    """Read every parsed module's tensors into a :class:`LoraModel`."""
     patches = [load_entry(parsed, e) for e in parsed.entries]
     return LoraModel(parsed.arch, patches, parsed.format, dict(parsed.metadata), parsed.path,
                      list(parsed.unknown_keys))

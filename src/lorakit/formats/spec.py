@@ -175,6 +175,7 @@ WRITABLE = tuple(f.name for f in FORMATS if f.write_style)
 
 
 def get_format(name: str) -> FormatSpec:
+    """The format spec named ``name`` (KeyError if unknown)."""
     for f in FORMATS:
         if f.name == name:
             return f

@@ -108,6 +108,7 @@ class SafetensorsFile(WeightFile):
 
 
 def read_tensor(fd: int, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes from ``fd`` (into ``out``'s buffer when it is large enough)."""
     dtype = torch_dtype(info.dtype, name=info.name, path=info.file)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
@@ -340,6 +341,7 @@ def _sniff(path: str) -> str:
 
 
 def find_index(folder: str) -> str | None:
+    """The ``*.safetensors.index.json`` of a sharded folder, if there is one."""
     candidates = sorted(p for p in os.listdir(folder) if p.endswith(INDEX_SUFFIX))
     return os.path.join(folder, candidates[0]) if candidates else None
 

@@ -225,6 +225,7 @@ class SafetensorsWriter:
 
 
 def fsync_dir(folder: str) -> None:
+    """Flush a folder's entries to disk (a rename is durable only then); errors are ignored."""
     try:
         dfd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -14,6 +14,7 @@ _ARCHS: dict[str, ArchSpec] = {}
 
 
 def register(arch: ArchSpec) -> ArchSpec:
+    """Add an architecture to the registry (ValueError if its name is taken)."""
     if arch.name in _ARCHS:
         raise ValueError(f"architecture {arch.name!r} registered twice")
     _ARCHS[arch.name] = arch
@@ -21,6 +22,7 @@ def register(arch: ArchSpec) -> ArchSpec:
 
 
 def resolve(name: str) -> ArchSpec:
+    """The registered architecture named ``name`` (with a did-you-mean hint if unknown)."""
     try:
         return _ARCHS[name]
     except KeyError:
@@ -30,6 +32,7 @@ def resolve(name: str) -> ArchSpec:
 
 
 def available() -> list[str]:
+    """The names of the registered architectures."""
     return list(_ARCHS)
 
 

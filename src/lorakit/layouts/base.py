@@ -40,6 +40,7 @@ def _terms(expr: Expr) -> list[tuple[int, str | None]]:
 
 
 def symbols(expr: Expr) -> set[str]:
+    """The symbols a size expression uses."""
     return {s for _, s in _terms(expr) if s is not None}
 
 
@@ -208,6 +209,7 @@ def expand(component: ComponentSpec, params: Mapping[str, int]) -> Iterator[Conc
 
 
 def expand_params(component: ComponentSpec, params: Mapping[str, int]) -> Iterator[ConcreteParam]:
+    """The loose parameters (e.g. norm scales) of a component with these sizes."""
     for spec in component.params:
         if spec.requires and not params.get(spec.requires, 1):
             continue
@@ -238,6 +240,7 @@ class NameMatch:
 
 
 def flatten(name: str) -> str:
+    """A dotted module name in the underscore spelling of flat formats (kohya)."""
     return name.replace(".", "_")
 
 
