@@ -37,6 +37,7 @@ def host_tag() -> str:
 
 
 def name_max(folder: str) -> int:
+    """The longest file name ``folder``'s filesystem allows (255 where it does not say)."""
     try:
         return int(os.pathconf(folder, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
