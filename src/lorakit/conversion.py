@@ -33,10 +33,13 @@ class ConvertReport:
     unknown_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    converted: list[tuple[str, str, int]] = field(default_factory=list)   # LyCORIS -> plain: (module, algo, rank)
+    keep_algo: bool = False
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
         d["lossy"] = [{"module": m, "relative_error": e} for m, e in self.lossy]
+        d["converted"] = [{"module": m, "from": a, "rank": r} for m, a, r in self.converted]
         return d
 
 
@@ -46,14 +49,21 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
     meta = carry_over(model.metadata)
     meta.update(network_metadata(result.ranks, result.alphas, fmt=fmt, arch=model.arch.name,
                                  variant=model.arch.variant))
-    algos = sorted({a for k in result.tensors for a, tag in (("loha", ".hada_"), ("lokr", ".lokr_")) if tag in k})
+    algos = sorted({a for k in result.tensors for a, tag in (("loha", ".hada_"), ("lokr", ".lokr_"),
+                                                              ("locon", ".lora_mid.")) if tag in k})
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        args = None
     if algos:   # LyCORIS tensors: kohya-style loaders need the LyCORIS network module to read them
         meta["ss_network_module"] = "lycoris.kohya"
-        try:
-            args = json.loads(meta.get("ss_network_args") or "{}")
-        except ValueError:
-            args = {}
         meta["ss_network_args"] = json.dumps({**(args if isinstance(args, dict) else {}), "algo": algos[0]})
+    elif isinstance(args, dict) and "algo" in args:   # plain LoRA factors now: the input's LyCORIS algo is stale
+        rest = {k: v for k, v in args.items() if k != "algo"}
+        if rest:
+            meta["ss_network_args"] = json.dumps(rest)
+        else:
+            meta.pop("ss_network_args", None)
     if title:
         meta.setdefault("modelspec.title", title)   # a carried-over title is the user's; keep it
     if fmt == "diffusers":
@@ -70,7 +80,9 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
 def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, to: str, *,
             dtype: torch.dtype | None = None, allow_lossy: bool = False, lossy_rank: int | None = None,
             allow_partial: bool = False, allow_pickle: bool = False, from_format: str | None = None,
-            dry_run: bool = False) -> ConvertReport:
+            dry_run: bool = False, keep_algo: bool = False) -> ConvertReport:
+    """Convert a LoRA file to format ``to`` exactly. LyCORIS modules (LoHa, LoKr, Tucker LoCon) are written as
+    exact plain LoRA factors (their new ranks in ``report.converted``) unless ``keep_algo`` (kohya/comfy)."""
     if to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
     src = os.fspath(input)
@@ -84,14 +96,14 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
             raise KeyMappingError("keys not understood; converting without them would drop part of the LoRA",
                                   parsed.unknown_keys, path=src, hint="pass --allow-partial to convert the rest.")
         model = load(parsed)
-    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype, fold_rounding="refuse")
-    warnings = []
-    if to == "diffusers" and "t5" in model.components():
-        warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
+    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype, fold_rounding="refuse",
+                  keep_algo=keep_algo)
+    warnings = list(result.warnings)   # what the target's consumer drops (T5 / .diff_b under diffusers names)
     out_dtype = next((str(t.dtype).replace("torch.", "") for t in result.tensors.values() if t.dim() > 0), None)
     report = ConvertReport(src, os.fspath(output) if output else None, model.format, to, model.arch.name,
                            model.arch.variant, len(model.patches), result.modules, len(result.tensors), out_dtype,
-                           result.lossy, list(parsed.unknown_keys), warnings, dry_run)
+                           result.lossy, list(parsed.unknown_keys), warnings, dry_run, list(result.converted),
+                           keep_algo)
     if dry_run:
         return report
     title = os.path.splitext(os.path.basename(os.fspath(output)))[0]
