@@ -556,20 +556,25 @@ def worst_dtype(model: LoraModel, modules: list[tuple[str, float]]) -> torch.dty
 
 
 def consumer_warnings(fmt: FormatSpec, pieces: list[Piece], tensors: Mapping[str, Tensor]) -> list[str]:
-    """What the target's usual consumer silently drops from the written file (never silent here)."""
+    """What the target's usual consumer silently drops from the written file, said once per kind of key.
+    diffusers 0.42.1 (checked on a tiny FluxTransformer2DModel): ``load_lora_adapter`` drops ``.diff`` /
+    ``.diff_b`` keys under diffusers module names without a warning (norm ``.diff`` keys get an "unsupported
+    keys" warning through the pipeline), and ``FluxLoraLoaderMixin`` loads only its
+    ``_lora_loadable_modules`` ("transformer", "text_encoder"), never ``text_encoder_2.`` (T5)."""
     out: list[str] = []
     if fmt.name != "diffusers":
         return out
-    diff_b = sorted(k for k in tensors if k.endswith(".diff_b"))
-    if diff_b:
-        out.append(f"{len(diff_b)} bias diff(s) are written as '.diff_b' under diffusers module names (e.g. "
-                   f"{diff_b[0]!r}); diffusers' FLUX loader (FluxLoraLoaderMixin / load_lora_adapter) does not apply "
-                   "them there — it drops those keys, so the biases are lost for diffusers (kohya/comfy keep them).")
+    loader = "diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)"
+    for suffix, what in ((".diff_b", "bias diff"), (".diff", "full weight diff")):
+        keys = sorted(k for k in tensors if k.endswith(suffix))
+        if keys:
+            out.append(f"{len(keys)} {what}(s) are written as '{suffix}' under diffusers module names (e.g. "
+                       f"{keys[0]!r}); {loader} does not apply these keys (load_lora_adapter drops them without a "
+                       "warning), so their deltas are lost for diffusers (kohya/comfy keep them).")
     t5 = sum(1 for p in pieces if p.component == "t5")
     if t5:
-        out.append(f"{t5} T5 module(s) are written under 'text_encoder_2.'; diffusers' FluxPipeline.load_lora_weights "
-                   "loads only 'transformer.' and 'text_encoder.' (CLIP-L) keys, so it drops the T5 part "
-                   "(kohya/comfy keep it).")
+        out.append(f"{t5} T5 module(s) are written under 'text_encoder_2.'; {loader} loads only 'transformer.' and "
+                   "'text_encoder.' (CLIP-L) keys, so diffusers drops the T5 part (kohya/comfy keep it).")
     return out
 
 
