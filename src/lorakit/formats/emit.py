@@ -302,10 +302,11 @@ class Emitter:
                 continue
             exact = a.to_lora()
             src = a.dtype
-            out = exact.to(src) if src != exact.dtype else exact
+            want = self.dtype if self.dtype is not None and self.dtype.is_floating_point else src
+            out = exact.to(want) if want != exact.dtype else exact
             if out is not exact:
                 if not all(_finite(t) for t in out.tensors().values()):
-                    spelled = str(src).replace("torch.", "")
+                    spelled = str(want).replace("torch.", "")
                     raise NonFiniteError(f"{label}: the plain LoRA factors of this {a.kind} module exceed the "
                                          f"{spelled} range.", path=model.path,
                                          hint="write it with --dtype fp32, or keep the LyCORIS keys with --keep-algo.")
