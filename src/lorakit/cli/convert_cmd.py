@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         for _, algo, rank in r.converted:
             by[(algo, rank)] = by.get((algo, rank), 0) + 1
         groups = ", ".join(f"{n} {algo} → rank {rank}" for (algo, rank), n in sorted(by.items()))
+        keep = "" if r.target_format == "diffusers" else "; --keep-algo keeps them as LyCORIS keys"
         say(f"  {len(r.converted)} LyCORIS module(s) written as plain LoRA factors, exactly ({groups}; per module "
-            "in --json; --keep-algo keeps them as LyCORIS keys)")
+            f"in --json{keep})")
     for m, e in r.lossy:
         say(f"  LOSSY {m}: relative error {e:.3e}")
     for w in r.warnings:
