@@ -389,16 +389,12 @@ class LoKr(Adapter):
 
     @property
     def plain_rank(self) -> int:
-        (p1, _), (p2, _) = self._kron_shapes()
-        return p1 * p2
-
-    def _kron_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(inner size, 0) of each factor's exact factorisation, from shapes only."""
+        """inner(w1)·inner(w2): a decomposed factor's rank, or a full factor's smaller side (shapes only)."""
         def inner(full: Tensor | None, b: Tensor | None) -> int:
             if full is not None:
                 return min(int(full.shape[0]), math.prod(full.shape[1:]))
             return int(b.shape[0])  # type: ignore[union-attr]
-        return (inner(self.w1, self.w1b), 0), (inner(self.w2, self.w2b), 0)
+        return inner(self.w1, self.w1b) * inner(self.w2, self.w2b)
 
     def to_lora(self) -> "LoRA":
         """``kron(P1·Q1, P2·Q2) = kron(P1, P2)·kron(Q1, Q2)`` (mixed product): rank ``r1·r2`` LoRA factors, exactly;
