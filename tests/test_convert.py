@@ -208,11 +208,18 @@ def test_cli_lossy_refusal_and_allow_lossy(tmp_path, capsys) -> None:
     save_file(t, src)
     out = tmp_path / "out.safetensors"
     capsys.readouterr()
-    assert main(["convert", src, "-o", str(out), "--to", "kohya"]) == 2
+    # by default the LoKr parts become exact plain LoRA factors, which fuse block-diagonally (issue 11)
+    plain = tmp_path / "plain.safetensors"
+    assert main(["convert", src, "-o", str(plain), "--to", "kohya"]) == 0
+    assert "3 lokr → rank 16" in capsys.readouterr().err
+    assert not any(".lokr_" in k for k in load_file(str(plain)))
+    assert rel_err(dense_deltas(read_lora(plain)), dense_deltas(read_lora(src))) < 1e-6
+    # kept as LoKr, three different second factors cannot share one fused module: refused, then SVD'd
+    assert main(["convert", src, "-o", str(out), "--to", "kohya", "--keep-algo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "double_blocks.0.img_attn.qkv" in err[0] and "--allow-lossy" in err[0]
     assert not out.exists()
-    assert main(["convert", src, "-o", str(out), "--to", "kohya", "--allow-lossy"]) == 0
+    assert main(["convert", src, "-o", str(out), "--to", "kohya", "--keep-algo", "--allow-lossy"]) == 0
     err = capsys.readouterr().err
     m = re.search(r"LOSSY transformer:double_blocks\.0\.img_attn\.qkv: relative error ([0-9.e+-]+)", err)
     assert m and float(m.group(1)) < 1e-5

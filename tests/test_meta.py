@@ -196,10 +196,15 @@ def test_lycoris_output_declares_lycoris_module(tmp_path) -> None:
          for n, s in {"hada_w1_a": (H, 2), "hada_w1_b": (2, H), "hada_w2_a": (H, 2), "hada_w2_b": (2, H)}.items()}
     src = save_tensors(tmp_path / "loha.safetensors", t)
     out = str(tmp_path / "out.safetensors")
-    convert(src, out, "kohya")
+    convert(src, out, "kohya", keep_algo=True)   # LyCORIS keys kept: the file must say lycoris
     m = _meta(out)
     assert m["ss_network_module"] == "lycoris.kohya" and json.loads(m["ss_network_args"])["algo"] == "loha"
     assert audit_lora_metadata(out) == []
+    plain = str(tmp_path / "plain.safetensors")
+    convert(out, plain, "kohya")                 # default: plain LoRA factors, which claim no LyCORIS module
+    m = _meta(plain)
+    assert m["ss_network_module"] == "networks.lora_flux" and "algo" not in json.loads(m.get("ss_network_args", "{}"))
+    assert audit_lora_metadata(plain) == []
 
 
 def test_audit_catches_wrong_metadata(tmp_path, capsys) -> None:

@@ -34,7 +34,7 @@ def tiny_arch():
 
 def write_model(path, patches: list[Patch], fmt: str = "kohya") -> str:
     model = LoraModel(tiny_arch(), patches, fmt, {"ss_training_comment": "trained by hand"})
-    result = emit(model, fmt)
+    result = emit(model, fmt, keep_algo=True)   # fixtures keep their LoHa/LoKr keys as written
     meta = lora_output_metadata(model, result, fmt, operation="test", inputs=[], title=None)
     return save_tensors(path, result.tensors, meta)
 

@@ -172,7 +172,9 @@ def test_fuse_refuses_input_axis_dora_across_windows() -> None:
 # 4. LoHa / LoKr to diffusers
 # ---------------------------------------------------------------------------------------------
 
-def test_lokr_and_loha_to_diffusers_refused_then_refactored(write_st, tmp_path) -> None:
+def test_lokr_and_loha_to_diffusers_plain_or_refused_by_size(write_st, tmp_path) -> None:
+    """LoHa becomes exact plain LoRA factors (issue 11); a LoKr of two full factors whose exact rank (2·16 = 32)
+    would hold more numbers than its 32×32 dense weight is refused naming --keep-algo / --allow-lossy."""
     g = torch.Generator().manual_seed(6)
     w1, w2 = torch.randn(2, 2, generator=g), torch.randn(16, 16, generator=g) * 0.1
     t = {f"{PROJ}.lokr_w1": w1, f"{PROJ}.lokr_w2": w2}
@@ -185,21 +187,25 @@ def test_lokr_and_loha_to_diffusers_refused_then_refactored(write_st, tmp_path) 
             "double_blocks.0.img_mlp.2": (h["w1_a"].double() @ h["w1_b"].double())
             * (h["w2_a"].double() @ h["w2_b"].double())}
     dst = str(tmp_path / "d.safetensors")
-    with pytest.raises(LossyConversionError, match="LoRA factors only") as exc:
+    with pytest.raises(LossyConversionError, match="more numbers than its dense weight") as exc:
         convert(path, dst, "diffusers")
-    assert set(exc.value.modules) == {"transformer:transformer_blocks.0.attn.to_out.0",
-                                      "transformer:transformer_blocks.0.ff.net.2"}
+    assert set(exc.value.modules) == {"transformer:transformer_blocks.0.attn.to_out.0"}
+    assert "--keep-algo" in str(exc.value) and "--allow-lossy --lossy-rank N" in str(exc.value)
     report = convert(path, dst, "diffusers", allow_lossy=True)
     assert {m for m, _ in report.lossy} == set(exc.value.modules)
     assert all(0 <= e < 1e-5 for _, e in report.lossy)
+    assert report.converted == [("transformer:double_blocks.0.img_mlp.2", "loha", 4)]
     keys = list(load_file(dst))
     assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
     got = {t_.module: d.double() for t_, d in dense_deltas(read_lora(dst)).items()}
     for name, w in want.items():
         assert float((got[name] - w).norm() / w.norm()) < 1e-5
-    # kohya keeps them exactly, as LyCORIS keys
-    convert(path, str(tmp_path / "k.safetensors"), "kohya")
-    assert any(".lokr_w1" in k for k in load_file(str(tmp_path / "k.safetensors")))
+    # kohya: the same size refusal by default; --keep-algo keeps both modules exactly, as LyCORIS keys
+    with pytest.raises(LossyConversionError, match="more numbers"):
+        convert(path, str(tmp_path / "k.safetensors"), "kohya")
+    convert(path, str(tmp_path / "k.safetensors"), "kohya", keep_algo=True)
+    kept = load_file(str(tmp_path / "k.safetensors"))
+    assert any(".lokr_w1" in k for k in kept) and any(".hada_w1_a" in k for k in kept)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,32 @@ def _swap_rows(t: Tensor) -> Tensor:
     return torch.cat([t[h:], t[:h]], dim=0)
 
 
+def _plain(up: Tensor, down: Tensor, scale: float, weight_shape: tuple[int, ...]) -> "LoRA":
+    """A plain LoRA from fp32 matrices ``up`` (out × r) and ``down`` (r × prod(in dims)) with ``ΔW = scale·up@down``:
+    α = scale·r (none when the scale is 1), ``down`` shaped (r, *in dims), ``up`` (out, r[, 1, 1])."""
+    r = int(down.shape[0])
+    tail = tuple(weight_shape[1:])
+    down_t = down.reshape(r, *tail).contiguous()
+    up_t = up.reshape(int(up.shape[0]), r, *([1] * (len(tail) - 1))).contiguous()
+    return LoRA(alpha=None if scale == 1 else scale * r, down=down_t, up=up_t)
+
+
+def _face_split(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a1·b1) ⊙ (a2·b2) = U·V`` with ``U[:, (p, q)] = a1[:, p]·a2[:, q]`` (row-wise Khatri–Rao, out × r1·r2) and
+    ``V[(p, q), :] = b1[p, :]·b2[q, :]`` (column-wise Khatri–Rao, r1·r2 × in), exactly."""
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    return up, down
+
+
+def _full_split(w: Tensor) -> tuple[Tensor, Tensor]:
+    """A full matrix as an exact product ``P·Q`` with the smaller inner size: ``I·W`` (wide) or ``W·I`` (tall)."""
+    rows, cols = w.shape
+    if rows <= cols:
+        return torch.eye(rows, dtype=w.dtype), w
+    return w, torch.eye(cols, dtype=w.dtype)
+
+
 @dataclass
 class Adapter:
     kind: ClassVar[str] = "adapter"
@@ -70,6 +96,16 @@ class Adapter:
     def tensors(self) -> dict[str, Tensor]:
         """Factor tensors by role name (the suffix vocabulary of :mod:`lorakit.formats.suffixes`)."""
         raise NotImplementedError
+
+    def to_lora(self) -> "LoRA":
+        """The same delta as plain LoRA factors (``down`` r × in[×k×k], ``up`` out × r[×1×1], no ``mid``),
+        exactly: factor algebra in fp32, no SVD. Raises :class:`NotExact` for kinds without low-rank factors."""
+        raise NotExact(f"a {self.kind} module has no low-rank factors")
+
+    @property
+    def plain_rank(self) -> int | None:
+        """The rank of :meth:`to_lora` (computed from shapes alone), or None when there is none."""
+        return None
 
     def to(self, dtype: torch.dtype) -> "Adapter":
         return replace(self, **{k: v.to(dtype) for k, v in self._fields().items()})
@@ -138,6 +174,17 @@ class LoRA(Adapter):
             out["mid"] = self.mid
         return out
 
+    @property
+    def plain_rank(self) -> int:
+        return int(self.mid.shape[0]) if self.mid is not None else self.rank
+
+    def to_lora(self) -> "LoRA":
+        """Itself without a Tucker ``mid``: ``down'[i] = Σ_j mid[i, j]·down[j]`` (a k×k conv down), ``up`` unchanged."""
+        if self.mid is None:
+            return self
+        down = torch.einsum("ij...,jr->ir...", _f32(self.mid), _f32(self.down).flatten(1))
+        return _plain(_f32(self.up).flatten(1), down.flatten(1), self.scale, self.weight_shape)
+
 
 @dataclass
 class LoHa(Adapter):
@@ -200,6 +247,25 @@ class LoHa(Adapter):
             out["hada_t2"] = self.t2  # type: ignore[assignment]
         return out
 
+    @property
+    def plain_rank(self) -> int:
+        return int(self.w1b.shape[0]) * int(self.w2b.shape[0])
+
+    def _hadamard_factors(self, a: Tensor, b: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One Hadamard factor as ``(P, Q)`` with ``P@Q`` its matrix (out × prod(in dims)). Tucker:
+        ``Σ_ij t[i,j,…]·a[i,p]·b[j,r] = (aᵀ)·M`` with ``M[i, (r, …)] = Σ_j t[i,j,…]·b[j,r]``."""
+        if t is None:
+            return _f32(a), _f32(b).flatten(1)
+        m = torch.einsum("ij...,jr->ir...", _f32(t), _f32(b))
+        return _f32(a).T.contiguous(), m.flatten(1)
+
+    def to_lora(self) -> "LoRA":
+        """``(P1·Q1) ⊙ (P2·Q2)`` as rank ``r1·r2`` LoRA factors by the face-splitting product (exact)."""
+        p1, q1 = self._hadamard_factors(self.w1a, self.w1b, self.t1)
+        p2, q2 = self._hadamard_factors(self.w2a, self.w2b, self.t2)
+        up, down = _face_split(p1, p2, q1, q2)
+        return _plain(up, down, self.scale, self.weight_shape)
+
     def _fields(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, Tensor)}
 
@@ -242,7 +308,7 @@ class LoKr(Adapter):
         if self.w2 is not None:
             return _f32(self.w2)
         if self.t2 is not None:
-            return torch.einsum("ij...,ip,jr->pr...", _f32(self.t2), _f32(self.w2a), _f32(self.w2b))
+            return torch.einsum("ij...,ip,jr->pr...", _f32(self.t2), _f32(self.w2a), _f32(self.w2b)).contiguous()
         return _f32(self.w2a) @ _f32(self.w2b)  # type: ignore[operator]
 
     @property
@@ -251,6 +317,8 @@ class LoKr(Adapter):
 
     @property
     def _rows2(self) -> int:
+        if self.w2 is None and self.t2 is not None:
+            return int(self.w2a.shape[1])  # type: ignore[union-attr]   # Tucker: lokr_w2_a is (r, out2)
         return int((self.w2 if self.w2 is not None else self.w2a).shape[0])  # type: ignore[union-attr]
 
     @property
@@ -302,6 +370,37 @@ class LoKr(Adapter):
         names = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
                  "w2b": "lokr_w2_b", "t2": "lokr_t2"}
         return {names[k]: v for k, v in self.__dict__.items() if k in names and v is not None}
+
+    def _kron_factors(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Both Kronecker factors as exact products ``(P, Q)`` of matrices (a conv ``w2`` flattened to
+        out2 × prod(in2 dims), which is what ``kron`` of the 4-D tensors does column-wise)."""
+        if self.w1 is not None:
+            f1 = _full_split(_f32(self.w1).flatten(1))
+        else:
+            f1 = (_f32(self.w1a), _f32(self.w1b))  # type: ignore[arg-type]
+        if self.w2 is not None:
+            f2 = _full_split(_f32(self.w2).flatten(1))
+        elif self.t2 is not None:   # Σ_ij t[i,j,…]·a[i,p]·b[j,r] = aᵀ·M, M[i, (r, …)] = Σ_j t[i,j,…]·b[j,r]
+            m = torch.einsum("ij...,jr->ir...", _f32(self.t2), _f32(self.w2b))  # type: ignore[arg-type]
+            f2 = (_f32(self.w2a).T.contiguous(), m.flatten(1))  # type: ignore[arg-type]
+        else:
+            f2 = (_f32(self.w2a), _f32(self.w2b).flatten(1))  # type: ignore[arg-type]
+        return f1, f2
+
+    @property
+    def plain_rank(self) -> int:
+        """inner(w1)·inner(w2): a decomposed factor's rank, or a full factor's smaller side (shapes only)."""
+        def inner(full: Tensor | None, b: Tensor | None) -> int:
+            if full is not None:
+                return min(int(full.shape[0]), math.prod(full.shape[1:]))
+            return int(b.shape[0])  # type: ignore[union-attr]
+        return inner(self.w1, self.w1b) * inner(self.w2, self.w2b)
+
+    def to_lora(self) -> "LoRA":
+        """``kron(P1·Q1, P2·Q2) = kron(P1, P2)·kron(Q1, Q2)`` (mixed product): rank ``r1·r2`` LoRA factors, exactly;
+        a full factor counts as ``I·W`` or ``W·I``, whichever has the smaller inner size."""
+        (p1, q1), (p2, q2) = self._kron_factors()
+        return _plain(torch.kron(p1, p2), torch.kron(q1, q2), self.scale, self.weight_shape)
 
 
 @dataclass

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
+
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import UnsupportedArchitectureError
+from .io.header import loads_json
 from .layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, evaluate, solve, symbols
 from .model import ArchInstance
 
@@ -121,8 +122,8 @@ def _base_model_names(metadata: Mapping[str, str]) -> str:
     raw = metadata.get("lora_adapter_metadata", "")
     if raw and len(raw) < 1 << 20:
         try:
-            cfg = json.loads(raw)
-        except (ValueError, RecursionError):
+            cfg = loads_json(raw)
+        except ValueError:
             cfg = None
         if isinstance(cfg, dict):
             parts += [str(v) for k, v in cfg.items() if str(k).endswith("base_model_name_or_path") and

@@ -41,11 +41,14 @@ class ConvertReport:
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
     rounding: tuple[str, float] | None = None   # (module, rel. error) the output dtype adds, worst module (> 1e-6)
+    converted: list[tuple[str, str, int]] = field(default_factory=list)   # LyCORIS -> plain: (module, algo, rank)
+    keep_algo: bool = False
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
         d["lossy"] = [{"module": m, "relative_error": e} for m, e in self.lossy]
         d["rounding"] = {"module": self.rounding[0], "relative_error": self.rounding[1]} if self.rounding else None
+        d["converted"] = [{"module": m, "from": a, "rank": r} for m, a, r in self.converted]
         return d
 
 
@@ -55,14 +58,21 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
     meta = carry_over(model.metadata)
     meta.update(network_metadata(result.ranks, result.alphas, fmt=fmt, arch=model.arch.name,
                                  variant=model.arch.variant))
-    algos = sorted({a for k in result.tensors for a, tag in (("loha", ".hada_"), ("lokr", ".lokr_")) if tag in k})
+    algos = sorted({a for k in result.tensors for a, tag in (("loha", ".hada_"), ("lokr", ".lokr_"),
+                                                              ("locon", ".lora_mid.")) if tag in k})
+    try:
+        args = loads_json(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        args = None
     if algos:   # LyCORIS tensors: kohya-style loaders need the LyCORIS network module to read them
         meta["ss_network_module"] = "lycoris.kohya"
-        try:
-            args = loads_json(meta.get("ss_network_args") or "{}")
-        except ValueError:
-            args = {}
         meta["ss_network_args"] = json.dumps({**(args if isinstance(args, dict) else {}), "algo": algos[0]})
+    elif isinstance(args, dict) and "algo" in args:   # plain LoRA factors now: the input's LyCORIS algo is stale
+        rest = {k: v for k, v in args.items() if k != "algo"}
+        if rest:
+            meta["ss_network_args"] = json.dumps(rest)
+        else:
+            meta.pop("ss_network_args", None)
     if title:
         meta.setdefault("modelspec.title", title)   # a carried-over title is the user's; keep it
     if fmt == "diffusers":
@@ -79,13 +89,15 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
 def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, to: str, *,
             dtype: torch.dtype | str | None = None, allow_lossy: bool = False, lossy_rank: int | None = None,
             allow_partial: bool = False, allow_pickle: bool = False, from_format: str | None = None,
-            dry_run: bool = False, progress: Progress | None = None) -> ConvertReport:
+            dry_run: bool = False, keep_algo: bool = False, progress: Progress | None = None) -> ConvertReport:
     """Convert the LoRA ``input`` to format ``to`` (kohya, diffusers, comfy) and write it to ``output``.
 
-    Exact by default: anything the target cannot hold exactly stops with a LossyConversionError unless
-    ``allow_lossy`` (then re-factored and reported in ``lossy``). ``dtype`` is a torch dtype or a CLI
-    spelling (``"bf16"``, ``"fp16"``, ``"fp8"``…); the relative error storing the factors in it adds is
-    measured and reported in ``rounding``. ``progress(done, total, stage)`` is called per stage.
+    Exact by default: LyCORIS modules (LoHa, LoKr, Tucker LoCon) are written as exact plain LoRA factors
+    (their new ranks in ``report.converted``) unless ``keep_algo`` (kohya/comfy); anything the target cannot
+    hold exactly stops with a LossyConversionError unless ``allow_lossy`` (then re-factored and reported in
+    ``lossy``). ``dtype`` is a torch dtype or a CLI spelling (``"bf16"``, ``"fp16"``, ``"fp8"``…); the relative
+    error storing the factors in it adds is measured and reported in ``rounding``. ``progress(done, total,
+    stage)`` is called per stage.
     """
     dtype = as_dtype(dtype)
     if to not in WRITABLE:
@@ -103,16 +115,16 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
                                   parsed.unknown_keys, path=src, hint="pass --allow-partial to convert the rest.")
         model = load(parsed)
     report_progress(progress, 1, 3, "converting")
-    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype, fold_rounding="refuse")
+    result = emit(model, to, allow_lossy=allow_lossy, lossy_rank=lossy_rank, dtype=dtype, fold_rounding="refuse",
+                  keep_algo=keep_algo)
     rounding = worst_cast_error([(p.source or str(p.target), p.adapter) for p in model.patches
                                  if p.adapter is not None], dtype)
-    warnings = []
-    if to == "diffusers" and "t5" in model.components():
-        warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
+    warnings = list(result.warnings)   # what the target's consumer drops (T5 / .diff_b under diffusers names)
     out_dtype = next((str(t.dtype).replace("torch.", "") for t in result.tensors.values() if t.dim() > 0), None)
     report = ConvertReport(src, os.fspath(output) if output else None, model.format, to, model.arch.name,
                            model.arch.variant, len(model.patches), result.modules, len(result.tensors), out_dtype,
-                           result.lossy, list(parsed.unknown_keys), warnings, dry_run, rounding)
+                           result.lossy, list(parsed.unknown_keys), warnings, dry_run, rounding,
+                           list(result.converted), keep_algo)
     if dry_run:
         report_progress(progress, 3, 3)
         return report

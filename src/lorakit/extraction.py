@@ -403,6 +403,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
                          path=src_t, hint="check that TUNED really is a fine-tune of ORIGINAL, or lower --min-diff.")
     model = LoraModel(arch, patches, to, {}, None)
     result = emit(model, to, dtype=out_dtype)
+    report.warnings.extend(result.warnings)   # what diffusers drops: .diff/.diff_b under diffusers names
     title = os.path.splitext(os.path.basename(out_path))[0]
     inputs = [InputRecord(src_o, None, format=report.original_layout, size=_disk_size(src_o)),
               InputRecord(src_t, None, format=report.tuned_layout, size=_disk_size(src_t))]

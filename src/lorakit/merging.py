@@ -783,8 +783,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     if loose and to != "comfy":
         warnings.append(f"{loose} norm-scale diff(s) written with lorakit's {to} spelling: lorakit reads and bakes "
                         "them, but only the comfy format (diffusion_model.<param>.diff) has keys ComfyUI applies.")
-    if to == "diffusers" and any(p.target.component == "t5" for p in result.model.patches):
-        warnings.append("T5 modules are written under text_encoder_2.; diffusers' FLUX loader does not load them.")
+    warnings.extend(emitted.warnings)   # what diffusers drops: T5, .diff/.diff_b under diffusers names
     report = MergeReport(
         inputs=[{"path": w.path, "weight": w.weight, "format": m.format, "modules": len(m.by_target())}
                 for w, m in zip(items, models)],

@@ -327,6 +327,7 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     meta["ss_training_comment"] = comment
     out_model = LoraModel(model.arch, new_patches, fmt, meta, model.path, list(model.unknown_keys))
     result = emit(out_model, fmt, dtype=dtype)
+    report.warnings.extend(result.warnings)   # what diffusers drops: T5, .diff/.diff_b under diffusers names
     title = os.path.splitext(os.path.basename(out_path))[0]
     meta_out = lora_output_metadata(
         out_model, result, fmt, operation="resize",

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-factor modules the target cannot hold exactly (SVD) and report their error")
     p.add_argument("--lossy-rank", type=int, default=None, metavar="N",
                    help="rank cap for --allow-lossy re-factoring (default: exact numerical rank)")
+    p.add_argument("--keep-algo", action="store_true",
+                   help="keep LoHa/LoKr/Tucker LoCon modules as LyCORIS keys (kohya, comfy) instead of writing them as "
+                        "exact plain LoRA factors (the default)")
     p.add_argument("--allow-partial", action="store_true", help="convert even if some keys are not understood")
     p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     add_json(p)
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lorakit convert`` and print its report; returns the exit code."""
     r = convert(args.input, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
                 lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
-                from_format=args.from_format, dry_run=args.dry_run,
+                from_format=args.from_format, dry_run=args.dry_run, keep_algo=args.keep_algo,
                 progress=terminal_progress("convert", enabled=not args.json))
     if args.json:
         emit_json(r.to_json())
@@ -50,6 +53,14 @@ def run(args: argparse.Namespace) -> int:
     if r.rounding is not None:
         say(f"  storing the factors as {r.dtype} adds up to {r.rounding[1]:.2e} relative error ({r.rounding[0]}); "
             "--dtype fp32 keeps them exact")
+    if r.converted:
+        by: dict[tuple[str, int], int] = {}
+        for _, algo, rank in r.converted:
+            by[(algo, rank)] = by.get((algo, rank), 0) + 1
+        groups = ", ".join(f"{n} {algo} → rank {rank}" for (algo, rank), n in sorted(by.items()))
+        keep = "" if r.target_format == "diffusers" else "; --keep-algo keeps them as LyCORIS keys"
+        say(f"  {len(r.converted)} LyCORIS module(s) written as plain LoRA factors, exactly ({groups}; per module "
+            f"in --json{keep})")
     for m, e in r.lossy:
         say(f"  LOSSY {m}: relative error {e:.3e}")
     for w in r.warnings:

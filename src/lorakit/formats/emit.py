@@ -5,6 +5,12 @@ block-diagonally; fused → split gives each part the rows of ``up`` and only th
 columns that part uses (which recovers the original smaller rank of a block-diagonal file and shares
 the whole down otherwise). What a target cannot hold exactly raises :class:`LossyConversionError`,
 or with ``allow_lossy`` is re-factored by SVD and reported.
+
+LyCORIS modules (LoHa, LoKr, Tucker LoCon ``lora_mid``) are written as plain LoRA factors by default, exactly
+(:meth:`~lorakit.adapters.Adapter.to_lora`: face-splitting / Kronecker mixed-product / Tucker contraction, no
+SVD), before any fusing or splitting; ``keep_algo`` keeps their LyCORIS keys where the naming can carry them.
+A module whose exact plain rank would hold more numbers than its dense weight is refused (or SVD'd with
+``allow_lossy``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
-from ..errors import LossyConversionError, NonFiniteError
+from ..errors import LossyConversionError, NonFiniteError, UsageError
 from ..layouts import Alias, NameIndex, evaluate
 from ..layouts.base import ParamIndex, ParamMatch, param_name
 from ..model import LoraModel, Patch, Target
@@ -43,6 +49,8 @@ class EmitResult:
     ranks: dict[str, int] = field(default_factory=dict)            # output module -> rank (LoRA family)
     alphas: dict[str, float] = field(default_factory=dict)         # output module -> stored alpha
     rounded: list[tuple[str, float]] = field(default_factory=list)  # (module, rel. error) of folding α (> FOLD_TOL)
+    converted: list[tuple[str, str, int]] = field(default_factory=list)  # (input module, LyCORIS algo, plain rank)
+    warnings: list[str] = field(default_factory=list)              # what a consumer of the target will drop
 
 
 FOLD_TOL = 1e-6     # relative error above which folding α into the written factors counts as lossy
@@ -63,6 +71,16 @@ def restrict(adapter: Adapter, start: int, stop: int) -> Adapter:
         r = int(idx.numel())
         return LoRA(alpha=adapter.scale * r, down=adapter.down[idx], up=up[:, idx])
     return adapter.row_slice(start, stop)
+
+
+def is_lycoris(adapter: Adapter | None) -> bool:
+    """LoHa, LoKr or a Tucker LoCon (``lora_mid``): modules a plain-LoRA consumer cannot read."""
+    return isinstance(adapter, (LoHa, LoKr)) or isinstance(adapter, LoRA) and adapter.mid is not None
+
+
+def patch_label(p: Patch) -> str:
+    """``component:module`` of a patch, with its row window when it covers part of the weight."""
+    return f"{p.target}[{p.rows[0]}:{p.rows[1]}]" if p.rows else str(p.target)
 
 
 def input_axis_dora(dora: Tensor | None, out_rows: int) -> bool:
@@ -246,11 +264,17 @@ def fold_scale(adapter: Adapter) -> Adapter:
 # ---------------------------------------------------------------------------------------------
 
 class Emitter:
-    def __init__(self, model: LoraModel, fmt: FormatSpec, *, allow_lossy: bool, lossy_rank: int | None) -> None:
-        self.model = model
+    def __init__(self, model: LoraModel, fmt: FormatSpec, *, allow_lossy: bool, lossy_rank: int | None,
+                 keep_algo: bool = False, dtype: torch.dtype | None = None) -> None:
         self.fmt = fmt
         self.allow_lossy = allow_lossy
         self.lossy_rank = lossy_rank
+        self.keep_algo = keep_algo
+        self.dtype = dtype
+        self.converted: list[tuple[str, str, int]] = []
+        self.too_large: list[tuple[str, str, int, int, int]] = []   # (module, algo, rank, plain numbers, dense)
+        self.plain_rounded: list[tuple[str, float]] = []
+        self.model = model if keep_algo else self._plain_model(model)
         self.lossy: list[tuple[str, float]] = []
         self.refused: list[str] = []
         self.reasons: set[str] = set()
@@ -258,6 +282,42 @@ class Emitter:
         self.impossible_reasons: set[str] = set()
         self.native: dict[str, NameIndex] = {}
         self.native_params: dict[str, ParamIndex] = {}
+
+    def _plain_model(self, model: LoraModel) -> LoraModel:
+        """``model`` with every LyCORIS patch replaced by its exact plain LoRA (kept as it is when that LoRA would
+        hold more numbers than the dense weight: :meth:`pieces` then refuses it, or SVDs it with --allow-lossy).
+        The factors are stored in the source's dtype; rounding beyond :data:`FOLD_TOL` is recorded."""
+        patches = []
+        for p in model.patches:
+            a = p.adapter
+            if not is_lycoris(a):
+                patches.append(p)
+                continue
+            assert a is not None
+            label, rank, shape = patch_label(p), int(a.plain_rank), tuple(a.weight_shape)  # type: ignore[arg-type]
+            dense_n = math.prod(shape)
+            plain_n = rank * (shape[0] + math.prod(shape[1:]))
+            if plain_n > dense_n:
+                self.too_large.append((label, a.kind, rank, plain_n, dense_n))
+                patches.append(p)
+                continue
+            exact = a.to_lora()
+            src = a.dtype
+            want = self.dtype if self.dtype is not None and self.dtype.is_floating_point else src
+            out = exact.to(want) if want != exact.dtype else exact
+            if out is not exact:
+                if not all(_finite(t) for t in out.tensors().values()):
+                    spelled = str(want).replace("torch.", "")
+                    raise NonFiniteError(f"{label}: the plain LoRA factors of this {a.kind} module exceed the "
+                                         f"{spelled} range.", path=model.path,
+                                         hint="write it with --dtype fp32, or keep the LyCORIS keys with --keep-algo.")
+                if self.dtype is None or self.dtype == src:
+                    err = fold_error(exact, out)
+                    if not err <= FOLD_TOL:
+                        self.plain_rounded.append((label, err))
+            self.converted.append((label, a.kind, rank))
+            patches.append(p.with_adapter(out))
+        return replace(model, patches=patches)
 
     def naming_for(self, component: str) -> str:
         comp = self.model.arch.spec.components[component]
@@ -356,9 +416,8 @@ class Emitter:
                     piece = self._piece(target, name, parts, s, e, tail)
                     if alias.swap_halves:
                         piece = self._swapped(piece)
-                    if self.fmt.lora_only and isinstance(piece.adapter, (LoHa, LoKr)):
-                        raise NotExact(f"the {self.fmt.name} format's loader reads LoRA factors only; LoHa/LoKr "
-                                       "modules must be re-factored as LoRA")
+                    if is_lycoris(piece.adapter) and (not self.keep_algo or self.fmt.lora_only):
+                        raise NotExact(self._too_large_reason())
                 except NotExact as exc:
                     piece = self._lossy(target, name, parts, s, e, tail, alias.swap_halves, str(exc))
                 if piece is not None and self.fmt.write_style == "peft" and input_axis_dora(
@@ -376,9 +435,22 @@ class Emitter:
                 f"({'; '.join(sorted(self.impossible_reasons))})", path=self.model.path,
                 hint="choose another --to format (kohya or comfy keep them); --allow-lossy does not help here.")
         if self.refused:
+            hint = None
+            if self.too_large:
+                keep = ("--keep-algo to keep the LyCORIS keys (kohya/comfy)" if not self.fmt.lora_only else
+                        "--to kohya/comfy --keep-algo to keep the LyCORIS keys")
+                hint = f"pass {keep}, or --allow-lossy --lossy-rank N to re-factor them by SVD at rank N."
             raise LossyConversionError(self.refused, f"format {self.fmt.name!r} cannot hold these modules exactly "
-                                       f"({'; '.join(sorted(self.reasons))})", path=self.model.path)
+                                       f"({'; '.join(sorted(self.reasons))})", path=self.model.path, hint=hint)
         return out
+
+    def _too_large_reason(self) -> str:
+        if not self.too_large:
+            return f"the {self.fmt.name} format's loader reads LoRA factors only"
+        label, algo, rank, plain_n, dense_n = self.too_large[0]
+        more = f" and {len(self.too_large) - 1} more" if len(self.too_large) > 1 else ""
+        return (f"the exact plain LoRA of a LyCORIS module would hold more numbers than its dense weight (e.g. {algo} "
+                f"{label}: rank {rank}, {plain_n} numbers > {dense_n}{more})")
 
     def _impossible(self, label: str, reason: str) -> None:
         self.impossible.append(label)
@@ -485,6 +557,36 @@ def _prefix_and_flat(fmt: FormatSpec, component: str, naming: str) -> tuple[str,
     raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {component} component")
 
 
+def worst_dtype(model: LoraModel, modules: list[tuple[str, float]]) -> torch.dtype:
+    """The dtype of the first patch named in ``modules`` (what its plain factors were rounded to)."""
+    names = {m for m, _ in modules}
+    return next((p.adapter.dtype for p in model.patches if p.adapter is not None and patch_label(p) in names),
+                model.dtype)
+
+
+def consumer_warnings(fmt: FormatSpec, pieces: list[Piece], tensors: Mapping[str, Tensor]) -> list[str]:
+    """What the target's usual consumer silently drops from the written file, said once per kind of key.
+    diffusers 0.42.1 (checked on a tiny FluxTransformer2DModel): ``load_lora_adapter`` drops ``.diff`` /
+    ``.diff_b`` keys under diffusers module names without a warning (norm ``.diff`` keys get an "unsupported
+    keys" warning through the pipeline), and ``FluxLoraLoaderMixin`` loads only its
+    ``_lora_loadable_modules`` ("transformer", "text_encoder"), never ``text_encoder_2.`` (T5)."""
+    out: list[str] = []
+    if fmt.name != "diffusers":
+        return out
+    loader = "diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)"
+    for suffix, what in ((".diff_b", "bias diff"), (".diff", "full weight diff")):
+        keys = sorted(k for k in tensors if k.endswith(suffix))
+        if keys:
+            out.append(f"{len(keys)} {what}(s) are written as '{suffix}' under diffusers module names (e.g. "
+                       f"{keys[0]!r}); {loader} does not apply these keys (load_lora_adapter drops them without a "
+                       "warning), so their deltas are lost for diffusers (kohya/comfy keep them).")
+    t5 = sum(1 for p in pieces if p.component == "t5")
+    if t5:
+        out.append(f"{t5} T5 module(s) are written under 'text_encoder_2.'; {loader} loads only 'transformer.' and "
+                   "'text_encoder.' (CLIP-L) keys, so diffusers drops the T5 part (kohya/comfy keep it).")
+    return out
+
+
 def _finite(t: Tensor) -> bool:
     """Every value finite (fp8 has no isfinite kernel: checked after an upcast)."""
     return bool(torch.isfinite(t if t.element_size() > 1 or not t.is_floating_point() else t.float()).all())
@@ -505,19 +607,26 @@ def fold_error(adapter: LoRA, folded: LoRA) -> float:
 
 
 def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_rank: int | None = None,
-         dtype: torch.dtype | None = None, fold_rounding: str = "report") -> EmitResult:
-    """Write ``model``'s tensors in ``fmt_name``. Folding α into low-precision factors (diffusers) can round
-    them: each module's error above :data:`FOLD_TOL` is measured into ``result.rounded``; with
-    ``fold_rounding="refuse"`` (``convert``) such modules raise LossyConversionError unless ``allow_lossy``,
-    which reports them in ``result.lossy`` instead."""
+         dtype: torch.dtype | None = None, fold_rounding: str = "report", keep_algo: bool = False) -> EmitResult:
+    """Write ``model``'s tensors in ``fmt_name``. LyCORIS modules become exact plain LoRA factors unless
+    ``keep_algo`` (kohya/comfy only; ``result.converted`` lists each with its new rank). Folding α into (or
+    forming plain factors in) low-precision factors can round them: each module's error above :data:`FOLD_TOL`
+    is measured into ``result.rounded``; with ``fold_rounding="refuse"`` (``convert``) such modules raise
+    LossyConversionError unless ``allow_lossy``, which reports them in ``result.lossy`` instead."""
     fmt = get_format(fmt_name)
     if fmt.write_style is None:
         raise LossyConversionError([], f"format {fmt_name!r} is read-only")
-    emitter = Emitter(model, fmt, allow_lossy=allow_lossy, lossy_rank=lossy_rank)
+    if keep_algo and fmt.lora_only and any(is_lycoris(p.adapter) for p in model.patches):
+        raise UsageError(f"--keep-algo: the {fmt.name} naming cannot carry LoHa/LoKr/Tucker (lora_mid) modules "
+                         "(its loader reads lora_A/lora_B factors only).", path=model.path,
+                         hint="drop --keep-algo to write them as plain LoRA factors exactly, or write --to kohya "
+                              "or comfy.")
+    emitter = Emitter(model, fmt, allow_lossy=allow_lossy, lossy_rank=lossy_rank, keep_algo=keep_algo, dtype=dtype)
     pieces = emitter.pieces()
+    model = emitter.model
     suffixes = WRITE_SUFFIXES[fmt.write_style]
     tensors: dict[str, Tensor] = {}
-    result = EmitResult(tensors, emitter.lossy)
+    result = EmitResult(tensors, emitter.lossy, converted=emitter.converted)
 
     def cast(t: Tensor, name: str) -> Tensor:
         t = t.contiguous()
@@ -575,6 +684,18 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
                     d = d.reshape(-1, *([1] * (len(adapter.weight_shape) - 1))) if adapter is not None else d
             tensors[f"{stem}.{suffixes['dora']}"] = cast(d, f"{stem}.{suffixes['dora']}")
         result.modules += 1
+    result.warnings.extend(consumer_warnings(fmt, pieces, tensors))
+    if emitter.plain_rounded:
+        if fold_rounding == "refuse" and not allow_lossy:
+            worst = max(emitter.plain_rounded, key=lambda x: x[1])
+            spelled = str(dtype or worst_dtype(model, emitter.plain_rounded)).replace("torch.", "")
+            raise LossyConversionError(
+                [m for m, _ in emitter.plain_rounded], f"the exact plain LoRA factors of LyCORIS modules are products "
+                f"of the source's values, which {spelled} rounds (worst relative error {worst[1]:.2g} in "
+                f"{worst[0]!r})", path=model.path,
+                hint="pass --dtype fp32 for an exact plain file, --keep-algo to keep the LyCORIS keys (kohya/comfy), "
+                     "or --allow-lossy to accept the rounding.")
+        (result.lossy if fold_rounding == "refuse" else result.rounded).extend(emitter.plain_rounded)
     if result.rounded and fold_rounding == "refuse":
         if not allow_lossy:
             worst = max(result.rounded, key=lambda x: x[1])
