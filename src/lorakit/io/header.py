@@ -60,7 +60,8 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` that refuses a key given twice (JSON allows it; a file that does is ambiguous)."""
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
@@ -86,7 +87,7 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> tuple[dict[str, Te
     raw = prefix[8:8 + n]
     _check_count(raw.count(b'"data_offsets"'), path)   # C-speed pre-count: refuse before parsing a bomb
     try:
-        header = loads_json(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = loads_json(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise HeaderError(f"header is not valid JSON ({_clip(str(exc))}).", path=path) from None
     if not isinstance(header, dict):

@@ -17,7 +17,7 @@ import torch
 
 from ..dtypes import TORCH_TO_ST, torch_dtype
 from ..errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError, brief
-from .header import MAX_HEADER_BYTES, TensorInfo, loads_json, parse_header
+from .header import MAX_HEADER_BYTES, TensorInfo, loads_json, no_duplicate_keys, parse_header
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -221,15 +221,6 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def check_shard_name(name: object, index_path: str, tensor: str | None = None) -> str:
     """A shard name from an index: a plain file name inside the index's folder, else a HeaderError."""
     where = f" for tensor {tensor[:200]!r}" if tensor is not None else ""
@@ -262,7 +253,7 @@ def read_index(path: str) -> dict[str, object]:
             raise HeaderError(f"index is {os.path.getsize(path)} bytes, over the {MAX_HEADER_BYTES}-byte limit.",
                               path=path)
         with open(path, encoding="utf-8") as fh:
-            index = loads_json(fh.read(), object_pairs_hook=_no_duplicate_keys)
+            index = loads_json(fh.read(), object_pairs_hook=no_duplicate_keys)
     except (InputFileError, HeaderError):
         raise
     except RecursionError:
