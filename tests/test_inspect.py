@@ -15,7 +15,8 @@ import torch
 from lorakit.cli import main
 from lorakit.errors import AmbiguousFormatError, UnknownFormatError, UnsupportedArchitectureError
 from lorakit.formats import read_lora
-from lorakit.formats.spec import FORMATS, FormatSpec, Rule
+from lorakit.formats.spec import FormatSpec
+from lorakit.layouts.base import Rule
 from lorakit.inspection import inspect_lora
 from lorakit.io import SafetensorsWriter, open_weights
 from lorakit.layouts import FLUX1, ArchSpec, expand
@@ -87,9 +88,11 @@ def _fake_registry(monkeypatch):
     """Two formats that read the same keys with different meanings (lora_te1_ as CLIP-L vs as a second,
     same-named encoder), over an architecture that has both components."""
     clip = FLUX1.components["clip_l"]
-    arch = ArchSpec("fake", "fake", {"clip_l": clip, "t5": dataclasses.replace(clip, name="t5")})
-    alt = FormatSpec("alt", "alternative reading", rules=(Rule("lora_te1_", "t5", ("native",), True),))
-    monkeypatch.setattr(parse_mod, "FORMATS", (FORMATS[0], alt))
+    arch = ArchSpec("fake", "fake", {"clip_l": clip, "t5": dataclasses.replace(clip, name="t5")},
+                    rules={"kohya": (Rule("lora_te1_", "clip_l", ("native",), True),),
+                           "alt": (Rule("lora_te1_", "t5", ("native",), True),)})
+    alt = FormatSpec("alt", "alternative reading")
+    monkeypatch.setattr(parse_mod, "formats", lambda: (parse_mod.get_format("kohya"), alt))
     return arch
 
 

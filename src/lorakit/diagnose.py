@@ -21,7 +21,7 @@ from .dtypes import FLOAT_CODES
 from .errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
 from .formats import parse
 from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, _rows
-from .formats.spec import FORMATS, split_key
+from .formats.spec import formats, split_key
 from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary, split_qkv_warnings
 from .io import WeightFile, open_weights
 from .layouts import RECOGNIZERS, NameIndex, evaluate, recognize, resolve, symbols
@@ -150,7 +150,7 @@ def _foreign(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> tupl
 class _Matchers:
     def __init__(self, arch_name: str = "flux1") -> None:
         arch = resolve(arch_name)
-        self.matchers = [FormatMatcher(fmt, arch) for fmt in FORMATS]
+        self.matchers = [FormatMatcher(fmt, arch) for fmt in formats()]
 
     def understood_after_strip(self, key: str) -> str | None:
         """The leading prefix whose removal makes ``key`` a known LoRA key, if any."""

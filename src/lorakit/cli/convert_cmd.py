@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..conversion import convert
-from ..formats import FORMATS, WRITABLE
+from ..formats import WRITABLE, formats
 from ..progress import terminal_progress
 from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
@@ -14,14 +14,14 @@ HELP = "convert a LoRA between formats, exactly"
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand to the parser."""
-    p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in FORMATS)
+    p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in formats())
                        + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights, alpha and the FLUX final-layer "
                        "half-swap are converted losslessly; anything that would lose precision stops unless "
                        "--allow-lossy is given.")
     p.add_argument("input", metavar="IN")
     add_output(p, required=False)
     p.add_argument("--to", required=True, choices=WRITABLE, help="target format")
-    p.add_argument("--from", dest="from_format", default=None, choices=[f.name for f in FORMATS],
+    p.add_argument("--from", dest="from_format", default=None, choices=[f.name for f in formats()],
                    help="force the input format instead of detecting it")
     add_dtype(p)
     p.add_argument("--allow-lossy", action="store_true",

@@ -2,7 +2,8 @@
 
 from .emit import EmitResult, emit, fold_scale, fuse, restrict
 from .parse import Detection, ModuleEntry, ParsedLora, detect, load, parse, read_lora
-from .spec import FORMATS, WRITABLE, FormatSpec, get_format
+from .spec import FORMATS, WRITABLE, FormatSpec, formats, get_format, register_format
 
 __all__ = ["EmitResult", "emit", "fold_scale", "fuse", "restrict", "Detection", "ModuleEntry", "ParsedLora",
-           "detect", "load", "parse", "read_lora", "FORMATS", "WRITABLE", "FormatSpec", "get_format"]
+           "detect", "load", "parse", "read_lora", "FORMATS", "WRITABLE", "FormatSpec", "formats", "get_format",
+           "register_format"]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
 from ..errors import LossyConversionError, NonFiniteError, UsageError
-from ..layouts import Alias, NameIndex, evaluate
+from ..layouts import Alias, ArchSpec, NameIndex, evaluate
 from ..layouts.base import ParamIndex, ParamMatch, param_name
 from ..model import LoraModel, Patch, Target
 from .spec import WRITE_SUFFIXES, FormatSpec, get_format
@@ -320,8 +320,12 @@ class Emitter:
         return replace(model, patches=patches)
 
     def naming_for(self, component: str) -> str:
+        """The naming the target format writes this component in (its architecture's first rule for it)."""
+        rule = self.model.arch.spec.write_rule(self.fmt.name, component)
+        if rule is None:
+            return "native"
         comp = self.model.arch.spec.components[component]
-        return "diffusers" if self.fmt.split and "diffusers" in comp.namings else "native"
+        return next((n for n in rule.namings if n == "native" or n in comp.namings), "native")
 
     def match(self, target: Target):
         comp = self.model.arch.spec.components[target.component]
@@ -550,11 +554,13 @@ class Emitter:
 # Tensor naming
 # ---------------------------------------------------------------------------------------------
 
-def _prefix_and_flat(fmt: FormatSpec, component: str, naming: str) -> tuple[str, bool]:
-    for rule in fmt.rules:
-        if rule.component == component and naming in rule.namings:
-            return rule.prefix, rule.flat
-    raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {component} component")
+def _prefix_and_flat(arch: ArchSpec, fmt: FormatSpec, component: str) -> tuple[str, bool]:
+    rule = arch.write_rule(fmt.name, component)
+    if rule is None:
+        raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {arch.label} "
+                                   f"{arch.components[component].label} component",
+                                   hint="choose another --to format.")
+    return rule.prefix, rule.flat
 
 
 def worst_dtype(model: LoraModel, modules: list[tuple[str, float]]) -> torch.dtype:
@@ -638,8 +644,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
         return out.clone()
 
     for piece in pieces:
-        naming = emitter.naming_for(piece.component)
-        prefix, flat = _prefix_and_flat(fmt, piece.component, naming)
+        prefix, flat = _prefix_and_flat(model.arch.spec, fmt, piece.component)
         stem = prefix + (piece.name.replace(".", "_") if flat else piece.name)
         adapter = piece.adapter
         if adapter is not None and fmt.fold_alpha:

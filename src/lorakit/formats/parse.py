@@ -24,10 +24,11 @@ from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFin
                       ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError)
 from ..io import WeightFile, open_weights
 from ..io.header import loads_json
-from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, evaluate, recognize, resolve
+from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve, solve, symbols
 from ..layouts.base import ParamIndex, ParamMatch
 from ..model import ArchInstance, LoraModel, Patch, Target
-from .spec import FORMATS, FormatSpec, Rule, SplitKey, split_key
+from ..layouts.base import Rule
+from .spec import FormatSpec, SplitKey, formats, get_format, split_key
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,15 @@ def _complete(entry: ModuleEntry) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 class FormatMatcher:
+    """Accepts the keys one format spells for one architecture (its rules are the architecture's data)."""
+
     def __init__(self, fmt: FormatSpec, arch: ArchSpec) -> None:
         self.fmt = fmt
+        self.arch = arch
+        self.rules = arch.rules_for(fmt.name)
         self.indexes: dict[tuple[str, str, bool], NameIndex] = {}
         self.loose: dict[tuple[str, str, bool], ParamIndex] = {}
-        for rule in fmt.rules:
+        for rule in self.rules:
             comp = arch.components.get(rule.component)
             if comp is None:
                 continue
@@ -157,7 +162,7 @@ class FormatMatcher:
             # BFL control LoRAs: the key is a loose parameter's own name, its tensor the parameter's new value
             split = SplitKey(body, "set", "set")
         outer_marked = marked or split.adapter_name is not None
-        for rule in fmt.rules:
+        for rule in self.rules:
             if not split.module.startswith(rule.prefix):
                 continue
             name, marked = split.module[len(rule.prefix):], outer_marked
@@ -212,48 +217,113 @@ class Detection:
     parses: dict[str, KeyParse]
     score: float
     runner_up: tuple[str, float] | None
+    arch: ArchSpec | None = None
+    also_fits: list[str] = field(default_factory=list)    # other architectures whose modules the keys name equally
 
 
 def _meaning(p: KeyParse) -> tuple[object, ...]:
     return (p.rule.component, p.match.native, p.match.alias, p.split.role)
 
 
+@dataclass
+class _Candidate:
+    arch: ArchSpec
+    fmt: FormatSpec
+    parses: dict[str, KeyParse]
+    inconsistent: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.fmt.name
+
+    def meaning(self) -> dict[str, tuple[object, ...]]:
+        return {k: _meaning(p) for k, p in self.parses.items()}
+
+
+def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """How many LoRA factor keys contradict the sizes the other keys and the architecture's fixed sizes imply
+    (header arithmetic only): an SDXL cross-attention ``to_k`` (2,048 inputs) is not an SD1.5 one (768)."""
+    by_comp: dict[str, list[tuple[str, int]]] = {}
+    for key, p in parses.items():
+        shape = shapes.get(key) or ()
+        if p.match.loose or p.split.family != "lora" or len(shape) < 2:
+            continue
+        spec, alias = p.match.spec, p.match.alias
+        eq = by_comp.setdefault(p.rule.component, [])
+        if p.split.role == "up":
+            eq.append((alias.rows[1] if alias.rows else spec.out, shape[0]))
+        elif p.split.role == "down":
+            eq.append((spec.inp, shape[1]))
+    bad = 0
+    for comp_name, equations in by_comp.items():
+        comp = arch.components[comp_name]
+        sizes = solve(equations, comp.fixed)
+        bad += sum(1 for expr, value in equations if symbols(expr) <= set(sizes) and evaluate(expr, sizes) != value)
+    return bad
+
+
+def _named_arch(candidates: Sequence[_Candidate], metadata: Mapping[str, str]) -> ArchSpec | None:
+    """The one architecture among ``candidates`` the file's metadata names, if exactly one is named."""
+    text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture",
+                                                       "ss_sd_model_name")).lower()
+    named = {c.arch.name: c.arch for c in candidates if any(w in text for w in c.arch.named_by)}
+    return next(iter(named.values())) if len(named) == 1 else None
+
+
 def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], *,
-           arch: ArchSpec, path: str | None = None, force: str | None = None) -> Detection:
-    """Score every known format against the keys and return the detected one (with confidence)."""
+           arch: ArchSpec | None = None, path: str | None = None, force: str | None = None) -> Detection:
+    """Score every registered (architecture × format) pair against the keys and shapes and return the best
+    (with confidence); ``arch`` restricts the search to one architecture, ``force`` to one format."""
     total = len(keys)
     if total == 0:
         raise NotALoraError("file holds no tensors (an empty LoRA).", path=path)
-    results: list[tuple[FormatSpec, dict[str, KeyParse]]] = []
-    for fmt in FORMATS:
-        if force and fmt.name != force:
-            continue
-        matcher = FormatMatcher(fmt, arch)
-        parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
-        if fmt.replacements and all(p.split.role == "set" for p in parses.values()):
-            # bare parameter names alone are a base model's norm scales, not a LoRA: BFL's control LoRAs
-            # carry them next to LoRA factors
-            parses = {}
-        results.append((fmt, parses))
-    results.sort(key=lambda r: -len(r[1]))
-    best_fmt, best = results[0]
-    if not best:
+    results: list[_Candidate] = []
+    for a in ([arch] if arch is not None else [resolve(n) for n in available()]):
+        for fmt in formats():
+            if force and fmt.name != force:
+                continue
+            matcher = FormatMatcher(fmt, a)
+            if not matcher.rules:
+                continue
+            parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
+            if fmt.replacements and all(p.split.role == "set" for p in parses.values()):
+                # bare parameter names alone are a base model's norm scales, not a LoRA: BFL's control LoRAs
+                # carry them next to LoRA factors
+                parses = {}
+            # names that fit with shapes of another architecture rank below every consistent reading (a file
+            # that contradicts itself under every reading is reported by parse() as a shape mismatch)
+            bad = bool(parses) and _contradictions(a, parses, shapes) > 0
+            results.append(_Candidate(a, fmt, parses, bad))
+    if not results:
+        raise UnknownFormatError(path, list(keys), None, total=total)
+    results.sort(key=lambda r: (not r.parses, r.inconsistent, -len(r.parses)))
+    best = results[0]
+    if not best.parses:
         _explain_unknown(keys, shapes, path)
-    tied = [r for r in results[1:] if len(r[1]) == len(best)]
+    tied = [r for r in results[1:] if len(r.parses) == len(best.parses) and r.inconsistent == best.inconsistent]
+    also: list[str] = []
     if tied:
-        ref = {k: _meaning(p) for k, p in best.items()}
-        differing = [f.name for f, parses in tied if {k: _meaning(p) for k, p in parses.items()} != ref]
+        other_archs = [r for r in tied if r.arch.name != best.arch.name]
+        if other_archs:
+            named = _named_arch([best, *other_archs], metadata)
+            if named is not None:
+                best = next(r for r in [best, *tied] if r.arch.name == named.name)
+            also = list(dict.fromkeys(r.arch.label for r in [best, *tied] if r.arch.name != best.arch.name))
+        same_arch = [r for r in [best, *tied] if r.arch.name == best.arch.name and r is not best]
+        ref = best.meaning()
+        differing = [r.name for r in same_arch if r.meaning() != ref]
         if differing:
-            hinted = _tie_break_by_metadata([best_fmt.name, *differing], metadata)
+            hinted = _tie_break_by_metadata([best.name, *differing], metadata)
             if hinted is None:
-                raise AmbiguousFormatError(path, [best_fmt.name, *differing])
-            best_fmt, best = next(r for r in results if r[0].name == hinted)
-    unknown = [k for k in keys if k not in best]
-    if unknown and not any(p.rule.component == "transformer" for p in best.values()):
-        # only text-encoder keys were understood (SD/SDXL files share CLIP-L names): name the architecture
+                raise AmbiguousFormatError(path, [best.name, *differing])
+            best = next(r for r in [best, *same_arch] if r.name == hinted)
+    unknown = [k for k in keys if k not in best.parses]
+    if unknown and not any(best.arch.components[p.rule.component].role == "denoiser" for p in best.parses.values()):
+        # only text-encoder keys were understood (many architectures share CLIP-L): name the architecture
         _refuse_recognized(unknown, shapes, path, total)
-    runner = next(((f.name, len(p) / total) for f, p in results if f is not best_fmt and p), None)
-    return Detection(best_fmt, best, len(best) / total, runner)
+    runner = next(((r.name, len(r.parses) / total) for r in results
+                   if r.parses and r.name != best.name and r.arch.name == best.arch.name), None)
+    return Detection(best.fmt, best.parses, len(best.parses) / total, runner, best.arch, also)
 
 
 def _tie_break_by_metadata(names: list[str], metadata: Mapping[str, str]) -> str | None:
@@ -267,12 +337,13 @@ def _tie_break_by_metadata(names: list[str], metadata: Mapping[str, str]) -> str
 def _refuse_recognized(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None,
                        total: int) -> None:
     """Raise UnsupportedArchitectureError when ``keys`` carry the signature of an architecture lorakit names."""
-    found = recognize(keys, shapes)
+    found = recognize(keys, shapes, exclude=available())
     if found is not None:
         rec, hits = found
+        supported = ", ".join(resolve(n).label for n in available())
         raise UnsupportedArchitectureError(
             f"this looks like a {rec.label} file ({len(hits)} of {total} keys match, e.g. {hits[0]!r}); "
-            f"lorakit supports FLUX.1 so far.", path=path, hint=rec.hint or "use a tool for that architecture.")
+            f"lorakit supports {supported} so far.", path=path, hint=rec.hint or "use a tool for that architecture.")
 
 
 def _explain_unknown(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], path: str | None) -> None:
@@ -289,8 +360,8 @@ def _explain_unknown(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
 
 def _nearest_format(keys: Sequence[str]) -> str | None:
     counts: Counter[str] = Counter()
-    for fmt in FORMATS:
-        for rule in fmt.rules:
+    for fmt in formats():
+        for rule in {r for n in available() for r in resolve(n).rules_for(fmt.name)}:
             if rule.prefix:
                 counts[fmt.name] += sum(1 for k in keys if k.startswith(rule.prefix) or
                                         any(k.startswith(c + rule.prefix) for c in fmt.containers))
@@ -318,12 +389,15 @@ class ParsedLora:
         return self.detection.format.name
 
 
-def parse(file: WeightFile, *, arch_name: str = "flux1", force_format: str | None = None) -> ParsedLora:
-    """Detect ``file``'s format and architecture and map its keys to modules (reads no factor data)."""
-    arch = resolve(arch_name)
+def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str | None = None) -> ParsedLora:
+    """Detect ``file``'s format and architecture (or read it as ``arch_name``) and map its keys to modules
+    (reads no factor data)."""
     keys = file.keys()
     shapes = {k: file.shape(k) for k in keys}
-    det = detect(keys, shapes, file.metadata, arch=arch, path=file.path, force=force_format)
+    det = detect(keys, shapes, file.metadata, arch=resolve(arch_name) if arch_name else None, path=file.path,
+                 force=force_format)
+    arch = det.arch
+    assert arch is not None
     entries: dict[tuple[str, str], ModuleEntry] = {}
     unknown = [k for k in keys if k not in det.parses]
     for key, p in det.parses.items():
@@ -534,10 +608,6 @@ def _peft_config(path: str | None) -> dict[str, object] | None:
 # Alphas
 # ---------------------------------------------------------------------------------------------
 
-def _component_alias(component: str) -> str:
-    return {"transformer": "transformer", "clip_l": "text_encoder", "t5": "text_encoder_2"}.get(component, component)
-
-
 def _config_number(value: object, key: str, source: str, path: str | None) -> float:
     """A config α as a finite, non-zero float; FormatError / NonFiniteError naming ``source``'s ``key``."""
     number: float | None = None
@@ -593,7 +663,8 @@ def config_alpha(parsed: ParsedLora, entry: ModuleEntry, rank: int) -> float | N
         if not isinstance(meta, dict):
             raise FormatError(f"metadata key 'lora_adapter_metadata' holds {raw[:60]!r}, not a JSON object.",
                               path=path, hint="fix or remove it (lorakit meta --delete lora_adapter_metadata).")
-        comp = _component_alias(entry.component) + "."
+        rule = parsed.arch.spec.write_rule("diffusers", entry.component)   # diffusers scopes its config by prefix
+        comp = rule.prefix if rule is not None and rule.prefix else entry.component + "."
         scoped = {k[len(comp):]: v for k, v in meta.items() if k.startswith(comp)}
         configs.append((scoped, comp, "lora_adapter_metadata") if scoped else (meta, "", "lora_adapter_metadata"))
     if parsed.peft_config:

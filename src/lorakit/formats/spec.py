@@ -1,9 +1,10 @@
-"""LoRA file formats, declared as data.
+"""LoRA file formats, declared as data and registered by name.
 
-A format is a set of rules ``prefix -> (component, naming schemes, dotted or kohya-flattened)``, the
-outer containers it tolerates, whether it requires or forbids PEFT markers (``base_model.model.`` or
-an adapter name such as ``.default``), and the suffix style it writes. Naming (where the module is)
-and algorithm (the suffix family) are independent facts.
+A format is the outer containers it tolerates, whether it requires or forbids PEFT markers
+(``base_model.model.`` or an adapter name such as ``.default``), and the suffix style it writes. Which
+prefix names which component, in which naming scheme, is declared per architecture
+(:attr:`lorakit.layouts.ArchSpec.rules`). Naming (where the module is) and algorithm (the suffix family)
+are independent facts.
 """
 
 from __future__ import annotations
@@ -82,101 +83,67 @@ WRITE_SUFFIXES: dict[str, dict[str, str]] = {
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Rule:
-    prefix: str
-    component: str
-    namings: tuple[str, ...]
-    flat: bool
-
-
-@dataclass(frozen=True)
 class FormatSpec:
+    """Format-level facts: the containers and markers of its keys, its suffix family and writing style. Which
+    prefix names which component is the architecture's data (:attr:`~lorakit.layouts.ArchSpec.rules`)."""
+
     name: str
     label: str
-    rules: tuple[Rule, ...]
     containers: tuple[str, ...] = ()      # outer prefixes tolerated before a rule prefix
     inner: tuple[str, ...] = ()           # prefixes tolerated between the rule prefix and the module
     marker: str = "forbidden"             # PEFT markers: "required" | "forbidden" | "any"
     xlabs_suffixes: bool = False
     write_style: str | None = None        # "kohya" | "peft" when the format can be written
     fold_alpha: bool = False              # writer folds every scale into the factors
-    split: bool = False                   # writer uses split (diffusers) names for fused weights
     strip_trailing_underscore: bool = False
     lora_only: bool = False               # its loader reads LoRA factors only (no LoHa/LoKr keys)
     replacements: bool = False            # a key naming a loose parameter itself holds its new value (BFL)
 
 
 _PEFT_CONTAINER = "base_model.model."
+_FORMATS: dict[str, FormatSpec] = {}
 
-FORMATS: tuple[FormatSpec, ...] = (
-    FormatSpec(
-        "kohya", "kohya / sd-scripts (lora_unet_…, lora_te1_…, lora_te3_…)",
-        rules=(Rule("lora_unet_", "transformer", ("native", "diffusers"), True),
-               Rule("lora_te1_", "clip_l", ("native",), True),
-               Rule("lora_te_", "clip_l", ("native",), True),
-               Rule("lora_te3_", "t5", ("native",), True),
-               Rule("lora_te2_", "t5", ("native",), True)),
-        write_style="kohya", strip_trailing_underscore=True,
-    ),
-    FormatSpec(
-        "comfy", "ComfyUI (BFL names under diffusion_model.)",
-        # diffusers names under ``diffusion_model.``: SimpleTuner ``--lora_format comfyui`` (lora_A/lora_B + alpha)
-        rules=(Rule("diffusion_model.", "transformer", ("native", "diffusers"), False),
-               Rule("text_encoders.clip_l.transformer.", "clip_l", ("native",), False),
-               Rule("text_encoders.t5xxl.transformer.", "t5", ("native",), False)),
-        containers=("model.",),
-        write_style="kohya",
-    ),
-    FormatSpec(
-        "diffusers", "diffusers / AI-Toolkit / SimpleTuner (transformer.… lora_A/lora_B)",
-        rules=(Rule("transformer.", "transformer", ("diffusers",), False),
-               Rule("text_encoder.", "clip_l", ("native",), False),
-               Rule("text_encoder_2.", "t5", ("native",), False)),
-        write_style="peft", fold_alpha=True, split=True, lora_only=True,
-    ),
-    FormatSpec(
-        "peft", "PEFT (base_model.model.… or adapter-named keys)",
-        rules=(Rule("transformer.", "transformer", ("diffusers",), False),
-               Rule("text_encoder.", "clip_l", ("native",), False),
-               Rule("text_encoder_2.", "t5", ("native",), False),
-               Rule("", "transformer", ("diffusers",), False)),
-        containers=(_PEFT_CONTAINER,), inner=(_PEFT_CONTAINER,), marker="required",
-    ),
-    FormatSpec(
-        "xlabs", "XLabs x-flux (processor.qkv_lora1 …)",
-        rules=(Rule("", "transformer", ("xlabs",), False),),
-        containers=("diffusion_model.",), xlabs_suffixes=True,
-    ),
-    FormatSpec(
-        "onetrainer", "OneTrainer legacy (lora_transformer_…)",
-        rules=(Rule("lora_transformer_", "transformer", ("diffusers",), True),
-               Rule("lora_te1_", "clip_l", ("native",), True),
-               Rule("lora_te2_", "t5", ("native",), True)),
-    ),
-    FormatSpec(
-        "lycoris", "SimpleTuner / LyCORIS generic (lycoris_…)",
-        rules=(Rule("lycoris_", "transformer", ("diffusers",), True),),
-    ),
-    FormatSpec(
-        # BFL's own LoRAs (FLUX.1 Canny/Depth dev LoRA: flux/modules/lora.py LinearLora, loaded by
-        # load_state_dict in flux/util.py, whose bare ``…norm.query_norm.scale`` tensors overwrite the base's)
-        # and OneTrainer's ORIGINAL_LORA export (bare BFL names, lora_A/lora_B, ``.alpha``).
-        "bfl", "BFL native names (BFL control LoRAs, OneTrainer ORIGINAL: img_in.lora_A.weight …)",
-        rules=(Rule("", "transformer", ("native",), False),),
-        replacements=True,
-    ),
-    FormatSpec(
-        "diffsynth", "DiffSynth (bare diffusers names)",
-        rules=(Rule("", "transformer", ("diffusers",), False),),
-    ),
-)
 
+def register_format(fmt: FormatSpec) -> FormatSpec:
+    """Add a format to the registry (ValueError if its name is taken). Architectures then name its prefixes."""
+    if fmt.name in _FORMATS:
+        raise ValueError(f"format {fmt.name!r} registered twice")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+for _fmt in (
+    FormatSpec("kohya", "kohya / sd-scripts (lora_unet_…, lora_te1_…)", write_style="kohya",
+               strip_trailing_underscore=True),
+    FormatSpec("comfy", "ComfyUI (single-file names under diffusion_model.)", containers=("model.",),
+               write_style="kohya"),
+    FormatSpec("diffusers", "diffusers / AI-Toolkit / SimpleTuner (transformer.… / unet.… lora_A/lora_B)",
+               write_style="peft", fold_alpha=True, lora_only=True),
+    FormatSpec("peft", "PEFT (base_model.model.… or adapter-named keys)", containers=(_PEFT_CONTAINER,),
+               inner=(_PEFT_CONTAINER,), marker="required"),
+    FormatSpec("xlabs", "XLabs x-flux (processor.qkv_lora1 …)", containers=("diffusion_model.",),
+               xlabs_suffixes=True),
+    FormatSpec("onetrainer", "OneTrainer legacy (lora_transformer_…)"),
+    FormatSpec("lycoris", "SimpleTuner / LyCORIS generic (lycoris_…)"),
+    # BFL's own LoRAs (FLUX.1 Canny/Depth dev LoRA: flux/modules/lora.py LinearLora, loaded by load_state_dict in
+    # flux/util.py, whose bare ``…norm.query_norm.scale`` tensors overwrite the base's) and OneTrainer's ORIGINAL
+    # LoRA export (bare single-file names, lora_A/lora_B, ``.alpha``).
+    FormatSpec("bfl", "bare single-file names (BFL control LoRAs, OneTrainer ORIGINAL: img_in.lora_A.weight …)",
+               replacements=True),
+    FormatSpec("diffsynth", "DiffSynth (bare diffusers names)"),
+):
+    register_format(_fmt)
+
+
+def formats() -> tuple[FormatSpec, ...]:
+    """Every registered format, in registration order."""
+    return tuple(_FORMATS.values())
+
+
+FORMATS = formats()
 WRITABLE = tuple(f.name for f in FORMATS if f.write_style)
 
 
 def get_format(name: str) -> FormatSpec:
     """The format spec named ``name`` (KeyError if unknown)."""
-    for f in FORMATS:
-        if f.name == name:
-            return f
-    raise KeyError(name)
+    return _FORMATS[name]

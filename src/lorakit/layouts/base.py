@@ -1,11 +1,13 @@
 """Data model of architecture layouts.
 
-An architecture is a set of components (transformer, text encoders); a component lists its Linear
-modules and loose parameters as templates over block indices, with shapes written as linear
-expressions over named sizes (``"3*H+M"``). Each module has aliases per naming scheme (BFL, diffusers,
-XLabs, …), optionally addressing a row window of a fused native weight or swapping its halves.
-Concrete sizes are never written in code: they are solved from the shapes a file shows, or taken
-from a preset.
+An architecture is a set of components, each with a role (the denoiser, text encoders 1-3); a component
+lists its weight modules (Linear, or convolutions with a kernel) and loose parameters as templates over
+a block index or as enumerated names, with shapes written as linear expressions over named sizes
+(``"3*H+M"``). Each module has aliases per naming scheme (single-file, diffusers, XLabs, …), optionally
+addressing a row window of a fused native weight or swapping its halves. How each LoRA format names
+the components of an architecture is data of the architecture too (:attr:`ArchSpec.rules`): kohya's
+``lora_te2_`` is T5 for FLUX.1 and OpenCLIP-G for SDXL. Concrete sizes are never written in code: they
+are solved from the shapes a file shows, or taken from a preset.
 """
 
 from __future__ import annotations
@@ -96,7 +98,14 @@ class Alias:
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """One Linear module (weight ``out × in`` plus an optional bias), possibly repeated per block."""
+    """One weight module, possibly repeated per block: weight ``out × in`` (Linear) or ``out × in × *kernel``
+    (a convolution), plus an optional bias.
+
+    ``weight``/``bias_param`` are the names of its tensors under the module's name (``"weight"`` gives
+    ``<module>.weight``; OpenCLIP's fused attention is module ``…attn`` with ``in_proj_weight``; an empty name
+    means the tensor is the module name itself). ``transpose``: the checkpoint stores the weight as
+    ``in × out`` (OpenCLIP's ``text_projection``, applied as ``x @ P``); ΔW is transposed on the way in and out.
+    """
 
     native: str
     out: Expr
@@ -106,11 +115,19 @@ class ModuleSpec:
     repeat: str | None = None          # name of the count parameter for ``{i}``
     bias: bool = True
     requires: str | None = None        # a flag parameter that must be 1 for the module to exist
+    kernel: tuple[Expr, ...] = ()      # trailing weight dimensions: ("3", "3") for a 3×3 convolution
+    weight: str = "weight"
+    bias_param: str = "bias"
+    transpose: bool = False
 
     def names(self, naming: str) -> tuple[Alias, ...]:
         if naming == "native":
             return (Alias(self.native),)
         return self.aliases.get(naming, ())
+
+    def tensor_name(self, module: str, param: str) -> str:
+        """The checkpoint key of one of this module's tensors (``param`` = the weight's or bias's name)."""
+        return f"{module}.{param}" if param else module
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,20 @@ class Preset:
     varies: tuple[str, ...] = ()     # sizes that variants of the same model change (e.g. input channels)
 
 
+ROLES = ("denoiser", "te1", "te2", "te3")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one LoRA format names one component: keys starting with ``prefix`` hold module names of the
+    ``namings`` (the first one is what a writer uses), dotted or kohya-flattened (``flat``)."""
+
+    prefix: str
+    component: str
+    namings: tuple[str, ...]
+    flat: bool
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
@@ -159,16 +190,43 @@ class ComponentSpec:
     counts: tuple[str, ...] = ()       # parameters that are block counts
     fallbacks: Mapping[str, Expr] = field(default_factory=dict)   # sizes derived when a file does not show them
     refusals: tuple[tuple[Expr, int, str], ...] = ()   # (expr, value, label): sizes of an unsupported architecture
+    role: str = "denoiser"
+    fixed: Mapping[str, int] = field(default_factory=dict)   # sizes every checkpoint of this component has
 
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """An architecture: its components, how each LoRA format names them (``rules``: format name -> rules,
+    first matching prefix wins), its variants, and the metadata words that name it (``named_by``: matched
+    against ``ss_base_model_version`` / ``modelspec.architecture``, used to break ties between architectures
+    whose keys a file fits equally)."""
+
     name: str
     label: str
     components: Mapping[str, ComponentSpec]
     variants: tuple[Variant, ...] = ()
     default_variant: str = "any"
     supported: bool = True
+    rules: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
+    named_by: tuple[str, ...] = ()
+    modelspec: str = ""                # modelspec.architecture written for this architecture
+
+    def role(self, role: str) -> ComponentSpec | None:
+        """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""
+        return next((c for c in self.components.values() if c.role == role), None)
+
+    @property
+    def denoiser(self) -> ComponentSpec:
+        comp = self.role("denoiser")
+        assert comp is not None, f"architecture {self.name!r} declares no denoiser component"
+        return comp
+
+    def rules_for(self, fmt: str) -> tuple[Rule, ...]:
+        return self.rules.get(fmt, ())
+
+    def write_rule(self, fmt: str, component: str) -> Rule | None:
+        """The rule a writer of ``fmt`` uses for ``component`` (its first rule for the component)."""
+        return next((r for r in self.rules_for(fmt) if r.component == component), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +243,12 @@ class ConcreteModule:
     bias: bool
     spec: ModuleSpec
     index: int | None
+    kernel: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape as ΔW has it (``out × in × *kernel``; a transposed checkpoint tensor is not)."""
+        return (self.out, self.inp, *self.kernel)
 
 
 @dataclass(frozen=True)
@@ -205,7 +269,8 @@ def expand(component: ComponentSpec, params: Mapping[str, int]) -> Iterator[Conc
         for idx in _indices(spec.repeat, params):
             name = spec.native.format(i=idx) if idx is not None else spec.native
             yield ConcreteModule(component.name, name, evaluate(spec.out, params, -1),
-                                 evaluate(spec.inp, params, -1), spec.group, spec.bias, spec, idx)
+                                 evaluate(spec.inp, params, -1), spec.group, spec.bias, spec, idx,
+                                 tuple(evaluate(k, params, -1) for k in spec.kernel))
 
 
 def expand_params(component: ComponentSpec, params: Mapping[str, int]) -> Iterator[ConcreteParam]:

@@ -7,7 +7,9 @@ T timestep-embedding width, D attention head width; counts ``double``/``single``
 
 from __future__ import annotations
 
-from .base import Alias, ArchSpec, ComponentSpec, ModuleSpec, ParamSpec, Preset, Variant
+from dataclasses import replace
+
+from .base import Alias, ArchSpec, ComponentSpec, ModuleSpec, ParamSpec, Preset, Rule, Variant
 from .text_encoders import CLIP_L, T5_XXL
 
 
@@ -105,10 +107,39 @@ TRANSFORMER = ComponentSpec(
     refusals=(("H", 4096, "FLUX.2 (hidden size 4096)"), ("M-6*H", 0, "FLUX.2 Klein (fused SwiGLU MLP, 6×hidden)")),
 )
 
+_T = "transformer"
+_BFL_OR_DIFFUSERS = ("native", "diffusers")
+
+# How each LoRA format names FLUX.1's components (first rule per component = what a writer uses).
+RULES: dict[str, tuple[Rule, ...]] = {
+    # sd-scripts networks/lora_flux.py: lora_unet_ (BFL names), lora_te1_ (CLIP-L), lora_te3_ (T5); older
+    # tools wrote T5 as lora_te2_ and CLIP-L as lora_te_
+    "kohya": (Rule("lora_unet_", _T, _BFL_OR_DIFFUSERS, True), Rule("lora_te1_", "clip_l", ("native",), True),
+              Rule("lora_te_", "clip_l", ("native",), True), Rule("lora_te3_", "t5", ("native",), True),
+              Rule("lora_te2_", "t5", ("native",), True)),
+    # diffusers names under ``diffusion_model.``: SimpleTuner ``--lora_format comfyui`` (lora_A/lora_B + alpha)
+    "comfy": (Rule("diffusion_model.", _T, _BFL_OR_DIFFUSERS, False),
+              Rule("text_encoders.clip_l.transformer.", "clip_l", ("native",), False),
+              Rule("text_encoders.t5xxl.transformer.", "t5", ("native",), False)),
+    "diffusers": (Rule("transformer.", _T, ("diffusers",), False), Rule("text_encoder.", "clip_l", ("native",), False),
+                  Rule("text_encoder_2.", "t5", ("native",), False)),
+    "peft": (Rule("transformer.", _T, ("diffusers",), False), Rule("text_encoder.", "clip_l", ("native",), False),
+             Rule("text_encoder_2.", "t5", ("native",), False), Rule("", _T, ("diffusers",), False)),
+    "xlabs": (Rule("", _T, ("xlabs",), False),),
+    "onetrainer": (Rule("lora_transformer_", _T, ("diffusers",), True), Rule("lora_te1_", "clip_l", ("native",), True),
+                   Rule("lora_te2_", "t5", ("native",), True)),
+    "lycoris": (Rule("lycoris_", _T, ("diffusers",), True),),
+    "bfl": (Rule("", _T, ("native",), False),),
+    "diffsynth": (Rule("", _T, ("diffusers",), False),),
+}
+
 FLUX1 = ArchSpec(
     name="flux1",
     label="FLUX.1",
-    components={"transformer": TRANSFORMER, "clip_l": CLIP_L, "t5": T5_XXL},
+    components={"transformer": TRANSFORMER, "clip_l": replace(CLIP_L, role="te1"), "t5": replace(T5_XXL, role="te2")},
+    rules=RULES,
+    named_by=("flux", "chroma"),
+    modelspec="flux-1-dev",
     variants=(
         Variant("fill", "FLUX.1 Fill (img_in takes 384 channels)", {"IN": 384}),
         Variant("control", "FLUX.1 Canny/Depth (img_in takes 128 channels)", {"IN": 128}),

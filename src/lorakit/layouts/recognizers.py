@@ -7,7 +7,7 @@ LoRA or base of that kind is refused with its name instead of a wall of unknown 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -49,10 +49,14 @@ RECOGNIZERS: tuple[Recognizer, ...] = (
 )
 
 
-def recognize(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> tuple[Recognizer, list[str]] | None:
-    """The recognised architecture with the most matching keys, if any."""
+def recognize(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+              exclude: Collection[str] = ()) -> tuple[Recognizer, list[str]] | None:
+    """The recognised architecture with the most matching keys, if any (``exclude``: registered architectures,
+    whose files the detector reads instead of refusing)."""
     best: tuple[Recognizer, list[str]] | None = None
     for rec in RECOGNIZERS:
+        if rec.arch in exclude:
+            continue
         hits = rec.hits(keys, shapes)
         if hits and (best is None or len(hits) > len(best[1])):
             best = (rec, hits)
