@@ -71,29 +71,24 @@ class ModuleEntry:
         return "incomplete"
 
     def observed_shape(self) -> tuple[int | None, int | None]:
+        """(out, in channels) of the weight this module's tensors describe, from the header (None if unknown). A
+        flattened conv delta ``(out, in·k·k)`` of a module with a kernel counts ``in`` channels."""
         s = self.shapes
+        if self.family == "set":
+            return (s["set"][0], _prod(s["set"][1:])) if s.get("set") else (None, None)
+        if self.family == "bias":
+            return (s["diff_b"][0], None) if s.get("diff_b") else (None, None)
         try:
-            if self.family == "lora":
-                return s["up"][0], _prod(s["down"][1:]) if "mid" not in s else s["down"][1]
-            if self.family == "loha":
-                if "hada_t1" in s:
-                    return s["hada_w1_a"][1], s["hada_w1_b"][1]
-                return s["hada_w1_a"][0], s["hada_w1_b"][1]
-            if self.family == "lokr":
-                r1 = s["lokr_w1"][0] if "lokr_w1" in s else s["lokr_w1_a"][0]
-                c1 = s["lokr_w1"][1] if "lokr_w1" in s else s["lokr_w1_b"][1]
-                r2 = s["lokr_w2"][0] if "lokr_w2" in s else s["lokr_w2_a"][0]
-                c2 = s["lokr_w2"][1] if "lokr_w2" in s else s["lokr_w2_b"][1]
-                return r1 * r2, c1 * c2
-            if self.family == "full":
-                return s["diff"][0], _prod(s["diff"][1:])
-            if self.family == "set":
-                return s["set"][0], _prod(s["set"][1:])
-            if self.family == "bias":
-                return s["diff_b"][0], None
-        except (KeyError, IndexError):
-            pass
-        return None, None
+            shape = _composed_shape(self)
+        except (KeyError, IndexError, ValueError):
+            return None, None
+        if len(shape) < 2:
+            return shape[0], None
+        kernel = self.match.spec.kernel if not self.match.loose else ()   # type: ignore[union-attr]
+        if len(shape) == 2 and kernel:
+            k = _prod([evaluate(x, {}, -1) for x in kernel])
+            return shape[0], shape[1] // k if k > 0 and shape[1] % k == 0 else None
+        return shape[0], shape[1]
 
     @property
     def target(self) -> str:
@@ -439,7 +434,12 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
         want = (rows[1] - rows[0] if rows else evaluate(e.match.spec.out, params, -1),
                 evaluate(e.match.spec.inp, params, -1))
         got = e.observed_shape()
-        if any(g is not None and w >= 0 and g != w for g, w in zip(got, want)):
+        kernel = tuple(evaluate(k, params, -1) for k in e.match.spec.kernel)
+        composed = _composed_shape(e) if e.family in ("lora", "loha", "lokr", "full") else None
+        if any(g is not None and w >= 0 and g != w for g, w in zip(got, want)) or (
+                composed is not None and not fits(composed, (want[0], want[1], *kernel))):
+            if composed is not None and kernel != tuple(composed[2:]):
+                want, got = (*want, *kernel), composed    # type: ignore[assignment]
             raise ShapeMismatchError(e.file_module, want, got, path=file.path,
                                      hint="this module's (out, in) contradicts the sizes the other modules imply "
                                           f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))}); "
@@ -458,56 +458,96 @@ def _check_loose_shape(entry: ModuleEntry, params: Mapping[str, int], path: str 
                                       "corrupt or mixes two models.")
 
 
-def _composed_shape(entry: ModuleEntry) -> tuple[int, int]:
-    """(out, in) of the weight the factors compose into; ValueError when they do not compose into a 2-D
-    (Linear) weight. Pure shape arithmetic: no tensor is built."""
+def _composed_shape(entry: ModuleEntry) -> tuple[int, ...]:
+    """The shape of the weight the factors compose into: ``(out, in)`` for a Linear weight, ``(out, in, *kernel)``
+    for a convolution (LoRA downs of shape ``(r, in, k, k)``, Tucker cores ``lora_mid``/``hada_t*``/``lokr_t2``,
+    4-D ``lokr_w2``). LoHa/LoKr without a core compose a flattened ``(out, in·k·k)`` conv delta. ValueError
+    when they do not compose. Pure shape arithmetic: no tensor is built."""
     s = entry.shapes
     fam = entry.family
 
-    def two_d(role: str) -> tuple[int, int]:
-        shape = s[role]
-        if len(shape) != 2:
-            raise ValueError(f"{role} has shape {list(shape)}; {entry.match.native!r} is a Linear layer (2-D)")
-        return shape[0], shape[1]
+    def dims(role: str, low: int, high: int) -> tuple[int, ...]:
+        shape = tuple(s[role])
+        if not low <= len(shape) <= high or 0 in shape:
+            raise ValueError(f"{role} has shape {list(shape)}")
+        return shape
 
-    def chain(a: str, b: str) -> tuple[int, int]:
-        (o, r), (r2, i) = two_d(a), two_d(b)
-        if r != r2 or r == 0:
+    def rank_ok(a: str, ra: int, b: str, rb: int) -> None:
+        if ra != rb or ra == 0:
             raise ValueError(f"{a} {list(s[a])} and {b} {list(s[b])} disagree on the rank (or it is 0)")
-        return o, i
 
     if fam == "lora":
+        up, down = dims("up", 2, 5), dims("down", 2, 5)
+        if any(d != 1 for d in up[2:]):
+            raise ValueError(f"up has shape {list(up)}; its trailing dimensions must be 1")
         if "mid" in s:
-            raise ValueError("a Tucker lora_mid makes a convolution weight, not a Linear one")
-        return chain("up", "down")
+            mid = dims("mid", 3, 5)
+            rank_ok("up", up[1], "mid", mid[0])
+            rank_ok("mid", mid[1], "down", down[0])
+            return (up[0], down[1], *mid[2:])
+        rank_ok("up", up[1], "down", down[0])
+        return (up[0], *down[1:])
     if fam == "loha":
+        a1, b1, a2, b2 = (dims(r, 2, 2) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
         if "hada_t1" in s or "hada_t2" in s:
-            raise ValueError("Tucker LoHa factors make a convolution weight, not a Linear one")
-        one, two = chain("hada_w1_a", "hada_w1_b"), chain("hada_w2_a", "hada_w2_b")
+            t1, t2 = dims("hada_t1", 3, 5), dims("hada_t2", 3, 5)
+            rank_ok("hada_t1", t1[0], "hada_w1_b", b1[0])
+            rank_ok("hada_t2", t2[0], "hada_w2_b", b2[0])
+            one, two = (a1[1], b1[1], *t1[2:]), (a2[1], b2[1], *t2[2:])
+        else:
+            rank_ok("hada_w1_a", a1[1], "hada_w1_b", b1[0])
+            rank_ok("hada_w2_a", a2[1], "hada_w2_b", b2[0])
+            one, two = (a1[0], b1[1]), (a2[0], b2[1])
         if one != two:
             raise ValueError(f"the two Hadamard factors give {list(one)} and {list(two)}")
         return one
     if fam == "lokr":
-        if "lokr_t2" in s:
-            raise ValueError("a Tucker lokr_t2 makes a convolution weight, not a Linear one")
-        w1 = two_d("lokr_w1") if "lokr_w1" in s else chain("lokr_w1_a", "lokr_w1_b")
-        w2 = two_d("lokr_w2") if "lokr_w2" in s else chain("lokr_w2_a", "lokr_w2_b")
-        if 0 in w1 or 0 in w2:
-            raise ValueError("an empty Kronecker factor")
-        return w1[0] * w2[0], w1[1] * w2[1]
+        if "lokr_w1" in s:
+            w1 = dims("lokr_w1", 2, 2)
+        else:
+            w1a, w1b = dims("lokr_w1_a", 2, 2), dims("lokr_w1_b", 2, 2)
+            rank_ok("lokr_w1_a", w1a[1], "lokr_w1_b", w1b[0])
+            w1 = (w1a[0], w1b[1])
+        if "lokr_w2" in s:
+            w2 = dims("lokr_w2", 2, 5)
+        elif "lokr_t2" in s:
+            t2, w2a, w2b = dims("lokr_t2", 3, 5), dims("lokr_w2_a", 2, 2), dims("lokr_w2_b", 2, 2)
+            rank_ok("lokr_t2", t2[0], "lokr_w2_a", w2a[1])   # lokr_t2 (r, r, k, k) between w2_a (r, c)ᵀ and w2_b
+            rank_ok("lokr_t2", t2[1], "lokr_w2_b", w2b[0])
+            w2 = (w2a[0], w2b[1], *t2[2:])
+        else:
+            w2a, w2b = dims("lokr_w2_a", 2, 2), dims("lokr_w2_b", 2, 2)
+            rank_ok("lokr_w2_a", w2a[1], "lokr_w2_b", w2b[0])
+            w2 = (w2a[0], w2b[1])
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
     if fam == "full":
-        return two_d("diff")
+        return dims("diff", 1, 5)
     raise ValueError(f"no adapter factors ({fam})")
 
 
+def fits(got: Sequence[int], want: Sequence[int]) -> bool:
+    """Whether a composed ΔW shape fits a module's weight shape (unknown sizes ``< 0`` fit anything): equal, or
+    equal after flattening the input dimensions (a LoHa/LoKr conv delta ``(out, in·k·k)``; a 1×1 conv written
+    as a Linear LoRA and the reverse)."""
+    def same(a: Sequence[int], b: Sequence[int]) -> bool:
+        return len(a) == len(b) and all(w < 0 or g == w for g, w in zip(a, b))
+
+    if same(got, want):
+        return True
+    if any(w < 0 for w in want[1:]):
+        return len(got) >= 2 and (want[0] < 0 or got[0] == want[0]) and (want[1] < 0 or got[1] == want[1])
+    return bool(got) and (want[0] < 0 or got[0] == want[0]) and _prod(got[1:]) == _prod(want[1:])
+
+
 def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int) -> str | None:
-    """Which axis a stored DoRA magnitude of ``shape`` normalizes: "out" for ``(out,)`` / ``(out, 1)`` (PEFT,
-    kohya/LyCORIS ``wd_on_output``), "in" for ``(1, in)`` (LyCORIS with ``wd_on_output=False``), None when
-    it is neither. A ``(1, 1)`` magnitude of a one-row weight counts as output-axis."""
+    """Which axis a stored DoRA magnitude of ``shape`` normalizes: "out" for ``(out,)`` / ``(out, 1[, 1, 1])``
+    (PEFT, kohya/LyCORIS ``wd_on_output``), "in" for ``(1, in[, k, k])`` (LyCORIS with ``wd_on_output=False``;
+    ``in_cols`` = the product of the input dimensions), None when it is neither. A ``(1, 1)`` magnitude of a
+    one-row weight counts as output-axis."""
     shape = tuple(shape)
-    if shape == (out_rows,) or shape == (out_rows, 1):
+    if shape == (out_rows,) or (len(shape) >= 2 and shape[0] == out_rows and all(d == 1 for d in shape[1:])):
         return "out"
-    if shape == (1, in_cols):
+    if len(shape) >= 2 and shape[0] == 1 and _prod(shape[1:]) == in_cols:
         return "in"
     return None
 
@@ -537,7 +577,8 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
     out_rows = None
     if problem is None and entry.family in ("lora", "loha", "lokr", "full"):
         try:
-            out_rows, in_cols = _composed_shape(entry)
+            composed = _composed_shape(entry)
+            out_rows, in_cols = composed[0], _prod(composed[1:])
             if "dora" in shapes and dora_axis_of_shape(shapes["dora"], out_rows, in_cols) is None:
                 raise ValueError(f"DoRA magnitude of shape {list(shapes['dora'])} is neither an output-axis "
                                  f"magnitude ([{out_rows}] or [{out_rows}, 1]) nor an input-axis one ([1, {in_cols}])")
@@ -751,8 +792,9 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     dora = t.get("dora")
     if dora is not None:
         # the axis is explicit in the shape: output-axis magnitudes become (out,), input-axis ones stay (1, in)
-        out_rows, in_cols = _composed_shape(entry)
-        dora = dora.reshape(-1) if dora_axis_of_shape(dora.shape, out_rows, in_cols) == "out" else dora.reshape(1, -1)
+        composed = _composed_shape(entry)
+        dora = dora.reshape(-1) if dora_axis_of_shape(dora.shape, composed[0], _prod(composed[1:])) == "out" \
+            else dora.reshape(1, -1)
     alias = entry.match.alias
     if alias.swap_halves:
         adapter, bias, dora = _swap(adapter, bias, dora)
