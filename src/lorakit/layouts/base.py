@@ -167,6 +167,18 @@ ROLES = ("denoiser", "te1", "te2", "te3")
 
 
 @dataclass(frozen=True)
+class Container:
+    """Where a base checkpoint holds one component: its key prefix and the namings its module names may use
+    (tried in order). ``folder``: the component's subfolder in a diffusers pipeline folder (``unet``,
+    ``text_encoder_2``), whose files hold its names without a prefix."""
+
+    component: str
+    prefix: str
+    namings: tuple[str, ...] = ("native",)
+    folder: str = ""
+
+
+@dataclass(frozen=True)
 class Rule:
     """How one LoRA format names one component: keys starting with ``prefix`` hold module names of the
     ``namings`` (the first one is what a writer uses), dotted or kohya-flattened (``flat``)."""
@@ -208,6 +220,7 @@ class ArchSpec:
     default_variant: str = "any"
     supported: bool = True
     rules: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
+    containers: tuple[Container, ...] = ()     # base checkpoint layouts, longest prefixes first
     named_by: tuple[str, ...] = ()
     modelspec: str = ""                # modelspec.architecture written for this architecture
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Alias, ArchSpec, ComponentSpec, ModuleSpec, ParamSpec, Preset, Rule, Variant
+from .base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Variant
 from .text_encoders import CLIP_L, T5_XXL
 
 
@@ -138,6 +138,10 @@ FLUX1 = ArchSpec(
     label="FLUX.1",
     components={"transformer": TRANSFORMER, "clip_l": replace(CLIP_L, role="te1"), "t5": replace(T5_XXL, role="te2")},
     rules=RULES,
+    # BFL single files, ComfyUI full checkpoints (``model.diffusion_model.``), ``diffusion_model.``-prefixed
+    # files, diffusers transformers (single file, sharded, or a pipeline's ``transformer/`` folder)
+    containers=tuple(Container(_T, prefix, _BFL_OR_DIFFUSERS, folder="transformer")
+                     for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "")),
     named_by=("flux", "chroma"),
     modelspec="flux-1-dev",
     variants=(
