@@ -56,7 +56,7 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
                          inputs: list[InputRecord], title: str | None, **details: object) -> dict[str, str]:
     """Metadata for a LoRA file lorakit writes: carried-over keys, updated network keys, provenance, hashes."""
     meta = carry_over(model.metadata)
-    meta.update(network_metadata(result.ranks, result.alphas, fmt=fmt, arch=model.arch.name,
+    meta.update(network_metadata(result.ranks, result.alphas, fmt=fmt, arch=model.arch.spec,
                                  variant=model.arch.variant))
     algos = sorted({a for k in result.tensors for a, tag in (("loha", ".hada_"), ("lokr", ".lokr_"),
                                                               ("locon", ".lora_mid.")) if tag in k})

@@ -16,6 +16,7 @@ import torch
 from .dtypes import dtype_code
 from .io.header import build_header, serialisation_order
 from .io.writer import tensor_bytes
+from .layouts.base import ArchSpec
 
 PROVENANCE_KEY = "lorakit.provenance"
 STALE_PREFIXES = ("sshs_",)
@@ -94,21 +95,24 @@ def summarize_values(values: Iterable[float | int]) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def network_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float], *, fmt: str, arch: str,
+def network_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float], *, fmt: str, arch: ArchSpec,
                      variant: str) -> dict[str, str]:
-    """kohya ``ss_*`` and ModelSpec keys that describe the tensors actually written."""
+    """kohya ``ss_*`` and ModelSpec keys that describe the tensors actually written (labels: the architecture's
+    :class:`~lorakit.layouts.base.Stamp`)."""
     out: dict[str, str] = {}
     if ranks:
         out["ss_network_dim"] = summarize_values(ranks.values())
         out["ss_network_alpha"] = summarize_values(alphas.values())
-    if arch == "flux1":
-        out["ss_network_module"] = "networks.lora_flux"
-        out["ss_base_model_version"] = "chroma" if variant == "chroma" else "flux1"
-        spec_arch = {"schnell": "flux-1-schnell", "chroma": "chroma", "dev": "flux-1-dev", "fill": "flux-1-dev",
-                     "control": "flux-1-dev"}.get(variant, "flux-1")
-        out["modelspec.architecture"] = f"{spec_arch}/lora"
-        out["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
-        out["modelspec.resolution"] = "1024x1024"
+    stamp = arch.stamp
+    if stamp.ss_version:
+        out["ss_network_module"] = stamp.kohya_module
+        out["ss_base_model_version"] = stamp.version(variant)
+    if stamp.modelspec:
+        out["modelspec.architecture"] = f"{stamp.architecture(variant) or stamp.modelspec}/lora"
+    if stamp.implementation:
+        out["modelspec.implementation"] = stamp.implementation
+    if stamp.resolution:
+        out["modelspec.resolution"] = stamp.resolution
     out.setdefault("modelspec.sai_model_spec", "1.0.1")
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env and env.isdigit():   # a date only when asked for: outputs are otherwise byte-reproducible

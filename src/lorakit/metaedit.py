@@ -200,17 +200,18 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
             elif not _same_number(got, want):
                 problems.append(f"{key} = {got!r} but the tensors say {want!r}")
     lyco = families["loha"] + families["lokr"]
-    want_module = "lycoris.kohya" if lyco else "networks.lora_flux"
-    if has_ss and parsed.arch.name == "flux1" and meta.get("ss_network_module") not in (want_module,) + (
-            ("networks.lora_flux",) if not lyco and families["full"] else ()):
+    stamp = parsed.arch.spec.stamp
+    want_module = "lycoris.kohya" if lyco else stamp.kohya_module
+    if has_ss and stamp.ss_version and meta.get("ss_network_module") not in (want_module,) + (
+            (stamp.kohya_module,) if not lyco and families["full"] else ()):
         problems.append(f"ss_network_module = {meta.get('ss_network_module')!r}, expected {want_module!r}")
     variant = parsed.arch.variant
-    want_version = "chroma" if variant == "chroma" else "flux1"
-    if has_ss and meta.get("ss_base_model_version") != want_version:
+    want_version = stamp.version(variant)
+    if has_ss and want_version and meta.get("ss_base_model_version") != want_version:
         problems.append(f"ss_base_model_version = {meta.get('ss_base_model_version')!r}, expected {want_version!r}")
     arch = meta.get("modelspec.architecture")
-    expected_arch = {"schnell": "flux-1-schnell/lora", "chroma": "chroma/lora"}.get(
-        variant, "flux-1-dev/lora" if variant in ("dev", "fill", "control") else None)
+    spec_arch = stamp.architecture(variant)
+    expected_arch = f"{spec_arch}/lora" if spec_arch else None
     if arch is None:
         if has_spec:
             problems.append("modelspec.architecture missing")

@@ -207,6 +207,28 @@ class ComponentSpec:
 
 
 @dataclass(frozen=True)
+class Stamp:
+    """How files of an architecture are labelled in metadata: sd-scripts' ``ss_network_module`` and
+    ``ss_base_model_version``, the ModelSpec ``modelspec.architecture`` (``<arch>`` for a checkpoint, ``<arch>/lora``
+    for a LoRA), per variant where they differ (``variants``: variant → (ss_base_model_version, modelspec arch))."""
+
+    kohya_module: str = "networks.lora"
+    ss_version: str = ""
+    modelspec: str = ""
+    implementation: str = ""
+    resolution: str = ""
+    variants: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def version(self, variant: str) -> str:
+        return self.variants.get(variant, (self.ss_version, ""))[0]
+
+    def architecture(self, variant: str) -> str | None:
+        """The ModelSpec architecture of ``variant``; None when the variant is not known well enough to name one."""
+        got = self.variants.get(variant)
+        return got[1] if got else None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """An architecture: its components, how each LoRA format names them (``rules``: format name -> rules,
     first matching prefix wins), its variants, and the metadata words that name it (``named_by``: matched
@@ -222,7 +244,7 @@ class ArchSpec:
     rules: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
     containers: tuple[Container, ...] = ()     # base checkpoint layouts, longest prefixes first
     named_by: tuple[str, ...] = ()
-    modelspec: str = ""                # modelspec.architecture written for this architecture
+    stamp: Stamp = field(default_factory=Stamp)
 
     def role(self, role: str) -> ComponentSpec | None:
         """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Variant
+from .base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
 from .text_encoders import CLIP_L, T5_XXL
 
 
@@ -143,7 +143,10 @@ FLUX1 = ArchSpec(
     containers=tuple(Container(_T, prefix, _BFL_OR_DIFFUSERS, folder="transformer")
                      for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "")),
     named_by=("flux", "chroma"),
-    modelspec="flux-1-dev",
+    stamp=Stamp(kohya_module="networks.lora_flux", ss_version="flux1", modelspec="flux-1",
+                implementation="https://github.com/black-forest-labs/flux", resolution="1024x1024",
+                variants={"chroma": ("chroma", "chroma"), "schnell": ("flux1", "flux-1-schnell"),
+                          **{v: ("flux1", "flux-1-dev") for v in ("dev", "fill", "control")}}),
     variants=(
         Variant("fill", "FLUX.1 Fill (img_in takes 384 channels)", {"IN": 384}),
         Variant("control", "FLUX.1 Canny/Depth (img_in takes 128 channels)", {"IN": 128}),
