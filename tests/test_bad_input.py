@@ -58,30 +58,27 @@ def base_model(tmp_path) -> str:
     return write_base(tmp_path / "base.safetensors", TINY_FLUX)
 
 
-def sdxl_lora(tmp_path) -> str:
+def sd3_lora(tmp_path) -> str:
+    """An SD3-medium LoRA in diffusers naming: its joint blocks have FLUX.1's diffusers module names
+    (``transformer_blocks.N.attn.to_q`` / ``add_q_proj``); only the 1,536-wide hidden size tells them apart."""
     t = {}
-    for blk in ("input_blocks_4_1", "output_blocks_3_1", "middle_block_1"):
-        stem = f"lora_unet_{blk}_transformer_blocks_0_attn2_to_k"
-        t[stem + ".lora_down.weight"] = torch.zeros(4, 2048)
-        t[stem + ".lora_up.weight"] = torch.zeros(640, 4)
-        t[stem + ".alpha"] = torch.tensor(4.0)
-    for te, (d, ff) in (("lora_te1_", (768, 3072)), ("lora_te2_", (1280, 5120))):   # CLIP-L names fit FLUX too
-        t[te + "text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, d)
-        t[te + "text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(ff, 4)
-        t[te + "text_model_encoder_layers_0_mlp_fc1.alpha"] = torch.tensor(4.0)
-    p = tmp_path / "sdxl.safetensors"
+    for blk in range(2):
+        for mod in ("attn.to_q", "attn.to_k", "attn.add_q_proj", "attn.to_out.0"):
+            stem = f"transformer.transformer_blocks.{blk}.{mod}"
+            t[stem + ".lora_A.weight"] = torch.zeros(4, 1536)
+            t[stem + ".lora_B.weight"] = torch.zeros(1536, 4)
+    p = tmp_path / "sd3.safetensors"
     save_file(t, str(p))
     return str(p)
 
 
-def sd1_lora(tmp_path) -> str:
+def sd3_kohya_lora(tmp_path) -> str:
+    """sd-scripts' SD3 naming (MMDiT joint blocks)."""
     t = {}
-    for stem, (o, i) in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", (320, 768)),
-                         ("lora_unet_up_blocks_1_attentions_2_proj_out", (1280, 1280)),
-                         ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (768, 768))):
-        t[stem + ".lora_down.weight"] = torch.zeros(4, i)
-        t[stem + ".lora_up.weight"] = torch.zeros(o, 4)
-    p = tmp_path / "sd15.safetensors"
+    for stem in ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_attn_qkv"):
+        t[stem + ".lora_down.weight"] = torch.zeros(4, 1536)
+        t[stem + ".lora_up.weight"] = torch.zeros(3 * 1536, 4)
+    p = tmp_path / "sd3-kohya.safetensors"
     save_file(t, str(p))
     return str(p)
 
@@ -101,8 +98,8 @@ BAD = {
     "corrupt_header": (corrupt_header, ("not valid JSON",)),
     "header_too_long": (header_too_long, ("header length",)),
     "base_model": (base_model, ("not a LoRA", "base model")),
-    "sdxl": (sdxl_lora, ("SDXL",)),
-    "sd1": (sd1_lora, ("SD1",)),
+    "sd3": (sd3_lora, ("SD3",)),
+    "sd3_kohya": (sd3_kohya_lora, ("SD3",)),
     "unknown_keys": (unknown_keys, ("not understood",)),
 }
 

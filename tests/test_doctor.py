@@ -56,7 +56,7 @@ def test_sdxl_lora_against_flux_base_will_not_apply(tmp_path, bases, capsys) -> 
     sdxl = _lora(tmp_path / "sdxl.safetensors", {
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k": (640, 640),
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048),
-        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn1_to_q": (1280, 1280),
+        "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q": (1280, 1280),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),   # matches CLIP-L names!
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
     }, alpha=4)

@@ -202,15 +202,14 @@ def b_two_spellings(tmp):
     return save_tensors(tmp / "two_spellings.safetensors", t)
 
 
-def b_sdxl(tmp):
+def b_sd3(tmp):
+    """An SD3 LoRA in diffusers naming (module names shared with FLUX.1; the hidden size is SD3's 1536)."""
     g = torch.Generator().manual_seed(0)
     t = {}
-    for stem, (o, i) in {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k": (64, 64),
-                         "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k": (64, 2048),
-                         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (128, 128)}.items():
-        t[stem + ".lora_down.weight"] = torch.randn(2, i, generator=g)
-        t[stem + ".lora_up.weight"] = torch.randn(o, 2, generator=g)
-    return save_tensors(tmp / "sdxl.safetensors", t)
+    for stem in ("transformer.transformer_blocks.0.attn.to_k", "transformer.transformer_blocks.1.attn.add_v_proj"):
+        t[stem + ".lora_A.weight"] = torch.randn(2, 1536, generator=g)
+        t[stem + ".lora_B.weight"] = torch.randn(1536, 2, generator=g)
+    return save_tensors(tmp / "sd3.safetensors", t)
 
 
 def b_flux2(tmp):
@@ -290,7 +289,7 @@ INPUT_CLASSES = [
     InputClass("empty LoRA", b_empty, E.NotALoraError, "lora"),
     InputClass("base model given as LoRA", b_base_as_lora, E.NotALoraError, "lora"),
     InputClass("duplicate modules in two spellings", b_two_spellings, E.KeyMappingError, "lora"),
-    InputClass("SDXL LoRA", b_sdxl, E.UnsupportedArchitectureError, "lora"),
+    InputClass("SD3 LoRA", b_sd3, E.UnsupportedArchitectureError, "lora"),
     InputClass("FLUX.2 LoRA", b_flux2, E.UnsupportedArchitectureError, "lora"),
     InputClass("factor ranks disagree", b_inconsistent_factors, E.FormatError, "lora"),
     InputClass("rank-0 module", b_rank_zero, E.FormatError, "lora"),

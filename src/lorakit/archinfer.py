@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .errors import UnsupportedArchitectureError
 from .io.header import loads_json
-from .layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, evaluate, solve, symbols
+from .layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, available, evaluate, resolve, solve, symbols
 from .model import ArchInstance
 
 
@@ -59,8 +59,9 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
         for expr, value, label in comp.refusals:
             if symbols(expr) <= set(p) and evaluate(expr, p) == value:
                 raise UnsupportedArchitectureError(
-                    f"this file is {label}, which lorakit recognises but does not support yet.", path=path,
-                    hint="FLUX.1 files are supported; FLUX.2 support is planned.")
+                    f"this file is {label}, which lorakit recognises but does not support yet (its module names "
+                    f"fit {arch.label}, its sizes do not).", path=path,
+                    hint=f"lorakit supports {', '.join(resolve(n).label for n in available())} so far.")
         for flag in comp.flags:
             present = any(ob.spec.requires == flag for ob in obs)
             if present:

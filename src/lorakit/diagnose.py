@@ -447,6 +447,14 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
             return d
         except LorakitError as exc:
             return _failed(p, exc, INVALID, base_label)
+        if base is not None and parsed.arch.name != base.arch.name:
+            return Diagnosis(p, WILL_NOT_APPLY,
+                             f"this is a {parsed.arch.spec.label} LoRA ({parsed.format}, {len(parsed.entries)} modules); "
+                             f"it will not apply to the {base.arch.spec.label} base"
+                             + (f" ({base_label})" if base_label else "") + ".",
+                             f"use it with a {parsed.arch.spec.label} model",
+                             error={"type": "ArchitectureError",
+                                    "message": f"{parsed.arch.spec.label} LoRA, {base.arch.spec.label} base"})
         shapes = {k: f.shape(k) for k in f.keys()}
         foreign = _foreign(parsed.unknown_keys, shapes)
         if foreign and foreign[1] >= max(1, len(f.keys()) // 4):

@@ -145,7 +145,7 @@ class FormatMatcher:
 
     def accept(self, key: str) -> KeyParse | None:
         fmt = self.fmt
-        body, marked = key, False
+        body, marked = (fmt.rewrite(key) if fmt.rewrites else key), False
         for c in fmt.containers:
             if body.startswith(c):
                 body, marked = body[len(c):], marked or c == "base_model.model."
@@ -225,7 +225,7 @@ class _Candidate:
     arch: ArchSpec
     fmt: FormatSpec
     parses: dict[str, KeyParse]
-    inconsistent: bool = False
+    inconsistent: int = 0         # factor keys whose shapes contradict this reading's sizes
 
     @property
     def name(self) -> str:
@@ -281,17 +281,20 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             if not matcher.rules:
                 continue
             parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
+            if fmt.rewrites and not any(fmt.rewrite(k) != k for k in parses):
+                parses = {}       # a format told apart by its spellings: without one, the plain reading is it
             if fmt.replacements and all(p.split.role == "set" for p in parses.values()):
                 # bare parameter names alone are a base model's norm scales, not a LoRA: BFL's control LoRAs
                 # carry them next to LoRA factors
                 parses = {}
-            # names that fit with shapes of another architecture rank below every consistent reading (a file
-            # that contradicts itself under every reading is reported by parse() as a shape mismatch)
-            bad = bool(parses) and _contradictions(a, parses, shapes) > 0
+            # each key whose shape contradicts the reading's sizes counts against it: names that fit with the shapes
+            # of another architecture lose to that architecture (an SD1.5 reading of an SDXL cross-attention), and a
+            # file whose best reading still contradicts itself is reported by parse() as a shape mismatch
+            bad = _contradictions(a, parses, shapes) if parses else 0
             results.append(_Candidate(a, fmt, parses, bad))
     if not results:
         raise UnknownFormatError(path, list(keys), None, total=total)
-    results.sort(key=lambda r: (not r.parses, r.inconsistent, -len(r.parses)))
+    results.sort(key=lambda r: (not r.parses, r.inconsistent - len(r.parses), r.inconsistent))
     best = results[0]
     if not best.parses:
         _explain_unknown(keys, shapes, path)

@@ -98,6 +98,15 @@ class FormatSpec:
     strip_trailing_underscore: bool = False
     lora_only: bool = False               # its loader reads LoRA factors only (no LoHa/LoKr keys)
     replacements: bool = False            # a key naming a loose parameter itself holds its new value (BFL)
+    rewrites: tuple[tuple[str, str], ...] = ()   # (regex, replacement) applied to a key before it is split
+
+    def rewrite(self, key: str) -> str:
+        for pattern, repl in self._compiled():
+            key = pattern.sub(repl, key)
+        return key
+
+    def _compiled(self) -> tuple[tuple[re.Pattern[str], str], ...]:
+        return tuple((re.compile(p), r) for p, r in self.rewrites)
 
 
 _PEFT_CONTAINER = "base_model.model."
@@ -119,6 +128,16 @@ for _fmt in (
                write_style="kohya"),
     FormatSpec("diffusers", "diffusers / AI-Toolkit / SimpleTuner (transformer.… / unet.… lora_A/lora_B)",
                write_style="peft", fold_alpha=True, lora_only=True),
+    # diffusers before PEFT (<= 0.20): attention-processor LoRA layers, e.g. UNet
+    # ``…attn1.processor.to_q_lora.down.weight`` (``to_out_lora`` = ``to_out.0``) and text encoders
+    # ``…self_attn.to_q_lora.down.weight`` (on ``q_proj``) or ``…mlp.fc1.lora_linear_layer.down.weight``
+    # (diffusers utils/state_dict_utils.py UNET_TO_DIFFUSERS, DIFFUSERS_OLD_TO_PEFT)
+    FormatSpec("diffusers_old", "diffusers attention processors (…processor.to_q_lora.down.weight)",
+               rewrites=((r"\.processor\.to_(q|k|v)_lora\.(up|down)\.weight\Z", r".to_\1.lora.\2.weight"),
+                         (r"\.processor\.to_out_lora\.(up|down)\.weight\Z", r".to_out.0.lora.\1.weight"),
+                         (r"\.self_attn\.to_(q|k|v)_lora\.(up|down)\.weight\Z", r".self_attn.\1_proj.lora.\2.weight"),
+                         (r"\.self_attn\.to_out_lora\.(up|down)\.weight\Z", r".self_attn.out_proj.lora.\1.weight"),
+                         (r"\.lora_linear_layer\.(up|down)\.weight\Z", r".lora.\1.weight"))),
     FormatSpec("peft", "PEFT (base_model.model.… or adapter-named keys)", containers=(_PEFT_CONTAINER,),
                inner=(_PEFT_CONTAINER,), marker="required"),
     FormatSpec("xlabs", "XLabs x-flux (processor.qkv_lora1 …)", containers=("diffusion_model.",),

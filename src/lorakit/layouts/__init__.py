@@ -8,6 +8,9 @@ from ..errors import UnsupportedArchitectureError
 from .base import (Alias, ArchSpec, ComponentSpec, ConcreteModule, ConcreteParam, ModuleSpec, NameIndex, NameMatch,
                    ParamSpec, Preset, Variant, evaluate, expand, expand_params, flatten, solve, symbols)
 from .flux1 import FLUX1
+from .sd1 import SD1
+from .sd2 import SD2
+from .sdxl import SDXL
 from .recognizers import RECOGNIZERS, Recognizer, recognize
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -36,8 +39,9 @@ def available() -> list[str]:
     return list(_ARCHS)
 
 
-register(FLUX1)
+for _arch in (FLUX1, SDXL, SD1, SD2):
+    register(_arch)
 
 __all__ = ["Alias", "ArchSpec", "ComponentSpec", "ConcreteModule", "ConcreteParam", "ModuleSpec", "NameIndex",
            "NameMatch", "ParamSpec", "Preset", "Variant", "evaluate", "expand", "expand_params", "flatten", "solve", "symbols",
-           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1"]
+           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "SD1", "SD2", "SDXL"]

@@ -104,7 +104,10 @@ TRANSFORMER = ComponentSpec(
     flags=("guidance", "modulation"),
     counts=("double", "single"),
     fallbacks={"M": "4*H", "OUT": "IN"},
-    refusals=(("H", 4096, "FLUX.2 (hidden size 4096)"), ("M-6*H", 0, "FLUX.2 Klein (fused SwiGLU MLP, 6×hidden)")),
+    # architectures whose LoRAs share FLUX.1's diffusers names (SD3's joint blocks are ``transformer_blocks.N.attn.
+    # to_q`` / ``add_q_proj`` too): told apart by their hidden size (FLUX.1 is 3072 wide)
+    refusals=(("H", 4096, "FLUX.2 (hidden size 4096)"), ("M-6*H", 0, "FLUX.2 Klein (fused SwiGLU MLP, 6×hidden)"),
+              ("H", 1536, "SD3 / SD3.5 Medium (hidden size 1536)"), ("H", 2432, "SD3.5 Large (hidden size 2432)")),
 )
 
 _T = "transformer"
