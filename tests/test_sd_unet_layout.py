@@ -170,7 +170,7 @@ def test_sizes_are_solved_from_the_file_shapes(case: Case) -> None:
     assert all(evaluate(e, sizes) == v for e, v in eqs)
     assert set().union(*(symbols(e) for e, _ in eqs)) == set(preset.params)
     assert {k: preset.params[k] for k in case.spec.fixed} == dict(case.spec.fixed)
-    assert case.spec.fixed["C"] == 320 and preset.varies == ("IN",)
+    assert preset.params["C"] == 320 and "C" not in case.spec.fixed and preset.varies == ("IN",)
 
 
 def _expected_group(native: str) -> str:
@@ -201,8 +201,8 @@ def test_sd1_and_sdxl_specs() -> None:
     assert (SDXL_UNET.name, SDXL_UNET.role, SDXL_UNET.label) == ("unet", "denoiser", "SDXL UNet")
     assert SD1_UNET.namings == SDXL_UNET.namings == ("native", "diffusers")
     assert [p.name for p in SD1_UNET.presets] == ["sd1"] and [p.name for p in SDXL_UNET.presets] == ["sdxl"]
-    assert dict(SD1_UNET.fixed) == {"C": 320, "CTX": 768}
-    assert dict(SDXL_UNET.fixed) == {"C": 320, "CTX": 2048, "ADM": 2816}
+    assert dict(SD1_UNET.fixed) == {"CTX": 768}
+    assert dict(SDXL_UNET.fixed) == {"CTX": 2048, "ADM": 2816}
     assert all(m.repeat is None and m.requires is None for m in SD1_UNET.modules + SDXL_UNET.modules)
 
 

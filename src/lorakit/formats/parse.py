@@ -257,6 +257,11 @@ def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapp
     return bad
 
 
+def _canonical(c: _Candidate) -> int:
+    """How many of the candidate's keys use the spelling its architecture's writer of that format uses."""
+    return sum(1 for p in c.parses.values() if p.rule == c.arch.write_rule(c.fmt.name, p.rule.component))
+
+
 def _named_arch(candidates: Sequence[_Candidate], metadata: Mapping[str, str]) -> ArchSpec | None:
     """The one architecture among ``candidates`` the file's metadata names, if exactly one is named."""
     text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture",
@@ -306,6 +311,11 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             named = _named_arch([best, *other_archs], metadata)
             if named is not None:
                 best = next(r for r in [best, *tied] if r.arch.name == named.name)
+            else:
+                # the architecture whose writers spell these keys (``lora_te_`` CLIP-L is SD1's spelling; FLUX.1
+                # and SDXL write ``lora_te1_``), then registration order
+                firsts = list({r.arch.name: r for r in reversed([best, *tied])}.values())[::-1]
+                best = max(firsts, key=_canonical)
             also = list(dict.fromkeys(r.arch.label for r in [best, *tied] if r.arch.name != best.arch.name))
         same_arch = [r for r in [best, *tied] if r.arch.name == best.arch.name and r is not best]
         ref = best.meaning()

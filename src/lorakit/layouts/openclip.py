@@ -68,7 +68,9 @@ _MODELS = {
 }
 
 _GROUP_LABELS: Mapping[str, str] = {"layers": "{label} layers", "projection": "{label} text projection"}
-_FIXED = ("D", "FF")     # every checkpoint of a model has its preset's widths; only the layer count varies
+# the width that tells ViT-H (SD2's only encoder, ``lora_te_``) from CLIP-L (SD1's, same HF names); bigG's names
+# are never ambiguous (``lora_te2_`` / ``text_encoder_2.`` / ``clip_g``), so its sizes are left free
+_FIXED = {"clip_h": ("D",), "clip_g": ()}
 
 
 def _spec(m: _Module) -> ModuleSpec:
@@ -88,7 +90,7 @@ def openclip_component(model: _Model) -> ComponentSpec:
         presets=(model.preset,),
         counts=("layers",),
         role=model.role,
-        fixed={k: v for k, v in model.preset.params.items() if k in _FIXED},
+        fixed={k: v for k, v in model.preset.params.items() if k in _FIXED[model.name]},
     )
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from .base import ArchSpec, Stamp, Variant
 from .sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
 from .sd_unet import SD1_UNET
-from .text_encoders import CLIP_L
+from .text_encoders import CLIP_L, CLIP_L_WIDTH
 
 ENCODERS = (Encoder("clip_l", "native", ("lora_te_", "lora_te1_"), "clip_l", "text_encoder",
                     "cond_stage_model.transformer."),)
@@ -17,7 +17,7 @@ ENCODERS = (Encoder("clip_l", "native", ("lora_te_", "lora_te1_"), "clip_l", "te
 SD1 = ArchSpec(
     name="sd1",
     label="SD 1.x",
-    components={UNET: SD1_UNET, "clip_l": replace(CLIP_L, role="te1")},
+    components={UNET: SD1_UNET, "clip_l": replace(CLIP_L, role="te1", fixed=CLIP_L_WIDTH)},
     variants=(
         Variant("inpaint", "SD 1.x inpainting (conv_in takes 9 channels)", {"IN": 9}),
         Variant("base", "SD 1.x", {"IN": 4}),

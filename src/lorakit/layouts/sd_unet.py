@@ -153,15 +153,17 @@ SDXL_STRUCTURE = UNetStructure(mult=(1, 2, 4), depth=(0, 2, 10), mid_depth=10, r
 SD2_STRUCTURE = UNetStructure(mult=(1, 2, 4, 4), depth=(1, 1, 1, 0), mid_depth=1, res=2, proj_kernel=LINEAR,
                               adm=False)
 
-_SD1_FIXED = {"C": 320, "CTX": 768}
-_SD2_FIXED = {"C": 320, "CTX": 1024}
-_SDXL_FIXED = {"C": 320, "CTX": 2048, "ADM": 2816}
+# ``fixed``: the sizes that tell the UNets apart (context width; SDXL's label embedding). Model channels are 320
+# in all three, so they decide nothing and are left free (the suite's tiny UNets use other widths).
+_SD1_FIXED = {"CTX": 768}
+_SD2_FIXED = {"CTX": 1024}
+_SDXL_FIXED = {"CTX": 2048, "ADM": 2816}
 
 SD1_UNET = build_unet("SD1.x UNet", SD1_STRUCTURE,
-                      (Preset("sd1", {**_SD1_FIXED, "IN": 4, "OUT": 4}, varies=("IN",)),), _SD1_FIXED)
+                      (Preset("sd1", {**_SD1_FIXED, "C": 320, "IN": 4, "OUT": 4}, varies=("IN",)),), _SD1_FIXED)
 SD2_UNET = build_unet("SD2.x UNet", SD2_STRUCTURE,
-                      (Preset("sd2", {**_SD2_FIXED, "IN": 4, "OUT": 4}, varies=("IN",)),), _SD2_FIXED)
+                      (Preset("sd2", {**_SD2_FIXED, "C": 320, "IN": 4, "OUT": 4}, varies=("IN",)),), _SD2_FIXED)
 SDXL_UNET = build_unet("SDXL UNet", SDXL_STRUCTURE,
-                       (Preset("sdxl", {**_SDXL_FIXED, "IN": 4, "OUT": 4}, varies=("IN",)),), _SDXL_FIXED)
+                       (Preset("sdxl", {**_SDXL_FIXED, "C": 320, "IN": 4, "OUT": 4}, varies=("IN",)),), _SDXL_FIXED)
 
 __all__ = ["SD1_UNET", "SD2_UNET", "SDXL_UNET", "SD2_STRUCTURE", "UNetStructure", "build_unet", "SD1_STRUCTURE", "SDXL_STRUCTURE"]

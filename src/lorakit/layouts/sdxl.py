@@ -13,7 +13,7 @@ from .base import ArchSpec, Stamp, Variant
 from .openclip import OPENCLIP_G
 from .sd_family import SINGLE_FILE_FIRST, UNET, Encoder, sd_containers, sd_rules
 from .sd_unet import SDXL_UNET
-from .text_encoders import CLIP_L
+from .text_encoders import CLIP_L, CLIP_L_WIDTH
 
 ENCODERS = (Encoder("clip_l", "native", ("lora_te1_",), "clip_l", "text_encoder",
                     "conditioner.embedders.0.transformer."),
@@ -24,7 +24,7 @@ _DERIVED = (("pony", "Pony Diffusion"), ("illustrious", "Illustrious"), ("noobai
 SDXL = ArchSpec(
     name="sdxl",
     label="SDXL",
-    components={UNET: SDXL_UNET, "clip_l": replace(CLIP_L, role="te1"), "clip_g": OPENCLIP_G},
+    components={UNET: SDXL_UNET, "clip_l": replace(CLIP_L, role="te1", fixed=CLIP_L_WIDTH), "clip_g": OPENCLIP_G},
     variants=(
         Variant("inpaint", "SDXL inpainting (conv_in takes 9 channels)", {"IN": 9}),
         *(Variant(name, f"{label} (SDXL's layout; named by the file's metadata)", {"IN": 4}, named_by=(name,))

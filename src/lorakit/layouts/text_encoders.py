@@ -28,6 +28,10 @@ CLIP_L = ComponentSpec(
     counts=("layers",),
 )
 
+# the width that tells CLIP-L from SD2's ViT-H, both read under ``lora_te_`` with HF names (SD architectures set it;
+# FLUX.1 leaves CLIP-L's sizes free for the suite's tiny encoders)
+CLIP_L_WIDTH = {"D": 768}
+
 T5_XXL = ComponentSpec(
     name="t5",
     label="T5-XXL",
