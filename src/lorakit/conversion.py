@@ -89,7 +89,8 @@ def lora_output_metadata(model: LoraModel, result: EmitResult, fmt: str, *, oper
 def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, to: str, *,
             dtype: torch.dtype | str | None = None, allow_lossy: bool = False, lossy_rank: int | None = None,
             allow_partial: bool = False, allow_pickle: bool = False, from_format: str | None = None,
-            dry_run: bool = False, keep_algo: bool = False, progress: Progress | None = None) -> ConvertReport:
+            dry_run: bool = False, keep_algo: bool = False, progress: Progress | None = None,
+            arch: str | None = None) -> ConvertReport:
     """Convert the LoRA ``input`` to format ``to`` (kohya, diffusers, comfy) and write it to ``output``.
 
     Exact by default: LyCORIS modules (LoHa, LoKr, Tucker LoCon) are written as exact plain LoRA factors
@@ -109,7 +110,7 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
         check_output_path(os.fspath(output), [src])
     report_progress(progress, 0, 3, "reading")
     with open_weights(src, allow_pickle=allow_pickle) as f:
-        parsed = parse(f, force_format=from_format)
+        parsed = parse(f, force_format=from_format, arch_name=arch)
         if parsed.unknown_keys and not allow_partial:
             raise KeyMappingError("keys not understood; converting without them would drop part of the LoRA",
                                   parsed.unknown_keys, path=src, hint="pass --allow-partial to convert the rest.")

@@ -104,7 +104,7 @@ def open_text_encoder(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     with open_weights(p, allow_pickle=allow_pickle) as f:
         best: tuple[int, str, dict[str, tuple[int, ...]]] | None = None
         for name, comp in arch.components.items():
-            if name == "transformer":
+            if comp.role == "denoiser":
                 continue
             index = NameIndex(comp, "native", flat=False)
             found: dict[str, tuple[int, ...]] = {}
@@ -130,7 +130,7 @@ def _base_info(base: BaseModel) -> dict[str, Any]:
     variants = {v.name: v.label for v in base.arch.spec.variants}
     return {"file": base.file.path, "layout": base.layout, "prefix": base.prefix, "variant": base.variant,
             "variant_label": variants.get(base.variant, base.variant),
-            "sizes": dict(sorted(base.arch.params.get("transformer", {}).items())),
+            "sizes": dict(sorted(base.arch.params.get(base.arch.spec.denoiser.name, {}).items())),
             "tensors": len(base.file.keys()), "passthrough": len(base.passthrough)}
 
 
@@ -216,8 +216,9 @@ def _short(label: str) -> str:
 
 def _mismatch_cause(parsed: ParsedLora, base: BaseModel, syms: set[str]) -> tuple[str, str, str]:
     """(cause, reason, fix) for a shape mismatch whose differing sizes are ``syms``."""
-    lp = parsed.arch.params.get("transformer", {})
-    bp = base.arch.params["transformer"]
+    den = base.arch.spec.denoiser.name
+    lp = parsed.arch.params.get(den, {})
+    bp = base.arch.params[den]
     variants = parsed.arch.spec.variants
     for sym in sorted(syms):
         if sym not in lp or sym not in bp:
@@ -240,7 +241,7 @@ def _mismatch_cause(parsed: ParsedLora, base: BaseModel, syms: set[str]) -> tupl
 
 
 def _absent_cause(e: ModuleEntry, base: BaseModel) -> tuple[str, str, str]:
-    bp = base.arch.params["transformer"]
+    bp = base.arch.params[base.arch.spec.denoiser.name]
     spec = e.match.spec
     if spec.requires and not bp.get(spec.requires, 1):
         if spec.requires == "modulation":
@@ -268,13 +269,14 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
         g["modules"].append(module)
 
     present = set(base.by_module()) if base is not None else set()
-    bmods = base.arch.module_map("transformer") if base is not None else {}
-    bparams = base.arch.params["transformer"] if base is not None else {}
+    den = parsed.arch.spec.denoiser.name
+    bmods = base.arch.module_map(den) if base is not None else {}
+    bparams = base.arch.params[den] if base is not None else {}
     labels = {n: c.label for n, c in parsed.arch.spec.components.items()}
     for e in parsed.entries:
         label = f"{e.component}:{e.match.native}" + (f" ({e.file_module})" if e.match.alias.rows else "")
         out_obs, in_obs = e.observed_shape()
-        if e.component != "transformer":
+        if e.component != den:
             te = encoders.get(e.component)
             if te is None and base is None:
                 continue
@@ -331,7 +333,7 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
     for u in unknown:
         groups.append({"cause": u["cause"], "reason": u["reason"], "fix": u["fix"], "count": u["count"],
                        "modules": u["keys"]})
-    checked = [c for c in parsed.arch.params if c == "transformer" and base is not None or c in encoders]
+    checked = [c for c in parsed.arch.params if c == den and base is not None or c in encoders]
     return {"applies": applies, "modules": len(parsed.entries), "checked_components": checked,
             "unmatched": groups, "shape_mismatches": mismatches}
 
@@ -431,7 +433,8 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
     matchers = matchers or _Matchers()
     base_label = None
     if base is not None:
-        base_label = {v.name: _short(v.label) for v in base.arch.spec.variants}.get(base.variant, "FLUX.1")
+        base_label = {v.name: _short(v.label) for v in base.arch.spec.variants}.get(base.variant,
+                                                                                    base.arch.spec.label)
     try:
         f = open_weights(p, allow_pickle=allow_pickle)
     except LorakitError as exc:
@@ -548,10 +551,10 @@ def _verdict(d: Diagnosis, parsed: ParsedLora, base: BaseModel | None, base_labe
     d.verdict = OK
     if checked:
         d.summary = f"all {total} modules apply{where}" + (" (text encoders checked)" if
-                                                          set(checked) - {"transformer"} else "") + "."
+                                                          set(checked) - {parsed.arch.spec.denoiser.name} else "") + "."
     else:
-        d.summary = f"all {total} modules are well-formed FLUX.1 {', '.join(d.info['adapters']) if d.info else ''} " \
-                    "(no base given: coverage not checked)."
+        d.summary = f"all {total} modules are well-formed {parsed.arch.spec.label} " \
+                    f"{', '.join(d.info['adapters']) if d.info else ''} (no base given: coverage not checked)."
 
 
 def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], base: str | os.PathLike[str] | None = None,

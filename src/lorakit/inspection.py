@@ -247,11 +247,11 @@ def delta_norm(adapter: LoRA | LoHa | LoKr | Full) -> float:
 
 
 def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pickle: bool = False,
-                 from_format: str | None = None, hashes: bool = False) -> dict[str, Any]:
+                 from_format: str | None = None, hashes: bool = False, arch: str | None = None) -> dict[str, Any]:
     """What a LoRA file is: format, architecture, coverage, ranks, alphas, metadata (``deep``: also tensor checks; ``hashes``: also hashes)."""
     p = os.fspath(path)
     with open_weights(p, allow_pickle=allow_pickle) as f:
-        parsed = parse(f, force_format=from_format)
+        parsed = parse(f, force_format=from_format, arch_name=arch)
         bad_alphas: list[str] = []
         alphas = _read_alphas(parsed, bad_alphas)
         ranks = {e.file_module: _rank(e) for e in parsed.entries}
@@ -271,7 +271,10 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             "runner_up": ({"format": parsed.detection.runner_up[0], "score": round(parsed.detection.runner_up[1], 4)}
                           if parsed.detection.runner_up else None),
             "architecture": parsed.arch.name,
+            "architecture_label": parsed.arch.spec.label,
             "variant": parsed.arch.variant,
+            # architectures whose modules the keys name equally well (a CLIP-L-only LoRA fits several)
+            "also_fits": list(parsed.detection.also_fits),
             "adapters": kinds,
             "modules": sum(1 for e in parsed.entries if not e.match.loose),
             "loose_params": sum(1 for e in parsed.entries if e.match.loose),
@@ -309,13 +312,18 @@ def _kind(e: ModuleEntry) -> str | None:
     return None
 
 
+GROUPS_LISTED = 6     # components with more groups (SD UNet blocks) list only the groups a LoRA touches
+
+
 def format_report(r: Mapping[str, Any]) -> str:
     """The human-readable text of an inspect report."""
     lines = [f"{r['file']}",
              f"  format        {r['format']} — {r['format_label']} (confidence {r['confidence']:.0%}"
              + (f"; runner-up {r['runner_up']['format']} {r['runner_up']['score']:.0%}" if r.get("runner_up") else "")
              + ")",
-             f"  architecture  {r['architecture']} (variant: {r['variant']})",
+             f"  architecture  {r.get('architecture_label', r['architecture'])} ({r['architecture']}, variant: "
+             f"{r['variant']})" + (f"; the keys fit {', '.join(r['also_fits'])} equally (pass --arch to choose)"
+                                    if r.get("also_fits") else ""),
              f"  adapters      {', '.join(r['adapters']) or '-'}; {r['modules']} modules"
              + (f" + {r['loose_params']} norms" if r.get("loose_params") else ""),
              f"  dtype         {r['dtype']}; {r['size_bytes'] / 1e6:.1f} MB"]
@@ -324,7 +332,12 @@ def format_report(r: Mapping[str, Any]) -> str:
         if c["total"] is None:
             comp_parts.append(f"{c['label']} none (count unknown: non-standard model sizes)")
             continue
-        groups = ", ".join(f"{g['label']} {g['present']}/{g['total']}" for g in c["groups"].values())
+        touched = [g for g in c["groups"].values() if g["present"]]
+        rest = len(c["groups"]) - len(touched)
+        groups = ", ".join(f"{g['label']} {g['present']}/{g['total']}" for g in
+                           (touched if len(c["groups"]) > GROUPS_LISTED else c["groups"].values()))
+        if len(c["groups"]) > GROUPS_LISTED and rest:
+            groups += f"{', ' if touched else ''}{rest} other groups untouched"
         comp_parts.append(f"{c['label']} {c['present']}/{c['total']}" + (f" ({groups})" if len(c["groups"]) > 1 else ""))
     lines.append("  coverage      " + "\n                ".join(comp_parts))
     if r.get("loose_params"):

@@ -23,6 +23,14 @@ def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout")
 
 
+def add_arch(p: argparse.ArgumentParser) -> None:
+    """Add ``--arch`` (read the LoRA as this registered architecture instead of detecting it)."""
+    from ..layouts import available
+    p.add_argument("--arch", default=None, choices=available(), metavar="ARCH",
+                   help="read the input as this architecture instead of detecting it (" + ", ".join(available())
+                        + "); for files whose keys fit several, e.g. a CLIP-L-only LoRA")
+
+
 def add_pickle(p: argparse.ArgumentParser) -> None:
     """Add ``--allow-pickle`` to a command."""
     p.add_argument("--allow-pickle", action="store_true",

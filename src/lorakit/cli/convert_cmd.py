@@ -7,7 +7,7 @@ import argparse
 from ..conversion import convert
 from ..formats import WRITABLE, formats
 from ..progress import terminal_progress
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
+from .common import add_arch, add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "convert a LoRA between formats, exactly"
 
@@ -16,13 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand to the parser."""
     p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in formats())
                        + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights, alpha and the FLUX final-layer "
-                       "half-swap are converted losslessly; anything that would lose precision stops unless "
+                       "half-swap, OpenCLIP's fused in_proj are converted losslessly; anything that would lose precision stops unless "
                        "--allow-lossy is given.")
     p.add_argument("input", metavar="IN")
     add_output(p, required=False)
     p.add_argument("--to", required=True, choices=WRITABLE, help="target format")
     p.add_argument("--from", dest="from_format", default=None, choices=[f.name for f in formats()],
                    help="force the input format instead of detecting it")
+    add_arch(p)
     add_dtype(p)
     p.add_argument("--allow-lossy", action="store_true",
                    help="re-factor modules the target cannot hold exactly (SVD) and report their error")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lorakit convert`` and print its report; returns the exit code."""
     r = convert(args.input, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
                 lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
-                from_format=args.from_format, dry_run=args.dry_run, keep_algo=args.keep_algo,
+                from_format=args.from_format, dry_run=args.dry_run, keep_algo=args.keep_algo, arch=args.arch,
                 progress=terminal_progress("convert", enabled=not args.json))
     if args.json:
         emit_json(r.to_json())

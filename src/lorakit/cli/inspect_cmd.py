@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..inspection import format_report, inspect_lora
-from .common import add_json, add_pickle, emit_json
+from .common import add_arch, add_json, add_pickle, emit_json
 
 HELP = "show what a LoRA is: format, architecture, coverage, ranks, alphas, metadata"
 
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "sshs_legacy_hash, and whether the hashes stored in the header are current")
     p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
                    help="force the input format instead of detecting it")
+    add_arch(p)
     add_json(p)
     add_pickle(p)
     p.set_defaults(run=run)
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit inspect`` and print its report; exit 1 when some keys are not understood."""
     reports = [inspect_lora(f, deep=args.deep, allow_pickle=args.allow_pickle, from_format=args.from_format,
-                            hashes=args.hashes)
+                            hashes=args.hashes, arch=args.arch)
                for f in args.files]
     if args.json:
         emit_json(reports[0] if len(reports) == 1 else reports)
