@@ -16,21 +16,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-
-class NotExact(Exception):
-    """The requested restructuring cannot be expressed exactly in this adapter kind."""
+from .transforms import NotExact, swap_halves
 
 
 def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32)
 
 
-def _swap_rows(t: Tensor) -> Tensor:
-    n = t.shape[0]
-    if n % 2:
-        raise NotExact(f"cannot swap halves of {n} rows")
-    h = n // 2
-    return torch.cat([t[h:], t[:h]], dim=0)
 
 
 def _plain(up: Tensor, down: Tensor, scale: float, weight_shape: tuple[int, ...]) -> "LoRA":
@@ -163,7 +155,7 @@ class LoRA(Adapter):
         return replace(self, up=self.up[start:stop])
 
     def swap_halves(self) -> "LoRA":
-        return replace(self, up=_swap_rows(self.up))
+        return replace(self, up=swap_halves(self.up))
 
     def scaled(self, c: float) -> "LoRA":
         return replace(self, up=(_f32(self.up) * c).to(self.up.dtype))
@@ -235,7 +227,7 @@ class LoHa(Adapter):
     def swap_halves(self) -> "LoHa":
         if self.t1 is not None:
             raise NotExact("Tucker LoHa")
-        return replace(self, w1a=_swap_rows(self.w1a), w2a=_swap_rows(self.w2a))
+        return replace(self, w1a=swap_halves(self.w1a), w2a=swap_halves(self.w2a))
 
     def scaled(self, c: float) -> "LoHa":
         return replace(self, w1a=(_f32(self.w1a) * c).to(self.w1a.dtype))
@@ -424,7 +416,7 @@ class Full(Adapter):
         return replace(self, diff=self.diff[start:stop])
 
     def swap_halves(self) -> "Full":
-        return replace(self, diff=_swap_rows(self.diff))
+        return replace(self, diff=swap_halves(self.diff))
 
     def scaled(self, c: float) -> "Full":
         return replace(self, diff=(_f32(self.diff) * c).to(self.diff.dtype))

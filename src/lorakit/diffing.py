@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .adapters import LoRA, _swap_rows
+from .adapters import LoRA
+from .transforms import swap_halves
 from .basemodel import BaseModel, Slot, open_base
 from .errors import LorakitError, NotALoraError, ShapeMismatchError, UsageError
 from .formats import load, parse
@@ -318,11 +319,11 @@ def _native_slots(base: BaseModel) -> dict[str, list[Slot]]:
 def _read_native(base: BaseModel, slots: list[Slot]) -> torch.Tensor:
     if len(slots) == 1 and slots[0].rows is None:
         t = base.file.get(slots[0].key).to(torch.float32)
-        return _swap_rows(t) if slots[0].swap else t
+        return swap_halves(t) if slots[0].swap else t
     parts = []
     for s in slots:
         t = base.file.get(s.key).to(torch.float32)
-        parts.append((s.rows or (0, t.shape[0]), _swap_rows(t) if s.swap else t))
+        parts.append((s.rows or (0, t.shape[0]), swap_halves(t) if s.swap else t))
     rows = max(r[1] for r, _ in parts)
     out = torch.zeros((rows, *parts[0][1].shape[1:]), dtype=torch.float32)
     for (r0, r1), t in parts:

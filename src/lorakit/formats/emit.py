@@ -27,6 +27,7 @@ from ..errors import LossyConversionError, NonFiniteError, UsageError
 from ..layouts import Alias, ArchSpec, NameIndex, evaluate
 from ..layouts.base import ParamIndex, ParamMatch, param_name
 from ..model import LoraModel, Patch, Target
+from ..transforms import swap_halves, swap_parts
 from .spec import WRITE_SUFFIXES, FormatSpec, get_format
 
 
@@ -510,10 +511,7 @@ class Emitter:
 
     @staticmethod
     def _swapped(piece: Piece) -> Piece:
-        from ..adapters import _swap_rows
-        adapter = piece.adapter.swap_halves() if piece.adapter is not None else None
-        bias = _swap_rows(piece.bias) if piece.bias is not None else None
-        dora = _swap_rows(piece.dora) if piece.dora is not None and piece.dora.shape[0] > 1 else piece.dora
+        adapter, bias, dora = swap_parts(piece.adapter, piece.bias, piece.dora)
         return Piece(piece.component, piece.name, adapter, bias, dora)
 
     def _lossy(self, target: Target, name: str, parts: list[Patch], s: int, e: int, tail: tuple[int, ...],
@@ -538,10 +536,8 @@ class Emitter:
                 bias = torch.zeros(e - s) if bias is None else bias
                 bias[lo - s:hi - s] += p.bias.float()[lo - ps:hi - ps]
         if swap:
-            h = total.shape[0] // 2
-            total = torch.cat([total[h:], total[:h]])
-            if bias is not None:
-                bias = torch.cat([bias[h:], bias[:h]])
+            total = swap_halves(total)
+            bias = swap_halves(bias) if bias is not None else None
         dtype = next(p.adapter.dtype for p in parts if p.adapter is not None)
         from ..checks import require_finite
         require_finite(total, name=label, path=self.model.path)   # SVD of NaN/Inf fails; say why instead

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
+from ..adapters import Adapter, Full, LoHa, LoKr, LoRA
+from ..transforms import swap_parts
 from ..archinfer import Observation, ParamObservation, infer_instance
 from ..dtypes import FLOAT_CODES
 from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
@@ -810,22 +811,10 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
             else dora.reshape(1, -1)
     alias = entry.match.alias
     if alias.swap_halves:
-        adapter, bias, dora = _swap(adapter, bias, dora)
+        adapter, bias, dora = swap_parts(adapter, bias, dora, densify=True)
     patch = Patch(Target(entry.component, entry.match.native, loose=entry.match.loose), adapter, _rows(alias, params),
                   bias=bias, dora=dora, source=entry.file_module, replace=entry.family == "set")
     return patch
-
-
-def _swap(adapter: Adapter | None, bias: torch.Tensor | None, dora: torch.Tensor | None):
-    from ..adapters import _swap_rows
-    if adapter is not None:
-        try:
-            adapter = adapter.swap_halves()
-        except NotExact:
-            adapter = Full(alpha=None, diff=_swap_rows(adapter.dense()).to(adapter.dtype))
-    # an input-axis magnitude (1, in) is per column: swapping rows leaves it as it is
-    return adapter, (_swap_rows(bias) if bias is not None else None), (
-        _swap_rows(dora) if dora is not None and dora.dim() == 1 else dora)
 
 
 def load(parsed: ParsedLora) -> LoraModel:
