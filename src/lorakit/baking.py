@@ -33,13 +33,13 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .adapters import LoKr, LoRA, NotExact
-from .basemodel import BaseModel, open_base
+from .basemodel import BaseModel, match_tensor, open_base
 from .dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
 from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
                      PickleRefusedError, UnsupportedArchitectureError,
@@ -57,16 +57,19 @@ from .model import LoraModel, Patch
 from .progress import Progress, ProgressBar
 from .recipes import WeightedInput, parse_weighted
 
-COMPONENT = "transformer"
 LOOSE = "loose"                       # _Place.param of a loose parameter (its native name is the place's module)
-TEXT_ENCODERS = ("clip_l", "t5")
+# components with their own command-line flags (--clip-l FILE --clip-l-out OUT); any component can be given
+# as a separate file with --component NAME=FILE:OUT
+TE_FLAGS = {"clip_l": "clip-l", "t5": "t5"}
 DEFAULT_CHUNK_BYTES = 16 << 20        # one pipeline chunk (source or output bytes, whichever is larger)
 WORK_ELEMENTS = 3 << 20               # fp32 elements per compute block (cache-friendly, ~12 MB)
 POOL = 3                              # buffers per pipeline stage
 WRITEBACK_LAG = 4                     # written ranges kept in the page cache before they are dropped
 DORA_RULE = "peft: W0 + sum(w*dW) + sum(m*(W0 + s*dW)/||W0 + s*dW|| - W0)"
-MODELSPEC_ARCH = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma", "fill": "flux-1-dev",
-                  "control": "flux-1-dev"}
+# modelspec.architecture of a baked file per architecture and variant ("" = any other variant); an architecture
+# not listed writes its ArchSpec.modelspec (or its name)
+MODELSPEC_ARCH = {"flux1": {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma",
+                            "fill": "flux-1-dev", "control": "flux-1-dev", "": "flux-1"}}
 
 
 # =============================================================================================
@@ -139,9 +142,10 @@ class _Use:
         if self._cache is None:
             c: dict[str, torch.Tensor] = {}
             a = self.patch.adapter
-            if isinstance(a, LoRA) and a.mid is None and a.down.dim() == 2:
+            # plain LoRA, or a conv LoRA whose up is 1×1: ΔW (flattened to out × in·k·k) = up @ down
+            if isinstance(a, LoRA) and a.mid is None and a.up[0].numel() == a.down.shape[0]:
                 c["up"] = a.up.reshape(a.up.shape[0], -1).to(device, torch.float32)
-                c["down"] = a.down.to(device, torch.float32)
+                c["down"] = a.down.reshape(a.down.shape[0], -1).to(device, torch.float32)
             if self.patch.bias is not None:
                 c["bias"] = self.patch.bias.reshape(-1).to(device, torch.float32)
             if self.patch.dora is not None:
@@ -197,13 +201,27 @@ def _labels(base: BaseModel) -> dict[str, str]:
 
 
 def _base_desc(base: BaseModel) -> str:
+    spec = base.arch.spec
+    if not spec.variants:
+        return f"the base ({spec.label})"
     return f"the base ({_labels(base).get(base.variant, base.variant)})"
 
 
-def _missing_reason(base: BaseModel, module: str) -> str:
-    comp = base.arch.spec.components[COMPONENT]
+def _flag(component: str) -> str:
+    """How the command line names a separate file for a component."""
+    flag = TE_FLAGS.get(component)
+    return f"--{flag}" if flag else f"--component {component}=FILE"
+
+
+def _flag_hint(component: str) -> str:
+    flag = TE_FLAGS.get(component)
+    return f"--{flag} FILE --{flag}-out OUT" if flag else f"--component {component}=FILE:OUT"
+
+
+def _missing_reason(base: BaseModel, component: str, module: str) -> str:
+    comp = base.arch.spec.components[component]
     m = NameIndex(comp, "native", flat=False).match(module)
-    params = base.arch.params[COMPONENT]
+    params = base.arch.params.get(component, {})
     if m is not None:
         if m.spec.requires and not params.get(m.spec.requires, 1):
             return f"the base has no {m.spec.requires} layers"
@@ -212,8 +230,11 @@ def _missing_reason(base: BaseModel, module: str) -> str:
     return "the base has no such module"
 
 
-def _fit(patch: Patch, out: int, inp: int, what: str) -> tuple[tuple[int, int] | None, str | None]:
-    """The patch's native row window if it fits a module of shape (out, inp), else a reason."""
+def _fit(patch: Patch, shape: Sequence[int], what: str,
+         transpose: bool = False) -> tuple[tuple[int, int] | None, str | None]:
+    """The patch's native row window if it fits a module whose ΔW has ``shape`` (out × in[× kernel]), else a
+    reason. Convolution deltas are compared by their flattened size (a 1×1 conv takes a Linear LoRA)."""
+    out, inp = shape[0], math.prod(shape[1:])
     window = patch.rows or (0, out)
     if window[0] < 0 or window[1] > out:
         return None, f"rows {window[0]}:{window[1]} outside the {what}'s {out} rows"
@@ -228,6 +249,8 @@ def _fit(patch: Patch, out: int, inp: int, what: str) -> tuple[tuple[int, int] |
     if patch.bias is not None and patch.bias.numel() != rows:
         return None, f"bias of {patch.bias.numel()} values vs {rows} rows in the {what}"
     d = patch.dora
+    if d is not None and transpose:
+        return None, f"a DoRA magnitude on the {what}, which the base stores transposed, is not supported"
     if d is not None and d.numel() not in (rows, inp):
         return None, f"DoRA magnitude of {d.numel()} values fits neither {rows} rows nor {inp} columns"
     return window, None
@@ -253,33 +276,41 @@ def _value(expr: str, params: dict[str, int]) -> int | None:
 
 
 def _lora_cause(base: BaseModel, model: LoraModel) -> str:
+    spec = base.arch.spec
+    if model.arch.name != spec.name:
+        return f"this LoRA is for {model.arch.spec.label}; the base is {spec.label}"
     labels = _labels(base)
     parts = []
     lv, bv = model.arch.variant, base.variant
     if lv in labels and lv != bv:
         parts.append(f"this LoRA is for {labels[lv]}; the base is {labels.get(bv, bv)}")
-    comp = base.arch.spec.components[COMPONENT]
-    lp, bp = model.arch.params.get(COMPONENT, {}), base.arch.params[COMPONENT]
-    derived = {k for k, expr in comp.fallbacks.items() if k in lp and _value(expr, lp) == lp[k]}
-    diff = [f"{k} {lp[k]} vs {bp[k]}" for k in sorted(lp) if k in bp and k not in comp.flags
-            and k not in comp.counts and k not in derived and lp[k] != bp[k]]
-    if diff:
-        parts.append("sizes differ from the base (LoRA vs base: " + ", ".join(diff) + ")")
+    for name in base.components():
+        comp = spec.components[name]
+        lp, bp = model.arch.params.get(name, {}), base.arch.params.get(name, {})
+        derived = {k for k, expr in comp.fallbacks.items() if k in lp and _value(expr, lp) == lp[k]}
+        diff = [f"{k} {lp[k]} vs {bp[k]}" for k in sorted(lp) if k in bp and k not in comp.flags
+                and k not in comp.counts and k not in derived and lp[k] != bp[k]]
+        if diff:
+            where = "" if name == base.component else f" of the {comp.label}"
+            parts.append(f"sizes{where} differ from the base (LoRA vs base: " + ", ".join(diff) + ")")
     return "; ".join(parts)
 
 
 # =============================================================================================
-# Text-encoder files: find native modules by suffix
+# Where tensors sit; text-encoder files: find native modules by suffix
 # =============================================================================================
 
 @dataclass(frozen=True)
 class _Place:
-    """Where a file tensor sits: native module, parameter, native row window, swapped halves."""
+    """Where a file tensor sits: native module, parameter, native row window, swapped halves; with ``transpose``
+    the tensor is the native weight transposed (its rows are the native columns; ``rows`` = all native rows)."""
 
     module: str
     param: str
     rows: tuple[int, int]
     swap: bool = False
+    component: str = ""
+    transpose: bool = False
 
     def native_row(self, j: int) -> int:
         length = self.rows[1] - self.rows[0]
@@ -288,34 +319,49 @@ class _Place:
         return self.rows[0] + j
 
 
+def _base_places(bm: BaseModel) -> dict[str, _Place]:
+    """The place of every tensor of the base that belongs to a component."""
+    places: dict[str, _Place] = {}
+    for k, s in bm.slots.items():
+        if s.module is None:
+            # loose parameters (q/k norm scales): the place's "module" is the parameter's native name
+            places[k] = _Place(s.param, LOOSE, (0, (bm.file.shape(k) or (1,))[0]), component=s.component)
+            continue
+        shape = bm.module_shape(s.component, s.module)
+        out = shape[0] if shape else (bm.file.shape(k) or (1,))[0]
+        places[k] = _Place(s.module, s.param, s.rows or (0, out), s.swap, s.component, s.transpose)
+    return places
+
+
 def _te_places(file: WeightFile, component: str,
-               base: BaseModel) -> tuple[dict[str, _Place], dict[str, tuple[int, int]]]:
-    """Map a text-encoder file's tensors to native module names by suffix (prefix-agnostic)."""
+               base: BaseModel) -> tuple[dict[str, _Place], dict[str, tuple[int, ...]]]:
+    """Map a text-encoder file's tensors to native module names by suffix (prefix-agnostic); the shapes are ΔW's
+    (a transposed tensor's reversed)."""
     comp = base.arch.spec.components[component]
     index = NameIndex(comp, "native", flat=False)
     heads = sorted({s.native.split(".", 1)[0] + "." for s in comp.modules})
     for extra in ("", *heads):           # second pass: files that drop a leading container (text_model.)
         places: dict[str, _Place] = {}
-        shapes: dict[str, tuple[int, int]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         seen: dict[tuple[str, str], str] = {}
         for key in file.keys():
-            body, _, leaf = key.rpartition(".")
-            if leaf not in ("weight", "bias") or not body:
-                continue
-            parts = body.split(".")
+            parts = key.split(".")
             for i in range(len(parts)):
-                m = index.match(extra + ".".join(parts[i:]))
-                if m is None:
+                found = match_tensor(index, extra + ".".join(parts[i:]))
+                if found is None:
                     continue
-                shape = file.shape(key)
-                if leaf == "weight" and len(shape) == 2:
-                    shapes[m.native] = (shape[0], shape[1])
+                m, leaf = found
+                shape = tuple(file.shape(key))
+                transpose = m.spec.transpose and leaf == "weight"
+                if leaf == "weight" and len(shape) >= 2:
+                    shapes[m.native] = shape[::-1] if transpose else shape
                 if (m.native, leaf) in seen:
                     raise InputFileError(f"tensors {seen[(m.native, leaf)]!r} and {key!r} both look like "
                                          f"{m.native}.{leaf}.", path=file.path,
                                          hint=f"pass a file holding one {comp.label} encoder.")
                 seen[(m.native, leaf)] = key
-                places[key] = _Place(m.native, leaf, (0, shape[0]) if shape else (0, 1))
+                rows = (0, (shape[1] if transpose else shape[0]) if shape else 1)
+                places[key] = _Place(m.native, leaf, rows, component=component, transpose=transpose)
                 break
         if places:
             return places, shapes
@@ -479,7 +525,8 @@ class _Task:
 
 
 def _plan_tasks(file: WeightFile, out: _Output | None, places: dict[str, _Place],
-                uses: dict[str, list[_Use]], codes: dict[str, str]) -> list[_Task]:
+                uses: dict[str, dict[str, list[_Use]]], codes: dict[str, str]) -> list[_Task]:
+    """One task per tensor of ``file`` (file order); ``uses``: component -> native module -> patches."""
     tasks = []
     for info in sorted(file.infos.values(), key=lambda i: (i.file, i.start)):
         place = places.get(info.name)
@@ -488,7 +535,7 @@ def _plan_tasks(file: WeightFile, out: _Output | None, places: dict[str, _Place]
             assert out.writer(info.name).plan[info.name][0] == task.out_code
         if place is not None:
             lo, hi = place.rows
-            for u in uses.get(place.module, ()):
+            for u in uses.get(place.component, {}).get(place.module, ()):
                 if u.window[1] <= lo or u.window[0] >= hi:
                     continue
                 if place.param == "bias":
@@ -597,6 +644,21 @@ def _apply(work: torch.Tensor, task: _Task, n0: int, device: torch.device,
         work.add_(acc)
 
 
+def _apply_transposed(work: torch.Tensor, task: _Task, c0: int, device: torch.device) -> None:
+    """Add ``Σ w·ΔWᵀ`` to rows of a tensor the base stores transposed (``work`` = native columns
+    [c0, c0 + len(work)) of every native row; additive patches only, see :func:`_fit`)."""
+    c1 = c0 + work.shape[0]
+    for u in task.additive:
+        lo, hi = u.window
+        f = u.factors(device)
+        if "up" in f:
+            d = f["down"][:, c0:c1].t() @ f["up"]
+            work[:, lo:hi].add_(d, alpha=u.patch.adapter.scale * u.weight)  # type: ignore[union-attr]
+        else:
+            d = _delta_rows(u, 0, hi - lo, device)[:, c0:c1].t()
+            work[:, lo:hi].add_(d, alpha=u.weight)
+
+
 class _Compute:
     def __init__(self, device: torch.device, chunk_bytes: int) -> None:
         self.device = device
@@ -629,7 +691,10 @@ class _Compute:
             b1 = min(rows, b0 + block)
             w = work_buf[: (b1 - b0) * per].view(b1 - b0, *src.shape[1:])
             w.copy_(src[b0:b1])
-            _apply(w, task, task.place.native_row(j0 + b0), self.device, self.scratch)  # type: ignore[union-attr]
+            if task.place.transpose:  # type: ignore[union-attr]
+                _apply_transposed(w, task, j0 + b0, self.device)
+            else:
+                _apply(w, task, task.place.native_row(j0 + b0), self.device, self.scratch)  # type: ignore[union-attr]
             if not all_finite(w):      # checked before the fp8 clamp, which would hide an overflow
                 raise _overflow(task, src[b0:b1], torch.float32)
             if lim is not None:
@@ -961,19 +1026,63 @@ def _refuse_scaled_fp8(file: WeightFile) -> None:
             path=file.path, hint="bake into the bf16/fp16 original, then quantise the result.")
 
 
+ComponentFiles = Mapping[str, "tuple[str | os.PathLike[str], str | os.PathLike[str] | None] | str | os.PathLike[str]"]
+
+
+def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple[object, object]],
+                     dry_run: bool) -> dict[str, tuple[str, str | None]]:
+    """component -> (file, output) from ``components=`` and the ``clip_l=``/``t5=`` aliases; checks pairs."""
+    paths: dict[str, tuple[str, str | None]] = {}
+    for c, (f, o) in aliases.items():
+        flag = TE_FLAGS[c]
+        if f is None and o is not None:
+            raise UsageError(f"--{flag}-out given without --{flag}.", hint=f"pass the {c} file with --{flag}.")
+        if f is not None and o is None and not dry_run:
+            raise UsageError(f"--{flag} given without --{flag}-out.", hint=f"pass --{flag}-out OUT.safetensors.")
+        if f is not None:
+            paths[c] = (os.fspath(f), os.fspath(o) if o is not None else None)  # type: ignore[arg-type]
+    for c, given in (components or {}).items():
+        f, o = (given if isinstance(given, (tuple, list)) else (given, None))
+        if c in paths:
+            raise UsageError(f"{c} given twice (--{TE_FLAGS[c]} and --component {c}=…).", hint="give it once.")
+        if o is None and not dry_run:
+            raise UsageError(f"--component {c}={f} given without an output.",
+                             hint=f"pass --component {c}=FILE:OUT.safetensors.")
+        paths[c] = (os.fspath(f), os.fspath(o) if o is not None else None)
+    return paths
+
+
+def _check_components(bm: BaseModel, paths: dict[str, tuple[str, str | None]]) -> None:
+    """Separate component files must name components of the base's architecture that the base lacks."""
+    spec = bm.arch.spec
+    for c in paths:
+        if c not in spec.components:
+            raise UsageError(f"{spec.label} has no component {c!r}.",
+                             hint="components: " + ", ".join(spec.components) + ".")
+        if c in bm.parts:
+            raise UsageError(f"the base already holds the {spec.components[c].label} ({c}); its LoRA modules are "
+                             "baked into the base output.", hint=f"drop {_flag(c)}.")
+
+
 def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | os.PathLike[str] | None, *,
          dtype: torch.dtype | str | None = None, device: str = "cpu", allow_partial: bool = False,
          dry_run: bool = False, clip_l: str | os.PathLike[str] | None = None,
          clip_l_out: str | os.PathLike[str] | None = None, t5: str | os.PathLike[str] | None = None,
-         t5_out: str | os.PathLike[str] | None = None, allow_pickle: bool = False,
-         progress: Progress | bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-         threads: int | None = None, allow_zero_lora: bool = False) -> BakeReport:
+         t5_out: str | os.PathLike[str] | None = None, components: ComponentFiles | None = None,
+         allow_pickle: bool = False, progress: Progress | bool | None = None,
+         chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None,
+         allow_zero_lora: bool = False) -> BakeReport:
     """Bake LoRAs (``path[:weight]`` strings, ``(path, weight)`` pairs or WeightedInput) into ``base``.
 
+    Every component the base holds (the denoiser; in single-file checkpoints also text encoders) gets its
+    LoRA modules; tensors of no component (a VAE) are copied untouched. Components held in separate files
+    are given as ``components={name: (file, output)}`` (``clip_l=``/``clip_l_out=`` and ``t5=``/``t5_out=`` are
+    aliases for FLUX.1's text encoders); LoRA modules of a component neither the base nor a given file holds
+    are reported in ``not_applied``.
     The output keeps the base's layout and, unless ``dtype`` is given, every tensor's dtype (``dtype``
-    changes the transformer's floating tensors only; other components of a full checkpoint and text
-    encoders are never converted). Nothing is written unless every LoRA module fits the base (or
-    ``allow_partial``); ``dry_run`` returns the per-tensor plan without touching base tensor data.
+    changes the main component's (denoiser's) floating tensors only; other components of a full checkpoint
+    and separate component files are never converted). Nothing is written unless every LoRA module fits the
+    base (or ``allow_partial``); ``dry_run`` returns the per-tensor plan without touching base tensor data.
     ``threads`` sets torch's intra-op threads for the duration of the bake (default: half the CPUs,
     1 to 8 — the reader and writer threads need a core for their copies). A LoRA whose ups are all zero is
     refused unless ``allow_zero_lora``; a baked tensor that would hold NaN/Inf is refused (NonFiniteError).
@@ -988,15 +1097,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         raise UsageError("no LoRA given.", hint="pass BASE then one or more LoRA[:WEIGHT].")
     base_path = os.fspath(base)
     out_path = os.fspath(output) if output is not None else None
-    te_args = {"clip_l": (clip_l, clip_l_out), "t5": (t5, t5_out)}
-    te_paths = {c: (os.fspath(f), os.fspath(o) if o is not None else None)
-                for c, (f, o) in te_args.items() if f is not None}
-    for c, (f, o) in te_args.items():
-        flag = c.replace("_", "-")
-        if f is None and o is not None:
-            raise UsageError(f"--{flag}-out given without --{flag}.", hint=f"pass the {c} file with --{flag}.")
-        if f is not None and o is None and not dry_run:
-            raise UsageError(f"--{flag} given without --{flag}-out.", hint=f"pass --{flag}-out OUT.safetensors.")
+    te_paths = _component_paths(components, {"clip_l": (clip_l, clip_l_out), "t5": (t5, t5_out)}, dry_run)
     if out_path is None and not dry_run:
         raise UsageError("no output path given.", hint="pass -o OUT (or --dry-run).")
     all_inputs = [base_path, *(w.path for w in weighted), *(f for f, _ in te_paths.values())]
@@ -1013,6 +1114,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         opened.append(bfile)
         _refuse_scaled_fp8(bfile)
         bm = open_base(bfile)
+        _check_components(bm, te_paths)
         te_files: dict[str, WeightFile] = {}
         for c, (f, _o) in te_paths.items():
             te_files[c] = open_weights(f)
@@ -1021,10 +1123,11 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             _check_output(out_path, bfile, all_inputs)  # type: ignore[arg-type]
             for c, (_f, o) in te_paths.items():
                 _check_output(o, te_files[c], all_inputs)  # type: ignore[arg-type]
-            outs = [os.path.realpath(p) for p in (out_path, *(o for _f, o in te_paths.values()))]
+            outs = [os.path.realpath(p) for p in (out_path, *(o for _f, o in te_paths.values()))]  # type: ignore[arg-type]
             if len(set(outs)) != len(outs):
                 raise OutputError("two outputs have the same path.", path=out_path,
-                                  hint="give -o, --clip-l-out and --t5-out different paths.")
+                                  hint="give -o, --clip-l-out, --t5-out and each --component output different "
+                                       "paths.")
         desc = _base_desc(bm)
         loras = [_Input(w.path, w.weight, _read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run))
                  for w in weighted]
@@ -1039,21 +1142,18 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         convert = _converter(out_dtype)
         meta = _output_metadata(bm, loras, report, dry_run)
         tasks: list[_Task] = []
-        base_changes = bool(uses[COMPONENT])
-        if base_changes:
-            codes = {k: (convert(k, i.dtype) if k in bm.slots else i.dtype) for k, i in bfile.infos.items()}
+        if any(uses.get(c) for c in bm.parts):
+            main = bm.component
+            codes = {k: (convert(k, i.dtype) if k in bm.slots and bm.slots[k].component == main else i.dtype)
+                     for k, i in bfile.infos.items()}
             out = None if dry_run else _Output(bfile, out_path, codes, meta, all_inputs)  # type: ignore[arg-type]
             if out is not None:
                 outputs.append(out)
-            places = {k: _Place(s.module, s.param, s.rows or (0, bm.native_shape(s.module)[0]),  # type: ignore[index]
-                                s.swap) for k, s in bm.slots.items() if s.module is not None}
-            # loose parameters (q/k norm scales): the place's "module" is the parameter's native name
-            places.update({k: _Place(s.param, LOOSE, (0, (bm.file.shape(k) or (1,))[0]))
-                           for k, s in bm.slots.items() if s.module is None})
-            tasks += _plan_tasks(bfile, out, places, uses[COMPONENT], codes)
+            tasks += _plan_tasks(bfile, out, _base_places(bm), uses, codes)
         else:
             report.output = None
-            report.warnings.append("no transformer module applies; the base output was not written.")
+            held = " or ".join(bm.components())
+            report.warnings.append(f"no {held} module applies; the base output was not written.")
         for c, f in te_files.items():
             codes = {k: i.dtype for k, i in f.infos.items()}
             te_out = te_paths[c][1]
@@ -1061,7 +1161,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             out = None if dry_run else _Output(f, te_out, codes, meta_te, all_inputs)  # type: ignore[arg-type]
             if out is not None:
                 outputs.append(out)
-            te_tasks = _plan_tasks(f, out, te_places[c], uses[c], codes)
+            te_tasks = _plan_tasks(f, out, te_places[c], {c: uses[c]}, codes)
             tasks += te_tasks
             report.text_encoders.append({"component": c, "file": f.path, "output": te_out,
                                          "changed": sum(t.changed for t in te_tasks)})
@@ -1124,41 +1224,53 @@ def _converter(out_dtype: torch.dtype | None) -> Callable[[str, str], str]:
 
 def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile], allow_partial: bool,
               report: BakeReport) -> tuple[dict[str, dict[str, list[_Use]]], dict[str, dict[str, _Place]]]:
-    """Check every LoRA module against the base (and text-encoder files); refuse before any write."""
-    mods = bm.arch.module_map(COMPONENT)
-    loose = {s.param: tuple(bm.file.shape(s.key)) for s in bm.slots.values() if s.module is None}
+    """Check every LoRA module against the base's components (and the separate component files); refuse before
+    any write. Modules of the main component are named bare in the report, others as ``component:module``."""
+    spec = bm.arch.spec
+    main = bm.component
+    mods = {c: bm.arch.module_map(c) for c in bm.parts}
+    transposed = {(s.component, s.module) for s in bm.slots.values() if s.transpose}
+    loose = {c: {s.param: tuple(bm.file.shape(s.key)) for s in bm.slots.values() if s.module is None
+                 and s.component == c} for c in bm.parts}
     te_places: dict[str, dict[str, _Place]] = {}
-    te_shapes: dict[str, dict[str, tuple[int, int]]] = {}
+    te_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for c, f in te_files.items():
         te_places[c], te_shapes[c] = _te_places(f, c, bm)
-    uses: dict[str, dict[str, list[_Use]]] = {COMPONENT: {}, **{c: {} for c in TEXT_ENCODERS}}
+    uses: dict[str, dict[str, list[_Use]]] = {c: {} for c in (*spec.components, *bm.parts)}
     unmatched: list[str] = []
     causes: list[str] = []
     for idx, inp in enumerate(loras):
         name = os.path.basename(inp.path)
-        bad: list[str] = []
+        bad: list[tuple[str, str, str]] = []          # (component, module label, reason)
         unused_te: dict[str, int] = {}
+        foreign = inp.model.arch.name != spec.name
         for p in inp.model.patches:
             comp, module = p.target.component, p.target.module
-            if comp == COMPONENT and (p.target.loose or (module not in mods and module in loose)):
-                window, why = _fit_loose(p, loose.get(module))
-            elif comp == COMPONENT:
-                m = mods.get(module)
-                if m is None:
-                    bad.append(f"{module}: {_missing_reason(bm, module)}")
+            label = module if comp == main else f"{comp}:{module}"
+            if foreign:
+                bad.append((comp, label, f"a {inp.model.arch.spec.label} module; the base is {spec.label}"))
+                continue
+            if comp in bm.parts and (p.target.loose or (module not in mods[comp] and module in loose[comp])):
+                window, why = _fit_loose(p, loose[comp].get(module))
+            elif comp in bm.parts:
+                shape = bm.module_shape(comp, module)
+                if shape is None:
+                    bad.append((comp, label, _missing_reason(bm, comp, module)))
                     continue
-                window, why = _fit(p, m.out, m.inp, "base module")
+                window, why = _fit(p, shape, "base module" if comp == main else f"{comp} module",
+                                   (comp, module) in transposed)
             elif comp in te_files:
                 shape = te_shapes[comp].get(module)
                 if shape is None:
-                    bad.append(f"{comp}:{module}: not in {os.path.basename(te_files[comp].path)}")
+                    bad.append((comp, label, f"not in {os.path.basename(te_files[comp].path)}"))
                     continue
-                window, why = _fit(p, shape[0], shape[1], f"{comp} module")
+                is_t = any(pl.transpose and pl.module == module for pl in te_places[comp].values())
+                window, why = _fit(p, shape, f"{comp} module", is_t)
             else:
                 unused_te[comp] = unused_te.get(comp, 0) + 1
                 continue
             if why is not None:
-                bad.append(f"{module}: {why}")
+                bad.append((comp, label, why))
                 continue
             if inp.weight == 0 and p.dora is None:
                 continue
@@ -1170,19 +1282,22 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
                                    f"set to the file's values whatever the strength ({inp.weight:g}), as BFL's "
                                    "and diffusers' loaders do.")
         for k in inp.model.unknown_keys:
-            bad.append(f"key {k!r}: not understood")
+            bad.append(("", f"key {k!r}", "not understood"))
         inp.skipped = len(bad)
         if bad:
             cause = _lora_cause(bm, inp.model)
             if cause:
                 causes.append(f"{name}: {cause}")
-            unmatched += [f"{name}: {b}" for b in bad]
-            report.skipped += [{"input": inp.path, "module": b.split(": ", 1)[0], "reason": b.split(": ", 1)[-1]}
-                               for b in bad]
+            unmatched += [f"{name}: {label}: {why}" for _c, label, why in bad]
+            report.skipped += [{"input": inp.path, "module": label, "reason": why, "component": c}
+                               for c, label, why in bad]
         for comp, n in unused_te.items():
-            flag = comp.replace("_", "-")
             report.not_applied.append({"input": inp.path, "component": comp, "modules": n})
-            report.warnings.append(f"{name}: {n} {comp} modules not applied (pass --{flag} FILE --{flag}-out OUT "
+            where = spec.components[comp].label if comp in spec.components else comp
+            report.warnings.append(f"{name}: {n} {comp} modules not applied: the base holds no {where} (pass "
+                                   f"{_flag_hint(comp)} to bake them into a text encoder)."
+                                   if comp not in TE_FLAGS else
+                                   f"{name}: {n} {comp} modules not applied (pass {_flag_hint(comp)} "
                                    "to bake them into a text encoder).")
         report.inputs.append({"path": inp.path, "weight": inp.weight, "format": inp.model.format,
                               "variant": inp.model.arch.variant, "modules": len(inp.model.patches),
@@ -1192,17 +1307,19 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         mv = inp.model.arch.variant
         if mv in _labels(bm) and mv != bm.variant and not bad:
             report.warnings.append(f"{name}: made for {_labels(bm)[mv]}, baked into {_base_desc(bm)}.")
-    for module, us in uses[COMPONENT].items():
-        setters = [u for u in us if u.patch.replace]
-        if len(setters) > 1:
-            raise MergeError(f"{module}: {len(setters)} inputs replace this norm scale "
-                             f"({', '.join(os.path.basename(loras[u.input].path) for u in setters)}); "
-                             "a parameter takes one replacement value.",
-                             hint="bake one BFL control LoRA at a time.")
+    for comp in bm.parts:
+        for module, us in uses[comp].items():
+            setters = [u for u in us if u.patch.replace]
+            if len(setters) > 1:
+                raise MergeError(f"{module}: {len(setters)} inputs replace this norm scale "
+                                 f"({', '.join(os.path.basename(loras[u.input].path) for u in setters)}); "
+                                 "a parameter takes one replacement value.",
+                                 hint="bake one BFL control LoRA at a time.")
     for c in te_files:
         if not uses[c] and not any(p.target.component == c for i in loras for p in i.model.patches):
-            raise UsageError(f"--{c.replace('_', '-')} given, but no LoRA has {c} modules.",
-                             hint=f"drop --{c.replace('_', '-')} and --{c.replace('_', '-')}-out.")
+            flag = _flag(c)
+            drop = f"{flag} and {flag}-out" if c in TE_FLAGS else flag + ":OUT"
+            raise UsageError(f"{flag} given, but no LoRA has {c} modules.", hint=f"drop {drop}.")
     if unmatched and not allow_partial:
         lead = "; ".join(causes) + ". " if causes else ""
         raise CoverageError(f"{lead}Nothing was written: these LoRA modules do not fit {_base_desc(bm)}",
@@ -1221,7 +1338,7 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         raise CoverageError("nothing to bake: no LoRA module applies to this base (or the given text encoders)",
                             [os.path.basename(i.path) for i in loras], path=bm.file.path,
                             hint="check that the LoRA is for this model; text-encoder modules need --clip-l/--t5 "
-                                 "with their -out paths.")
+                                 "with their -out paths (or --component NAME=FILE:OUT).")
     return uses, te_places
 
 
@@ -1242,7 +1359,10 @@ def _output_metadata(bm: BaseModel, loras: list[_Input], report: BakeReport, dry
                                        dtype=report.dtype,
                                        dora=DORA_RULE if dora else None,
                                        skipped=len(report.skipped) or None)}
-    meta["modelspec.architecture"] = MODELSPEC_ARCH.get(bm.variant, "flux-1")
+    spec = bm.arch.spec
+    names = MODELSPEC_ARCH.get(spec.name)
+    meta["modelspec.architecture"] = (names.get(bm.variant, names[""]) if names is not None
+                                      else spec.modelspec or spec.name)
     meta.setdefault("modelspec.sai_model_spec", "1.0.1")
     return meta
 
