@@ -652,7 +652,7 @@ def _apply_transposed(work: torch.Tensor, task: _Task, c0: int, device: torch.de
         lo, hi = u.window
         f = u.factors(device)
         if "up" in f:
-            d = f["down"][:, c0:c1].t() @ f["up"]
+            d = f["down"][:, c0:c1].t() @ f["up"].t()
             work[:, lo:hi].add_(d, alpha=u.patch.adapter.scale * u.weight)  # type: ignore[union-attr]
         else:
             d = _delta_rows(u, 0, hi - lo, device)[:, c0:c1].t()
