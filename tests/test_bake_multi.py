@@ -20,7 +20,8 @@ from lorakit.cli.main import main
 from lorakit.errors import CoverageError, UsageError
 from lorakit.io import open_weights
 
-from toyarch import SIZES, TE_PREFIX, UNET_PREFIX, VAE_SHAPES, delta, lora_modules, toy_arch, write_base, write_lora  # noqa: F401
+from toyarch import (SIZES, TE_PREFIX, UNET_PREFIX, VAE_SHAPES, delta, lora_modules,  # noqa: F401 (toy_arch: fixture)
+                     toy_arch, write_base, write_lora)
 
 W = 0.7            # LoRA strength used throughout
 D = SIZES["D"]
@@ -202,3 +203,21 @@ def test_coverage_error_names_component(tmp_path, toy_arch):
     r = lorakit.bake(base_path, [lora_path], str(tmp_path / "o.safetensors"), allow_partial=True)
     assert [(s["component"], s["module"]) for s in r.skipped] == [("te", "te:layers.4.attn.out_proj")]
     assert r.changed == len(CHANGED)
+
+
+def test_lora_of_another_architecture_is_refused(files, tmp_path):
+    """With toy registered next to FLUX.1, each base is still detected as its own architecture, and a LoRA of the
+    other one is refused by name (nothing written)."""
+    from test_bake_util import make_base, write_kohya_all
+
+    base_path, _b, lora_path, _l = files
+    flux_base = make_base(tmp_path, "bfl")
+    flux_lora = write_kohya_all(str(tmp_path / "flux_lora.safetensors"), modules=["img_in"])
+    with open_weights(flux_base) as f:
+        assert open_base(f).arch.name == "flux1"
+    for base, lora, msg in ((flux_base, lora_path, "this LoRA is for Toy; the base is FLUX.1"),
+                            (base_path, flux_lora, "this LoRA is for FLUX.1; the base is Toy")):
+        out = str(tmp_path / "o.safetensors")
+        with pytest.raises(CoverageError, match=msg):
+            lorakit.bake(base, [lora], out)
+        assert not (tmp_path / "o.safetensors").exists()

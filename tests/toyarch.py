@@ -111,9 +111,10 @@ VAE_SHAPES = {"first_stage.decoder.conv.weight": (3, 4, 3, 3), "first_stage.deco
               "first_stage.encoder.conv.weight": (8, 3, 3, 3)}
 
 
-def base_tensors(gen: torch.Generator, *, te: bool = True, fp16: Iterable[str] = ("head.weight",)) -> dict[str, torch.Tensor]:
-    """A single-file toy base: unet (fp32, with ``fp16`` unet keys in fp16), te (fp16), VAE (fp32). The key order
-    interleaves components on purpose (safetensors writes keys sorted; the test reads the order back)."""
+def base_tensors(gen: torch.Generator, *, te: bool = True,
+                 fp16: Iterable[str] = ("head.weight",)) -> dict[str, torch.Tensor]:
+    """A single-file toy base: unet (fp32, with ``fp16`` unet keys in fp16), te (fp16, unless ``te`` is false),
+    VAE-like ``first_stage.`` tensors (fp32) that no component claims."""
     half = set(fp16)
     out: dict[str, torch.Tensor] = {}
     for k, shape in unet_shapes().items():
@@ -138,11 +139,11 @@ def write_base(path: str, gen: torch.Generator, **kw: object) -> dict[str, torch
 # A kohya LoRA for the toy (diffusers names, flattened)
 # ----------------------------------------------------------------------------------------------
 
-# kohya module name -> (ΔW shape out × in[×k×k], rank, alpha, up tail dims)
+# kohya module name -> (ΔW shape out × in[×k×k], rank, alpha)
 def lora_modules(s: Mapping[str, int] = SIZES) -> dict[str, tuple[tuple[int, ...], int, float]]:
     c, d = s["C"], s["D"]
     return {
-        "lora_unet_conv_in": ((c, s["IN"], 3, 3), 2, 1.0),             # conv 3×3: down [r, in, 3, 3], up [out, r, 1, 1]
+        "lora_unet_conv_in": ((c, s["IN"], 3, 3), 2, 1.0),   # conv 3×3: down [r, in, 3, 3], up [out, r, 1, 1]
         "lora_unet_mid_block_skip": ((c, c, 1, 1), 3, 6.0),            # conv 1×1
         "lora_unet_down_blocks_1_attentions_2_proj": ((c, c), 4, 2.0),   # Linear, second index pair
         "lora_te1_layers_1_self_attn_q_proj": ((d, d), 2, 3.0),        # q rows of the fused in_proj

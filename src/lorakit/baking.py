@@ -1123,7 +1123,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             _check_output(out_path, bfile, all_inputs)  # type: ignore[arg-type]
             for c, (_f, o) in te_paths.items():
                 _check_output(o, te_files[c], all_inputs)  # type: ignore[arg-type]
-            outs = [os.path.realpath(p) for p in (out_path, *(o for _f, o in te_paths.values()))]  # type: ignore[arg-type]
+            outs = [os.path.realpath(p)  # type: ignore[arg-type]
+                    for p in (out_path, *(o for _f, o in te_paths.values()))]
             if len(set(outs)) != len(outs):
                 raise OutputError("two outputs have the same path.", path=out_path,
                                   hint="give -o, --clip-l-out, --t5-out and each --component output different "
@@ -1388,6 +1389,8 @@ def _describe(tasks: list[_Task], loras: list[_Input]) -> list[dict[str, object]
 
 
 def _tensor_rows(place: _Place, a: int, b: int) -> list[int] | str:
+    if place.transpose:
+        return f"columns {a}:{b} (stored transposed)"
     lo, hi = place.rows
     if not place.swap:
         return [a - lo, b - lo]

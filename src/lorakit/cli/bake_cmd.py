@@ -103,8 +103,8 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
 def parse_component(text: object) -> tuple[str, tuple[str, str | None]]:
     """``NAME=FILE[:OUT]`` -> (name, (file, out)); OUT is what follows the last ``:``."""
     if not isinstance(text, str) or "=" not in text:
-        raise UsageError(f"bad --component {text!r}.", hint="write --component NAME=FILE:OUT (e.g. clip_l=clip.safetensors:"
-                         "clip_baked.safetensors).")
+        raise UsageError(f"bad --component {text!r}.",
+                         hint="write --component NAME=FILE:OUT (e.g. clip_l=clip.safetensors:clip_baked.safetensors).")
     name, _, rest = text.partition("=")
     file, sep, out = rest.rpartition(":")
     if not sep:
