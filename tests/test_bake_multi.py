@@ -8,6 +8,7 @@ a fused in_proj; ΔWᵀ for a weight stored in × out); files are read back with
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -20,7 +21,7 @@ from lorakit.cli.main import main
 from lorakit.errors import CoverageError, UsageError
 from lorakit.io import open_weights
 
-from toyarch import (SIZES, TE_PREFIX, UNET_PREFIX, VAE_SHAPES, delta, lora_modules,  # noqa: F401 (toy_arch: fixture)
+from toyarch import (SIZES, TE_PREFIX, UNET_PREFIX, VAE_PREFIX, VAE_SHAPES, delta, lora_modules,  # noqa: F401 (toy_arch: fixture)
                      toy_arch, write_base, write_lora)
 
 W = 0.7            # LoRA strength used throughout
@@ -221,3 +222,89 @@ def test_lora_of_another_architecture_is_refused(files, tmp_path):
         with pytest.raises(CoverageError, match=msg):
             lorakit.bake(base, [lora], out)
         assert not (tmp_path / "o.safetensors").exists()
+
+
+def _write_pipeline(root, base: dict[str, torch.Tensor], *, sharded_unet: bool) -> None:
+    """A diffusers-style pipeline folder of the toy base: unet/ (single file or two shards), text_encoder/, vae/,
+    tokenizer/ and model_index.json; component names without their single-file prefixes."""
+    def strip(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in base.items() if k.startswith(prefix)}
+
+    for sub in ("unet", "text_encoder", "vae", "tokenizer"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps({"name": sub}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ToyPipeline"}))
+    (root / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    unet = strip(UNET_PREFIX)
+    if sharded_unet:
+        keys = sorted(unet)
+        shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+                  "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+        for name, ks in shards.items():
+            save_file({k: unet[k] for k in ks}, str(root / "unet" / name))
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in unet.values())},
+                 "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+        (root / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file(unet, str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(strip(TE_PREFIX), str(root / "text_encoder" / "model.safetensors"))
+    save_file(strip(VAE_PREFIX), str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("sharded_unet", [False, True])
+def test_pipeline_folder(files, tmp_path, sharded_unet):
+    """A diffusers pipeline folder bakes into a mirror folder: unet/ and text_encoder/ baked (per
+    ``Container.folder``), everything else copied byte for byte."""
+    import filecmp
+
+    _bp, base, lora_path, lora = files
+    pipe, out = tmp_path / "pipe", tmp_path / "baked"
+    _write_pipeline(pipe, base, sharded_unet=sharded_unet)
+    assert main(["bake", str(pipe), f"{lora_path}:{W}", "-o", str(out), "--no-progress"]) == 0
+    want = _expected(base, lora, W)
+    for sub, prefix in (("unet", UNET_PREFIX), ("text_encoder", TE_PREFIX)):
+        src_files = sorted(p.name for p in (pipe / sub).iterdir())
+        assert sorted(p.name for p in (out / sub).iterdir()) == src_files
+        got: dict[str, torch.Tensor] = {}
+        for name in src_files:
+            if name.endswith(".safetensors"):
+                got.update(load_file(str(out / sub / name)))
+                assert _header(str(out / sub / name)) == _header(str(pipe / sub / name))
+        src = {k[len(prefix):]: v for k, v in base.items() if k.startswith(prefix)}
+        _check(got, src, {k[len(prefix):]: v for k, v in want.items() if k.startswith(prefix)})
+        assert filecmp.cmp(pipe / sub / "config.json", out / sub / "config.json", shallow=False)
+    for rel in ("model_index.json", "vae/diffusion_pytorch_model.safetensors", "vae/config.json",
+                "tokenizer/vocab.txt", "tokenizer/config.json"):
+        assert filecmp.cmp(pipe / rel, out / rel, shallow=False), rel
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in pipe.iterdir())
+    # refusals: an output file name, an existing non-empty folder
+    assert main(["bake", str(pipe), lora_path, "-o", str(tmp_path / "x.safetensors"), "--no-progress"]) == 2
+    assert main(["bake", str(pipe), lora_path, "-o", str(out), "--no-progress"]) == 2
+
+
+def test_flux_pipeline_folder_bakes_its_transformer(tmp_path):
+    """A FLUX.1 pipeline folder: transformer/ (sharded) is baked exactly as the same folder given alone; the text
+    encoders, which FLUX.1's containers do not list, are copied and their LoRA modules reported as not applied."""
+    import filecmp
+    import shutil
+
+    from conftest import TINY_CLIP
+    from test_bake_util import make_base, write_kohya_all, write_te_file
+
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    shutil.move(make_base(tmp_path, "sharded"), pipe / "transformer")
+    (pipe / "text_encoder").mkdir()
+    write_te_file(str(pipe / "text_encoder" / "model.safetensors"), "clip_l", TINY_CLIP)
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    lora = write_kohya_all(str(tmp_path / "k.safetensors"), clip=TINY_CLIP)
+    alone, out = tmp_path / "alone", tmp_path / "out"
+    r1 = lorakit.bake(pipe / "transformer", [(lora, W)], alone)
+    r2 = lorakit.bake(pipe, [(lora, W)], out)
+    assert r2.changed == r1.changed > 0 and r2.not_applied == r1.not_applied != []
+    assert r1.not_applied[0]["component"] == "clip_l"
+    for name in sorted(os.listdir(alone)):
+        assert filecmp.cmp(alone / name, out / "transformer" / name, shallow=False), name
+    assert sorted(os.listdir(out / "transformer")) == sorted(os.listdir(alone))
+    assert filecmp.cmp(pipe / "text_encoder" / "model.safetensors", out / "text_encoder" / "model.safetensors",
+                       shallow=False)

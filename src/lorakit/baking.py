@@ -1,10 +1,13 @@
 """``lorakit bake``: add LoRAs into a base model's weights, streaming, with fp32 accumulation.
 
 For every base tensor: read → fp32 → add ``Σ wᵢ·ΔWᵢ`` (exactly the rows of each patch that land in
-this tensor) → cast once to the output dtype → write. LoRA patches live on native (BFL) targets with
-row windows, and every base tensor is a (module, rows[, swapped halves]) slot of a native tensor, so
-any LoRA layout bakes into any base layout (BFL, ComfyUI-prefixed, diffusers single file or sharded),
-and the output keeps the base's layout, names, shard assignment and (by default) dtypes.
+this tensor) → cast once to the output dtype → write. LoRA patches live on native targets (component,
+module) with row windows, and every base tensor is a (component, module, rows[, swapped halves][,
+transposed]) slot of a native tensor, so any LoRA layout bakes into any base layout (BFL, ComfyUI-prefixed,
+diffusers single file or sharded, single-file checkpoints holding a denoiser and text encoders, diffusers
+pipeline folders), and the output keeps the base's layout, names, shard assignment and (by default) dtypes.
+Convolution deltas are added flattened (``out × in·k·k``, the base tensor's layout); a weight the base stores
+``in × out`` (OpenCLIP's ``text_projection``) gets ΔWᵀ.
 
 Work is done in row chunks of bounded size through a three-stage thread pipeline (read → compute →
 write) with reused buffers, so peak memory depends on the chunk size, not on the model size.
@@ -51,7 +54,7 @@ from .io.header import MAX_HEADER_BYTES
 from .io.reader import ShardedFile, check_shard_name, input_files, read_index
 from .io.tempfiles import clean_stale_temps, create_temp_dir
 from .io.writer import _SLOW_WRITE, fsync_dir
-from .layouts import NameIndex, evaluate
+from .layouts import NameIndex, available, evaluate, resolve
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from .model import LoraModel, Patch
 from .progress import Progress, ProgressBar
@@ -275,7 +278,8 @@ def _value(expr: str, params: dict[str, int]) -> int | None:
         return None
 
 
-def _lora_cause(base: BaseModel, model: LoraModel) -> str:
+def _lora_cause(bases: list[BaseModel], model: LoraModel) -> str:
+    base = bases[0]
     spec = base.arch.spec
     if model.arch.name != spec.name:
         return f"this LoRA is for {model.arch.spec.label}; the base is {spec.label}"
@@ -284,9 +288,9 @@ def _lora_cause(base: BaseModel, model: LoraModel) -> str:
     lv, bv = model.arch.variant, base.variant
     if lv in labels and lv != bv:
         parts.append(f"this LoRA is for {labels[lv]}; the base is {labels.get(bv, bv)}")
-    for name in base.components():
+    for name, b in ((n, b) for b in bases for n in b.components()):
         comp = spec.components[name]
-        lp, bp = model.arch.params.get(name, {}), base.arch.params.get(name, {})
+        lp, bp = model.arch.params.get(name, {}), b.arch.params.get(name, {})
         derived = {k for k, expr in comp.fallbacks.items() if k in lp and _value(expr, lp) == lp[k]}
         diff = [f"{k} {lp[k]} vs {bp[k]}" for k in sorted(lp) if k in bp and k not in comp.flags
                 and k not in comp.counts and k not in derived and lp[k] != bp[k]]
@@ -456,10 +460,12 @@ class _Output:
             self.tmpdir = None
 
 
-def _check_output(path: str, src: WeightFile, inputs: Sequence[str]) -> None:
-    if isinstance(src, ShardedFile):
+def _check_output(path: str, src: WeightFile | None, inputs: Sequence[str]) -> None:
+    """``src`` None: the output mirrors a diffusers pipeline folder."""
+    if src is None or isinstance(src, ShardedFile):
         if path.endswith((".safetensors", ".sft")):
-            raise OutputError("the base is a sharded folder, so the output is a folder too.", path=path,
+            what = "a diffusers pipeline folder" if src is None else "a sharded folder"
+            raise OutputError(f"the base is {what}, so the output is a folder too.", path=path,
                               hint="give a folder name (it is created; an existing one must be empty).")
         real = os.path.realpath(path)
         for inp in (f for given in inputs for f in input_files(given)):
@@ -478,6 +484,106 @@ def _check_output(path: str, src: WeightFile, inputs: Sequence[str]) -> None:
 
 
 # =============================================================================================
+# Diffusers pipeline folders
+# =============================================================================================
+
+PIPELINE_INDEX = "model_index.json"
+
+
+def _is_pipeline(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, PIPELINE_INDEX))
+
+
+def _open_pipeline(path: str, opened: list[WeightFile]) -> list[tuple[str, BaseModel]]:
+    """(subfolder, base) for each subfolder of a diffusers pipeline (``Container.folder``) that holds components
+    of the denoiser's architecture, the denoiser's first; other subfolders are copied as they are."""
+    folders = sorted({c.folder for n in available() for c in resolve(n).containers if c.folder})
+    found: list[tuple[str, BaseModel]] = []
+    errors: dict[str, LorakitError] = {}
+    for folder in folders:
+        sub = os.path.join(path, folder)
+        if not os.path.isdir(sub):
+            continue
+        try:
+            f = open_weights(sub)
+        except LorakitError as exc:
+            errors[folder] = exc
+            continue
+        opened.append(f)
+        try:
+            _refuse_scaled_fp8(f)
+            found.append((folder, open_base(f, folder=folder)))
+        except LorakitError as exc:
+            errors[folder] = exc
+    main = next(((fo, b) for fo, b in found if b.arch.spec.role("denoiser") is not None
+                 and b.arch.spec.denoiser.name in b.parts), None)
+    if main is None:
+        if errors:
+            raise next(iter(errors.values()))
+        raise UnsupportedArchitectureError("no denoiser subfolder of a supported architecture found in this "
+                                           "pipeline folder.", path=path,
+                                           hint="pass the pipeline's denoiser subfolder or a single-file checkpoint.")
+    arch = main[1].arch.spec
+    for folder, exc in errors.items():
+        if any(c.folder == folder for c in arch.containers):
+            raise exc
+    return [main, *((fo, b) for fo, b in found if b is not main[1] and b.arch.name == arch.name)]
+
+
+class _PipelineOutput:
+    """A baked copy of a diffusers pipeline folder: the baked component subfolders are written inside a temporary
+    folder next to the output, every other file is copied, and the folder is published by one rename."""
+
+    def __init__(self, src: str, path: str) -> None:
+        self.src, self.path = src, path
+        parent = os.path.dirname(os.path.abspath(path))
+        clean_stale_temps(parent)
+        self.tmpdir: str | None = create_temp_dir(parent, os.path.basename(os.path.normpath(path)))
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(self.tmpdir, 0o777 & ~mask)
+        self.written: dict[str, str] = {}        # subfolder -> weight file written there ("" = a sharded folder)
+
+    def part(self, folder: str, file: WeightFile) -> str:
+        """Where the baked copy of subfolder ``folder`` (holding ``file``) is written."""
+        assert self.tmpdir is not None
+        if isinstance(file, ShardedFile):
+            self.written[folder] = ""
+            return os.path.join(self.tmpdir, folder)
+        os.makedirs(os.path.join(self.tmpdir, folder), exist_ok=True)
+        self.written[folder] = os.path.basename(file.path)
+        return os.path.join(self.tmpdir, folder, os.path.basename(file.path))
+
+    def commit(self) -> None:
+        """Copy what was not baked, then publish (after the parts' own commits)."""
+        assert self.tmpdir is not None
+        for name in sorted(os.listdir(self.src)):
+            src, dst = os.path.join(self.src, name), os.path.join(self.tmpdir, name)
+            if name in self.written:
+                if self.written[name]:          # a single-file subfolder: its configs next to the baked file
+                    for extra in sorted(os.listdir(src)):
+                        if extra != self.written[name] and os.path.isfile(os.path.join(src, extra)):
+                            shutil.copy2(os.path.join(src, extra), os.path.join(dst, extra))
+            elif os.path.isdir(src):
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst)
+        try:
+            if os.path.isdir(self.path):
+                os.rmdir(self.path)          # only an empty folder (checked before any work)
+            os.rename(self.tmpdir, self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot publish the output folder ({exc.strerror}).", path=self.path) from None
+        self.tmpdir = None
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self) -> None:
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+
+# =============================================================================================
 # Tasks
 # =============================================================================================
 
@@ -491,6 +597,7 @@ class _Task:
     additive: list[_Use] = field(default_factory=list)
     doras: list[_Use] = field(default_factory=list)
     whole: bool = False
+    where: str = ""                     # the pipeline subfolder of the tensor's file (plans name it)
 
     @property
     def compute(self) -> bool:
@@ -1075,7 +1182,9 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     """Bake LoRAs (``path[:weight]`` strings, ``(path, weight)`` pairs or WeightedInput) into ``base``.
 
     Every component the base holds (the denoiser; in single-file checkpoints also text encoders) gets its
-    LoRA modules; tensors of no component (a VAE) are copied untouched. Components held in separate files
+    LoRA modules; tensors of no component (a VAE) are copied untouched. ``base`` may be a diffusers pipeline
+    folder (``model_index.json``): the subfolders its architecture names (:attr:`Container.folder`) are baked,
+    every other file is copied, and ``output`` is a new folder published in one rename. Components held in separate files
     are given as ``components={name: (file, output)}`` (``clip_l=``/``clip_l_out=`` and ``t5=``/``t5_out=`` are
     aliases for FLUX.1's text encoders); LoRA modules of a component neither the base nor a given file holds
     are reported in ``not_applied``.
@@ -1103,24 +1212,30 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     all_inputs = [base_path, *(w.path for w in weighted), *(f for f, _ in te_paths.values())]
 
     opened: list[WeightFile] = []
-    outputs: list[_Output] = []
+    outputs: list[_Output | _PipelineOutput] = []
+    pipeline = _is_pipeline(base_path)
     try:
-        try:
-            bfile = open_weights(base_path)
-        except PickleRefusedError:
-            raise PickleRefusedError("is a pickle checkpoint; bake streams safetensors bases only.", path=base_path,
-                                     hint="convert the base to .safetensors first (--allow-pickle applies to "
-                                          "LoRA inputs).") from None
-        opened.append(bfile)
-        _refuse_scaled_fp8(bfile)
-        bm = open_base(bfile)
-        _check_components(bm, te_paths)
+        if pipeline:
+            bases = _open_pipeline(base_path, opened)
+        else:
+            try:
+                bfile = open_weights(base_path)
+            except PickleRefusedError:
+                raise PickleRefusedError("is a pickle checkpoint; bake streams safetensors bases only.",
+                                         path=base_path, hint="convert the base to .safetensors first "
+                                                              "(--allow-pickle applies to LoRA inputs).") from None
+            opened.append(bfile)
+            _refuse_scaled_fp8(bfile)
+            bases = [("", open_base(bfile))]
+        bm = bases[0][1]
+        for _fo, b in bases:
+            _check_components(b, te_paths)
         te_files: dict[str, WeightFile] = {}
         for c, (f, _o) in te_paths.items():
             te_files[c] = open_weights(f)
             opened.append(te_files[c])
         if not dry_run:
-            _check_output(out_path, bfile, all_inputs)  # type: ignore[arg-type]
+            _check_output(out_path, None if pipeline else bm.file, all_inputs)  # type: ignore[arg-type]
             for c, (_f, o) in te_paths.items():
                 _check_output(o, te_files[c], all_inputs)  # type: ignore[arg-type]
             outs = [os.path.realpath(p)  # type: ignore[arg-type]
@@ -1136,24 +1251,35 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         if not dry_run and not allow_zero_lora:
             _check_zero_ups(loras)
 
-        report = BakeReport(base_path, out_path, bm.layout + ("+prefix " + repr(bm.prefix) if bm.prefix else ""),
-                            bm.variant, short_name(out_dtype) if out_dtype else "keep", str(dev), dry_run=dry_run)
-        uses, te_places = _coverage(bm, loras, te_files, allow_partial, report)
+        layout = bm.layout + ("+prefix " + repr(bm.prefix) if bm.prefix else "")
+        if pipeline:
+            layout = "diffusers pipeline (" + ", ".join(f"{fo}: {b.layout}" for fo, b in bases) + ")"
+        report = BakeReport(base_path, out_path, layout, bm.variant, short_name(out_dtype) if out_dtype else "keep",
+                            str(dev), dry_run=dry_run)
+        uses, te_places = _coverage([b for _fo, b in bases], loras, te_files, allow_partial, report)
 
         convert = _converter(out_dtype)
         meta = _output_metadata(bm, loras, report, dry_run)
         tasks: list[_Task] = []
-        if any(uses.get(c) for c in bm.parts):
+        baked = [(fo, b) for fo, b in bases if any(uses.get(c) for c in b.parts)]
+        pipe_out = _PipelineOutput(base_path, out_path) if pipeline and baked and not dry_run else None  # type: ignore[arg-type]
+        for folder, b in baked:
             main = bm.component
-            codes = {k: (convert(k, i.dtype) if k in bm.slots and bm.slots[k].component == main else i.dtype)
-                     for k, i in bfile.infos.items()}
-            out = None if dry_run else _Output(bfile, out_path, codes, meta, all_inputs)  # type: ignore[arg-type]
+            codes = {k: (convert(k, i.dtype) if k in b.slots and b.slots[k].component == main else i.dtype)
+                     for k, i in b.file.infos.items()}
+            where = pipe_out.part(folder, b.file) if pipe_out is not None else out_path
+            out = None if dry_run else _Output(b.file, where, codes, meta, all_inputs)  # type: ignore[arg-type]
             if out is not None:
                 outputs.append(out)
-            tasks += _plan_tasks(bfile, out, _base_places(bm), uses, codes)
-        else:
+            part_tasks = _plan_tasks(b.file, out, _base_places(b), uses, codes)
+            for t in part_tasks:
+                t.where = folder
+            tasks += part_tasks
+        if pipe_out is not None:
+            outputs.append(pipe_out)       # committed after the parts it holds
+        if not baked:
             report.output = None
-            held = " or ".join(bm.components())
+            held = " or ".join(c for _fo, b in bases for c in b.components())
             report.warnings.append(f"no {held} module applies; the base output was not written.")
         for c, f in te_files.items():
             codes = {k: i.dtype for k, i in f.infos.items()}
@@ -1171,7 +1297,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         report.converted = sum(1 for t in tasks if t.compute and not t.changed)
         report.copied = len(tasks) - report.changed - report.converted
         report.bytes_in = sum(t.info.nbytes for t in tasks)
-        report.bytes_out = sum(o.size for o in outputs) if outputs else sum(
+        report.bytes_out = sum(o.size for o in outputs if isinstance(o, _Output)) if outputs else sum(
             t.info.numel * itemsize(t.out_code) for t in tasks)
         if dry_run:
             report.plan = _describe(tasks, loras)
@@ -1223,21 +1349,24 @@ def _converter(out_dtype: torch.dtype | None) -> Callable[[str, str], str]:
     return lambda _k, code: target if is_float(code) else code
 
 
-def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile], allow_partial: bool,
+def _coverage(bases: list[BaseModel], loras: list[_Input], te_files: dict[str, WeightFile], allow_partial: bool,
               report: BakeReport) -> tuple[dict[str, dict[str, list[_Use]]], dict[str, dict[str, _Place]]]:
-    """Check every LoRA module against the base's components (and the separate component files); refuse before
-    any write. Modules of the main component are named bare in the report, others as ``component:module``."""
+    """Check every LoRA module against the components the base files hold (the main one first; several for a
+    pipeline folder) and the separate component files; refuse before any write. Modules of the main component
+    are named bare in the report, others as ``component:module``."""
+    bm = bases[0]
     spec = bm.arch.spec
     main = bm.component
-    mods = {c: bm.arch.module_map(c) for c in bm.parts}
-    transposed = {(s.component, s.module) for s in bm.slots.values() if s.transpose}
-    loose = {c: {s.param: tuple(bm.file.shape(s.key)) for s in bm.slots.values() if s.module is None
-                 and s.component == c} for c in bm.parts}
+    holder = {c: b for b in bases for c in b.parts}
+    mods = {c: b.arch.module_map(c) for c, b in holder.items()}
+    transposed = {(s.component, s.module) for b in bases for s in b.slots.values() if s.transpose}
+    loose = {c: {s.param: tuple(b.file.shape(s.key)) for s in b.slots.values() if s.module is None
+                 and s.component == c} for c, b in holder.items()}
     te_places: dict[str, dict[str, _Place]] = {}
     te_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for c, f in te_files.items():
         te_places[c], te_shapes[c] = _te_places(f, c, bm)
-    uses: dict[str, dict[str, list[_Use]]] = {c: {} for c in (*spec.components, *bm.parts)}
+    uses: dict[str, dict[str, list[_Use]]] = {c: {} for c in (*spec.components, *holder)}
     unmatched: list[str] = []
     causes: list[str] = []
     for idx, inp in enumerate(loras):
@@ -1251,12 +1380,12 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
             if foreign:
                 bad.append((comp, label, f"a {inp.model.arch.spec.label} module; the base is {spec.label}"))
                 continue
-            if comp in bm.parts and (p.target.loose or (module not in mods[comp] and module in loose[comp])):
+            if comp in holder and (p.target.loose or (module not in mods[comp] and module in loose[comp])):
                 window, why = _fit_loose(p, loose[comp].get(module))
-            elif comp in bm.parts:
-                shape = bm.module_shape(comp, module)
+            elif comp in holder:
+                shape = holder[comp].module_shape(comp, module)
                 if shape is None:
-                    bad.append((comp, label, _missing_reason(bm, comp, module)))
+                    bad.append((comp, label, _missing_reason(holder[comp], comp, module)))
                     continue
                 window, why = _fit(p, shape, "base module" if comp == main else f"{comp} module",
                                    (comp, module) in transposed)
@@ -1286,7 +1415,7 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
             bad.append(("", f"key {k!r}", "not understood"))
         inp.skipped = len(bad)
         if bad:
-            cause = _lora_cause(bm, inp.model)
+            cause = _lora_cause(bases, inp.model)
             if cause:
                 causes.append(f"{name}: {cause}")
             unmatched += [f"{name}: {label}: {why}" for _c, label, why in bad]
@@ -1308,7 +1437,7 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         mv = inp.model.arch.variant
         if mv in _labels(bm) and mv != bm.variant and not bad:
             report.warnings.append(f"{name}: made for {_labels(bm)[mv]}, baked into {_base_desc(bm)}.")
-    for comp in bm.parts:
+    for comp in holder:
         for module, us in uses[comp].items():
             setters = [u for u in us if u.patch.replace]
             if len(setters) > 1:
@@ -1371,7 +1500,7 @@ def _output_metadata(bm: BaseModel, loras: list[_Input], report: BakeReport, dry
 def _describe(tasks: list[_Task], loras: list[_Input]) -> list[dict[str, object]]:
     plan = []
     for t in tasks:
-        entry: dict[str, object] = {"tensor": t.key, "dtype": t.info.dtype, "out_dtype": t.out_code,
+        entry: dict[str, object] = {"tensor": f"{t.where}/{t.key}" if t.where else t.key, "dtype": t.info.dtype, "out_dtype": t.out_code,
                                     "action": "bake" if t.changed else ("convert" if t.compute else "copy")}
         if t.changed and t.place is not None:
             lo, hi = t.place.rows

@@ -18,6 +18,7 @@ from .errors import NotALoraError, UnsupportedArchitectureError
 from .formats.spec import split_key
 from .io import WeightFile
 from .layouts import ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve
+from .layouts.base import Container
 from .layouts.base import ParamIndex, ParamMatch
 from .model import ArchInstance
 
@@ -148,11 +149,11 @@ def _scan_part(prefix: str, scoped: Sequence[str], index: NameIndex, params: Par
     return hits
 
 
-def _scan(arch: ArchSpec, keys: Sequence[str]) -> _Scan:
+def _scan(arch: ArchSpec, keys: Sequence[str], containers: Sequence[Container]) -> _Scan:
     """The best container (prefix, naming) per component of ``arch``; a key belongs to one component at most
     (the one with the longer prefix)."""
     best: dict[str, tuple[int, Part, dict[str, _Hit]]] = {}
-    for cont in arch.containers:
+    for cont in containers:
         comp = arch.components.get(cont.component)
         if comp is None:
             continue
@@ -175,15 +176,22 @@ def _scan(arch: ArchSpec, keys: Sequence[str]) -> _Scan:
     return _Scan(arch, {c: parts[c] for c in arch.components if c in parts}, claimed)
 
 
-def open_base(file: WeightFile, arch_name: str | None = None) -> BaseModel:
+def folder_containers(arch: ArchSpec, folder: str) -> tuple[Container, ...]:
+    """The containers of the components a diffusers pipeline keeps in subfolder ``folder`` (names without prefix)."""
+    found = (Container(c.component, "", c.namings, c.folder) for c in arch.containers if c.folder == folder)
+    return tuple(dict.fromkeys(found))
+
+
+def open_base(file: WeightFile, arch_name: str | None = None, *, folder: str | None = None) -> BaseModel:
     """Recognise ``file`` as a base model of a registered architecture (or of ``arch_name``) and map its
-    tensors to components and native modules."""
+    tensors to components and native modules. ``folder``: the file is a diffusers pipeline's subfolder of that
+    name (``unet``, ``text_encoder_2``), holding the components the architectures keep there, unprefixed."""
     archs = [resolve(arch_name)] if arch_name is not None else [resolve(n) for n in available()]
     keys = file.keys()
     _refuse_non_base(file, keys)
     best: _Scan | None = None
     for arch in archs:
-        scan = _scan(arch, keys)
+        scan = _scan(arch, keys, arch.containers if folder is None else folder_containers(arch, folder))
         if best is None or len(scan.hits) > len(best.hits):
             best = scan
     if best is None or not best.hits:
