@@ -21,8 +21,8 @@ from lorakit.cli.main import main
 from lorakit.errors import CoverageError, UsageError
 from lorakit.io import open_weights
 
-from toyarch import (SIZES, TE_PREFIX, UNET_PREFIX, VAE_PREFIX, VAE_SHAPES, delta, lora_modules,  # noqa: F401 (toy_arch: fixture)
-                     toy_arch, write_base, write_lora)
+from toyarch import (SIZES, TE_PREFIX, UNET_PREFIX, VAE_PREFIX, VAE_SHAPES, delta, lora_modules,  # noqa: F401
+                     toy_arch, write_base, write_lora)            # toy_arch: the fixture that registers the toy
 
 W = 0.7            # LoRA strength used throughout
 D = SIZES["D"]
@@ -175,6 +175,12 @@ def test_separate_component_file(tmp_path, toy_arch):
                      components={"te": (te_path, str(tmp_path / "te3.safetensors"))})
     assert r.text_encoders == [{"component": "te", "file": te_path, "output": str(tmp_path / "te3.safetensors"),
                                 "changed": 2}]
+    # a recipe's `component:` entries are relative to the recipe's folder
+    (tmp_path / "r.yaml").write_text(f"base: unet_only.safetensors\ninputs: [{{path: lora.safetensors, weight: {W}}}]\n"
+                                     "output: o4.safetensors\ncomponent: ['te=te.safetensors:te4.safetensors']\n")
+    assert main(["bake", "--recipe", str(tmp_path / "r.yaml"), "--no-progress"]) == 0
+    a, b = load_file(te_out), load_file(str(tmp_path / "te4.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_component_file_refusals(files, tmp_path):

@@ -1133,7 +1133,9 @@ def _refuse_scaled_fp8(file: WeightFile) -> None:
             path=file.path, hint="bake into the bf16/fp16 original, then quantise the result.")
 
 
-ComponentFiles = Mapping[str, "tuple[str | os.PathLike[str], str | os.PathLike[str] | None] | str | os.PathLike[str]"]
+_Path = str | os.PathLike[str]
+# component -> (file, output), or just the file (a dry run needs no output)
+ComponentFiles = Mapping[str, tuple[_Path, _Path | None] | _Path]
 
 
 def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple[object, object]],
@@ -1184,10 +1186,10 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     Every component the base holds (the denoiser; in single-file checkpoints also text encoders) gets its
     LoRA modules; tensors of no component (a VAE) are copied untouched. ``base`` may be a diffusers pipeline
     folder (``model_index.json``): the subfolders its architecture names (:attr:`Container.folder`) are baked,
-    every other file is copied, and ``output`` is a new folder published in one rename. Components held in separate files
-    are given as ``components={name: (file, output)}`` (``clip_l=``/``clip_l_out=`` and ``t5=``/``t5_out=`` are
-    aliases for FLUX.1's text encoders); LoRA modules of a component neither the base nor a given file holds
-    are reported in ``not_applied``.
+    every other file is copied, and ``output`` is a new folder published in one rename. Components held in
+    separate files are given as ``components={name: (file, output)}`` (``clip_l=``/``clip_l_out=`` and
+    ``t5=``/``t5_out=`` are aliases for FLUX.1's text encoders); LoRA modules of a component neither the base
+    nor a given file holds are reported in ``not_applied``.
     The output keeps the base's layout and, unless ``dtype`` is given, every tensor's dtype (``dtype``
     changes the main component's (denoiser's) floating tensors only; other components of a full checkpoint
     and separate component files are never converted). Nothing is written unless every LoRA module fits the
@@ -1262,7 +1264,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         meta = _output_metadata(bm, loras, report, dry_run)
         tasks: list[_Task] = []
         baked = [(fo, b) for fo, b in bases if any(uses.get(c) for c in b.parts)]
-        pipe_out = _PipelineOutput(base_path, out_path) if pipeline and baked and not dry_run else None  # type: ignore[arg-type]
+        pipe_out = (_PipelineOutput(base_path, out_path)  # type: ignore[arg-type]
+                    if pipeline and baked and not dry_run else None)
         for folder, b in baked:
             main = bm.component
             codes = {k: (convert(k, i.dtype) if k in b.slots and b.slots[k].component == main else i.dtype)
@@ -1500,7 +1503,8 @@ def _output_metadata(bm: BaseModel, loras: list[_Input], report: BakeReport, dry
 def _describe(tasks: list[_Task], loras: list[_Input]) -> list[dict[str, object]]:
     plan = []
     for t in tasks:
-        entry: dict[str, object] = {"tensor": f"{t.where}/{t.key}" if t.where else t.key, "dtype": t.info.dtype, "out_dtype": t.out_code,
+        entry: dict[str, object] = {"tensor": f"{t.where}/{t.key}" if t.where else t.key, "dtype": t.info.dtype,
+                                    "out_dtype": t.out_code,
                                     "action": "bake" if t.changed else ("convert" if t.compute else "copy")}
         if t.changed and t.place is not None:
             lo, hi = t.place.rows
