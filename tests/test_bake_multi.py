@@ -314,3 +314,33 @@ def test_flux_pipeline_folder_bakes_its_transformer(tmp_path):
     assert sorted(os.listdir(out / "transformer")) == sorted(os.listdir(alone))
     assert filecmp.cmp(pipe / "text_encoder" / "model.safetensors", out / "text_encoder" / "model.safetensors",
                        shallow=False)
+
+
+def test_separate_component_file_in_split_naming(tmp_path, toy_arch):
+    """A separate te file in the "diffusers" naming (q/k/v split out of the fused in_proj, text_projection as a
+    Linear ``.weight`` out × in, under a prefix): the q_proj LoRA changes q_proj only (its rows of the native
+    in_proj), k/v stay byte-identical; the projection gets ΔW itself (not transposed)."""
+    gen = torch.Generator().manual_seed(11)
+    full = write_base(str(tmp_path / "full.safetensors"), gen)
+    base_path = str(tmp_path / "unet_only.safetensors")
+    save_file({k: v for k, v in full.items() if not k.startswith(TE_PREFIX)}, base_path)
+    te: dict[str, torch.Tensor] = {}
+    pre = "text_encoders.te."
+    for i in range(SIZES["layers"]):
+        w, b = full[f"{TE_PREFIX}layers.{i}.attn.in_proj_weight"], full[f"{TE_PREFIX}layers.{i}.attn.in_proj_bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            te[f"{pre}layers.{i}.self_attn.{name}.weight"] = w[j * D:(j + 1) * D].clone()
+            te[f"{pre}layers.{i}.self_attn.{name}.bias"] = b[j * D:(j + 1) * D].clone()
+        for leaf in ("weight", "bias"):
+            te[f"{pre}layers.{i}.self_attn.out_proj.{leaf}"] = full[f"{TE_PREFIX}layers.{i}.attn.out_proj.{leaf}"]
+    te[pre + "text_projection.weight"] = full[TE_PREFIX + "text_projection"].t().contiguous()   # a Linear: out × in
+    te_path, te_out = str(tmp_path / "te.safetensors"), str(tmp_path / "te_out.safetensors")
+    save_file(te, te_path)
+    lora_path = str(tmp_path / "lora.safetensors")
+    lora = write_lora(lora_path, gen)
+    r = lorakit.bake(base_path, [(lora_path, W)], str(tmp_path / "o.safetensors"), components={"te": (te_path, te_out)})
+    assert r.text_encoders[0]["changed"] == 2 and not r.skipped
+    want = _expected(full, lora, W)
+    q = want[TE_PREFIX + "layers.1.attn.in_proj_weight"][0:D]
+    _check(load_file(te_out), te, {f"{pre}layers.1.self_attn.q_proj.weight": q,
+                                   pre + "text_projection.weight": want[TE_PREFIX + "text_projection"].t()})

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import LoKr, LoRA, NotExact
-from .basemodel import BaseModel, match_tensor, open_base
+from .basemodel import BaseModel, match_tensor, open_base, open_component
 from .dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
 from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
                      PickleRefusedError, UnsupportedArchitectureError,
@@ -337,10 +337,28 @@ def _base_places(bm: BaseModel) -> dict[str, _Place]:
     return places
 
 
-def _te_places(file: WeightFile, component: str,
-               base: BaseModel) -> tuple[dict[str, _Place], dict[str, tuple[int, ...]]]:
-    """Map a text-encoder file's tensors to native module names by suffix (prefix-agnostic); the shapes are ΔW's
-    (a transposed tensor's reversed)."""
+_Places = tuple[dict[str, _Place], dict[str, tuple[int, ...]]]
+
+
+def _te_places(file: WeightFile, component: str, base: BaseModel) -> _Places:
+    """Map a separate component file's tensors to native modules: native names by suffix (prefix-agnostic), or
+    the component's other namings under a shared prefix when those place more tensors; the shapes are ΔW's (a
+    transposed tensor's reversed)."""
+    comp = base.arch.spec.components[component]
+    found = _native_places(file, component, base)
+    if any(n != "native" for n in comp.namings):
+        cbm = open_component(file, base.arch.spec, component)
+        if cbm is not None and len(cbm.slots) > len(found[0] if found else ()):
+            shapes = {s.module: cbm.module_shape(component, s.module) for s in cbm.slots.values()
+                      if s.module is not None}
+            return _base_places(cbm), {m: sh for m, sh in shapes.items() if sh is not None}
+    if found:
+        return found
+    raise InputFileError(f"no {comp.label} tensor found among {len(file)} tensors (e.g. {file.keys()[:3]}).",
+                         path=file.path, hint=f"pass a {comp.label} text-encoder file (HF names).")
+
+
+def _native_places(file: WeightFile, component: str, base: BaseModel) -> _Places | None:
     comp = base.arch.spec.components[component]
     index = NameIndex(comp, "native", flat=False)
     heads = sorted({s.native.split(".", 1)[0] + "." for s in comp.modules})
@@ -350,13 +368,12 @@ def _te_places(file: WeightFile, component: str,
         seen: dict[tuple[str, str], str] = {}
         for key in file.keys():
             parts = key.split(".")
-            for i in range(len(parts)):
+            for i in range(len(parts) - (1 if extra else 0)):     # a head never takes a bare leaf
                 found = match_tensor(index, extra + ".".join(parts[i:]))
                 if found is None:
                     continue
-                m, leaf = found
+                m, leaf, transpose = found
                 shape = tuple(file.shape(key))
-                transpose = m.spec.transpose and leaf == "weight"
                 if leaf == "weight" and len(shape) >= 2:
                     shapes[m.native] = shape[::-1] if transpose else shape
                 if (m.native, leaf) in seen:
@@ -369,8 +386,7 @@ def _te_places(file: WeightFile, component: str,
                 break
         if places:
             return places, shapes
-    raise InputFileError(f"no {comp.label} tensor found among {len(file)} tensors (e.g. {file.keys()[:3]}).",
-                         path=file.path, hint=f"pass a {comp.label} text-encoder file (HF names).")
+    return None
 
 
 # =============================================================================================

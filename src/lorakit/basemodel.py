@@ -10,6 +10,7 @@ best one wins. Tensors of no component (a VAE, text encoders an architecture doe
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from .errors import NotALoraError, UnsupportedArchitectureError
 from .formats.spec import split_key
 from .io import WeightFile
 from .layouts import ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve
-from .layouts.base import Container
+from .layouts.base import Container, ModuleSpec
 from .layouts.base import ParamIndex, ParamMatch
 from .model import ArchInstance
 
@@ -108,24 +109,36 @@ class BaseModel:
         return (m.out, *file_shape[1:]) if m.out > 0 else file_shape
 
 
-def match_tensor(index: NameIndex, body: str) -> tuple[NameMatch, str] | None:
-    """The module and role (``"weight"``/``"bias"``) of a tensor name inside a component, using each module's
-    tensor names (``<module>.weight``; OpenCLIP's ``<attn>.in_proj_weight``; ``text_projection`` itself)."""
+def tensor_names(spec: ModuleSpec, naming: str) -> tuple[str, str, bool]:
+    """(weight name, bias name, stored transposed) of a module's tensors in a naming: the spec's own in the native
+    naming (OpenCLIP's ``in_proj_weight``, a bare transposed ``text_projection``); the other namings name
+    Linear/conv layers the usual way (``<module>.weight``/``.bias``, out × in)."""
+    if naming == "native":
+        return spec.weight, spec.bias_param, spec.transpose
+    return "weight", "bias", False
+
+
+def match_tensor(index: NameIndex, body: str) -> tuple[NameMatch, str, bool] | None:
+    """The module, role (``"weight"``/``"bias"``) and transposition of a tensor name inside a component, using
+    the module's tensor names in the index's naming (:func:`tensor_names`)."""
     mod, _, leaf = body.rpartition(".")
     if mod:
         m = index.match(mod)
         if m is not None:
-            if leaf == m.spec.weight:
-                return m, "weight"
-            if leaf == m.spec.bias_param:
-                return m, "bias"
+            weight, bias, transpose = tensor_names(m.spec, index.naming)
+            if leaf == weight:
+                return m, "weight", transpose
+            if leaf == bias:
+                return m, "bias", False
     m = index.match(body)
-    if m is not None and m.spec.weight == "":
-        return m, "weight"
+    if m is not None:
+        weight, _b, transpose = tensor_names(m.spec, index.naming)
+        if weight == "":
+            return m, "weight", transpose
     return None
 
 
-_Hit = tuple[str, object, str]      # ("module", NameMatch, role) or ("param", ParamMatch, "")
+_Hit = tuple[str, object, str, bool]    # ("module", NameMatch, role, transposed) or ("param", ParamMatch, "", False)
 
 
 @dataclass
@@ -141,11 +154,11 @@ def _scan_part(prefix: str, scoped: Sequence[str], index: NameIndex, params: Par
         body = k[len(prefix):]
         found = match_tensor(index, body)
         if found is not None:
-            hits[k] = ("module", found[0], found[1])
+            hits[k] = ("module", *found)
             continue
         pm = params.match(body)
         if pm is not None:
-            hits[k] = ("param", pm, "")
+            hits[k] = ("param", pm, "", False)
     return hits
 
 
@@ -197,13 +210,31 @@ def open_base(file: WeightFile, arch_name: str | None = None, *, folder: str | N
     if best is None or not best.hits:
         _explain(keys, file, archs)
     assert best is not None
+    return _build(file, best)
+
+
+def open_component(file: WeightFile, arch: ArchSpec, component: str) -> BaseModel | None:
+    """``file`` as a separate file of one component of ``arch`` in any of its namings, under the key prefix
+    most of its keys share (``text_encoders.clip_g.transformer.``, none); None when no tensor is one of the
+    component's."""
+    comp = arch.components[component]
+    keys = file.keys()
+    shared = Counter(k[:i + 1] for k in keys for i, ch in enumerate(k) if ch == ".")
+    prefixes = sorted(("", *(p for p, n in shared.items() if 2 * n >= len(keys))), key=len, reverse=True)
+    scan = _scan(arch, keys, [Container(component, p, comp.namings) for p in prefixes])
+    return _build(file, scan) if scan.hits else None
+
+
+def _build(file: WeightFile, best: _Scan) -> BaseModel:
+    """The base model of a scan: sizes solved per component, then every tensor's slot (or passthrough)."""
+    keys = file.keys()
     arch = best.arch
     observations = []
     for k, (comp, hit) in best.hits.items():
         if hit[0] == "module" and hit[2] == "weight":
             m: NameMatch = hit[1]  # type: ignore[assignment]
             shape = tuple(file.shape(k))
-            if m.spec.transpose:
+            if hit[3]:
                 shape = shape[::-1]
             observations.append(Observation(comp, m.spec, m.alias, m.index, shape[0] if shape else None,
                                             shape[1] if len(shape) > 1 else None))
@@ -225,8 +256,7 @@ def open_base(file: WeightFile, arch_name: str | None = None, *, folder: str | N
             if m.alias.rows is not None:
                 start = evaluate(m.alias.rows[0], params)
                 rows = (start, start + evaluate(m.alias.rows[1], params))
-            base.slots[k] = Slot(k, m.native, hit[2], rows, m.alias.swap_halves, comp,
-                                 m.spec.transpose and hit[2] == "weight")
+            base.slots[k] = Slot(k, m.native, hit[2], rows, m.alias.swap_halves, comp, hit[3])
         else:
             pm: ParamMatch = hit[1]  # type: ignore[assignment]
             base.slots[k] = Slot(k, None, pm.native, None, False, comp)
