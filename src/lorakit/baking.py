@@ -581,7 +581,7 @@ class _PipelineOutput:
                         if extra != self.written[name] and os.path.isfile(os.path.join(src, extra)):
                             shutil.copy2(os.path.join(src, extra), os.path.join(dst, extra))
             elif os.path.isdir(src):
-                shutil.copytree(src, dst, symlinks=True)
+                shutil.copytree(src, dst)     # links followed: an HF-cache snapshot links into its blobs
             else:
                 shutil.copy2(src, dst)
         try:

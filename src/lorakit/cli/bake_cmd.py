@@ -117,7 +117,7 @@ def parse_component(text: object) -> tuple[str, tuple[str, str | None]]:
 
 
 def _relative_component(text: object, here: str) -> str:
-    """A recipe's ``NAME=FILE[:OUT]`` entry with its paths made relative to the recipe's folder."""
+    """A recipe's ``NAME=FILE[:OUT]`` entry with relative paths resolved against the recipe's folder."""
     name, (file, out) = parse_component(text)
     file, out = (p if p is None or os.path.isabs(p) else os.path.join(here, p) for p in (file, out))
     return f"{name}={file}" + (f":{out}" if out else "")
