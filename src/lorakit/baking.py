@@ -1,10 +1,13 @@
 """``lorakit bake``: add LoRAs into a base model's weights, streaming, with fp32 accumulation.
 
 For every base tensor: read → fp32 → add ``Σ wᵢ·ΔWᵢ`` (exactly the rows of each patch that land in
-this tensor) → cast once to the output dtype → write. LoRA patches live on native (BFL) targets with
-row windows, and every base tensor is a (module, rows[, swapped halves]) slot of a native tensor, so
-any LoRA layout bakes into any base layout (BFL, ComfyUI-prefixed, diffusers single file or sharded),
-and the output keeps the base's layout, names, shard assignment and (by default) dtypes.
+this tensor) → cast once to the output dtype → write. LoRA patches live on native targets (component,
+module) with row windows, and every base tensor is a (component, module, rows[, swapped halves][,
+transposed]) slot of a native tensor, so any LoRA layout bakes into any base layout (BFL, ComfyUI-prefixed,
+diffusers single file or sharded, single-file checkpoints holding a denoiser and text encoders, diffusers
+pipeline folders), and the output keeps the base's layout, names, shard assignment and (by default) dtypes.
+Convolution deltas are added flattened (``out × in·k·k``, the base tensor's layout); a weight the base stores
+``in × out`` (OpenCLIP's ``text_projection``) gets ΔWᵀ.
 
 Work is done in row chunks of bounded size through a three-stage thread pipeline (read → compute →
 write) with reused buffers, so peak memory depends on the chunk size, not on the model size.
@@ -33,13 +36,13 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .adapters import LoKr, LoRA, NotExact
-from .basemodel import BaseModel, open_base
+from .basemodel import BaseModel, match_tensor, open_base, open_component
 from .dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
 from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
                      PickleRefusedError, UnsupportedArchitectureError,
@@ -51,22 +54,25 @@ from .io.header import MAX_HEADER_BYTES
 from .io.reader import ShardedFile, check_shard_name, input_files, read_index
 from .io.tempfiles import clean_stale_temps, create_temp_dir
 from .io.writer import _SLOW_WRITE, fsync_dir
-from .layouts import NameIndex, evaluate
+from .layouts import NameIndex, available, evaluate, resolve
 from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from .model import LoraModel, Patch
 from .progress import Progress, ProgressBar
 from .recipes import WeightedInput, parse_weighted
 
-COMPONENT = "transformer"
 LOOSE = "loose"                       # _Place.param of a loose parameter (its native name is the place's module)
-TEXT_ENCODERS = ("clip_l", "t5")
+# components with their own command-line flags (--clip-l FILE --clip-l-out OUT); any component can be given
+# as a separate file with --component NAME=FILE:OUT
+TE_FLAGS = {"clip_l": "clip-l", "t5": "t5"}
 DEFAULT_CHUNK_BYTES = 16 << 20        # one pipeline chunk (source or output bytes, whichever is larger)
 WORK_ELEMENTS = 3 << 20               # fp32 elements per compute block (cache-friendly, ~12 MB)
 POOL = 3                              # buffers per pipeline stage
 WRITEBACK_LAG = 4                     # written ranges kept in the page cache before they are dropped
 DORA_RULE = "peft: W0 + sum(w*dW) + sum(m*(W0 + s*dW)/||W0 + s*dW|| - W0)"
-MODELSPEC_ARCH = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma", "fill": "flux-1-dev",
-                  "control": "flux-1-dev"}
+# modelspec.architecture of a baked file per architecture and variant ("" = any other variant); an architecture
+# not listed writes its ArchSpec.modelspec (or its name)
+MODELSPEC_ARCH = {"flux1": {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma",
+                            "fill": "flux-1-dev", "control": "flux-1-dev", "": "flux-1"}}
 
 
 # =============================================================================================
@@ -139,9 +145,10 @@ class _Use:
         if self._cache is None:
             c: dict[str, torch.Tensor] = {}
             a = self.patch.adapter
-            if isinstance(a, LoRA) and a.mid is None and a.down.dim() == 2:
+            # plain LoRA, or a conv LoRA whose up is 1×1: ΔW (flattened to out × in·k·k) = up @ down
+            if isinstance(a, LoRA) and a.mid is None and a.up[0].numel() == a.down.shape[0]:
                 c["up"] = a.up.reshape(a.up.shape[0], -1).to(device, torch.float32)
-                c["down"] = a.down.to(device, torch.float32)
+                c["down"] = a.down.reshape(a.down.shape[0], -1).to(device, torch.float32)
             if self.patch.bias is not None:
                 c["bias"] = self.patch.bias.reshape(-1).to(device, torch.float32)
             if self.patch.dora is not None:
@@ -197,13 +204,27 @@ def _labels(base: BaseModel) -> dict[str, str]:
 
 
 def _base_desc(base: BaseModel) -> str:
+    spec = base.arch.spec
+    if not spec.variants:
+        return f"the base ({spec.label})"
     return f"the base ({_labels(base).get(base.variant, base.variant)})"
 
 
-def _missing_reason(base: BaseModel, module: str) -> str:
-    comp = base.arch.spec.components[COMPONENT]
+def _flag(component: str) -> str:
+    """How the command line names a separate file for a component."""
+    flag = TE_FLAGS.get(component)
+    return f"--{flag}" if flag else f"--component {component}=FILE"
+
+
+def _flag_hint(component: str) -> str:
+    flag = TE_FLAGS.get(component)
+    return f"--{flag} FILE --{flag}-out OUT" if flag else f"--component {component}=FILE:OUT"
+
+
+def _missing_reason(base: BaseModel, component: str, module: str) -> str:
+    comp = base.arch.spec.components[component]
     m = NameIndex(comp, "native", flat=False).match(module)
-    params = base.arch.params[COMPONENT]
+    params = base.arch.params.get(component, {})
     if m is not None:
         if m.spec.requires and not params.get(m.spec.requires, 1):
             return f"the base has no {m.spec.requires} layers"
@@ -212,8 +233,11 @@ def _missing_reason(base: BaseModel, module: str) -> str:
     return "the base has no such module"
 
 
-def _fit(patch: Patch, out: int, inp: int, what: str) -> tuple[tuple[int, int] | None, str | None]:
-    """The patch's native row window if it fits a module of shape (out, inp), else a reason."""
+def _fit(patch: Patch, shape: Sequence[int], what: str,
+         transpose: bool = False) -> tuple[tuple[int, int] | None, str | None]:
+    """The patch's native row window if it fits a module whose ΔW has ``shape`` (out × in[× kernel]), else a
+    reason. Convolution deltas are compared by their flattened size (a 1×1 conv takes a Linear LoRA)."""
+    out, inp = shape[0], math.prod(shape[1:])
     window = patch.rows or (0, out)
     if window[0] < 0 or window[1] > out:
         return None, f"rows {window[0]}:{window[1]} outside the {what}'s {out} rows"
@@ -228,6 +252,8 @@ def _fit(patch: Patch, out: int, inp: int, what: str) -> tuple[tuple[int, int] |
     if patch.bias is not None and patch.bias.numel() != rows:
         return None, f"bias of {patch.bias.numel()} values vs {rows} rows in the {what}"
     d = patch.dora
+    if d is not None and transpose:
+        return None, f"a DoRA magnitude on the {what}, which the base stores transposed, is not supported"
     if d is not None and d.numel() not in (rows, inp):
         return None, f"DoRA magnitude of {d.numel()} values fits neither {rows} rows nor {inp} columns"
     return window, None
@@ -252,34 +278,43 @@ def _value(expr: str, params: dict[str, int]) -> int | None:
         return None
 
 
-def _lora_cause(base: BaseModel, model: LoraModel) -> str:
+def _lora_cause(bases: list[BaseModel], model: LoraModel) -> str:
+    base = bases[0]
+    spec = base.arch.spec
+    if model.arch.name != spec.name:
+        return f"this LoRA is for {model.arch.spec.label}; the base is {spec.label}"
     labels = _labels(base)
     parts = []
     lv, bv = model.arch.variant, base.variant
     if lv in labels and lv != bv:
         parts.append(f"this LoRA is for {labels[lv]}; the base is {labels.get(bv, bv)}")
-    comp = base.arch.spec.components[COMPONENT]
-    lp, bp = model.arch.params.get(COMPONENT, {}), base.arch.params[COMPONENT]
-    derived = {k for k, expr in comp.fallbacks.items() if k in lp and _value(expr, lp) == lp[k]}
-    diff = [f"{k} {lp[k]} vs {bp[k]}" for k in sorted(lp) if k in bp and k not in comp.flags
-            and k not in comp.counts and k not in derived and lp[k] != bp[k]]
-    if diff:
-        parts.append("sizes differ from the base (LoRA vs base: " + ", ".join(diff) + ")")
+    for name, b in ((n, b) for b in bases for n in b.components()):
+        comp = spec.components[name]
+        lp, bp = model.arch.params.get(name, {}), b.arch.params.get(name, {})
+        derived = {k for k, expr in comp.fallbacks.items() if k in lp and _value(expr, lp) == lp[k]}
+        diff = [f"{k} {lp[k]} vs {bp[k]}" for k in sorted(lp) if k in bp and k not in comp.flags
+                and k not in comp.counts and k not in derived and lp[k] != bp[k]]
+        if diff:
+            where = "" if name == base.component else f" of the {comp.label}"
+            parts.append(f"sizes{where} differ from the base (LoRA vs base: " + ", ".join(diff) + ")")
     return "; ".join(parts)
 
 
 # =============================================================================================
-# Text-encoder files: find native modules by suffix
+# Where tensors sit; text-encoder files: find native modules by suffix
 # =============================================================================================
 
 @dataclass(frozen=True)
 class _Place:
-    """Where a file tensor sits: native module, parameter, native row window, swapped halves."""
+    """Where a file tensor sits: native module, parameter, native row window, swapped halves; with ``transpose``
+    the tensor is the native weight transposed (its rows are the native columns; ``rows`` = all native rows)."""
 
     module: str
     param: str
     rows: tuple[int, int]
     swap: bool = False
+    component: str = ""
+    transpose: bool = False
 
     def native_row(self, j: int) -> int:
         length = self.rows[1] - self.rows[0]
@@ -288,39 +323,70 @@ class _Place:
         return self.rows[0] + j
 
 
-def _te_places(file: WeightFile, component: str,
-               base: BaseModel) -> tuple[dict[str, _Place], dict[str, tuple[int, int]]]:
-    """Map a text-encoder file's tensors to native module names by suffix (prefix-agnostic)."""
+def _base_places(bm: BaseModel) -> dict[str, _Place]:
+    """The place of every tensor of the base that belongs to a component."""
+    places: dict[str, _Place] = {}
+    for k, s in bm.slots.items():
+        if s.module is None:
+            # loose parameters (q/k norm scales): the place's "module" is the parameter's native name
+            places[k] = _Place(s.param, LOOSE, (0, (bm.file.shape(k) or (1,))[0]), component=s.component)
+            continue
+        shape = bm.module_shape(s.component, s.module)
+        out = shape[0] if shape else (bm.file.shape(k) or (1,))[0]
+        places[k] = _Place(s.module, s.param, s.rows or (0, out), s.swap, s.component, s.transpose)
+    return places
+
+
+_Places = tuple[dict[str, _Place], dict[str, tuple[int, ...]]]
+
+
+def _te_places(file: WeightFile, component: str, base: BaseModel) -> _Places:
+    """Map a separate component file's tensors to native modules: native names by suffix (prefix-agnostic), or
+    the component's other namings under a shared prefix when those place more tensors; the shapes are ΔW's (a
+    transposed tensor's reversed)."""
+    comp = base.arch.spec.components[component]
+    found = _native_places(file, component, base)
+    if any(n != "native" for n in comp.namings):
+        cbm = open_component(file, base.arch.spec, component)
+        if cbm is not None and len(cbm.slots) > len(found[0] if found else ()):
+            shapes = {s.module: cbm.module_shape(component, s.module) for s in cbm.slots.values()
+                      if s.module is not None}
+            return _base_places(cbm), {m: sh for m, sh in shapes.items() if sh is not None}
+    if found:
+        return found
+    raise InputFileError(f"no {comp.label} tensor found among {len(file)} tensors (e.g. {file.keys()[:3]}).",
+                         path=file.path, hint=f"pass a {comp.label} text-encoder file (HF names).")
+
+
+def _native_places(file: WeightFile, component: str, base: BaseModel) -> _Places | None:
     comp = base.arch.spec.components[component]
     index = NameIndex(comp, "native", flat=False)
     heads = sorted({s.native.split(".", 1)[0] + "." for s in comp.modules})
     for extra in ("", *heads):           # second pass: files that drop a leading container (text_model.)
         places: dict[str, _Place] = {}
-        shapes: dict[str, tuple[int, int]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         seen: dict[tuple[str, str], str] = {}
         for key in file.keys():
-            body, _, leaf = key.rpartition(".")
-            if leaf not in ("weight", "bias") or not body:
-                continue
-            parts = body.split(".")
-            for i in range(len(parts)):
-                m = index.match(extra + ".".join(parts[i:]))
-                if m is None:
+            parts = key.split(".")
+            for i in range(len(parts) - (1 if extra else 0)):     # a head never takes a bare leaf
+                found = match_tensor(index, extra + ".".join(parts[i:]))
+                if found is None:
                     continue
-                shape = file.shape(key)
-                if leaf == "weight" and len(shape) == 2:
-                    shapes[m.native] = (shape[0], shape[1])
+                m, leaf, transpose = found
+                shape = tuple(file.shape(key))
+                if leaf == "weight" and len(shape) >= 2:
+                    shapes[m.native] = shape[::-1] if transpose else shape
                 if (m.native, leaf) in seen:
                     raise InputFileError(f"tensors {seen[(m.native, leaf)]!r} and {key!r} both look like "
                                          f"{m.native}.{leaf}.", path=file.path,
                                          hint=f"pass a file holding one {comp.label} encoder.")
                 seen[(m.native, leaf)] = key
-                places[key] = _Place(m.native, leaf, (0, shape[0]) if shape else (0, 1))
+                rows = (0, (shape[1] if transpose else shape[0]) if shape else 1)
+                places[key] = _Place(m.native, leaf, rows, component=component, transpose=transpose)
                 break
         if places:
             return places, shapes
-    raise InputFileError(f"no {comp.label} tensor found among {len(file)} tensors (e.g. {file.keys()[:3]}).",
-                         path=file.path, hint=f"pass a {comp.label} text-encoder file (HF names).")
+    return None
 
 
 # =============================================================================================
@@ -410,10 +476,12 @@ class _Output:
             self.tmpdir = None
 
 
-def _check_output(path: str, src: WeightFile, inputs: Sequence[str]) -> None:
-    if isinstance(src, ShardedFile):
+def _check_output(path: str, src: WeightFile | None, inputs: Sequence[str]) -> None:
+    """``src`` None: the output mirrors a diffusers pipeline folder."""
+    if src is None or isinstance(src, ShardedFile):
         if path.endswith((".safetensors", ".sft")):
-            raise OutputError("the base is a sharded folder, so the output is a folder too.", path=path,
+            what = "a diffusers pipeline folder" if src is None else "a sharded folder"
+            raise OutputError(f"the base is {what}, so the output is a folder too.", path=path,
                               hint="give a folder name (it is created; an existing one must be empty).")
         real = os.path.realpath(path)
         for inp in (f for given in inputs for f in input_files(given)):
@@ -432,6 +500,106 @@ def _check_output(path: str, src: WeightFile, inputs: Sequence[str]) -> None:
 
 
 # =============================================================================================
+# Diffusers pipeline folders
+# =============================================================================================
+
+PIPELINE_INDEX = "model_index.json"
+
+
+def _is_pipeline(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, PIPELINE_INDEX))
+
+
+def _open_pipeline(path: str, opened: list[WeightFile]) -> list[tuple[str, BaseModel]]:
+    """(subfolder, base) for each subfolder of a diffusers pipeline (``Container.folder``) that holds components
+    of the denoiser's architecture, the denoiser's first; other subfolders are copied as they are."""
+    folders = sorted({c.folder for n in available() for c in resolve(n).containers if c.folder})
+    found: list[tuple[str, BaseModel]] = []
+    errors: dict[str, LorakitError] = {}
+    for folder in folders:
+        sub = os.path.join(path, folder)
+        if not os.path.isdir(sub):
+            continue
+        try:
+            f = open_weights(sub)
+        except LorakitError as exc:
+            errors[folder] = exc
+            continue
+        opened.append(f)
+        try:
+            _refuse_scaled_fp8(f)
+            found.append((folder, open_base(f, folder=folder)))
+        except LorakitError as exc:
+            errors[folder] = exc
+    main = next(((fo, b) for fo, b in found if b.arch.spec.role("denoiser") is not None
+                 and b.arch.spec.denoiser.name in b.parts), None)
+    if main is None:
+        if errors:
+            raise next(iter(errors.values()))
+        raise UnsupportedArchitectureError("no denoiser subfolder of a supported architecture found in this "
+                                           "pipeline folder.", path=path,
+                                           hint="pass the pipeline's denoiser subfolder or a single-file checkpoint.")
+    arch = main[1].arch.spec
+    for folder, exc in errors.items():
+        if any(c.folder == folder for c in arch.containers):
+            raise exc
+    return [main, *((fo, b) for fo, b in found if b is not main[1] and b.arch.name == arch.name)]
+
+
+class _PipelineOutput:
+    """A baked copy of a diffusers pipeline folder: the baked component subfolders are written inside a temporary
+    folder next to the output, every other file is copied, and the folder is published by one rename."""
+
+    def __init__(self, src: str, path: str) -> None:
+        self.src, self.path = src, path
+        parent = os.path.dirname(os.path.abspath(path))
+        clean_stale_temps(parent)
+        self.tmpdir: str | None = create_temp_dir(parent, os.path.basename(os.path.normpath(path)))
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(self.tmpdir, 0o777 & ~mask)
+        self.written: dict[str, str] = {}        # subfolder -> weight file written there ("" = a sharded folder)
+
+    def part(self, folder: str, file: WeightFile) -> str:
+        """Where the baked copy of subfolder ``folder`` (holding ``file``) is written."""
+        assert self.tmpdir is not None
+        if isinstance(file, ShardedFile):
+            self.written[folder] = ""
+            return os.path.join(self.tmpdir, folder)
+        os.makedirs(os.path.join(self.tmpdir, folder), exist_ok=True)
+        self.written[folder] = os.path.basename(file.path)
+        return os.path.join(self.tmpdir, folder, os.path.basename(file.path))
+
+    def commit(self) -> None:
+        """Copy what was not baked, then publish (after the parts' own commits)."""
+        assert self.tmpdir is not None
+        for name in sorted(os.listdir(self.src)):
+            src, dst = os.path.join(self.src, name), os.path.join(self.tmpdir, name)
+            if name in self.written:
+                if self.written[name]:          # a single-file subfolder: its configs next to the baked file
+                    for extra in sorted(os.listdir(src)):
+                        if extra != self.written[name] and os.path.isfile(os.path.join(src, extra)):
+                            shutil.copy2(os.path.join(src, extra), os.path.join(dst, extra))
+            elif os.path.isdir(src):
+                shutil.copytree(src, dst)     # links followed: an HF-cache snapshot links into its blobs
+            else:
+                shutil.copy2(src, dst)
+        try:
+            if os.path.isdir(self.path):
+                os.rmdir(self.path)          # only an empty folder (checked before any work)
+            os.rename(self.tmpdir, self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot publish the output folder ({exc.strerror}).", path=self.path) from None
+        self.tmpdir = None
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self) -> None:
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+
+# =============================================================================================
 # Tasks
 # =============================================================================================
 
@@ -445,6 +613,7 @@ class _Task:
     additive: list[_Use] = field(default_factory=list)
     doras: list[_Use] = field(default_factory=list)
     whole: bool = False
+    where: str = ""                     # the pipeline subfolder of the tensor's file (plans name it)
 
     @property
     def compute(self) -> bool:
@@ -479,7 +648,8 @@ class _Task:
 
 
 def _plan_tasks(file: WeightFile, out: _Output | None, places: dict[str, _Place],
-                uses: dict[str, list[_Use]], codes: dict[str, str]) -> list[_Task]:
+                uses: dict[str, dict[str, list[_Use]]], codes: dict[str, str]) -> list[_Task]:
+    """One task per tensor of ``file`` (file order); ``uses``: component -> native module -> patches."""
     tasks = []
     for info in sorted(file.infos.values(), key=lambda i: (i.file, i.start)):
         place = places.get(info.name)
@@ -488,7 +658,7 @@ def _plan_tasks(file: WeightFile, out: _Output | None, places: dict[str, _Place]
             assert out.writer(info.name).plan[info.name][0] == task.out_code
         if place is not None:
             lo, hi = place.rows
-            for u in uses.get(place.module, ()):
+            for u in uses.get(place.component, {}).get(place.module, ()):
                 if u.window[1] <= lo or u.window[0] >= hi:
                     continue
                 if place.param == "bias":
@@ -597,6 +767,21 @@ def _apply(work: torch.Tensor, task: _Task, n0: int, device: torch.device,
         work.add_(acc)
 
 
+def _apply_transposed(work: torch.Tensor, task: _Task, c0: int, device: torch.device) -> None:
+    """Add ``Σ w·ΔWᵀ`` to rows of a tensor the base stores transposed (``work`` = native columns
+    [c0, c0 + len(work)) of every native row; additive patches only, see :func:`_fit`)."""
+    c1 = c0 + work.shape[0]
+    for u in task.additive:
+        lo, hi = u.window
+        f = u.factors(device)
+        if "up" in f:
+            d = f["down"][:, c0:c1].t() @ f["up"].t()
+            work[:, lo:hi].add_(d, alpha=u.patch.adapter.scale * u.weight)  # type: ignore[union-attr]
+        else:
+            d = _delta_rows(u, 0, hi - lo, device)[:, c0:c1].t()
+            work[:, lo:hi].add_(d, alpha=u.weight)
+
+
 class _Compute:
     def __init__(self, device: torch.device, chunk_bytes: int) -> None:
         self.device = device
@@ -629,7 +814,10 @@ class _Compute:
             b1 = min(rows, b0 + block)
             w = work_buf[: (b1 - b0) * per].view(b1 - b0, *src.shape[1:])
             w.copy_(src[b0:b1])
-            _apply(w, task, task.place.native_row(j0 + b0), self.device, self.scratch)  # type: ignore[union-attr]
+            if task.place.transpose:  # type: ignore[union-attr]
+                _apply_transposed(w, task, j0 + b0, self.device)
+            else:
+                _apply(w, task, task.place.native_row(j0 + b0), self.device, self.scratch)  # type: ignore[union-attr]
             if not all_finite(w):      # checked before the fp8 clamp, which would hide an overflow
                 raise _overflow(task, src[b0:b1], torch.float32)
             if lim is not None:
@@ -961,19 +1149,67 @@ def _refuse_scaled_fp8(file: WeightFile) -> None:
             path=file.path, hint="bake into the bf16/fp16 original, then quantise the result.")
 
 
+_Path = str | os.PathLike[str]
+# component -> (file, output), or just the file (a dry run needs no output)
+ComponentFiles = Mapping[str, tuple[_Path, _Path | None] | _Path]
+
+
+def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple[object, object]],
+                     dry_run: bool) -> dict[str, tuple[str, str | None]]:
+    """component -> (file, output) from ``components=`` and the ``clip_l=``/``t5=`` aliases; checks pairs."""
+    paths: dict[str, tuple[str, str | None]] = {}
+    for c, (f, o) in aliases.items():
+        flag = TE_FLAGS[c]
+        if f is None and o is not None:
+            raise UsageError(f"--{flag}-out given without --{flag}.", hint=f"pass the {c} file with --{flag}.")
+        if f is not None and o is None and not dry_run:
+            raise UsageError(f"--{flag} given without --{flag}-out.", hint=f"pass --{flag}-out OUT.safetensors.")
+        if f is not None:
+            paths[c] = (os.fspath(f), os.fspath(o) if o is not None else None)  # type: ignore[arg-type]
+    for c, given in (components or {}).items():
+        f, o = (given if isinstance(given, (tuple, list)) else (given, None))
+        if c in paths:
+            raise UsageError(f"{c} given twice (--{TE_FLAGS[c]} and --component {c}=…).", hint="give it once.")
+        if o is None and not dry_run:
+            raise UsageError(f"--component {c}={f} given without an output.",
+                             hint=f"pass --component {c}=FILE:OUT.safetensors.")
+        paths[c] = (os.fspath(f), os.fspath(o) if o is not None else None)
+    return paths
+
+
+def _check_components(bm: BaseModel, paths: dict[str, tuple[str, str | None]]) -> None:
+    """Separate component files must name components of the base's architecture that the base lacks."""
+    spec = bm.arch.spec
+    for c in paths:
+        if c not in spec.components:
+            raise UsageError(f"{spec.label} has no component {c!r}.",
+                             hint="components: " + ", ".join(spec.components) + ".")
+        if c in bm.parts:
+            raise UsageError(f"the base already holds the {spec.components[c].label} ({c}); its LoRA modules are "
+                             "baked into the base output.", hint=f"drop {_flag(c)}.")
+
+
 def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | os.PathLike[str] | None, *,
          dtype: torch.dtype | str | None = None, device: str = "cpu", allow_partial: bool = False,
          dry_run: bool = False, clip_l: str | os.PathLike[str] | None = None,
          clip_l_out: str | os.PathLike[str] | None = None, t5: str | os.PathLike[str] | None = None,
-         t5_out: str | os.PathLike[str] | None = None, allow_pickle: bool = False,
-         progress: Progress | bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-         threads: int | None = None, allow_zero_lora: bool = False) -> BakeReport:
+         t5_out: str | os.PathLike[str] | None = None, components: ComponentFiles | None = None,
+         allow_pickle: bool = False, progress: Progress | bool | None = None,
+         chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None,
+         allow_zero_lora: bool = False) -> BakeReport:
     """Bake LoRAs (``path[:weight]`` strings, ``(path, weight)`` pairs or WeightedInput) into ``base``.
 
+    Every component the base holds (the denoiser; in single-file checkpoints also text encoders) gets its
+    LoRA modules; tensors of no component (a VAE) are copied untouched. ``base`` may be a diffusers pipeline
+    folder (``model_index.json``): the subfolders its architecture names (:attr:`Container.folder`) are baked,
+    every other file is copied, and ``output`` is a new folder published in one rename. Components held in
+    separate files are given as ``components={name: (file, output)}`` (``clip_l=``/``clip_l_out=`` and
+    ``t5=``/``t5_out=`` are aliases for FLUX.1's text encoders); LoRA modules of a component neither the base
+    nor a given file holds are reported in ``not_applied``.
     The output keeps the base's layout and, unless ``dtype`` is given, every tensor's dtype (``dtype``
-    changes the transformer's floating tensors only; other components of a full checkpoint and text
-    encoders are never converted). Nothing is written unless every LoRA module fits the base (or
-    ``allow_partial``); ``dry_run`` returns the per-tensor plan without touching base tensor data.
+    changes the main component's (denoiser's) floating tensors only; other components of a full checkpoint
+    and separate component files are never converted). Nothing is written unless every LoRA module fits the
+    base (or ``allow_partial``); ``dry_run`` returns the per-tensor plan without touching base tensor data.
     ``threads`` sets torch's intra-op threads for the duration of the bake (default: half the CPUs,
     1 to 8 — the reader and writer threads need a core for their copies). A LoRA whose ups are all zero is
     refused unless ``allow_zero_lora``; a baked tensor that would hold NaN/Inf is refused (NonFiniteError).
@@ -988,43 +1224,44 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         raise UsageError("no LoRA given.", hint="pass BASE then one or more LoRA[:WEIGHT].")
     base_path = os.fspath(base)
     out_path = os.fspath(output) if output is not None else None
-    te_args = {"clip_l": (clip_l, clip_l_out), "t5": (t5, t5_out)}
-    te_paths = {c: (os.fspath(f), os.fspath(o) if o is not None else None)
-                for c, (f, o) in te_args.items() if f is not None}
-    for c, (f, o) in te_args.items():
-        flag = c.replace("_", "-")
-        if f is None and o is not None:
-            raise UsageError(f"--{flag}-out given without --{flag}.", hint=f"pass the {c} file with --{flag}.")
-        if f is not None and o is None and not dry_run:
-            raise UsageError(f"--{flag} given without --{flag}-out.", hint=f"pass --{flag}-out OUT.safetensors.")
+    te_paths = _component_paths(components, {"clip_l": (clip_l, clip_l_out), "t5": (t5, t5_out)}, dry_run)
     if out_path is None and not dry_run:
         raise UsageError("no output path given.", hint="pass -o OUT (or --dry-run).")
     all_inputs = [base_path, *(w.path for w in weighted), *(f for f, _ in te_paths.values())]
 
     opened: list[WeightFile] = []
-    outputs: list[_Output] = []
+    outputs: list[_Output | _PipelineOutput] = []
+    pipeline = _is_pipeline(base_path)
     try:
-        try:
-            bfile = open_weights(base_path)
-        except PickleRefusedError:
-            raise PickleRefusedError("is a pickle checkpoint; bake streams safetensors bases only.", path=base_path,
-                                     hint="convert the base to .safetensors first (--allow-pickle applies to "
-                                          "LoRA inputs).") from None
-        opened.append(bfile)
-        _refuse_scaled_fp8(bfile)
-        bm = open_base(bfile)
+        if pipeline:
+            bases = _open_pipeline(base_path, opened)
+        else:
+            try:
+                bfile = open_weights(base_path)
+            except PickleRefusedError:
+                raise PickleRefusedError("is a pickle checkpoint; bake streams safetensors bases only.",
+                                         path=base_path, hint="convert the base to .safetensors first "
+                                                              "(--allow-pickle applies to LoRA inputs).") from None
+            opened.append(bfile)
+            _refuse_scaled_fp8(bfile)
+            bases = [("", open_base(bfile))]
+        bm = bases[0][1]
+        for _fo, b in bases:
+            _check_components(b, te_paths)
         te_files: dict[str, WeightFile] = {}
         for c, (f, _o) in te_paths.items():
             te_files[c] = open_weights(f)
             opened.append(te_files[c])
         if not dry_run:
-            _check_output(out_path, bfile, all_inputs)  # type: ignore[arg-type]
+            _check_output(out_path, None if pipeline else bm.file, all_inputs)  # type: ignore[arg-type]
             for c, (_f, o) in te_paths.items():
                 _check_output(o, te_files[c], all_inputs)  # type: ignore[arg-type]
-            outs = [os.path.realpath(p) for p in (out_path, *(o for _f, o in te_paths.values()))]
+            outs = [os.path.realpath(p)  # type: ignore[arg-type]
+                    for p in (out_path, *(o for _f, o in te_paths.values()))]
             if len(set(outs)) != len(outs):
                 raise OutputError("two outputs have the same path.", path=out_path,
-                                  hint="give -o, --clip-l-out and --t5-out different paths.")
+                                  hint="give -o, --clip-l-out, --t5-out and each --component output different "
+                                       "paths.")
         desc = _base_desc(bm)
         loras = [_Input(w.path, w.weight, _read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run))
                  for w in weighted]
@@ -1032,28 +1269,37 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         if not dry_run and not allow_zero_lora:
             _check_zero_ups(loras)
 
-        report = BakeReport(base_path, out_path, bm.layout + ("+prefix " + repr(bm.prefix) if bm.prefix else ""),
-                            bm.variant, short_name(out_dtype) if out_dtype else "keep", str(dev), dry_run=dry_run)
-        uses, te_places = _coverage(bm, loras, te_files, allow_partial, report)
+        layout = bm.layout + ("+prefix " + repr(bm.prefix) if bm.prefix else "")
+        if pipeline:
+            layout = "diffusers pipeline (" + ", ".join(f"{fo}: {b.layout}" for fo, b in bases) + ")"
+        report = BakeReport(base_path, out_path, layout, bm.variant, short_name(out_dtype) if out_dtype else "keep",
+                            str(dev), dry_run=dry_run)
+        uses, te_places = _coverage([b for _fo, b in bases], loras, te_files, allow_partial, report)
 
         convert = _converter(out_dtype)
         meta = _output_metadata(bm, loras, report, dry_run)
         tasks: list[_Task] = []
-        base_changes = bool(uses[COMPONENT])
-        if base_changes:
-            codes = {k: (convert(k, i.dtype) if k in bm.slots else i.dtype) for k, i in bfile.infos.items()}
-            out = None if dry_run else _Output(bfile, out_path, codes, meta, all_inputs)  # type: ignore[arg-type]
+        baked = [(fo, b) for fo, b in bases if any(uses.get(c) for c in b.parts)]
+        pipe_out = (_PipelineOutput(base_path, out_path)  # type: ignore[arg-type]
+                    if pipeline and baked and not dry_run else None)
+        for folder, b in baked:
+            main = bm.component
+            codes = {k: (convert(k, i.dtype) if k in b.slots and b.slots[k].component == main else i.dtype)
+                     for k, i in b.file.infos.items()}
+            where = pipe_out.part(folder, b.file) if pipe_out is not None else out_path
+            out = None if dry_run else _Output(b.file, where, codes, meta, all_inputs)  # type: ignore[arg-type]
             if out is not None:
                 outputs.append(out)
-            places = {k: _Place(s.module, s.param, s.rows or (0, bm.native_shape(s.module)[0]),  # type: ignore[index]
-                                s.swap) for k, s in bm.slots.items() if s.module is not None}
-            # loose parameters (q/k norm scales): the place's "module" is the parameter's native name
-            places.update({k: _Place(s.param, LOOSE, (0, (bm.file.shape(k) or (1,))[0]))
-                           for k, s in bm.slots.items() if s.module is None})
-            tasks += _plan_tasks(bfile, out, places, uses[COMPONENT], codes)
-        else:
+            part_tasks = _plan_tasks(b.file, out, _base_places(b), uses, codes)
+            for t in part_tasks:
+                t.where = folder
+            tasks += part_tasks
+        if pipe_out is not None:
+            outputs.append(pipe_out)       # committed after the parts it holds
+        if not baked:
             report.output = None
-            report.warnings.append("no transformer module applies; the base output was not written.")
+            held = " or ".join(c for _fo, b in bases for c in b.components())
+            report.warnings.append(f"no {held} module applies; the base output was not written.")
         for c, f in te_files.items():
             codes = {k: i.dtype for k, i in f.infos.items()}
             te_out = te_paths[c][1]
@@ -1061,7 +1307,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             out = None if dry_run else _Output(f, te_out, codes, meta_te, all_inputs)  # type: ignore[arg-type]
             if out is not None:
                 outputs.append(out)
-            te_tasks = _plan_tasks(f, out, te_places[c], uses[c], codes)
+            te_tasks = _plan_tasks(f, out, te_places[c], {c: uses[c]}, codes)
             tasks += te_tasks
             report.text_encoders.append({"component": c, "file": f.path, "output": te_out,
                                          "changed": sum(t.changed for t in te_tasks)})
@@ -1070,7 +1316,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         report.converted = sum(1 for t in tasks if t.compute and not t.changed)
         report.copied = len(tasks) - report.changed - report.converted
         report.bytes_in = sum(t.info.nbytes for t in tasks)
-        report.bytes_out = sum(o.size for o in outputs) if outputs else sum(
+        report.bytes_out = sum(o.size for o in outputs if isinstance(o, _Output)) if outputs else sum(
             t.info.numel * itemsize(t.out_code) for t in tasks)
         if dry_run:
             report.plan = _describe(tasks, loras)
@@ -1122,43 +1368,58 @@ def _converter(out_dtype: torch.dtype | None) -> Callable[[str, str], str]:
     return lambda _k, code: target if is_float(code) else code
 
 
-def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile], allow_partial: bool,
+def _coverage(bases: list[BaseModel], loras: list[_Input], te_files: dict[str, WeightFile], allow_partial: bool,
               report: BakeReport) -> tuple[dict[str, dict[str, list[_Use]]], dict[str, dict[str, _Place]]]:
-    """Check every LoRA module against the base (and text-encoder files); refuse before any write."""
-    mods = bm.arch.module_map(COMPONENT)
-    loose = {s.param: tuple(bm.file.shape(s.key)) for s in bm.slots.values() if s.module is None}
+    """Check every LoRA module against the components the base files hold (the main one first; several for a
+    pipeline folder) and the separate component files; refuse before any write. Modules of the main component
+    are named bare in the report, others as ``component:module``."""
+    bm = bases[0]
+    spec = bm.arch.spec
+    main = bm.component
+    holder = {c: b for b in bases for c in b.parts}
+    mods = {c: b.arch.module_map(c) for c, b in holder.items()}
+    transposed = {(s.component, s.module) for b in bases for s in b.slots.values() if s.transpose}
+    loose = {c: {s.param: tuple(b.file.shape(s.key)) for s in b.slots.values() if s.module is None
+                 and s.component == c} for c, b in holder.items()}
     te_places: dict[str, dict[str, _Place]] = {}
-    te_shapes: dict[str, dict[str, tuple[int, int]]] = {}
+    te_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for c, f in te_files.items():
         te_places[c], te_shapes[c] = _te_places(f, c, bm)
-    uses: dict[str, dict[str, list[_Use]]] = {COMPONENT: {}, **{c: {} for c in TEXT_ENCODERS}}
+    uses: dict[str, dict[str, list[_Use]]] = {c: {} for c in (*spec.components, *holder)}
     unmatched: list[str] = []
     causes: list[str] = []
     for idx, inp in enumerate(loras):
         name = os.path.basename(inp.path)
-        bad: list[str] = []
+        bad: list[tuple[str, str, str]] = []          # (component, module label, reason)
         unused_te: dict[str, int] = {}
+        foreign = inp.model.arch.name != spec.name
         for p in inp.model.patches:
             comp, module = p.target.component, p.target.module
-            if comp == COMPONENT and (p.target.loose or (module not in mods and module in loose)):
-                window, why = _fit_loose(p, loose.get(module))
-            elif comp == COMPONENT:
-                m = mods.get(module)
-                if m is None:
-                    bad.append(f"{module}: {_missing_reason(bm, module)}")
+            label = module if comp == main else f"{comp}:{module}"
+            if foreign:
+                bad.append((comp, label, f"a {inp.model.arch.spec.label} module; the base is {spec.label}"))
+                continue
+            if comp in holder and (p.target.loose or (module not in mods[comp] and module in loose[comp])):
+                window, why = _fit_loose(p, loose[comp].get(module))
+            elif comp in holder:
+                shape = holder[comp].module_shape(comp, module)
+                if shape is None:
+                    bad.append((comp, label, _missing_reason(holder[comp], comp, module)))
                     continue
-                window, why = _fit(p, m.out, m.inp, "base module")
+                window, why = _fit(p, shape, "base module" if comp == main else f"{comp} module",
+                                   (comp, module) in transposed)
             elif comp in te_files:
                 shape = te_shapes[comp].get(module)
                 if shape is None:
-                    bad.append(f"{comp}:{module}: not in {os.path.basename(te_files[comp].path)}")
+                    bad.append((comp, label, f"not in {os.path.basename(te_files[comp].path)}"))
                     continue
-                window, why = _fit(p, shape[0], shape[1], f"{comp} module")
+                is_t = any(pl.transpose and pl.module == module for pl in te_places[comp].values())
+                window, why = _fit(p, shape, f"{comp} module", is_t)
             else:
                 unused_te[comp] = unused_te.get(comp, 0) + 1
                 continue
             if why is not None:
-                bad.append(f"{module}: {why}")
+                bad.append((comp, label, why))
                 continue
             if inp.weight == 0 and p.dora is None:
                 continue
@@ -1170,19 +1431,22 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
                                    f"set to the file's values whatever the strength ({inp.weight:g}), as BFL's "
                                    "and diffusers' loaders do.")
         for k in inp.model.unknown_keys:
-            bad.append(f"key {k!r}: not understood")
+            bad.append(("", f"key {k!r}", "not understood"))
         inp.skipped = len(bad)
         if bad:
-            cause = _lora_cause(bm, inp.model)
+            cause = _lora_cause(bases, inp.model)
             if cause:
                 causes.append(f"{name}: {cause}")
-            unmatched += [f"{name}: {b}" for b in bad]
-            report.skipped += [{"input": inp.path, "module": b.split(": ", 1)[0], "reason": b.split(": ", 1)[-1]}
-                               for b in bad]
+            unmatched += [f"{name}: {label}: {why}" for _c, label, why in bad]
+            report.skipped += [{"input": inp.path, "module": label, "reason": why, "component": c}
+                               for c, label, why in bad]
         for comp, n in unused_te.items():
-            flag = comp.replace("_", "-")
             report.not_applied.append({"input": inp.path, "component": comp, "modules": n})
-            report.warnings.append(f"{name}: {n} {comp} modules not applied (pass --{flag} FILE --{flag}-out OUT "
+            where = spec.components[comp].label if comp in spec.components else comp
+            report.warnings.append(f"{name}: {n} {comp} modules not applied: the base holds no {where} (pass "
+                                   f"{_flag_hint(comp)} to bake them into a text encoder)."
+                                   if comp not in TE_FLAGS else
+                                   f"{name}: {n} {comp} modules not applied (pass {_flag_hint(comp)} "
                                    "to bake them into a text encoder).")
         report.inputs.append({"path": inp.path, "weight": inp.weight, "format": inp.model.format,
                               "variant": inp.model.arch.variant, "modules": len(inp.model.patches),
@@ -1192,17 +1456,19 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         mv = inp.model.arch.variant
         if mv in _labels(bm) and mv != bm.variant and not bad:
             report.warnings.append(f"{name}: made for {_labels(bm)[mv]}, baked into {_base_desc(bm)}.")
-    for module, us in uses[COMPONENT].items():
-        setters = [u for u in us if u.patch.replace]
-        if len(setters) > 1:
-            raise MergeError(f"{module}: {len(setters)} inputs replace this norm scale "
-                             f"({', '.join(os.path.basename(loras[u.input].path) for u in setters)}); "
-                             "a parameter takes one replacement value.",
-                             hint="bake one BFL control LoRA at a time.")
+    for comp in holder:
+        for module, us in uses[comp].items():
+            setters = [u for u in us if u.patch.replace]
+            if len(setters) > 1:
+                raise MergeError(f"{module}: {len(setters)} inputs replace this norm scale "
+                                 f"({', '.join(os.path.basename(loras[u.input].path) for u in setters)}); "
+                                 "a parameter takes one replacement value.",
+                                 hint="bake one BFL control LoRA at a time.")
     for c in te_files:
         if not uses[c] and not any(p.target.component == c for i in loras for p in i.model.patches):
-            raise UsageError(f"--{c.replace('_', '-')} given, but no LoRA has {c} modules.",
-                             hint=f"drop --{c.replace('_', '-')} and --{c.replace('_', '-')}-out.")
+            flag = _flag(c)
+            drop = f"{flag} and {flag}-out" if c in TE_FLAGS else flag + ":OUT"
+            raise UsageError(f"{flag} given, but no LoRA has {c} modules.", hint=f"drop {drop}.")
     if unmatched and not allow_partial:
         lead = "; ".join(causes) + ". " if causes else ""
         raise CoverageError(f"{lead}Nothing was written: these LoRA modules do not fit {_base_desc(bm)}",
@@ -1221,7 +1487,7 @@ def _coverage(bm: BaseModel, loras: list[_Input], te_files: dict[str, WeightFile
         raise CoverageError("nothing to bake: no LoRA module applies to this base (or the given text encoders)",
                             [os.path.basename(i.path) for i in loras], path=bm.file.path,
                             hint="check that the LoRA is for this model; text-encoder modules need --clip-l/--t5 "
-                                 "with their -out paths.")
+                                 "with their -out paths (or --component NAME=FILE:OUT).")
     return uses, te_places
 
 
@@ -1242,7 +1508,10 @@ def _output_metadata(bm: BaseModel, loras: list[_Input], report: BakeReport, dry
                                        dtype=report.dtype,
                                        dora=DORA_RULE if dora else None,
                                        skipped=len(report.skipped) or None)}
-    meta["modelspec.architecture"] = MODELSPEC_ARCH.get(bm.variant, "flux-1")
+    spec = bm.arch.spec
+    names = MODELSPEC_ARCH.get(spec.name)
+    meta["modelspec.architecture"] = (names.get(bm.variant, names[""]) if names is not None
+                                      else spec.modelspec or spec.name)
     meta.setdefault("modelspec.sai_model_spec", "1.0.1")
     return meta
 
@@ -1250,7 +1519,8 @@ def _output_metadata(bm: BaseModel, loras: list[_Input], report: BakeReport, dry
 def _describe(tasks: list[_Task], loras: list[_Input]) -> list[dict[str, object]]:
     plan = []
     for t in tasks:
-        entry: dict[str, object] = {"tensor": t.key, "dtype": t.info.dtype, "out_dtype": t.out_code,
+        entry: dict[str, object] = {"tensor": f"{t.where}/{t.key}" if t.where else t.key, "dtype": t.info.dtype,
+                                    "out_dtype": t.out_code,
                                     "action": "bake" if t.changed else ("convert" if t.compute else "copy")}
         if t.changed and t.place is not None:
             lo, hi = t.place.rows
@@ -1268,6 +1538,8 @@ def _describe(tasks: list[_Task], loras: list[_Input]) -> list[dict[str, object]
 
 
 def _tensor_rows(place: _Place, a: int, b: int) -> list[int] | str:
+    if place.transpose:
+        return f"columns {a}:{b} (stored transposed)"
     lo, hi = place.rows
     if not place.swap:
         return [a - lo, b - lo]

@@ -16,7 +16,7 @@ HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout 
 # recipe keys (the long options, plus `base` and `inputs`) and the type each value must have
 RECIPE_SCHEMA = {"base": str, "output": str, "dtype": str, "device": opt(str, choices=("cpu", "cuda")),
                  "allow_partial": bool, "allow_zero_lora": bool, "dry_run": bool, "clip_l": str, "clip_l_out": str, "t5": str, "t5_out": str,
-                 "allow_pickle": bool, "json": bool}
+                 "component": list, "allow_pickle": bool, "json": bool}
 RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
 
@@ -24,10 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bake`` subcommand to the parser."""
     p = sub.add_parser(
         "bake", help=HELP,
-        description=HELP + ". BASE is a FLUX.1 transformer in BFL, ComfyUI (model.diffusion_model.) or diffusers "
-        "layout, a single file or a sharded folder; the output keeps that layout and the base's dtypes (--dtype "
-        "converts the transformer's floating tensors only; other components of a full checkpoint and the text "
-        "encoders keep theirs). Each LoRA "
+        description=HELP + ". BASE is a checkpoint of a supported architecture: a FLUX.1 transformer in BFL, "
+        "ComfyUI (model.diffusion_model.) or diffusers layout, a single file or a sharded folder, or a single-file "
+        "checkpoint holding a denoiser and text encoders together (each component it holds gets its LoRA modules; "
+        "other tensors, e.g. a VAE, are copied untouched), or a diffusers pipeline folder with model_index.json "
+        "(its denoiser and text-encoder subfolders are baked, everything else copied; -o is then a new folder). "
+        "The output keeps that layout and the base's dtypes "
+        "(--dtype converts the denoiser's floating tensors only; other components of a full checkpoint and the "
+        "text encoders keep theirs). Each LoRA "
         "(any readable format) is added as W + Σ weight·ΔW in fp32 and cast back once. Nothing is written unless "
         "every LoRA module fits the base (see --allow-partial). DoRA modules use PEFT's formula, "
         "each relative to the base weight: + m·(W0 + s·ΔW)/‖W0 + s·ΔW‖ − W0 (independent of the input order).")
@@ -53,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="T5-XXL text encoder to bake the LoRAs' T5 modules into")
     p.add_argument("--t5-out", "--t5xxl_save_to", dest="t5_out", default=None, metavar="OUT",
                    help="where the baked T5 is written (same layout as --t5)")
+    p.add_argument("--component", action="append", default=None, metavar="NAME=FILE[:OUT]",
+                   help="a component the base does not hold, as a separate file to bake that component's LoRA "
+                        "modules into, written to OUT (same layout as FILE; OUT may be left out with --dry-run); "
+                        "NAME is the architecture's component name (FLUX.1: clip_l, t5, the same as --clip-l/--t5); "
+                        "repeatable")
     p.add_argument("--recipe", default=None, metavar="FILE.yaml",
                    help="options from a YAML file (keys: base, inputs, output and the long options); explicit "
                         "command-line values win")
@@ -69,6 +78,8 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
         for key in ("base", "output", "clip_l", "clip_l_out", "t5", "t5_out"):
             if isinstance(recipe.get(key), str) and not os.path.isabs(recipe[key]):
                 recipe[key] = os.path.join(here, recipe[key])
+        if "component" in recipe:
+            recipe["component"] = [_relative_component(v, here) for v in recipe["component"]]
     for key in RECIPE_KEYS:
         if key in ("base", "inputs"):
             continue
@@ -91,13 +102,47 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
     return str(base), inputs
 
 
+def parse_component(text: object) -> tuple[str, tuple[str, str | None]]:
+    """``NAME=FILE[:OUT]`` -> (name, (file, out)); OUT is what follows the last ``:``."""
+    if not isinstance(text, str) or "=" not in text:
+        raise UsageError(f"bad --component {text!r}.",
+                         hint="write --component NAME=FILE:OUT (e.g. clip_l=clip.safetensors:clip_baked.safetensors).")
+    name, _, rest = text.partition("=")
+    file, sep, out = rest.rpartition(":")
+    if not sep:
+        file, out = rest, ""
+    if not name or not file:
+        raise UsageError(f"bad --component {text!r}.", hint="write --component NAME=FILE:OUT.")
+    return name, (file, out or None)
+
+
+def _relative_component(text: object, here: str) -> str:
+    """A recipe's ``NAME=FILE[:OUT]`` entry with relative paths resolved against the recipe's folder."""
+    name, (file, out) = parse_component(text)
+    file, out = (p if p is None or os.path.isabs(p) else os.path.join(here, p) for p in (file, out))
+    return f"{name}={file}" + (f":{out}" if out else "")
+
+
+def _components(args: argparse.Namespace) -> dict[str, tuple[str, str | None]]:
+    found: dict[str, tuple[str, str | None]] = {}
+    for text in args.component or ():
+        name, paths = parse_component(text)
+        if name in found:
+            raise UsageError(f"--component {name} given twice.", hint="give each component once.")
+        found[name] = paths
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit bake`` and print its report; returns the exit code."""
     base, inputs = _resolve(args)
-    refuse_recipe_as_output(args.recipe, (args.output, args.clip_l_out, args.t5_out))
+    components = _components(args)
+    refuse_recipe_as_output(args.recipe, (args.output, args.clip_l_out, args.t5_out,
+                                          *(o for _f, o in components.values())))
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
              allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
-             clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, allow_pickle=bool(args.allow_pickle),
+             clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, components=components,
+             allow_pickle=bool(args.allow_pickle),
              progress=terminal_progress("bake", enabled=not (args.no_progress or args.dry_run or args.json),
                                         unit="bytes"),
              allow_zero_lora=bool(args.allow_zero_lora))
