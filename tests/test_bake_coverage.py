@@ -30,11 +30,11 @@ def test_sdxl_lora_is_refused_with_both_architectures_named(tmp_path, capsys):
     base = make_base(tmp_path, "bfl")
     g = torch.Generator().manual_seed(0)
     t = {}
-    for stem in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k",
-                 "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_v",
-                 "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"):
-        t[f"{stem}.lora_down.weight"] = torch.randn(4, 640, generator=g)
-        t[f"{stem}.lora_up.weight"] = torch.randn(640, 4, generator=g)
+    for stem, (out, inp) in (("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k", (640, 640)),
+                             ("lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_v", (1280, 2048)),
+                             ("lora_te2_text_model_encoder_layers_0_self_attn_k_proj", (1280, 1280))):
+        t[f"{stem}.lora_down.weight"] = torch.randn(4, inp, generator=g)
+        t[f"{stem}.lora_up.weight"] = torch.randn(out, 4, generator=g)
         t[f"{stem}.alpha"] = torch.tensor(4.0)
     lora = str(tmp_path / "sdxl.safetensors")
     save_file(t, lora)

@@ -69,11 +69,6 @@ WORK_ELEMENTS = 3 << 20               # fp32 elements per compute block (cache-f
 POOL = 3                              # buffers per pipeline stage
 WRITEBACK_LAG = 4                     # written ranges kept in the page cache before they are dropped
 DORA_RULE = "peft: W0 + sum(w*dW) + sum(m*(W0 + s*dW)/||W0 + s*dW|| - W0)"
-# modelspec.architecture of a baked file per architecture and variant ("" = any other variant); an architecture
-# not listed writes its ArchSpec.modelspec (or its name)
-MODELSPEC_ARCH = {"flux1": {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma",
-                            "fill": "flux-1-dev", "control": "flux-1-dev", "": "flux-1"}}
-
 
 # =============================================================================================
 # Report
@@ -197,6 +192,16 @@ def _read_lora(path: str, base_desc: str, *, allow_pickle: bool, shape_only: boo
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{exc.message} It cannot be baked into {base_desc}.", path=exc.path,
                                            hint=exc.hint) from None
+
+
+def _check_architectures(loras: list[_Input], base: BaseModel, base_desc: str) -> None:
+    """A LoRA of another architecture than the base's is refused before any work: none of its modules can apply."""
+    for inp in loras:
+        if inp.model.arch.name != base.arch.spec.name:
+            raise UnsupportedArchitectureError(
+                f"this is a {inp.model.arch.spec.label} LoRA ({inp.model.format}, {len(inp.model.patches)} modules); "
+                f"it cannot be baked into {base_desc}, a {base.arch.spec.label} model.", path=inp.path,
+                hint=f"bake it into a {inp.model.arch.spec.label} base model.")
 
 
 def _labels(base: BaseModel) -> dict[str, str]:
@@ -1265,6 +1270,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         desc = _base_desc(bm)
         loras = [_Input(w.path, w.weight, _read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run))
                  for w in weighted]
+        _check_architectures(loras, bm, desc)
         _check_strengths(loras)
         if not dry_run and not allow_zero_lora:
             _check_zero_ups(loras)
@@ -1509,9 +1515,7 @@ def _output_metadata(bm: BaseModel, loras: list[_Input], report: BakeReport, dry
                                        dora=DORA_RULE if dora else None,
                                        skipped=len(report.skipped) or None)}
     spec = bm.arch.spec
-    names = MODELSPEC_ARCH.get(spec.name)
-    meta["modelspec.architecture"] = (names.get(bm.variant, names[""]) if names is not None
-                                      else spec.modelspec or spec.name)
+    meta["modelspec.architecture"] = spec.stamp.architecture(bm.variant) or spec.stamp.modelspec or spec.name
     meta.setdefault("modelspec.sai_model_spec", "1.0.1")
     return meta
 
