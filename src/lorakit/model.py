@@ -69,6 +69,8 @@ class ArchInstance:
     params: dict[str, dict[str, int]]       # component -> solved parameters
     variant: str = "any"
     preset: dict[str, str] = field(default_factory=dict)   # component -> preset name, when sizes match one
+    _maps: dict[tuple[object, ...], dict[str, ConcreteModule]] = field(default_factory=dict, repr=False,
+                                                                         compare=False)
 
     @property
     def name(self) -> str:
@@ -81,7 +83,13 @@ class ArchInstance:
         return expand(self.spec.components[component], params)
 
     def module_map(self, component: str) -> dict[str, ConcreteModule]:
-        return {m.name: m for m in self.modules(component)}
+        """Native module name -> concrete module (cached per component and sizes: SD UNets have ~800 modules)."""
+        params = self.params.get(component)
+        key = (component, tuple(sorted(params.items())) if params is not None else None)
+        cached = self._maps.get(key)
+        if cached is None:
+            cached = self._maps[key] = {m.name: m for m in self.modules(component)}
+        return cached
 
 
 @dataclass

@@ -132,3 +132,56 @@ def write_sdscripts_lora(path: str | os.PathLike[str], params: Mapping[str, int]
     meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
             "ss_base_model_version": "flux1", "ss_output_name": "synthetic"}
     return save_tensors(path, tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any registered architecture: single-file checkpoints from the layout data
+# ---------------------------------------------------------------------------------------------
+
+TINY_SD: dict[str, dict[str, int]] = {
+    # model channels shrunk; the widths that tell the SD models apart (context, label embedding, CLIP-L) kept
+    "sd1": {"C": 16, "CTX": 768, "IN": 4, "OUT": 4},
+    "sdxl": {"C": 16, "CTX": 2048, "ADM": 2816, "IN": 4, "OUT": 4},
+}
+TINY_TE: dict[str, dict[str, int]] = {"clip_l": {"D": 768, "FF": 96, "layers": 2},
+                                      "clip_g": {"D": 64, "FF": 128, "layers": 2}}
+PASSTHROUGH_SD = (("first_stage_model.decoder.conv_in.weight", (8, 4, 3, 3)),
+                  ("first_stage_model.decoder.conv_in.bias", (8,)))
+
+
+def checkpoint_tensors(arch: ArchSpec, sizes: Mapping[str, Mapping[str, int]], *,
+                       prefixes: Mapping[str, str] | None = None) -> list[BaseTensor]:
+    """Every weight/bias tensor of the given components in native (single-file) naming, each under its
+    container prefix (the architecture's first container for the component unless ``prefixes`` says), with the
+    layout's tensor names (``in_proj_weight``) and stored orientation (a transposed ``text_projection``)."""
+    out: list[BaseTensor] = []
+    for comp_name, params in sizes.items():
+        comp = arch.components[comp_name]
+        prefix = (prefixes or {}).get(comp_name)
+        if prefix is None:
+            prefix = next(c.prefix for c in arch.containers if c.component == comp_name)
+        for m in expand(comp, params):
+            shape = (m.inp, m.out) if m.spec.transpose else m.shape
+            out.append(BaseTensor(prefix + m.spec.tensor_name(m.name, m.spec.weight), shape))
+            if m.bias:
+                out.append(BaseTensor(prefix + m.spec.tensor_name(m.name, m.spec.bias_param), (m.out,)))
+        for p in expand_params(comp, params):
+            out.append(BaseTensor(prefix + p.name, p.shape))
+    return out
+
+
+def write_checkpoint(path: str | os.PathLike[str], arch: ArchSpec, sizes: Mapping[str, Mapping[str, int]], *,
+                     dtype: torch.dtype = torch.float32, seed: int = 0, fill: str = "randn",
+                     extra: tuple[tuple[str, tuple[int, ...]], ...] = (),
+                     prefixes: Mapping[str, str] | None = None) -> str:
+    """A single-file checkpoint of ``arch`` (e.g. an SDXL-shaped UNet + CLIP-L + OpenCLIP-G, and ``extra``
+    passthrough tensors such as VAE keys), written tensor by tensor (bounded memory, any size)."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = checkpoint_tensors(arch, sizes, prefixes=prefixes) + [BaseTensor(n, s) for n, s in extra]
+    entries = [(t.name, dtype_code(dtype), t.shape) for t in specs]
+    with SafetensorsWriter(path, entries, {"format": "pt"}) as w:
+        for t in specs:
+            value = (torch.randn(t.shape, generator=gen) * 0.05).to(dtype) if fill == "randn" else \
+                torch.zeros(t.shape, dtype=dtype)
+            w.write(t.name, value)
+    return os.fspath(path)
