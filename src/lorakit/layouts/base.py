@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .block_schemes import BlockScheme
+
 Expr = str
 
 
@@ -245,6 +247,7 @@ class ArchSpec:
     containers: tuple[Container, ...] = ()     # base checkpoint layouts, longest prefixes first
     named_by: tuple[str, ...] = ()
     stamp: Stamp = field(default_factory=Stamp)
+    blocks: BlockScheme | None = None          # how ``merge --blocks`` addresses it (None: selectors only)
 
     def role(self, role: str) -> ComponentSpec | None:
         """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""

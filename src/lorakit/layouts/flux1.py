@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
+from .block_schemes import FLUX1_BLOCKS
 from .text_encoders import CLIP_L, T5_XXL
 
 
@@ -146,6 +147,7 @@ FLUX1 = ArchSpec(
     containers=tuple(Container(_T, prefix, _BFL_OR_DIFFUSERS, folder="transformer")
                      for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "")),
     named_by=("flux", "chroma"),
+    blocks=FLUX1_BLOCKS,
     stamp=Stamp(kohya_module="networks.lora_flux", ss_version="flux1", modelspec="flux-1",
                 implementation="https://github.com/black-forest-labs/flux", resolution="1024x1024",
                 variants={"chroma": ("chroma", "chroma"), "schnell": ("flux1", "flux-1-schnell"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .base import ArchSpec, Stamp, Variant
+from .block_schemes import SD_BLOCKS
 from .sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
 from .sd_unet import SD1_UNET
 from .text_encoders import CLIP_L, CLIP_L_WIDTH
@@ -26,6 +27,7 @@ SD1 = ArchSpec(
     rules=sd_rules(DIFFUSERS_FIRST, ENCODERS),
     containers=sd_containers(ENCODERS),
     named_by=("sd_v1", "stable-diffusion-v1"),
+    blocks=SD_BLOCKS,
     stamp=Stamp(kohya_module="networks.lora", ss_version="sd_v1", modelspec="stable-diffusion-v1",
                 implementation="diffusers", resolution="512x512",
                 variants={v: ("sd_v1", "stable-diffusion-v1") for v in ("base", "inpaint")}),

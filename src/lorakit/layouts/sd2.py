@@ -5,6 +5,7 @@ v-prediction (768-v) models have the same tensors: only metadata names them."""
 from __future__ import annotations
 
 from .base import ArchSpec, Stamp, Variant
+from .block_schemes import SD_BLOCKS
 from .openclip import OPENCLIP_H
 from .sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
 from .sd_unet import SD2_UNET
@@ -26,6 +27,7 @@ SD2 = ArchSpec(
     rules=sd_rules(DIFFUSERS_FIRST, ENCODERS),
     containers=sd_containers(ENCODERS),
     named_by=("sd_v2", "stable-diffusion-v2"),
+    blocks=SD_BLOCKS,
     stamp=Stamp(kohya_module="networks.lora", ss_version="sd_v2", modelspec="stable-diffusion-v2-512",
                 implementation="diffusers", resolution="512x512",
                 variants={"base": ("sd_v2", "stable-diffusion-v2-512"), "inpaint": ("sd_v2", "stable-diffusion-v2-512"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .base import ArchSpec, Stamp, Variant
+from .block_schemes import SDXL_BLOCKS
 from .openclip import OPENCLIP_G
 from .sd_family import SINGLE_FILE_FIRST, UNET, Encoder, sd_containers, sd_rules
 from .sd_unet import SDXL_UNET
@@ -35,6 +36,7 @@ SDXL = ArchSpec(
     rules=sd_rules(SINGLE_FILE_FIRST, ENCODERS),
     containers=sd_containers(ENCODERS),
     named_by=("sdxl", "stable-diffusion-xl"),
+    blocks=SDXL_BLOCKS,
     stamp=Stamp(kohya_module="networks.lora", ss_version="sdxl_base_v1-0", modelspec="stable-diffusion-xl-v1-base",
                 implementation="https://github.com/Stability-AI/generative-models", resolution="1024x1024",
                 variants={v: ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base")
