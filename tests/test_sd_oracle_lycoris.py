@@ -171,11 +171,6 @@ CASES = (
          frozenset({"lokr_w1", "lokr_w2", "alpha"}), channels=320, plain_fits=False),
 )
 
-LOKR_TUCKER_BUG = pytest.mark.xfail(strict=True, reason=(
-    "lorakit bug: LyCORIS's Tucker LoKr stores lokr_w2_a as (r, out2) (rebuild_tucker einsum 'i j ..., i p, "
-    "j r -> p r ...'); formats/parse.py _composed_shape() checks the rank against lokr_w2_a.shape[1] and takes "
-    "out2 from shape[0] (the reverse of LoKr.factor2/_rows2 in adapters.py), so any Tucker LoKr with r != out2 "
-    "is rejected as FormatError 'the factor shapes do not compose'"))
 FLAT_CONV = ("LoHa/LoKr without a Tucker core store a conv's factors flattened (·, in·k·k); lorakit keeps that "
              "flat shape")
 
@@ -233,7 +228,7 @@ def produce(tmp_path, producer: str, case: Case) -> tuple[LoraModel, dict, dict[
 
 
 @pytest.mark.parametrize("producer", list(PRODUCERS))
-@pytest.mark.parametrize("case", cases((is_lokr_tucker, LOKR_TUCKER_BUG)))
+@pytest.mark.parametrize("case", cases())
 def test_lycoris_file_reads_as_the_wrapped_forward(tmp_path, producer: str, case: Case) -> None:
     model, base, outputs, _ = produce(tmp_path, producer, case)
     assert model.arch.name == "sd1"
@@ -255,7 +250,7 @@ def reread(tmp_path, tensors: dict[str, torch.Tensor]) -> LoraModel:
     return again
 
 
-@pytest.mark.parametrize("case", cases((is_lokr_tucker, LOKR_TUCKER_BUG), keep=lambda c: c.plain_fits))
+@pytest.mark.parametrize("case", cases(keep=lambda c: c.plain_fits))
 def test_lycoris_file_converted_to_plain_kohya_keeps_the_forward(tmp_path, case: Case) -> None:
     model, base, outputs, _ = produce(tmp_path, "lycoris", case)
     result = emit(model, "kohya")
@@ -269,7 +264,7 @@ def test_lycoris_file_converted_to_plain_kohya_keeps_the_forward(tmp_path, case:
     check_forward(again, base, outputs)
 
 
-@pytest.mark.parametrize("case", cases((is_lokr_tucker, LOKR_TUCKER_BUG), keep=lambda c: not c.plain_fits))
+@pytest.mark.parametrize("case", cases(keep=lambda c: not c.plain_fits))
 def test_lycoris_file_too_big_for_plain_lora_is_refused_or_kept(tmp_path, case: Case) -> None:
     """A full-rank LoKr's exact plain LoRA is larger than its dense ΔW: refused (lorakit's rule), and kept as
     LoKr with ``keep_algo`` — which still reproduces LyCORIS's forward pass."""
@@ -283,7 +278,7 @@ def test_lycoris_file_too_big_for_plain_lora_is_refused_or_kept(tmp_path, case: 
     check_forward(reread(tmp_path, kept.tensors), base, outputs)
 
 
-@pytest.mark.parametrize("case", cases((is_lokr_tucker, LOKR_TUCKER_BUG)))
+@pytest.mark.parametrize("case", cases())
 def test_lycoris_file_kept_as_lycoris_in_kohya_keeps_the_forward(tmp_path, case: Case) -> None:
     model, base, outputs, _ = produce(tmp_path, "lycoris", case)
     kept = emit(model, "kohya", keep_algo=True).tensors
@@ -292,13 +287,9 @@ def test_lycoris_file_kept_as_lycoris_in_kohya_keeps_the_forward(tmp_path, case:
     check_forward(reread(tmp_path, kept), base, outputs)
 
 
-@pytest.mark.parametrize("case", cases(
-    (is_lokr_tucker, LOKR_TUCKER_BUG),
-    (lambda c: bool(c.flat), pytest.mark.xfail(strict=True, reason=(
-        f"lorakit bug: {FLAT_CONV} when it writes them as plain LoRA: formats/emit.py gives the conv a 2-D "
-        "lora_down (r, in·k·k); sd-scripts' LoRAModule for a Conv2d has lora_down = Conv2d(in, r, k) of weight "
-        "(r, in, k, k) and cannot load it (test_sd_roundtrip.test_conv_factor_shapes_survive asks the 4-D down "
-        "of LoCon)"))), keep=lambda c: c.plain_fits))
+# fixed: formats/parse.py _with_kernel gives flat LoHa/LoKr conv factors the layout's kernel, so the plain LoRA
+# written for sd-scripts has a 4-D lora_down (r, in, k, k)
+@pytest.mark.parametrize("case", cases(keep=lambda c: c.plain_fits))
 def test_plain_kohya_conv_factors_are_4d(tmp_path, case: Case) -> None:
     model, _, _, _ = produce(tmp_path, "lycoris", case)
     tensors = emit(model, "kohya").tensors
@@ -309,12 +300,7 @@ def test_plain_kohya_conv_factors_are_4d(tmp_path, case: Case) -> None:
         assert tuple(up.shape) == (case.channels, down.shape[0], 1, 1), conv
 
 
-@pytest.mark.parametrize("case", cases(
-    (is_lokr_tucker, LOKR_TUCKER_BUG),
-    (lambda c: bool(c.flat), pytest.mark.xfail(strict=True, reason=(
-        f"lorakit inconsistency: {FLAT_CONV} in model.dense_deltas() (formats/parse.py _composed_shape, "
-        "model._target_shape uses the adapter's weight_shape tail): a conv target's ΔW is (out, in·k·k) for "
-        "flat LoHa/LoKr but (out, in, k, k) for LoCon and Tucker forms, although the layout knows the kernel")))))
+@pytest.mark.parametrize("case", cases())
 def test_dense_delta_of_a_conv_has_the_conv_weight_shape(tmp_path, case: Case) -> None:
     model, base, _, _ = produce(tmp_path, "lycoris", case)
     dense = dense_deltas(model)
@@ -387,7 +373,12 @@ def _peft_dora(tmp_path, targets: tuple[str, ...]) -> tuple[LoraModel, TinyUNet,
     path = tmp_path / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), "pt") as f:
         assert all(f"unet.{t}.lora_magnitude_vector" in f.keys() for t in targets)
-    return read_lora(str(path)), unet, base
+    # one conv module alone (down_blocks.0.resnets.0.conv1) exists in SD1.5 and SDXL alike: say which
+    model = read_lora(str(path))
+    if len(targets) == 1:
+        assert model.arch.name in ("sd1", "sdxl")
+        model = read_lora(str(path), arch="sd1")
+    return model, unet, base
 
 
 def _check_peft_dora(model: LoraModel, unet: TinyUNet, targets: tuple[str, ...]) -> None:
@@ -414,19 +405,13 @@ def test_peft_dora_linears_read_magnitude_per_output_row(tmp_path) -> None:
     _check_peft_dora(model, unet, LINEARS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lorakit bug: PEFT saves a conv DoRA magnitude as (1, out, 1, 1) (DoraConv2dLayer.get_weight_norm transposes "
-    "the (out, 1, 1, 1) norm; it scales output channels). formats/parse.py dora_axis_of_shape() knows only "
-    "(out,) / (out, 1, ...) as output-axis: a 3×3 conv is rejected with FormatError, a square 1×1 conv is read "
-    "as an input-axis (1, in) magnitude"))
+# fixed: formats/parse.py dora_axis_of_shape(peft=True) reads PEFT's (1, out, 1, 1) as one value per output channel
 @pytest.mark.parametrize("conv", (CONV3, CONV1), ids=("3x3", "1x1"))
 def test_peft_dora_conv_reads_magnitude_per_output_channel(tmp_path, conv: str) -> None:
     model, unet, _ = _peft_dora(tmp_path, (conv,))
     _check_peft_dora(model, unet, (conv,))
 
 
-@pytest.mark.xfail(strict=True, reason="lorakit.baking.bake opens FLUX bases only (basemodel.open_base, "
-                   "arch 'flux1'): an SD1 single-file UNet base is refused, so no SD DoRA bake can be compared")
 def test_peft_dora_bake_matches_peft_forward(tmp_path) -> None:
     from lorakit.baking import bake
 

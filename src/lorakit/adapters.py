@@ -271,6 +271,7 @@ class LoKr(Adapter):
     w2a: Tensor | None = None
     w2b: Tensor | None = None
     t2: Tensor | None = None
+    shape: tuple[int, ...] | None = None  # target weight shape when it is not the factors' (a flattened conv)
 
     kind: ClassVar[str] = "lokr"
 
@@ -319,6 +320,8 @@ class LoKr(Adapter):
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        if self.shape is not None:
+            return self.shape
         w1 = self.w1 if self.w1 is not None else self.w1b
         in1 = int(w1.shape[1])  # type: ignore[union-attr]
         if self.w2 is not None:
@@ -333,7 +336,8 @@ class LoKr(Adapter):
         w1, w2 = self.factor1(), self.factor2()
         if w2.dim() > 2:
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        return torch.kron(w1, w2) * self.scale
+        out = torch.kron(w1, w2) * self.scale
+        return out.reshape(self.shape) if self.shape is not None else out
 
     def _with_w1_rows(self, rows: slice | Tensor) -> "LoKr":
         if self.w1 is not None:
@@ -344,7 +348,8 @@ class LoKr(Adapter):
         k = self._rows2
         if start % k or stop % k:
             raise NotExact(f"rows [{start}, {stop}) do not align with LoKr blocks of {k} rows")
-        return self._with_w1_rows(slice(start // k, stop // k))
+        part = self._with_w1_rows(slice(start // k, stop // k))
+        return replace(part, shape=(stop - start, *self.shape[1:])) if self.shape is not None else part
 
     def swap_halves(self) -> "LoKr":
         if self._rows1 % 2:

@@ -13,7 +13,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -526,9 +526,10 @@ def _composed_shape(entry: ModuleEntry) -> tuple[int, ...]:
             w2 = dims("lokr_w2", 2, 5)
         elif "lokr_t2" in s:
             t2, w2a, w2b = dims("lokr_t2", 3, 5), dims("lokr_w2_a", 2, 2), dims("lokr_w2_b", 2, 2)
-            rank_ok("lokr_t2", t2[0], "lokr_w2_a", w2a[1])   # lokr_t2 (r, r, k, k) between w2_a (r, c)ᵀ and w2_b
+            # LyCORIS rebuild_tucker: lokr_t2 (r, r, k, k), lokr_w2_a (r, out2), lokr_w2_b (r, in2)
+            rank_ok("lokr_t2", t2[0], "lokr_w2_a", w2a[0])
             rank_ok("lokr_t2", t2[1], "lokr_w2_b", w2b[0])
-            w2 = (w2a[0], w2b[1], *t2[2:])
+            w2 = (w2a[1], w2b[1], *t2[2:])
         else:
             w2a, w2b = dims("lokr_w2_a", 2, 2), dims("lokr_w2_b", 2, 2)
             rank_ok("lokr_w2_a", w2a[1], "lokr_w2_b", w2b[0])
@@ -553,7 +554,7 @@ def fits(got: Sequence[int], want: Sequence[int]) -> bool:
     return bool(got) and (want[0] < 0 or got[0] == want[0]) and _prod(got[1:]) == _prod(want[1:])
 
 
-def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int) -> str | None:
+def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int, *, peft: bool = False) -> str | None:
     """Which axis a stored DoRA magnitude of ``shape`` normalizes: "out" for ``(out,)`` / ``(out, 1[, 1, 1])``
     (PEFT, kohya/LyCORIS ``wd_on_output``), "in" for ``(1, in[, k, k])`` (LyCORIS with ``wd_on_output=False``;
     ``in_cols`` = the product of the input dimensions), None when it is neither. A ``(1, 1)`` magnitude of a
@@ -561,9 +562,17 @@ def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int) -> str
     shape = tuple(shape)
     if shape == (out_rows,) or (len(shape) >= 2 and shape[0] == out_rows and all(d == 1 for d in shape[1:])):
         return "out"
+    if peft and len(shape) >= 3 and shape[:2] == (1, out_rows) and all(d == 1 for d in shape[2:]):
+        return "out"     # PEFT DoraConv2dLayer: (1, out, 1, 1), one magnitude per output channel
     if len(shape) >= 2 and shape[0] == 1 and _prod(shape[1:]) == in_cols:
         return "in"
     return None
+
+
+def _peft_dora(entry: ModuleEntry) -> bool:
+    """Whether the module's DoRA magnitude is PEFT's ``lora_magnitude_vector`` (always one value per output row or
+    channel), not a kohya/LyCORIS ``dora_scale`` (whose axis the shape tells)."""
+    return "lora_magnitude_vector" in entry.keys.get("dora", "")
 
 
 def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
@@ -593,7 +602,7 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
         try:
             composed = _composed_shape(entry)
             out_rows, in_cols = composed[0], _prod(composed[1:])
-            if "dora" in shapes and dora_axis_of_shape(shapes["dora"], out_rows, in_cols) is None:
+            if "dora" in shapes and dora_axis_of_shape(shapes["dora"], out_rows, in_cols, peft=_peft_dora(entry)) is None:
                 raise ValueError(f"DoRA magnitude of shape {list(shapes['dora'])} is neither an output-axis "
                                  f"magnitude ([{out_rows}] or [{out_rows}, 1]) nor an input-axis one ([1, {in_cols}])")
         except ValueError as exc:
@@ -793,6 +802,21 @@ def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tens
     return config_alpha(parsed, entry, rank)
 
 
+def _with_kernel(adapter: Adapter | None, entry: ModuleEntry) -> Adapter | None:
+    """LoHa/LoKr without a Tucker core store a convolution's factors flattened (``(·, in·k·k)``): give the adapter
+    the conv weight's shape from the layout's kernel, so its ΔW (and its plain LoRA) is ``(out, in, k, k)``."""
+    if not isinstance(adapter, (LoHa, LoKr)) or entry.match.loose or len(adapter.weight_shape) != 2:
+        return adapter
+    kernel = tuple(evaluate(k, {}, -1) for k in entry.match.spec.kernel)  # type: ignore[union-attr]
+    if not kernel or min(kernel) < 1:
+        return adapter
+    out, flat_in = adapter.weight_shape
+    k = _prod(kernel)
+    if flat_in % k:
+        return adapter
+    return replace(adapter, shape=(out, flat_in // k, *kernel))
+
+
 def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     """Read one parsed module's tensors and build its patch."""
     t = {role: parsed.file.get(key) for role, key in entry.keys.items()}
@@ -807,8 +831,9 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     if dora is not None:
         # the axis is explicit in the shape: output-axis magnitudes become (out,), input-axis ones stay (1, in)
         composed = _composed_shape(entry)
-        dora = dora.reshape(-1) if dora_axis_of_shape(dora.shape, composed[0], _prod(composed[1:])) == "out" \
-            else dora.reshape(1, -1)
+        axis = dora_axis_of_shape(dora.shape, composed[0], _prod(composed[1:]), peft=_peft_dora(entry))
+        dora = dora.reshape(-1) if axis == "out" else dora.reshape(1, -1)
+    adapter = _with_kernel(adapter, entry)
     alias = entry.match.alias
     if alias.swap_halves:
         adapter, bias, dora = swap_parts(adapter, bias, dora, densify=True)
@@ -825,10 +850,10 @@ def load(parsed: ParsedLora) -> LoraModel:
 
 
 def read_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, force_format: str | None = None,
-              allow_partial: bool = True) -> LoraModel:
-    """Open, detect and load a LoRA file in one call."""
+              allow_partial: bool = True, arch: str | None = None) -> LoraModel:
+    """Open, detect and load a LoRA file in one call (``arch``: read it as this architecture)."""
     with open_weights(path, allow_pickle=allow_pickle) as f:
-        parsed = parse(f, force_format=force_format)
+        parsed = parse(f, force_format=force_format, arch_name=arch)
         if parsed.unknown_keys and not allow_partial:
             raise KeyMappingError("keys not understood", parsed.unknown_keys, path=os.fspath(path),
                                   hint="pass --allow-partial to proceed without them.")
