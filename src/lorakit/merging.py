@@ -22,6 +22,17 @@ Methods
 Loose parameters (q/k norm scale ``diff`` entries) are merged as the exact weighted sum ``Σ w_i·diff_i`` by
 every method (a 1-D parameter has no rank to truncate or sign pattern to trim); the report says so.
 
+Convolutions (SD1.5/SDXL LoCon; any architecture whose ``ModuleSpec.kernel`` is non-empty) are merged in
+the flattened view ``ΔW (out, in·k·k)``: ``concat`` stacks ``down`` (r, in, k, k) and ``up`` (out, r, 1, 1)
+exactly (Tucker ``mid`` and conv LoHa/LoKr are first rewritten as plain factors, exactly, when those are
+smaller than the dense matrix); ``svd`` and ties/dare factor the flattened sum and reshape ``down`` back to
+(k, in, kh, kw), ``up`` to (out, k, 1, 1).
+``conv_rank`` (CLI ``--conv-rank``; sd-scripts' ``--new_conv_rank``/``--conv_dim``) is the output rank of
+modules with a kernel larger than 1×1, exactly as sd-scripts' ``svd_merge_lora.py`` chooses it (its
+``conv2d_3x3`` test): 1×1 convolutions count as Linear there and take ``--rank``. Without ``conv_rank``
+the 3×3 modules take ``--rank`` too (sd-scripts: ``new_conv_rank`` defaults to ``new_rank``); with
+``--dynamic`` it is their rank cap. The per-module report says which modules are convolutions.
+
 Metadata policy for merged files: keys whose value is identical in every input are carried over;
 ``ss_base_model_version`` and the ModelSpec architecture/implementation keys come from the first
 input that has them; everything else (training tags, dataset statistics, per-input names) is dropped.
@@ -33,12 +44,12 @@ import hashlib
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, Full, LoHa, LoKr, LoRA
+from .adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
 from .blocks import BlockWeights, parse_blocks
 from .dtypes import parse_dtype, worst_cast_error
 from .conversion import lora_output_metadata
@@ -70,6 +81,7 @@ class ModuleStat:
     rank: int
     retained_energy: float | None = None      # svd / ties / dare: Σ_{i<k} σ² / Σ σ² of the matrix truncated
     relative_error: float | None = None
+    kernel: tuple[int, ...] | None = None     # a convolution's kernel (None: Linear)
 
     def to_json(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -87,6 +99,7 @@ class MergeReport:
     tensors_out: int
     dtype: str | None
     rank: int | None = None
+    conv_rank: int | None = None
     dynamic: str | None = None
     seed: int | None = None
     density: float | None = None
@@ -222,11 +235,14 @@ def _target_shape(arch: ArchInstance, target: Target, contribs: Sequence[Contrib
 
 def factor_form(adapter: Adapter) -> tuple[Tensor, Tensor, float] | None:
     """Exact ``(up, down, scale)`` in fp32 with ``ΔW = scale·up@down``, or None when the module must be
-    densified (Tucker/conv factors, full diffs, or a rewrite larger than the dense matrix)."""
-    if isinstance(adapter, LoRA):
-        if adapter.mid is not None or adapter.down.dim() != 2:
-            return None
-        return adapter.up.float().reshape(adapter.up.shape[0], -1), adapter.down.float(), adapter.scale
+    densified (full diffs, or a rewrite larger than the dense matrix). Convolutions come flattened:
+    ``up`` (out, r), ``down`` (r, in·k·k); a Tucker ``mid`` is contracted into ``down`` exactly."""
+    if isinstance(adapter, LoRA) and adapter.mid is None:
+        if any(int(n) != 1 for n in adapter.up.shape[2:]):
+            return None                      # not a LoCon up (out, r, 1, 1): no plain factor form
+        return adapter.up.float().flatten(1), adapter.down.float().flatten(1), adapter.scale
+    if len(adapter.weight_shape) > 2:       # conv: Tucker mid, LoHa/LoKr with a kernel
+        return _conv_factor_form(adapter)
     if isinstance(adapter, LoHa):
         if adapter.t1 is not None or adapter.shape is not None and len(adapter.shape) != 2:
             return None
@@ -245,6 +261,20 @@ def factor_form(adapter: Adapter) -> tuple[Tensor, Tensor, float] | None:
         out = _small(torch.kron(p, a), torch.kron(q, b))
         return out + (adapter.scale,) if out else None
     return None
+
+
+def _conv_factor_form(adapter: Adapter) -> tuple[Tensor, Tensor, float] | None:
+    """A convolution delta's exact plain factors in the flattened view ``(out, r)``, ``(r, in·k·k)`` (the
+    adapter's own ``to_lora`` rewrite: Tucker contraction, face-splitting, Kronecker), when smaller than dense."""
+    rank = adapter.plain_rank
+    shape = adapter.weight_shape
+    if rank is None or rank * (shape[0] + math.prod(shape[1:])) > math.prod(shape):
+        return None
+    try:
+        lora = adapter.to_lora()
+    except NotExact:
+        return None
+    return lora.up.float().flatten(1), lora.down.float().flatten(1), lora.scale
 
 
 def _split(full: Tensor | None, left: Tensor | None, right: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -338,10 +368,30 @@ class MergeOptions:
     rank: int | None = None
     dynamic: tuple[str, float] | None = None
     density: float | None = None
+    conv_rank: int | None = None   # rank of modules whose kernel is larger than 1×1 (sd-scripts' conv2d_3x3)
     majority_sign: str = "total"
     seed: int = 0
     kohya_ratios: bool = False
     allow_full: bool = True        # concat may write densified modules as full ``diff`` modules
+
+    def for_kernel(self, kernel: tuple[int, ...]) -> "MergeOptions":
+        """The options one module is merged with: a kernel larger than 1×1 takes ``conv_rank`` when given."""
+        if self.conv_rank is None or not uses_conv_rank(kernel):
+            return self
+        return replace(self, rank=self.conv_rank)
+
+
+def uses_conv_rank(kernel: tuple[int, ...]) -> bool:
+    """sd-scripts' ``svd_merge_lora.py``: ``new_conv_rank`` applies to kernels other than 1×1 only."""
+    return math.prod(kernel) > 1
+
+
+def module_kernel(arch: ArchInstance, target: Target, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A module's kernel from the architecture (``ModuleSpec.kernel``), else from the delta's trailing dims."""
+    mod = arch.module_map(target.component).get(target.module)
+    if mod is not None and mod.kernel and all(k > 0 for k in mod.kernel):
+        return tuple(mod.kernel)
+    return tuple(int(n) for n in shape[2:])
 
 
 @dataclass
@@ -419,16 +469,19 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
     for i, (target, contribs) in enumerate(targets.items()):
         report_progress(progress, i, len(targets), str(target))
         shape = _target_shape(arch, target, contribs)
+        kernel = () if target.loose else module_kernel(arch, target, shape)
+        opts = options.for_kernel(kernel)
         if target.loose:
             new, stat = _loose_sum(target, contribs, shape)
             loose += 1
         elif options.method == "concat":
-            new, stat = _concat(target, contribs, shape, options)
+            new, stat = _concat(target, contribs, shape, opts)
         elif options.method == "svd":
-            new, stat = _svd(target, contribs, shape, options)
+            new, stat = _svd(target, contribs, shape, opts)
         else:
-            new, stat = _dense_method(target, contribs, shape, options, [w for w in weights],
+            new, stat = _dense_method(target, contribs, shape, opts, [w for w in weights],
                                       blocks.multiplier(target) if blocks else 1.0)
+        stat.kernel = kernel or None
         patches.extend(new)
         stats.append(stat)
     report_progress(progress, len(targets), len(targets))
@@ -494,6 +547,8 @@ def _concat(target: Target, contribs: list[Contribution], shape: tuple[int, ...]
         up, down = _fold(up, down, c.coef * scale)
         r = int(down.shape[0])
         rank += r
+        down = down.reshape(r, *shape[1:])                          # conv: (r, in, k, k)
+        up = up.reshape(up.shape[0], r, *([1] * (len(shape) - 2)))  # conv: (out, r, 1, 1)
         lora = LoRA(alpha=float(r), down=down.contiguous(), up=up.contiguous())
         bias = c.coef * c.bias.float() if c.bias is not None else None
         patches.append(Patch(target, lora, c.rows, bias=bias))
@@ -562,7 +617,7 @@ def _svd(target: Target, contribs: list[Contribution], shape: tuple[int, ...],
     bias = _scaled_bias(contribs, shape[0])
     if all(c.adapter is None for c in contribs):
         return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
-    stacked = stacked_factors(contribs, shape[0]) if len(shape) == 2 else None
+    stacked = stacked_factors(contribs, shape[0])     # conv: the flattened (out, in·k·k) view
     if stacked is not None:
         _require_finite_sum(target, *stacked)
         u, s, vh = factored_svd(*stacked)
@@ -666,8 +721,8 @@ def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]],
             num, den = float((out - ref).double().square().sum()), float(ref.double().square().sum())
         else:
             negated = [Contribution(c.input, -c.coef, c.rows, c.adapter, c.bias) for c in contribs]
-            both = stacked_factors(mine + negated, shape[0], torch.float64) if len(shape) == 2 else None
-            only_ref = stacked_factors(contribs, shape[0], torch.float64) if len(shape) == 2 else None
+            both = stacked_factors(mine + negated, shape[0], torch.float64)
+            only_ref = stacked_factors(contribs, shape[0], torch.float64)
             if both is not None and (only_ref is not None or all(c.adapter is None for c in contribs)):
                 num = gram_fro_norm(*both) ** 2
                 den = gram_fro_norm(*only_ref) ** 2 if only_ref is not None else 0.0
@@ -698,17 +753,20 @@ def _norm2(t: Tensor | None) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def _check_options(method: str, rank: int | None, dynamic: str | None, density: float | None,
-                   majority_sign: str | None, seed: int | None, kohya_ratios: bool, to: str) -> MergeOptions:
+                   majority_sign: str | None, seed: int | None, kohya_ratios: bool, to: str,
+                   conv_rank: int | None = None) -> MergeOptions:
     if method not in METHODS:
         raise UsageError(f"unknown merge method {method!r}.", hint="use one of: " + ", ".join(METHODS) + ".")
     if to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
     if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank <= 0):
         raise UsageError(f"--rank must be a positive integer, got {rank}.")
+    if conv_rank is not None and (isinstance(conv_rank, bool) or int(conv_rank) != conv_rank or conv_rank <= 0):
+        raise UsageError(f"--conv-rank must be a positive integer, got {conv_rank}.")
     dyn = parse_dynamic(dynamic) if dynamic else None      # ranges checked there, for every command
-    if method == "concat" and (rank is not None or dyn is not None):
-        raise UsageError("concat is exact and its rank is the sum of the input ranks; --rank/--dynamic do not apply.",
-                         hint="use --method svd to choose the output rank.")
+    if method == "concat" and (rank is not None or dyn is not None or conv_rank is not None):
+        raise UsageError("concat is exact and its rank is the sum of the input ranks; --rank/--conv-rank/--dynamic "
+                         "do not apply.", hint="use --method svd to choose the output rank.")
     if method in DENSE_METHODS:
         if density is None:
             raise UsageError(f"--method {method} needs --density (the fraction of entries kept, in (0, 1]).")
@@ -726,6 +784,7 @@ def _check_options(method: str, rank: int | None, dynamic: str | None, density: 
     if kohya_ratios and method != "concat":
         raise UsageError("--kohya-ratios reproduces sd-scripts' concat merge; it only applies to --method concat.")
     return MergeOptions(method=method, rank=int(rank) if rank is not None else None, dynamic=dyn, density=density,
+                        conv_rank=int(conv_rank) if conv_rank is not None else None,
                         majority_sign=majority_sign or "total", seed=int(seed) if seed is not None else 0,
                         kohya_ratios=bool(kohya_ratios), allow_full=get_format(to).write_style == "kohya")
 
@@ -735,13 +794,14 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
           verify: bool = False, dtype: torch.dtype | str | None = None, density: float | None = None,
           majority_sign: str | None = None, seed: int | None = None, kohya_ratios: bool = False,
           dry_run: bool = False, allow_partial: bool = False, allow_pickle: bool = False,
-          progress: Progress | None = None) -> MergeReport:
+          progress: Progress | None = None, conv_rank: int | None = None) -> MergeReport:
     """Merge LoRAs ``[(path, weight), …]`` into ``output`` (see the module docstring for the semantics).
 
     ``dtype`` is a torch dtype or a CLI spelling (``"fp16"``, ``"bf16"``, ``"fp8"``…); ``progress`` is called
-    as ``progress(done, total, module)`` while the modules are merged."""
+    as ``progress(done, total, module)`` while the modules are merged. ``conv_rank`` is the output rank of
+    convolutions with a kernel larger than 1×1 (svd/ties/dare; default ``rank``)."""
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    options = _check_options(method, rank, dynamic, density, majority_sign, seed, kohya_ratios, to)
+    options = _check_options(method, rank, dynamic, density, majority_sign, seed, kohya_ratios, to, conv_rank)
     items = _weighted(inputs)
     if not items:
         raise UsageError("no inputs to merge.", hint="give at least one LoRA: lorakit merge A.safetensors:0.5 …")
@@ -771,6 +831,9 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
 
     result = merge_models(models, weights, options, blocks=block_weights, arch=arch,
                           metadata=merged_metadata(models), progress=progress)
+    if options.conv_rank is not None and not any(s.kernel and uses_conv_rank(s.kernel) for s in result.stats):
+        warnings.append(f"--conv-rank had no effect: no merged module is a convolution with a kernel larger than "
+                        f"1×1 ({arch.spec.label} LoRA; 1×1 convolutions take --rank, as in sd-scripts).")
     rounds = method == "concat" and out_dtype.itemsize < 4 and any(
         c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
         for cs in result.coefficients.values() for c in cs)
@@ -790,7 +853,8 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
         output=out_path, method=method, target_format=to, architecture=arch.name, variant=arch.variant,
         modules_out=emitted.modules, tensors_out=len(emitted.tensors),
         dtype=str(out_dtype).replace("torch.", "") if out_dtype is not None else None,
-        rank=options.rank, dynamic=dynamic, seed=options.seed if method.startswith("dare") else None,
+        rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
+        seed=options.seed if method.startswith("dare") else None,
         density=density, blocks=blocks, kohya_ratios=options.kohya_ratios, modules=result.stats,
         dropped=result.dropped, warnings=warnings + result.warnings, dry_run=dry_run,
         rounding=worst_cast_error([(str(p.target), p.adapter) for p in result.model.patches
@@ -803,7 +867,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
                            format=m.format) for w, m in zip(items, models)]
     title = os.path.splitext(os.path.basename(out_path))[0]
     meta = lora_output_metadata(result.model, emitted, to, operation="merge", inputs=records, title=title,
-                                method=method, rank=options.rank, dynamic=dynamic,
+                                method=method, rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
                                 seed=options.seed if method.startswith("dare") else None, density=density,
                                 majority_sign=options.majority_sign if method in ("ties", "dare_ties") else None,
                                 blocks=blocks, kohya_ratios=True if options.kohya_ratios else None,

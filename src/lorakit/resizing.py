@@ -11,6 +11,15 @@ the requested one is kept bit for bit. Patches on row windows of one fused targe
 files: diffusers q/k/v, proj_mlp) are resized separately, which keeps the format's structure; a
 fused writer then stacks them (a fused kohya output of three rank-k parts has rank 3k).
 
+Convolutions (SD1.5/SDXL LoCon: modules whose ``ModuleSpec.kernel`` is non-empty, 1×1 included) are resized
+to ``conv_rank`` (CLI ``--conv-rank``; sd-scripts' ``--new_conv_rank``) in the flattened view
+``ΔW (out, in·k·k)``: ``down`` comes back as (k, in, kh, kw), ``up`` as (out, k, 1, 1). This follows sd-scripts'
+``resize_lora.py``, which gives every 4-D ``lora_down`` (1×1 too) ``new_conv_rank``, defaulting to
+``new_rank``; ``lorakit merge --conv-rank`` instead follows ``svd_merge_lora.py`` (3×3 only). With
+``conv_rank`` alone (no ``rank``, no ``dynamic``) only the convolutions change: Linear modules are written
+unchanged (reported as ``unchanged``). ``dynamic`` rules apply to convolutions too, capped at ``conv_rank``
+(else ``rank``).
+
 Every patch reports its retained energy ``Σ_{i<k} s_i² / Σ s_i²`` and relative error (both exact: the
 singular values are complete). ``verify`` re-reads the written file and reports, per target, the
 relative Frobenius error against the input, computed from Gram matrices of the factors in float64
@@ -38,7 +47,7 @@ from .formats.emit import fold_error
 from .io import check_output_path, open_weights, save_tensors
 from .linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
 from .metadata import InputRecord, file_sha256
-from .model import LoraModel, Patch
+from .model import ArchInstance, LoraModel, Patch, Target
 
 Progress = Callable[[int, int, str], None]
 
@@ -55,6 +64,7 @@ class ResizedModule:
     relative_error: float
     path: str                   # "factored" | "dense" | "unchanged"
     rounding_error: float = 0.0  # extra relative error from storing the new factors in the output dtype
+    conv: bool = False           # a convolution (resized to conv_rank when given)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__, rows=list(self.rows) if self.rows else None)
@@ -69,6 +79,7 @@ class ResizeReport:
     rank: int | None
     dynamic: str | None
     dtype: str | None
+    conv_rank: int | None = None
     modules: list[ResizedModule] = field(default_factory=list)
     verified: dict[str, float] | None = None     # target -> relative error of the written file vs the input
     unknown_keys: list[str] = field(default_factory=list)
@@ -231,6 +242,20 @@ def _default_format(source: str) -> tuple[str, str | None]:
     return target, f"input format {source!r} cannot be written; the output is {target} (pass --to to choose)."
 
 
+def is_conv(arch: ArchInstance, target: Target, adapter: Adapter) -> bool:
+    """A convolution module: the layout's ``ModuleSpec.kernel``, else a delta with trailing kernel dims (as
+    sd-scripts' ``resize_lora.py`` tests ``lora_down.dim() == 4``; 1×1 counts)."""
+    mod = arch.module_map(target.component).get(target.module)
+    if mod is not None:
+        return bool(mod.kernel)
+    return len(adapter.weight_shape) > 2
+
+
+def module_cap(conv: bool, rank: int | None, conv_rank: int | None) -> int | None:
+    """The rank (or dynamic cap) one module is resized to: convolutions take ``conv_rank``, else ``rank``."""
+    return conv_rank if conv and conv_rank is not None else rank
+
+
 def _label(p: Patch) -> str:
     return p.source or (p.target.module + (f"[{p.rows[0]}:{p.rows[1]}]" if p.rows else ""))
 
@@ -238,23 +263,27 @@ def _label(p: Patch) -> str:
 def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None, *, rank: int | None = None,
            dynamic: str | tuple[str, float] | None = None, verify: bool = False, to: str | None = None,
            dtype: torch.dtype | str | None = None, allow_pickle: bool = False, allow_partial: bool = False,
-           progress: Progress | None = None, dry_run: bool = False) -> ResizeReport:
+           progress: Progress | None = None, dry_run: bool = False, conv_rank: int | None = None) -> ResizeReport:
     """Resize every patch of a LoRA to ``rank`` (or a ``dynamic`` rank capped at ``rank``) and write it.
 
     ``dry_run`` computes the per-module plan (rank in → rank out, retained energy; LoRA factors are small)
     and writes nothing. A resize whose target is already met (every rank already at or below the
     requested one) writes the deltas unchanged (format/dtype as asked) and says so in ``notes``
     (``target_met``); it is not an error, so batches over files of mixed ranks work. ``dtype`` also
-    takes the CLI's spellings (``"bf16"``, ``"fp16"``…).
+    takes the CLI's spellings (``"bf16"``, ``"fp16"``…). ``conv_rank`` is the rank of convolution modules
+    (default ``rank``); given alone, Linear modules are kept unchanged (see the module docstring).
     """
     started = time.perf_counter()
     dtype = as_dtype(dtype)
     src = os.fspath(input)
     dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
-    if rank is None and dyn is None:
-        raise UsageError("no rank given.", hint="pass --rank N or --dynamic METHOD:PARAM (e.g. sv_fro:0.95).")
+    if rank is None and dyn is None and conv_rank is None:
+        raise UsageError("no rank given.", hint="pass --rank N, --conv-rank N or --dynamic METHOD:PARAM "
+                                                "(e.g. sv_fro:0.95).")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}.")
+    if conv_rank is not None and conv_rank < 1:
+        raise UsageError(f"--conv-rank must be at least 1, got {conv_rank}.")
     if dyn is not None:
         parse_dynamic(f"{dyn[0]}:{dyn[1]}")
     if to is not None and to not in WRITABLE:
@@ -273,7 +302,7 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     require_finite_model(model)
     fmt, warning = (to, None) if to else _default_format(model.format)
     report = ResizeReport(src, out_path, model.format, fmt, rank, f"{dyn[0]}:{dyn[1]:g}" if dyn else None,
-                          str(dtype).replace("torch.", "") if dtype else None,
+                          str(dtype).replace("torch.", "") if dtype else None, conv_rank=conv_rank,
                           unknown_keys=list(parsed.unknown_keys))
     if warning:
         report.warnings.append(warning)
@@ -294,18 +323,27 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
         if p.target.loose:   # a loose parameter's diff (q/k norm scale) has no rank: kept as it is
             new_patches.append(p if dtype is None else p.with_adapter(p.adapter.to(dtype)))
             continue
-        new, info = resize_adapter(p.adapter, rank, dyn, dtype)
+        conv = is_conv(model.arch, p.target, p.adapter)
+        cap = module_cap(conv, rank, conv_rank)
         bias = p.bias.to(dtype) if (p.bias is not None and dtype is not None) else p.bias
+        if cap is None and dyn is None:     # --conv-rank alone: Linear modules are not resized
+            new_patches.append(p.with_adapter(p.adapter if dtype is None else p.adapter.to(dtype), bias=bias))
+            report.modules.append(ResizedModule(_label(p), str(p.target), p.rows, p.adapter.kind, p.adapter.rank,
+                                                int(p.adapter.rank or 0), 1.0, 0.0, "unchanged", conv=conv))
+            continue
+        new, info = resize_adapter(p.adapter, cap, dyn, dtype)
         new_patches.append(p.with_adapter(new, bias=bias))
         report.modules.append(ResizedModule(_label(p), str(p.target), p.rows, p.adapter.kind, p.adapter.rank,
                                             int(info["rank"]), float(info["retained_energy"]),  # type: ignore[arg-type]
                                             float(info["relative_error"]), str(info["path"]),  # type: ignore[arg-type]
-                                            float(info.get("rounding_error", 0.0))))  # type: ignore[arg-type]
+                                            float(info.get("rounding_error", 0.0)), conv=conv))  # type: ignore[arg-type]
     if progress:
         progress(len(model.patches), len(model.patches), "")
+    if conv_rank is not None and not any(m.conv for m in report.modules):
+        report.warnings.append("--conv-rank had no effect: no module of this LoRA is a convolution.")
     if report.modules and all(m.path == "unchanged" for m in report.modules):
         ranks = sorted({m.rank_in for m in report.modules if m.rank_in is not None})
-        asked = f"--dynamic {report.dynamic}" + (f" (cap {rank})" if rank else "") if dyn else f"--rank {rank}"
+        asked = _asked(report.dynamic, rank, conv_rank)
         report.target_met = True
         report.notes.append(f"target already met: every module has a rank at most what {asked} keeps (ranks "
                             f"{_ranges(ranks)}); the deltas are written unchanged")
@@ -320,7 +358,7 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     meta = dict(model.metadata)
     old = sorted({m.rank_in for m in report.modules if m.rank_in is not None})
     new = sorted({m.rank_out for m in report.modules})
-    what = (f"dynamic resize with {report.dynamic}" + (f" (cap {rank})" if rank else "")) if dyn else f"rank {rank}"
+    what = _asked(report.dynamic, rank, conv_rank, cli=False)
     comment = f"resized by lorakit: {what}; ranks {_ranges(old)} -> {_ranges(new)}"
     if meta.get("ss_training_comment"):
         comment += "; " + meta["ss_training_comment"]
@@ -332,7 +370,7 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     meta_out = lora_output_metadata(
         out_model, result, fmt, operation="resize",
         inputs=[InputRecord(src, file_sha256(src) if os.path.isfile(src) else None, format=model.format)],
-        title=title, rank=rank, dynamic=report.dynamic, method="factored_svd")
+        title=title, rank=rank, conv_rank=conv_rank, dynamic=report.dynamic, method="factored_svd")
     require_finite_output(result.tensors, path=src, cause="the resized factors (or an alpha) " +
                           dtype_range_cause(dtype or next((t.dtype for t in result.tensors.values()
                                                            if t.is_floating_point()), None)),
@@ -346,6 +384,17 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
         report.verified = verify_models(model, read_lora(out_path))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _asked(dynamic: str | None, rank: int | None, conv_rank: int | None, *, cli: bool = True) -> str:
+    """The resize target: in CLI words (``--rank 8 --conv-rank 4``, ``--dynamic sv_fro:0.9 (cap 8)``) or for the
+    training comment (``rank 8, conv rank 4``, ``dynamic resize with sv_fro:0.9 (cap 8)``)."""
+    caps = [f"cap {rank}" if rank else "", f"conv cap {conv_rank}" if conv_rank else ""]
+    if dynamic:
+        head = f"--dynamic {dynamic}" if cli else f"dynamic resize with {dynamic}"
+        return head + (f" ({', '.join(c for c in caps if c)})" if any(caps) else "")
+    words = [f"--rank {rank}" if cli else f"rank {rank}", f"--conv-rank {conv_rank}" if cli else f"conv rank {conv_rank}"]
+    return (" " if cli else ", ").join(w for w, v in zip(words, (rank, conv_rank)) if v)
 
 
 def _ranges(values: list[int]) -> str:

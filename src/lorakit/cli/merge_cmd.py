@@ -1,4 +1,5 @@
-"""lorakit merge IN[:WEIGHT] … -o OUT [--method …] [--rank N | --dynamic METHOD:PARAM] [--to …] [--blocks SPEC]"""
+"""lorakit merge IN[:WEIGHT] … -o OUT [--method …] [--rank N [--conv-rank M] | --dynamic METHOD:PARAM] [--to …]
+[--blocks SPEC]"""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ DESCRIPTION = (
     "Merge LoRAs from any readable format. Strength is linear: the result is Σ weight_i·ΔW_i per module, where "
     "ΔW_i includes each file's alpha/rank (weights may be negative or above 1). concat (default) is exact: ranks "
     "add up. svd keeps the exact best rank-N approximation of the sum (no dense matrices). ties / dare_linear / "
-    "dare_ties apply PEFT's definitions to each module's dense delta, then an SVD to the output rank.")
+    "dare_ties apply PEFT's definitions to each module's dense delta, then an SVD to the output rank. Convolutions (SD1.5/SDXL LoCon) are merged in the flattened "
+    "(out, in·k·k) view: concat keeps their 4-D factors exactly, svd/ties/dare truncate 3×3 kernels to --conv-rank.")
 
 BLOCKS_HELP = (
     "per-block multipliers, applied once to each module's delta: a comma list of double+single block values "
@@ -31,7 +33,7 @@ BLOCKS_HELP = (
 # option name (dest) -> default, applied after the recipe (explicit command-line values win over both)
 DEFAULTS: dict[str, Any] = {"method": "concat", "to": "kohya", "verify": False, "dry_run": False, "json": False,
                             "kohya_ratios": False, "allow_partial": False, "allow_pickle": False}
-RECIPE_SCHEMA = {"output": str, "method": opt(str, choices=METHODS), "rank": int, "dynamic": str,
+RECIPE_SCHEMA = {"output": str, "method": opt(str, choices=METHODS), "rank": int, "conv_rank": int, "dynamic": str,
                  "to": opt(str, choices=WRITABLE), "blocks": opt(str, list, dict), "verify": bool, "dtype": str,
                  "json": bool, "dry_run": bool, "density": float, "majority_sign": opt(str, choices=MAJORITY_SIGN),
                  "seed": int, "kohya_ratios": bool, "allow_partial": bool, "allow_pickle": bool}
@@ -49,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", "--new-rank", "--new_rank", dest="rank", type=int, default=None, metavar="N",
                    help="output rank for svd/ties/dare (default: the largest input rank of each module); "
                         "with --dynamic, the rank cap")
+    p.add_argument("--conv-rank", "--conv_rank", "--conv-dim", "--conv_dim", "--new-conv-rank", "--new_conv_rank",
+                   dest="conv_rank", type=int, default=None, metavar="M",
+                   help="output rank of convolutions with a kernel larger than 1×1 (SD1.5/SDXL LoCon 3×3) for "
+                        "svd/ties/dare; 1×1 convolutions take --rank, as in sd-scripts' svd_merge_lora "
+                        "(default: --rank's rule); with --dynamic, their rank cap")
     p.add_argument("--dynamic", default=None, metavar="METHOD:PARAM",
                    help="rank per module from its singular values: sv_ratio:R (R > 1), sv_fro:F or sv_cumulative:F "
                         "(F in (0, 1])")
@@ -62,8 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sd-scripts' merging precision: lorakit always merges in fp32/fp64; as in sd-scripts, "
                         "it is also the output dtype when --dtype/--save_precision is not given")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                   help="sd-scripts spelling; LoRA factors are merged on the CPU (they are small), as sd-scripts' "
-                        "flux_merge_lora does")
+                   help="sd-scripts spelling; LoRA factors are merged on the CPU (they are small)")
     p.add_argument("--to", choices=WRITABLE, default=None, help="output format (default: kohya)")
     p.add_argument("--blocks", default=None, metavar="SPEC", help=BLOCKS_HELP)
     p.add_argument("--verify", action="store_true", default=None,
@@ -156,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     _apply_recipe(args)
     refuse_recipe_as_output(args.recipe, (args.output,))
     notes = _sd_scripts_options(args)
-    r = merge(_inputs(args.inputs or []) + models_inputs(args), args.output, method=args.method, rank=args.rank, dynamic=args.dynamic,
+    r = merge(_inputs(args.inputs or []) + models_inputs(args), args.output, method=args.method, rank=args.rank,
+              conv_rank=args.conv_rank, dynamic=args.dynamic,
               to=args.to, blocks=args.blocks, verify=bool(args.verify), dtype=dtype_arg(args), density=args.density,
               majority_sign=args.majority_sign, seed=args.seed, kohya_ratios=bool(args.kohya_ratios),
               dry_run=bool(args.dry_run), allow_partial=bool(args.allow_partial),

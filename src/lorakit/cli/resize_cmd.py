@@ -1,4 +1,4 @@
-"""lorakit resize IN -o OUT (--rank N | --dynamic METHOD:PARAM) [--verify]"""
+"""lorakit resize IN -o OUT (--rank N | --conv-rank M | --dynamic METHOD:PARAM) [--verify]"""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(p, required=False)
     p.add_argument("--rank", "--new-rank", "--new_rank", "--dim", dest="rank", type=int, default=None, metavar="N",
                    help="new rank (the cap with --dynamic)")
+    p.add_argument("--conv-rank", "--conv_rank", "--new-conv-rank", "--new_conv_rank", "--conv-dim", "--conv_dim",
+                   dest="conv_rank", type=int, default=None, metavar="M",
+                   help="new rank of convolutions (SD1.5/SDXL LoCon, 1×1 included, as sd-scripts' resize_lora "
+                        "--new_conv_rank; default --rank); given alone, Linear modules are kept unchanged")
     add_dynamic(p)
     p.add_argument("--verify", action="store_true",
                    help="re-read the output and report its relative error per target against the input")
@@ -41,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit resize`` and print its report; returns the exit code."""
     from ..resizing import resize
-    r = resize(args.input, args.output, rank=args.rank, dynamic=dynamic_arg(args), verify=args.verify, to=args.to,
+    r = resize(args.input, args.output, rank=args.rank, conv_rank=args.conv_rank, dynamic=dynamic_arg(args),
+               verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,
                progress=terminal_progress("resize", enabled=not args.json), dry_run=args.dry_run)
     code = status(r.unknown_keys, r.warnings)
