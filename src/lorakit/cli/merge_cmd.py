@@ -7,6 +7,7 @@ import argparse
 import os
 from typing import Any
 
+from ..blocks import BLOCKS_HELP
 from ..errors import RecipeError
 from ..formats import WRITABLE
 from ..merging import MAJORITY_SIGN, METHODS, merge
@@ -23,12 +24,6 @@ DESCRIPTION = (
     "add up. svd keeps the exact best rank-N approximation of the sum (no dense matrices). ties / dare_linear / "
     "dare_ties apply PEFT's definitions to each module's dense delta, then an SVD to the output rank. Convolutions (SD1.5/SDXL LoCon) are merged in the flattened "
     "(out, in·k·k) view: concat keeps their 4-D factors exactly, svd/ties/dare truncate 3×3 kernels to --conv-rank.")
-
-BLOCKS_HELP = (
-    "per-block multipliers, applied once to each module's delta: a comma list of double+single block values "
-    "(optionally BASE first, or + IN,OUT[,TE] after), the LoRA-Block-Weight FLUX vector "
-    "(CLIP,T5,IN,D00…,S00…,OUT), or selectors over BFL module names such as "
-    "'double_blocks.0-5=0.5,single_blocks=1.2,txt_in=0' (the last matching selector wins)")
 
 # option name (dest) -> default, applied after the recipe (explicit command-line values win over both)
 DEFAULTS: dict[str, Any] = {"method": "concat", "to": "kohya", "verify": False, "dry_run": False, "json": False,
