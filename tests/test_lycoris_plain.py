@@ -401,7 +401,7 @@ def test_diffusers_output_warns_what_its_loader_drops(tmp_path, capsys) -> None:
     assert "diffusers' FLUX loader" in diff_b and "3 bias diff(s)" in diff_b and "lost for diffusers" in diff_b
     assert "transformer.x_embedder.lora_B.bias" in written         # a LoRA's bias: diffusers applies it
     t5 = next(w for w in report.warnings if "T5" in w)
-    assert "text_encoder_2." in t5 and "drops the T5 part" in t5
+    assert "text_encoder_2." in t5 and "drops the T5-XXL part" in t5
     # the CLI lists them in --json and exits 1 (written, but partial for that consumer)
     assert main(["convert", src, "-o", str(tmp_path / "d2.safetensors"), "--to", "diffusers", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["warnings"] == report.warnings
@@ -417,10 +417,10 @@ def test_merge_and_resize_to_diffusers_warn_too(tmp_path) -> None:
     src, _ = _bias_and_t5_file(tmp_path / "in.safetensors")
     rep = merge([(src, 1.0)], str(tmp_path / "m.safetensors"), to="diffusers")
     assert any("diff_b" in w and "diffusers' FLUX loader" in w for w in rep.warnings)
-    assert any("drops the T5 part" in w for w in rep.warnings)
+    assert any("drops the T5-XXL part" in w for w in rep.warnings)
     rep = resize(src, str(tmp_path / "r.safetensors"), rank=1, to="diffusers")
     assert any("diff_b" in w and "diffusers' FLUX loader" in w for w in rep.warnings)
-    assert any("drops the T5 part" in w for w in rep.warnings)
+    assert any("drops the T5-XXL part" in w for w in rep.warnings)
 
 
 @pytest.mark.oracle

@@ -15,9 +15,9 @@ HELP = "convert a LoRA between formats, exactly"
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand to the parser."""
     p = sub.add_parser("convert", help=HELP, description=HELP + ". Reads " + ", ".join(f.name for f in formats())
-                       + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights, alpha and the FLUX final-layer "
-                       "half-swap, OpenCLIP's fused in_proj are converted losslessly; anything that would lose precision stops unless "
-                       "--allow-lossy is given.")
+                       + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights (OpenCLIP's in_proj rows), "
+                       "alpha and swapped halves (FLUX.1's final layer) are converted losslessly; anything that would "
+                       "lose precision stops unless --allow-lossy is given.")
     p.add_argument("input", metavar="IN")
     add_output(p, required=False)
     p.add_argument("--to", required=True, choices=WRITABLE, help="target format")

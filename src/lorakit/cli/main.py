@@ -10,6 +10,7 @@ import traceback
 from typing import NoReturn
 
 from ..errors import LorakitError
+from ..layouts import available, resolve
 
 # command name -> module under lorakit.cli (each defines register(subparsers))
 COMMANDS = ("inspect", "doctor", "convert", "merge", "bake", "extract", "resize", "diff", "meta")
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     parser = Parser(
         prog="lorakit",
-        description="Detect, convert, merge, bake, extract and resize LoRAs from any trainer (FLUX.1).",
+        description="Detect, convert, merge, bake, extract and resize LoRAs from any trainer ("
+                    + ", ".join(resolve(n).label for n in available()) + ").",
         epilog="Exit codes: 0 ok, 1 partial/warnings, 2 invalid input or refused operation, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -566,26 +566,35 @@ def worst_dtype(model: LoraModel, modules: list[tuple[str, float]]) -> torch.dty
                 model.dtype)
 
 
-def consumer_warnings(fmt: FormatSpec, pieces: list[Piece], tensors: Mapping[str, Tensor]) -> list[str]:
+def consumer_warnings(fmt: FormatSpec, pieces: list[Piece], tensors: Mapping[str, Tensor],
+                      arch: ArchSpec | None = None) -> list[str]:
     """What the target's usual consumer silently drops from the written file, said once per kind of key.
     diffusers 0.42.1 (checked on a tiny FluxTransformer2DModel): ``load_lora_adapter`` drops ``.diff`` /
     ``.diff_b`` keys under diffusers module names without a warning (norm ``.diff`` keys get an "unsupported
-    keys" warning through the pipeline), and ``FluxLoraLoaderMixin`` loads only its
-    ``_lora_loadable_modules`` ("transformer", "text_encoder"), never ``text_encoder_2.`` (T5)."""
+    keys" warning through the pipeline); a pipeline loads only the components its architecture's
+    :attr:`~lorakit.layouts.ArchSpec.diffusers_loads` lists (FLUX.1: never ``text_encoder_2.``, T5)."""
     out: list[str] = []
     if fmt.name != "diffusers":
         return out
-    loader = "diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)"
+    loader = arch.diffusers_loader if arch is not None else "diffusers' load_lora_weights"
     for suffix, what in ((".diff_b", "bias diff"), (".diff", "full weight diff")):
         keys = sorted(k for k in tensors if k.endswith(suffix))
         if keys:
             out.append(f"{len(keys)} {what}(s) are written as '{suffix}' under diffusers module names (e.g. "
                        f"{keys[0]!r}); {loader} does not apply these keys (load_lora_adapter drops them without a "
                        "warning), so their deltas are lost for diffusers (kohya/comfy keep them).")
-    t5 = sum(1 for p in pieces if p.component == "t5")
-    if t5:
-        out.append(f"{t5} T5 module(s) are written under 'text_encoder_2.'; {loader} loads only 'transformer.' and "
-                   "'text_encoder.' (CLIP-L) keys, so diffusers drops the T5 part (kohya/comfy keep it).")
+    if arch is None or arch.diffusers_loads is None:
+        return out
+    dropped: dict[str, int] = {}
+    for p in pieces:
+        if p.component not in arch.diffusers_loads:
+            dropped[p.component] = dropped.get(p.component, 0) + 1
+    for comp, n in sorted(dropped.items()):
+        rule = arch.write_rule(fmt.name, comp)
+        loaded = ", ".join(f"'{r.prefix}'" for c in arch.diffusers_loads if (r := arch.write_rule(fmt.name, c)))
+        out.append(f"{n} {arch.components[comp].label} module(s) are written under "
+                   f"'{rule.prefix if rule else comp}'; {loader} loads only {loaded} keys, so diffusers drops the "
+                   f"{arch.components[comp].label} part (kohya/comfy keep it).")
     return out
 
 
@@ -685,7 +694,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
                     d = d.reshape(-1, *([1] * (len(adapter.weight_shape) - 1))) if adapter is not None else d
             tensors[f"{stem}.{suffixes['dora']}"] = cast(d, f"{stem}.{suffixes['dora']}")
         result.modules += 1
-    result.warnings.extend(consumer_warnings(fmt, pieces, tensors))
+    result.warnings.extend(consumer_warnings(fmt, pieces, tensors, model.arch.spec))
     if emitter.plain_rounded:
         if fold_rounding == "refuse" and not allow_lossy:
             worst = max(emitter.plain_rounded, key=lambda x: x[1])

@@ -248,6 +248,10 @@ class ArchSpec:
     named_by: tuple[str, ...] = ()
     stamp: Stamp = field(default_factory=Stamp)
     blocks: BlockScheme | None = None          # how ``merge --blocks`` addresses it (None: selectors only)
+    # diffusers' pipeline loader for this architecture and the components it loads from a diffusers-format LoRA
+    # (a component it does not load is dropped from the written file by that consumer; writers warn)
+    diffusers_loader: str = "diffusers' load_lora_weights"
+    diffusers_loads: tuple[str, ...] | None = None     # None: every component
 
     def role(self, role: str) -> ComponentSpec | None:
         """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""

@@ -142,6 +142,9 @@ FLUX1 = ArchSpec(
     label="FLUX.1",
     components={"transformer": TRANSFORMER, "clip_l": replace(CLIP_L, role="te1"), "t5": replace(T5_XXL, role="te2")},
     rules=RULES,
+    # FluxLoraLoaderMixin._lora_loadable_modules = ["transformer", "text_encoder"] (diffusers 0.42.1): never T5
+    diffusers_loader="diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)",
+    diffusers_loads=("transformer", "clip_l"),
     # BFL single files, ComfyUI full checkpoints (``model.diffusion_model.``), ``diffusion_model.``-prefixed
     # files, diffusers transformers (single file, sharded, or a pipeline's ``transformer/`` folder)
     containers=tuple(Container(_T, prefix, _BFL_OR_DIFFUSERS, folder="transformer")
