@@ -20,12 +20,17 @@ ENCODERS = (Encoder("clip_l", "native", ("lora_te1_",), "clip_l", "text_encoder"
                     "conditioner.embedders.0.transformer."),
             Encoder("clip_g", "diffusers", ("lora_te2_",), "clip_g", "text_encoder_2", "conditioner.embedders.1.model."))
 
+# the SDXL refiner has the SGM names with other sizes (ComfyUI supported_models.SDXLRefiner: model channels 384,
+# context 1280, adm 2560, transformer depth 4): recognised by its sizes and refused by name
+_REFINER = (("CTX", 1280, "the SDXL refiner (cross-attention width 1280)"),
+            ("ADM", 2560, "the SDXL refiner (label embedding of 2560 inputs)"))
+
 _DERIVED = (("pony", "Pony Diffusion"), ("illustrious", "Illustrious"), ("noobai", "NoobAI"))
 
 SDXL = ArchSpec(
     name="sdxl",
     label="SDXL",
-    components={UNET: SDXL_UNET, "clip_l": replace(CLIP_L, role="te1", fixed=CLIP_L_WIDTH), "clip_g": OPENCLIP_G},
+    components={UNET: replace(SDXL_UNET, refusals=_REFINER), "clip_l": replace(CLIP_L, role="te1", fixed=CLIP_L_WIDTH), "clip_g": OPENCLIP_G},
     variants=(
         Variant("inpaint", "SDXL inpainting (conv_in takes 9 channels)", {"IN": 9}),
         *(Variant(name, f"{label} (SDXL's layout; named by the file's metadata)", {"IN": 4}, named_by=(name,))
