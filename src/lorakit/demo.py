@@ -3,7 +3,7 @@
 FOLDER (default ``demo-out``) is created; an existing one must be empty, else the demo refuses (exit 2)
 and touches nothing: it never removes or replaces files it did not create.
 
-Everything is synthetic (a tiny FLUX-shaped model generated from the layout data); nothing is
+Everything is synthetic (tiny FLUX- and SDXL-shaped models generated from the layout data); nothing is
 downloaded.
 """
 
@@ -82,6 +82,8 @@ def main(folder: str = "demo-out") -> int:
     print(f"  max relative error against the original: "
           f"{_max_rel_error(kohya, p('roundtrip_kohya.safetensors')):.2e}")
     _extra_steps(folder, ait, kohya, base)
+    from .demo_sd import run_sd
+    run_sd(folder)
     print(f"\nDone. Files are in {folder}/")
     return 0
 
@@ -99,8 +101,8 @@ def cli(argv: list[str] | None = None) -> int:
     """``python -m lorakit.demo [FOLDER]``; exit 2 with one line when FOLDER cannot be used."""
     parser = argparse.ArgumentParser(
         prog="python -m lorakit.demo",
-        description="Generate sample LoRAs for a tiny synthetic FLUX-shaped model, then inspect, convert, merge, "
-                    "bake, extract and resize them. Files are written into FOLDER, which is created; an existing "
+        description="Generate sample LoRAs for tiny synthetic FLUX- and SDXL-shaped models, then inspect, convert, "
+                    "merge, bake, extract and resize them. Files are written into FOLDER, which is created; an existing "
                     "FOLDER must be empty (the demo never removes or replaces files it did not create).")
     parser.add_argument("folder", nargs="?", default="demo-out", metavar="FOLDER",
                         help="a new or empty folder for the demo's files (default: demo-out)")

@@ -185,3 +185,26 @@ def write_checkpoint(path: str | os.PathLike[str], arch: ArchSpec, sizes: Mappin
                 torch.zeros(t.shape, dtype=dtype)
             w.write(t.name, value)
     return os.fspath(path)
+
+
+def write_arch_lora(path: str | os.PathLike[str], arch: ArchSpec, sizes: Mapping[str, Mapping[str, int]],
+                    modules: list[tuple[str, str]], *, fmt: str = "kohya", rank: int = 4, alpha: float | None = None,
+                    seed: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """A LoRA for ``arch`` on the given (component, native module) pairs, written in ``fmt`` by lorakit's own
+    writer (seeded factors; conv modules get 4-D downs). For samples and benchmarks; tests spell files by hand."""
+    from .adapters import LoRA
+    from .formats import emit
+    from .model import ArchInstance, LoraModel, Patch, Target
+
+    gen = torch.Generator().manual_seed(seed)
+    instance = ArchInstance(arch, {c: dict(p) for c, p in sizes.items()})
+    patches = []
+    for comp, native in modules:
+        m = instance.module_map(comp)[native]
+        down = (torch.randn(rank, m.inp, *m.kernel, generator=gen) / (m.inp ** 0.5)).to(dtype)
+        up = (torch.randn(m.out, rank, *([1] * len(m.kernel)), generator=gen) * 0.05).to(dtype)
+        patches.append(Patch(Target(comp, native), LoRA(alpha=alpha, down=down, up=up)))
+    result = emit(LoraModel(instance, patches, fmt), fmt)
+    save_tensors(path, result.tensors, {"ss_base_model_version": arch.stamp.version(arch.default_variant)}
+                 if arch.stamp.ss_version else None)
+    return os.fspath(path)
