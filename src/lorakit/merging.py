@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -65,8 +65,6 @@ from .progress import Progress
 from .progress import report as report_progress
 from .recipes import WeightedInput, parse_weighted
 
-METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties")
 MAJORITY_SIGN = ("total", "frequency")
 IDENTITY_KEYS = ("ss_base_model_version", "modelspec.architecture", "modelspec.implementation", "ss_v2")
 
@@ -130,6 +128,98 @@ class MergeReport:
         d["min_retained_energy"] = {"module": worst[0], "retained_energy": worst[1]} if worst else None
         d["rounding"] = {"module": self.rounding[0], "relative_error": self.rounding[1]} if self.rounding else None
         return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge-method registry
+# ---------------------------------------------------------------------------------------------
+
+# The options a method may take ("rank" covers --rank, --conv-rank and --dynamic).
+METHOD_OPTIONS = frozenset({"rank", "density", "majority_sign", "seed", "kohya_ratios"})
+
+# (target, contributions, ΔW shape, options, input weights, block multiplier) -> (patches, stat)
+ModuleMerge = Callable[["Target", "list[Contribution]", "tuple[int, ...]", "MergeOptions", "Sequence[float]", float],
+                       "tuple[list[Patch], ModuleStat]"]
+# (task tensors, weights, density=, majority_sign=, generator=) -> merged dense tensor
+DenseCombine = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method: how a module is merged, plus what the CLI and the option checks need to know."""
+
+    name: str
+    merge: ModuleMerge
+    help: str
+    exact: bool = False                   # the output equals the weighted sum (no rank choice, no truncation)
+    options: frozenset[str] = frozenset()  # METHOD_OPTIONS this method accepts
+    needs_density: bool = False           # --density is required
+    random: bool = False                  # draws from a generator seeded by --seed and the module name
+    combine: DenseCombine | None = None   # dense methods: the task-tensor combination (``--verify``'s reference)
+
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge_method(method: MergeMethod) -> MergeMethod:
+    """Add a merge method to the registry (ValueError if its name is taken or an option is unknown)."""
+    if method.name in _METHODS:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    unknown = method.options - METHOD_OPTIONS
+    if unknown:
+        raise ValueError(f"merge method {method.name!r}: unknown option(s) {', '.join(sorted(unknown))}")
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister_merge_method(name: str) -> None:
+    """Remove a registered merge method (tests and plugins that add one temporarily)."""
+    del _METHODS[name]
+
+
+def merge_method(name: str, *, help: str, exact: bool = False, options: Iterable[str] = (),
+                 needs_density: bool = False, random: bool = False) -> Callable[[ModuleMerge], ModuleMerge]:
+    """Decorator: register a module-merge function ``(target, contribs, shape, options, weights, multiplier)``."""
+    def deco(fn: ModuleMerge) -> ModuleMerge:
+        register_merge_method(MergeMethod(name, fn, help, exact, frozenset(options) | (
+            {"density"} if needs_density else set()), needs_density, random))
+        return fn
+    return deco
+
+
+def dense_merge_method(name: str, *, help: str, options: Iterable[str] = (),
+                       random: bool = False) -> Callable[[DenseCombine], DenseCombine]:
+    """Decorator: register a method defined on the dense task tensors ``T_i = ΔW_i`` of each module
+    (``combine(tensors, weights, density=, majority_sign=, generator=)``), truncated by SVD to the output rank.
+    It takes ``--density`` (required) and ``--rank``; ``random`` methods get a seeded generator."""
+    def deco(fn: DenseCombine) -> DenseCombine:
+        register_merge_method(MergeMethod(name, _dense_method, help, False, frozenset(options) | {"rank", "density"},
+                                          True, random, fn))
+        return fn
+    return deco
+
+
+def merge_methods() -> tuple[str, ...]:
+    """The registered merge method names, in registration order."""
+    return tuple(_METHODS)
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    """A registered merge method (UsageError naming the known ones otherwise)."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method {name!r}.", hint="use one of: " + ", ".join(_METHODS) + ".") from None
+
+
+def methods_with(option: str) -> tuple[str, ...]:
+    """The registered methods accepting ``option`` (one of :data:`METHOD_OPTIONS`)."""
+    return tuple(m.name for m in _METHODS.values() if option in m.options)
+
+
+def _listing(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,23 +429,31 @@ def majority_sign_mask(stacked: Tensor, method: str = "total") -> Tensor:
 
 def combine_dense(tensors: list[Tensor], weights: Sequence[float], method: str, *, density: float,
                   majority_sign: str = "total", generator: torch.Generator | None = None) -> Tensor:
-    """``ties`` / ``dare_linear`` / ``dare_ties`` of task tensors, as PEFT 0.21.2 defines them."""
-    if method == "ties":
-        pruned = [magnitude_prune(t, density) for t in tensors]
-    elif method in ("dare_linear", "dare_ties"):
-        if generator is None:
-            raise ValueError("DARE needs a generator")
-        pruned = [random_prune(t, density, generator) for t in tensors]
-    else:
+    """A registered dense method's combination of task tensors (``ties`` / ``dare_linear`` / ``dare_ties``: as
+    PEFT 0.21.2 defines them)."""
+    spec = _METHODS.get(method)
+    if spec is None or spec.combine is None:
         raise ValueError(method)
+    return spec.combine(tensors, weights, density=density, majority_sign=majority_sign, generator=generator)
+
+
+def _weighted_stack(pruned: list[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     stacked = torch.stack(pruned, dim=0)
     w = torch.tensor(list(weights)).to(stacked.device)
-    w = w.view(w.shape + (1,) * (stacked.dim() - 1))
-    if method == "dare_linear":
-        return (stacked * w).sum(dim=0)
+    return stacked, w.view(w.shape + (1,) * (stacked.dim() - 1))
+
+
+def _sign_elected(stacked: Tensor, w: Tensor, majority_sign: str) -> Tensor:
+    """PEFT's disjoint merge: the weighted entries agreeing with the elected sign, averaged over their count."""
     mask = majority_sign_mask(stacked, majority_sign)
     weighted = stacked * w
     return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
+
+
+def _dare_pruned(tensors: list[Tensor], density: float, generator: torch.Generator | None) -> list[Tensor]:
+    if generator is None:
+        raise ValueError("DARE needs a generator")
+    return [random_prune(t, density, generator) for t in tensors]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +555,7 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
     ``progress(done, total, target)`` is called once per target module."""
     if not models:
         raise UsageError("no inputs to merge.")
+    method = get_merge_method(options.method)
     arch = arch or merge_arch(models)
     targets, dropped = gather(models, weights, arch, blocks, kohya_ratios=options.kohya_ratios)
     if not targets:
@@ -474,18 +573,14 @@ def merge_models(models: Sequence[LoraModel], weights: Sequence[float], options:
         if target.loose:
             new, stat = _loose_sum(target, contribs, shape)
             loose += 1
-        elif options.method == "concat":
-            new, stat = _concat(target, contribs, shape, opts)
-        elif options.method == "svd":
-            new, stat = _svd(target, contribs, shape, opts)
         else:
-            new, stat = _dense_method(target, contribs, shape, opts, [w for w in weights],
-                                      blocks.multiplier(target) if blocks else 1.0)
+            new, stat = method.merge(target, contribs, shape, opts, [w for w in weights],
+                                     blocks.multiplier(target) if blocks else 1.0)
         stat.kernel = kernel or None
         patches.extend(new)
         stats.append(stat)
     report_progress(progress, len(targets), len(targets))
-    if loose and options.method != "concat":
+    if loose and not method.exact:
         warnings.append(f"{loose} loose parameter(s) (q/k norm scales) merged as exact weighted sums Σ w·diff: "
                         f"--method {options.method} applies to weight matrices only.")
     model = LoraModel(arch, patches, "merge", dict(metadata or {}), None, [])
@@ -523,8 +618,10 @@ def _fold(up: Tensor, down: Tensor, c: float) -> tuple[Tensor, Tensor]:
     return up * root, down * (root if c > 0 else -root)
 
 
-def _concat(target: Target, contribs: list[Contribution], shape: tuple[int, ...],
-            options: MergeOptions) -> tuple[list[Patch], ModuleStat]:
+@merge_method("concat", exact=True, options=("kohya_ratios",),
+              help="exact: every input's factors stacked along the rank (ranks add up)")
+def _concat(target: Target, contribs: list[Contribution], shape: tuple[int, ...], options: MergeOptions,
+            weights: Sequence[float] = (), multiplier: float = 1.0) -> tuple[list[Patch], ModuleStat]:
     forms = [factor_form(c.adapter) if c.adapter is not None else None for c in contribs]
     dense_needed = any(c.adapter is not None and f is None for c, f in zip(contribs, forms))
     if dense_needed:
@@ -612,8 +709,10 @@ def _lowrank_patch(target: Target, u: Tensor, s: Tensor, vh: Tensor, k: int, sha
     return Patch(target, LoRA(alpha=float(k), down=down.contiguous(), up=up.contiguous()), None, bias=bias)
 
 
-def _svd(target: Target, contribs: list[Contribution], shape: tuple[int, ...],
-         options: MergeOptions) -> tuple[list[Patch], ModuleStat]:
+@merge_method("svd", options=("rank",),
+              help="the exact best rank-N approximation of the weighted sum, from the factors (no dense matrices)")
+def _svd(target: Target, contribs: list[Contribution], shape: tuple[int, ...], options: MergeOptions,
+         weights: Sequence[float] = (), multiplier: float = 1.0) -> tuple[list[Patch], ModuleStat]:
     bias = _scaled_bias(contribs, shape[0])
     if all(c.adapter is None for c in contribs):
         return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
@@ -666,7 +765,7 @@ def dense_merge(target: Target, contribs: Sequence[Contribution], shape: tuple[i
     if not tensors:
         return None
     gen = None
-    if options.method.startswith("dare"):
+    if get_merge_method(options.method).random:
         gen = torch.Generator(device="cpu").manual_seed(module_seed(options.seed, str(target)))
     result = combine_dense(tensors, [weights[i] for i in order], options.method, density=float(options.density),
                            majority_sign=options.majority_sign, generator=gen)
@@ -691,6 +790,30 @@ def _dense_method(target: Target, contribs: list[Contribution], shape: tuple[int
         ModuleStat(str(target), lr.rank, lr.retained_energy, lr.relative_error)
 
 
+@dense_merge_method("ties", options=("majority_sign",),
+                    help="PEFT TIES on each module's dense delta (keep the top --density, elect signs), then SVD")
+def _ties(tensors: list[Tensor], weights: Sequence[float], *, density: float, majority_sign: str = "total",
+          generator: torch.Generator | None = None) -> Tensor:
+    stacked, w = _weighted_stack([magnitude_prune(t, density) for t in tensors], weights)
+    return _sign_elected(stacked, w, majority_sign)
+
+
+@dense_merge_method("dare_linear", options=("seed",), random=True,
+                    help="PEFT DARE (random drop to --density, rescale), weighted sum, then SVD")
+def _dare_linear(tensors: list[Tensor], weights: Sequence[float], *, density: float, majority_sign: str = "total",
+                 generator: torch.Generator | None = None) -> Tensor:
+    stacked, w = _weighted_stack(_dare_pruned(tensors, density, generator), weights)
+    return (stacked * w).sum(dim=0)
+
+
+@dense_merge_method("dare_ties", options=("seed", "majority_sign"), random=True,
+                    help="PEFT DARE pruning with TIES sign election, then SVD")
+def _dare_ties(tensors: list[Tensor], weights: Sequence[float], *, density: float, majority_sign: str = "total",
+               generator: torch.Generator | None = None) -> Tensor:
+    stacked, w = _weighted_stack(_dare_pruned(tensors, density, generator), weights)
+    return _sign_elected(stacked, w, majority_sign)
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification (re-read the written file)
 # ---------------------------------------------------------------------------------------------
@@ -704,6 +827,7 @@ def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]],
     ties/dare: the target is the module's dense ties/dare result before truncation.
     """
     got = written.by_target()
+    dense = get_merge_method(options.method).combine is not None
     errors: dict[str, float] = {}
     for target in sorted(set(expected) | set(got), key=str):
         contribs = expected.get(target, [])
@@ -713,7 +837,7 @@ def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]],
         out_bias = _scaled_bias(mine, shape[0])
         bias_diff = _norm2(_sub(out_bias, ref_bias))
         bias_ref = _norm2(ref_bias)
-        if options.method in DENSE_METHODS and not target.loose:
+        if dense and not target.loose:
             ref = dense_merge(target, contribs, shape, options, weights,
                               blocks.multiplier(target) if blocks else 1.0) if contribs else None
             ref = ref if ref is not None else torch.zeros(shape)
@@ -734,7 +858,7 @@ def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]],
         den += bias_ref
         errors[str(target)] = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
     worst = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
-    return {"reference": "dense ties/dare result" if options.method in DENSE_METHODS else "exact weighted sum",
+    return {"reference": "dense ties/dare result" if dense else "exact weighted sum",
             "max_relative_error": worst[1], "worst_module": worst[0], "modules": errors}
 
 
@@ -755,8 +879,7 @@ def _norm2(t: Tensor | None) -> float:
 def _check_options(method: str, rank: int | None, dynamic: str | None, density: float | None,
                    majority_sign: str | None, seed: int | None, kohya_ratios: bool, to: str,
                    conv_rank: int | None = None) -> MergeOptions:
-    if method not in METHODS:
-        raise UsageError(f"unknown merge method {method!r}.", hint="use one of: " + ", ".join(METHODS) + ".")
+    spec = get_merge_method(method)
     if to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
     if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank <= 0):
@@ -764,25 +887,31 @@ def _check_options(method: str, rank: int | None, dynamic: str | None, density: 
     if conv_rank is not None and (isinstance(conv_rank, bool) or int(conv_rank) != conv_rank or conv_rank <= 0):
         raise UsageError(f"--conv-rank must be a positive integer, got {conv_rank}.")
     dyn = parse_dynamic(dynamic) if dynamic else None      # ranges checked there, for every command
-    if method == "concat" and (rank is not None or dyn is not None or conv_rank is not None):
-        raise UsageError("concat is exact and its rank is the sum of the input ranks; --rank/--conv-rank/--dynamic "
-                         "do not apply.", hint="use --method svd to choose the output rank.")
-    if method in DENSE_METHODS:
+    if "rank" not in spec.options and (rank is not None or dyn is not None or conv_rank is not None):
+        ranked = methods_with("rank")
+        hint = f"use --method {ranked[0]} to choose the output rank." if ranked else None
+        if spec.exact:
+            raise UsageError(f"{method} is exact and its rank is the sum of the input ranks; --rank/--conv-rank/"
+                             "--dynamic do not apply.", hint=hint)
+        raise UsageError(f"--rank/--conv-rank/--dynamic do not apply to --method {method}.", hint=hint)
+    if spec.needs_density:
         if density is None:
             raise UsageError(f"--method {method} needs --density (the fraction of entries kept, in (0, 1]).")
         if not 0 < density <= 1:
             raise UsageError(f"--density must be in (0, 1], got {density}.")
     elif density is not None:
-        raise UsageError(f"--density applies to ties/dare_linear/dare_ties, not to {method}.")
+        raise UsageError(f"--density applies to {'/'.join(methods_with('density'))}, not to {method}.")
     if majority_sign is not None:
         if majority_sign not in MAJORITY_SIGN:
             raise UsageError(f"--majority-sign must be one of {', '.join(MAJORITY_SIGN)}, got {majority_sign!r}.")
-        if method not in ("ties", "dare_ties"):
-            raise UsageError(f"--majority-sign applies to ties and dare_ties, not to {method}.")
-    if seed is not None and not method.startswith("dare"):
-        raise UsageError(f"--seed applies to dare_linear and dare_ties (the only random methods), not to {method}.")
-    if kohya_ratios and method != "concat":
-        raise UsageError("--kohya-ratios reproduces sd-scripts' concat merge; it only applies to --method concat.")
+        if "majority_sign" not in spec.options:
+            raise UsageError(f"--majority-sign applies to {_listing(methods_with('majority_sign'))}, not to {method}.")
+    if seed is not None and "seed" not in spec.options:
+        random = [m.name for m in _METHODS.values() if m.random]
+        raise UsageError(f"--seed applies to {_listing(random)} (the only random methods), not to {method}.")
+    if kohya_ratios and "kohya_ratios" not in spec.options:
+        raise UsageError("--kohya-ratios reproduces sd-scripts' concat merge; it only applies to --method "
+                         f"{' or '.join(methods_with('kohya_ratios'))}.")
     return MergeOptions(method=method, rank=int(rank) if rank is not None else None, dynamic=dyn, density=density,
                         conv_rank=int(conv_rank) if conv_rank is not None else None,
                         majority_sign=majority_sign or "total", seed=int(seed) if seed is not None else 0,
@@ -834,7 +963,8 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     if options.conv_rank is not None and not any(s.kernel and uses_conv_rank(s.kernel) for s in result.stats):
         warnings.append(f"--conv-rank had no effect: no merged module is a convolution with a kernel larger than "
                         f"1×1 ({arch.spec.label} LoRA; 1×1 convolutions take --rank, as in sd-scripts).")
-    rounds = method == "concat" and out_dtype.itemsize < 4 and any(
+    spec = get_merge_method(method)
+    rounds = spec.exact and out_dtype.itemsize < 4 and any(
         c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
         for cs in result.coefficients.values() for c in cs)
     emitted = emit(result.model, to, dtype=out_dtype)
@@ -854,7 +984,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
         modules_out=emitted.modules, tensors_out=len(emitted.tensors),
         dtype=str(out_dtype).replace("torch.", "") if out_dtype is not None else None,
         rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
-        seed=options.seed if method.startswith("dare") else None,
+        seed=options.seed if spec.random else None,
         density=density, blocks=blocks, kohya_ratios=options.kohya_ratios, modules=result.stats,
         dropped=result.dropped, warnings=warnings + result.warnings, dry_run=dry_run,
         rounding=worst_cast_error([(str(p.target), p.adapter) for p in result.model.patches
@@ -868,8 +998,8 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     title = os.path.splitext(os.path.basename(out_path))[0]
     meta = lora_output_metadata(result.model, emitted, to, operation="merge", inputs=records, title=title,
                                 method=method, rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
-                                seed=options.seed if method.startswith("dare") else None, density=density,
-                                majority_sign=options.majority_sign if method in ("ties", "dare_ties") else None,
+                                seed=options.seed if spec.random else None, density=density,
+                                majority_sign=options.majority_sign if "majority_sign" in spec.options else None,
                                 blocks=blocks, kohya_ratios=True if options.kohya_ratios else None,
                                 strength="sd-scripts ratio·|ratio|·r/R" if options.kohya_ratios else "linear")
     require_finite_output(emitted.tensors, path=out_path,

@@ -10,7 +10,7 @@ from typing import Any
 from ..blocks import BLOCKS_HELP
 from ..errors import RecipeError
 from ..formats import WRITABLE
-from ..merging import MAJORITY_SIGN, METHODS, merge
+from ..merging import MAJORITY_SIGN, get_merge_method, merge, merge_methods
 from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
 from ..progress import terminal_progress
 from .common import (add_dtype, add_json, add_models, add_output, add_pickle, dtype_arg, emit_json, models_inputs,
@@ -28,11 +28,24 @@ DESCRIPTION = (
 # option name (dest) -> default, applied after the recipe (explicit command-line values win over both)
 DEFAULTS: dict[str, Any] = {"method": "concat", "to": "kohya", "verify": False, "dry_run": False, "json": False,
                             "kohya_ratios": False, "allow_partial": False, "allow_pickle": False}
-RECIPE_SCHEMA = {"output": str, "method": opt(str, choices=METHODS), "rank": int, "conv_rank": int, "dynamic": str,
-                 "to": opt(str, choices=WRITABLE), "blocks": opt(str, list, dict), "verify": bool, "dtype": str,
-                 "json": bool, "dry_run": bool, "density": float, "majority_sign": opt(str, choices=MAJORITY_SIGN),
-                 "seed": int, "kohya_ratios": bool, "allow_partial": bool, "allow_pickle": bool}
-RECIPE_KEYS = tuple(RECIPE_SCHEMA)
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The recipe keys and their types; ``method`` takes the merge methods registered now."""
+    return {"output": str, "method": opt(str, choices=merge_methods()), "rank": int, "conv_rank": int,
+            "dynamic": str, "to": opt(str, choices=WRITABLE), "blocks": opt(str, list, dict), "verify": bool,
+            "dtype": str, "json": bool, "dry_run": bool, "density": float,
+            "majority_sign": opt(str, choices=MAJORITY_SIGN), "seed": int, "kohya_ratios": bool,
+            "allow_partial": bool, "allow_pickle": bool}
+
+
+RECIPE_KEYS = tuple(recipe_schema())
+
+
+def method_help() -> str:
+    """``--method``'s help: every registered method with its one-line description."""
+    return f"merge method (default: {DEFAULTS['method']}): " + "; ".join(
+        f"{name}: {get_merge_method(name).help}" for name in merge_methods())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default 1.0)")
     add_output(p, required=False)
     add_models(p)
-    p.add_argument("--method", choices=METHODS, default=None, help="merge method (default: concat)")
+    p.add_argument("--method", choices=merge_methods(), default=None, help=method_help())
     p.add_argument("--rank", "--new-rank", "--new_rank", dest="rank", type=int, default=None, metavar="N",
                    help="output rank for svd/ties/dare (default: the largest input rank of each module); "
                         "with --dynamic, the rank cap")
@@ -94,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _apply_recipe(args: argparse.Namespace) -> None:
     if args.recipe:
-        recipe = load_recipe(args.recipe, RECIPE_SCHEMA)
+        recipe = load_recipe(args.recipe, recipe_schema())
         base = os.path.dirname(os.path.abspath(args.recipe))
         for key, value in recipe.items():
             if key == "inputs":

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..adapters import Adapter, Full, LoHa, LoKr, LoRA
+from ..adapter_kinds import INCOMPLETE, get_kind, kind_of
+from ..adapters import Adapter, LoHa, LoKr, LoRA
 from ..transforms import swap_parts
 from ..archinfer import Observation, ParamObservation, infer_instance
 from ..dtypes import FLOAT_CODES
@@ -56,20 +57,9 @@ class ModuleEntry:
 
     @property
     def family(self) -> str:
-        roles = set(self.keys)
-        if {"down", "up"} <= roles:
-            return "lora"
-        if any(r.startswith("hada_") for r in roles):
-            return "loha"
-        if any(r.startswith("lokr_") for r in roles):
-            return "lokr"
-        if "set" in roles:
-            return "set"
-        if "diff" in roles:
-            return "full"
-        if roles & {"diff_b"}:
-            return "bias"
-        return "incomplete"
+        """The registered adapter kind its roles identify (:func:`lorakit.adapter_kinds.kind_of`)."""
+        kind = kind_of(self.keys)
+        return kind.name if kind is not None else INCOMPLETE
 
     def observed_shape(self) -> tuple[int | None, int | None]:
         """(out, in channels) of the weight this module's tensors describe, from the header (None if unknown). A
@@ -103,21 +93,10 @@ def _prod(dims: Sequence[int]) -> int:
     return out
 
 
-_REQUIRED = {
-    "lora": ({"down", "up"},),
-    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
-}
-
-
 def _complete(entry: ModuleEntry) -> bool:
-    roles = set(entry.keys)
-    fam = entry.family
-    if fam == "lokr":
-        return ("lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles) and (
-            "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
-    if fam == "loha":
-        return _REQUIRED["loha"][0] <= roles
-    return fam in ("lora", "full", "bias", "set")
+    """Whether the module's roles hold everything its kind needs (``AdapterKind.requires``)."""
+    kind = kind_of(entry.keys)
+    return kind is not None and kind.complete(entry.keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,20 +733,9 @@ def config_alpha(parsed: ParsedLora, entry: ModuleEntry, rank: int) -> float | N
 # ---------------------------------------------------------------------------------------------
 
 def _build_adapter(entry: ModuleEntry, t: Mapping[str, torch.Tensor], alpha: float | None) -> Adapter | None:
+    """The module's adapter, built by its registered kind (None: no weight delta, e.g. a bias diff only)."""
     fam = entry.family
-    if fam == "lora":
-        return LoRA(alpha=alpha, down=t["down"], up=t["up"], mid=t.get("mid"))
-    if fam == "loha":
-        return LoHa(alpha=alpha, w1a=t["hada_w1_a"], w1b=t["hada_w1_b"], w2a=t["hada_w2_a"], w2b=t["hada_w2_b"],
-                    t1=t.get("hada_t1"), t2=t.get("hada_t2"))
-    if fam == "lokr":
-        return LoKr(alpha=alpha, w1=t.get("lokr_w1"), w1a=t.get("lokr_w1_a"), w1b=t.get("lokr_w1_b"),
-                    w2=t.get("lokr_w2"), w2a=t.get("lokr_w2_a"), w2b=t.get("lokr_w2_b"), t2=t.get("lokr_t2"))
-    if fam == "full":
-        return Full(alpha=None, diff=t["diff"])
-    if fam == "set":
-        return Full(alpha=None, diff=t["set"])    # the parameter's new value; the patch says ``replace``
-    return None
+    return get_kind(fam).build(t, alpha) if fam != INCOMPLETE else None
 
 
 def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
