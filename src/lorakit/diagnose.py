@@ -25,7 +25,8 @@ from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, _rows
 from .formats.spec import formats, split_key
 from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary, split_qkv_warnings
 from .io import WeightFile, open_weights
-from .layouts import RECOGNIZERS, ArchSpec, ComponentSpec, Variant, available, recognize, resolve, symbols
+from .layouts import (RECOGNIZERS, ArchSpec, ComponentSpec, ModuleSpec, Variant, available, recognize, resolve,
+                      symbols)
 
 OK, PARTIAL, WILL_NOT_APPLY, INVALID = "OK", "PARTIAL", "WILL NOT APPLY", "INVALID"
 EXIT = {OK: 0, PARTIAL: 1, WILL_NOT_APPLY: 2, INVALID: 2}
@@ -428,6 +429,7 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
         exp_in = shape[1] if len(shape) > 1 else None
         bad: set[str] = set()
         mspec = e.match.spec
+        assert isinstance(mspec, ModuleSpec)      # loose parameters were handled above
         if out_obs is not None and out_obs != exp_out:
             bad |= symbols(e.match.alias.rows[1] if e.match.alias.rows else mspec.out) or {"out"}
         if in_obs is not None and exp_in is not None and in_obs != exp_in:

@@ -28,7 +28,7 @@ import torch
 from .adapters import LoRA
 from .transforms import stored_to_native
 from .basemodel import BaseModel, Slot, open_base
-from .errors import LorakitError, NotALoraError, ShapeMismatchError, UsageError
+from .errors import LorakitError, ShapeMismatchError, UsageError
 from .formats import load, parse
 from .formats.parse import ParsedLora
 from .io import open_weights
@@ -414,6 +414,17 @@ def _model_side(path: str, base: BaseModel) -> dict[str, Any]:
             "tensors": len(base.file.keys()), "dtypes": dict(dtypes)}
 
 
+def _tensor_pair(ta: torch.Tensor, tb: torch.Tensor) -> Pair:
+    """⟨A,A⟩, ⟨B,B⟩, ⟨A,B⟩ and ‖A−B‖² of two tensors in fp64 (equal tensors: one product)."""
+    a = ta.reshape(-1).to(torch.float64)
+    if torch.equal(ta, tb):
+        aa = float(a.dot(a))
+        return Pair(aa, aa, aa, 1, 0.0)
+    b = tb.reshape(-1).to(torch.float64)
+    d = a - b
+    return Pair(float(a.dot(a)), float(b.dot(b)), float(a.dot(b)), 1, float(d.dot(d)))
+
+
 def _model_block(base: BaseModel, n: _Native) -> str:
     if n.component == "passthrough":
         return "passthrough:" + n.slots[0].key.split(".")[0]
@@ -444,10 +455,8 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str,
         if ta.shape != tb.shape:
             rep.shape_mismatches.append({"module": k, "a": list(ta.shape), "b": list(tb.shape)})
             continue
-        ta64, tb64 = ta.to(torch.float64), tb.to(torch.float64)
-        pair = Pair(float((ta64 * ta64).sum()), float((tb64 * tb64).sum()), float((ta64 * tb64).sum()), 1,
-                    float(((ta64 - tb64) ** 2).sum()))
-        del ta, tb, ta64, tb64
+        pair = _tensor_pair(ta, tb)
+        del ta, tb
         if len(rep.modules) < 10_000:
             rep.modules[k] = pair.to_json()
         blocks.setdefault(_model_block(a, na[k]), Pair()).add(pair)
@@ -490,7 +499,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
         for path, f in ((pa, fa), (pb, fb)):
             try:
                 sides.append(("lora", parse(f, force_format=from_format)))
-            except NotALoraError as exc:
+            except LorakitError as exc:      # not a LoRA, or keys no LoRA format explains: maybe a model
                 if not f.keys():
                     raise
                 try:
@@ -547,9 +556,9 @@ def format_report(rep: DiffReport, *, top: int = 12) -> str:
         lines.append(f"dtypes differ in {len(rep.dtype_differences)} tensors (e.g. {d['tensor']}: {d['a']} vs {d['b']})")
     for m in rep.shape_mismatches[:8]:
         lines.append(f"shape mismatch  {m['module']}: {m['a']} vs {m['b']}")
-    for label, items in (("bias deltas", rep.bias_differences), ("DoRA magnitudes", rep.dora_differences)):
-        if items:
-            lines.append(f"{label} differ in {len(items)} modules (e.g. {_extra_text(items[0])})")
+    for label, extras in (("bias deltas", rep.bias_differences), ("DoRA magnitudes", rep.dora_differences)):
+        if extras:
+            lines.append(f"{label} differ in {len(extras)} modules (e.g. {_extra_text(extras[0])})")
 
     def row(name: str, e: Mapping[str, Any]) -> str:
         cos = "   n/a" if e["cosine"] is None else f"{e['cosine']:+.4f}"
