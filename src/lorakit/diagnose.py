@@ -1,10 +1,11 @@
 """``lorakit doctor``: will this LoRA apply, to this base, and if not, why and how to fix it.
 
-Per LoRA: what it is (format, variant, adapters, ranks/alphas, trainer), tensor health (NaN/Inf,
-all-zero ups, extreme α/r, odd dtypes, stale hashes) and, with a base model, coverage: modules that
-apply, modules that match nothing grouped by likely cause, and shape mismatches. Every outcome is a
-verdict — OK (exit 0), PARTIAL (1), WILL NOT APPLY or INVALID (2) — returned, not raised; only a bad
-base or text-encoder file raises (there is nothing to diagnose against).
+Per LoRA: what it is (format, architecture, variant, adapters, ranks/alphas, trainer), tensor health (NaN/Inf,
+all-zero ups, extreme α/r, odd dtypes, stale hashes) and, with a base model, coverage: modules that apply,
+modules that match nothing grouped by likely cause, and shape mismatches. Coverage is checked for every
+component the base holds (an SDXL single file: UNet, CLIP-L and OpenCLIP-G) and for separate text-encoder
+files. Every outcome is a verdict — OK (exit 0), PARTIAL (1), WILL NOT APPLY or INVALID (2) — returned, not
+raised; only a bad base or text-encoder file raises (there is nothing to diagnose against).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .basemodel import BaseModel, open_base
+from .basemodel import BaseModel, open_base, open_component
 from .dtypes import FLOAT_CODES
 from .errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
 from .formats import parse
@@ -24,26 +25,44 @@ from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, _rows
 from .formats.spec import formats, split_key
 from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary, split_qkv_warnings
 from .io import WeightFile, open_weights
-from .layouts import RECOGNIZERS, NameIndex, evaluate, recognize, resolve, symbols
+from .layouts import (RECOGNIZERS, ArchSpec, ComponentSpec, ModuleSpec, Variant, available, recognize, resolve,
+                      symbols)
 
 OK, PARTIAL, WILL_NOT_APPLY, INVALID = "OK", "PARTIAL", "WILL NOT APPLY", "INVALID"
 EXIT = {OK: 0, PARTIAL: 1, WILL_NOT_APPLY: 2, INVALID: 2}
 EXTREME_SCALE = 8.0          # α/r above this is almost always a mistake (α written for another rank)
 LISTED = 8                   # modules listed per group in reports
 
-# Format-level portability notes: (format, base layout or None for any) -> (note, fix).
-PORTABILITY: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("lycoris", None): ("ComfyUI does not load SimpleTuner `lycoris_` keys (Comfy-Org/ComfyUI#4476)",
-                        "convert with `lorakit convert --to kohya`"),
-    ("peft", None): ("ComfyUI does not load FLUX LoRAs with `base_model.model.` keys (Comfy-Org/ComfyUI#4347)",
-                     "convert with `lorakit convert --to comfy` (or --to kohya)"),
-    ("onetrainer", None): ("Forge and newer loaders mis-read OneTrainer legacy `lora_transformer_` keys",
-                           "convert with `lorakit convert --to kohya`"),
-    ("diffsynth", None): ("diffusers' loader silently ignores keys without the `transformer.` prefix",
-                          "convert with `lorakit convert --to diffusers`"),
-    ("kohya", "diffusers"): ("diffusers silently drops kohya FLUX embedder and final-layer keys "
-                             "(formats.md §6.1)", "convert with `lorakit convert --to diffusers`"),
-}
+
+@dataclass(frozen=True)
+class Portability:
+    """A loader-compatibility note for LoRAs of one format and architecture; ``layout``: only on a base of that
+    layout, ``groups``: only when the LoRA has modules of these groups."""
+
+    format: str
+    arch: str
+    note: str
+    fix: str
+    layout: str | None = None
+    groups: tuple[str, ...] = ()
+
+
+PORTABILITY: tuple[Portability, ...] = (
+    Portability("lycoris", "flux1", "ComfyUI does not load SimpleTuner `lycoris_` keys (Comfy-Org/ComfyUI#4476)",
+                "convert with `lorakit convert --to kohya`"),
+    Portability("peft", "flux1", "ComfyUI does not load FLUX LoRAs with `base_model.model.` keys (Comfy-Org/ComfyUI#4347)",
+                "convert with `lorakit convert --to comfy` (or --to kohya)"),
+    Portability("onetrainer", "flux1", "Forge and newer loaders mis-read OneTrainer legacy `lora_transformer_` keys",
+                "convert with `lorakit convert --to kohya`"),
+    Portability("diffsynth", "flux1", "diffusers' loader silently ignores keys without the `transformer.` prefix",
+                "convert with `lorakit convert --to diffusers`"),
+    Portability("kohya", "flux1", "diffusers silently drops kohya FLUX embedder and final-layer keys (formats.md §6.1)",
+                "convert with `lorakit convert --to diffusers`", layout="diffusers",
+                groups=("embedders", "final_layer")),
+)
+
+# metadata fields and file-name parts that can name a derived model (Pony, Illustrious, Kontext …)
+_NAMING_FIELDS = ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name", "modelspec.title")
 
 
 @dataclass
@@ -85,7 +104,7 @@ class DoctorReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference models: the transformer base and optional text encoders
+# Reference models: the base (every component it holds) and optional text-encoder files
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -93,44 +112,134 @@ class TextEncoder:
     path: str
     component: str
     label: str
-    shapes: dict[str, tuple[int, ...]]      # native module -> weight shape
+    shapes: dict[str, tuple[int, ...]]      # native module -> weight shape (ΔW orientation, fused rows assembled)
+    params: dict[str, int] = field(default_factory=dict)      # solved sizes (row windows of fused weights)
+    loose: dict[str, tuple[int, ...]] = field(default_factory=dict)   # loose parameter -> shape
+    arch: str = "flux1"
+
+
+def module_shapes(base: BaseModel, component: str) -> dict[str, tuple[int, ...]]:
+    """Every module's weight shape in a base as its tensors show it, in ΔW orientation (``out × in × *kernel``):
+    a transposed tensor reversed, the row windows of a fused weight assembled."""
+    out: dict[str, tuple[int, ...]] = {}
+    for module, slots in base.by_module(component).items():
+        weights = [s for s in slots if s.param == "weight"]
+        if not weights:
+            continue
+        shapes = [tuple(base.file.shape(s.key)) for s in weights]
+        shapes = [sh[::-1] if s.transpose else sh for s, sh in zip(weights, shapes)]
+        if len(weights) == 1 and weights[0].rows is None:
+            out[module] = shapes[0]
+        else:
+            rows = max((s.rows[1] if s.rows else sh[0]) for s, sh in zip(weights, shapes))
+            out[module] = (rows, *shapes[0][1:])
+    return out
+
+
+def loose_shapes(base: BaseModel, component: str) -> dict[str, tuple[int, ...]]:
+    """Loose parameters (norm scales) of one component of a base, by native name."""
+    return {s.param: tuple(base.file.shape(s.key)) for s in base.slots.values()
+            if s.module is None and s.component == component}
 
 
 def open_text_encoder(path: str | os.PathLike[str], *, allow_pickle: bool = False,
-                      arch_name: str = "flux1") -> TextEncoder:
-    """A CLIP-L or T5 checkpoint (any container prefix), matched by native module names."""
-    arch = resolve(arch_name)
+                      arch_name: str | None = None) -> TextEncoder:
+    """A text-encoder checkpoint (CLIP-L, OpenCLIP, T5; any container prefix, native or HF names) as the
+    text-encoder component of ``arch_name`` (default: any registered architecture) its tensors fit best; the
+    sizes an architecture fixes (CLIP-L is 768 wide in SD models) break ties."""
+    archs = [resolve(arch_name)] if arch_name else [resolve(n) for n in available()]
     p = os.fspath(path)
+    best: tuple[tuple[bool, int], TextEncoder] | None = None
     with open_weights(p, allow_pickle=allow_pickle) as f:
-        best: tuple[int, str, dict[str, tuple[int, ...]]] | None = None
-        for name, comp in arch.components.items():
-            if comp.role == "denoiser":
-                continue
-            index = NameIndex(comp, "native", flat=False)
-            found: dict[str, tuple[int, ...]] = {}
-            for key in f.keys():
-                if not key.endswith(".weight"):
+        for arch in archs:
+            for name, comp in arch.components.items():
+                if comp.role == "denoiser":
                     continue
-                parts = key[: -len(".weight")].split(".")
-                for i in range(len(parts)):
-                    m = index.match(".".join(parts[i:]))
-                    if m is not None:
-                        found[m.native] = f.shape(key)
-                        break
-            if found and (best is None or len(found) > best[0]):
-                best = (len(found), name, found)
+                try:
+                    bm = open_component(f, arch, name)
+                except LorakitError:
+                    continue
+                if bm is None:
+                    continue
+                params = bm.arch.params.get(name, {})
+                score = (all(params.get(k, v) == v for k, v in comp.fixed.items()), len(bm.slots))
+                if best is None or score > best[0]:
+                    best = (score, TextEncoder(p, name, comp.label, module_shapes(bm, name), dict(params),
+                                               loose_shapes(bm, name), arch.name))
     if best is None:
-        raise InputFileError("not a text encoder lorakit knows (no CLIP-L or T5 module found).", path=p,
-                             hint="pass the CLIP-L or T5-XXL checkpoint; the transformer goes to --base.")
-    comp = arch.components[best[1]]
-    return TextEncoder(p, best[1], comp.label, best[2])
+        known = sorted({c.label for a in archs for c in a.components.values() if c.role != "denoiser"})
+        raise InputFileError(f"not a text encoder lorakit knows (no {', '.join(known)} module found).", path=p,
+                             hint="pass a text-encoder checkpoint; the denoiser (transformer/UNet) goes to --base.")
+    return best[1]
+
+
+@dataclass
+class _Ref:
+    """What one component of the LoRA is checked against: a component of the base or a text-encoder file."""
+
+    component: str
+    label: str
+    source: str                              # "base" or "text encoder"
+    shapes: Mapping[str, tuple[int, ...]]
+    params: Mapping[str, int]
+    loose: Mapping[str, tuple[int, ...]]
+
+
+def _refs(base: BaseModel | None, encoders: Mapping[str, TextEncoder]) -> dict[str, _Ref]:
+    refs: dict[str, _Ref] = {}
+    if base is not None:
+        for c in base.components():
+            refs[c] = _Ref(c, base.arch.spec.components[c].label, "base", module_shapes(base, c),
+                           base.arch.params.get(c, {}), loose_shapes(base, c))
+    for c, te in encoders.items():       # an explicit text-encoder file is what the user asks to check against
+        refs[c] = _Ref(c, te.label, "text encoder", te.shapes, te.params, te.loose)
+    return refs
+
+
+def named_variant(spec: ArchSpec, variant: str, params: Mapping[str, Mapping[str, int]], text: str) -> str:
+    """``variant``, or the metadata-only variant (Pony, Illustrious, Kontext …) that ``text`` (file name, metadata)
+    names, when its sizes hold and it refines ``variant``'s."""
+    current = next((v for v in spec.variants if v.name == variant), None)
+    if current is not None and current.named_by:
+        return variant
+    merged: dict[str, int] = {}
+    for p in params.values():
+        merged.update(p)
+    text = text.lower()
+    for v in spec.variants:
+        if v.named_by and any(w in text for w in v.named_by) and \
+                all(merged.get(k, val) == val for k, val in v.when.items()) and \
+                (current is None or dict(current.when).items() <= dict(v.when).items()):
+            return v.name
+    return variant
+
+
+def _naming_text(f: WeightFile) -> str:
+    return " ".join([os.path.basename(os.path.normpath(f.path or "")),
+                     *(str(f.metadata.get(k, "")) for k in _NAMING_FIELDS)])
+
+
+def _variant_of(spec: ArchSpec, name: str) -> Variant | None:
+    return next((v for v in spec.variants if v.name == name), None)
+
+
+def _label(spec: ArchSpec, variant: str) -> str:
+    v = _variant_of(spec, variant)
+    return v.label if v is not None else spec.label
+
+
+def _base_variant(base: BaseModel) -> str:
+    return named_variant(base.arch.spec, base.variant, base.arch.params, _naming_text(base.file))
 
 
 def _base_info(base: BaseModel) -> dict[str, Any]:
-    variants = {v.name: v.label for v in base.arch.spec.variants}
-    return {"file": base.file.path, "layout": base.layout, "prefix": base.prefix, "variant": base.variant,
-            "variant_label": variants.get(base.variant, base.variant),
-            "sizes": dict(sorted(base.arch.params.get(base.arch.spec.denoiser.name, {}).items())),
+    spec = base.arch.spec
+    variant = _base_variant(base)
+    return {"file": base.file.path, "architecture": spec.name, "architecture_label": spec.label,
+            "layout": base.layout, "prefix": base.prefix, "variant": variant,
+            "variant_label": _label(spec, variant),
+            "components": {c: spec.components[c].label for c in base.components()},
+            "sizes": dict(sorted(base.arch.params.get(spec.denoiser.name, {}).items())),
             "tensors": len(base.file.keys()), "passthrough": len(base.passthrough)}
 
 
@@ -138,9 +247,11 @@ def _base_info(base: BaseModel) -> dict[str, Any]:
 # Causes
 # ---------------------------------------------------------------------------------------------
 
-def _foreign(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, int, str] | None:
-    """(label, hits, example) of a recognised non-FLUX.1 architecture among ``keys``."""
-    found = recognize(keys, shapes)
+def _foreign(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+             exclude: Iterable[str] = ()) -> tuple[str, int, str] | None:
+    """(label, hits, example) of a recognised architecture among ``keys`` (``exclude``: registered architectures,
+    whose files the parser reads itself)."""
+    found = recognize(keys, shapes, exclude=set(exclude))
     if found is None:
         return None
     rec, hits = found
@@ -148,17 +259,25 @@ def _foreign(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> tupl
 
 
 class _Matchers:
-    def __init__(self, arch_name: str = "flux1") -> None:
-        arch = resolve(arch_name)
-        self.matchers = [FormatMatcher(fmt, arch) for fmt in formats()]
+    """Format matchers per architecture (built once per doctor run)."""
 
-    def understood_after_strip(self, key: str) -> str | None:
-        """The leading prefix whose removal makes ``key`` a known LoRA key, if any."""
+    def __init__(self) -> None:
+        self._by_arch: dict[str, list[FormatMatcher]] = {}
+
+    def of(self, arch_name: str) -> list[FormatMatcher]:
+        if arch_name not in self._by_arch:
+            arch = resolve(arch_name)
+            self._by_arch[arch_name] = [FormatMatcher(fmt, arch) for fmt in formats()]
+        return self._by_arch[arch_name]
+
+    def understood_after_strip(self, key: str, arch_name: str = "flux1") -> str | None:
+        """The leading prefix whose removal makes ``key`` a known LoRA key of the architecture, if any."""
+        matchers = self.of(arch_name)
         for sep in (".", "_"):
             parts = key.split(sep)
             for i in range(1, min(len(parts) - 1, 4)):
                 rest = sep.join(parts[i:])
-                if any(m.accept(rest) is not None for m in self.matchers):
+                if any(m.accept(rest) is not None for m in matchers):
                     return sep.join(parts[:i]) + sep
         return None
 
@@ -168,6 +287,7 @@ def _unknown_groups(parsed: ParsedLora, matchers: _Matchers) -> list[dict[str, A
     if not keys:
         return []
     groups: dict[str, dict[str, Any]] = {}
+    label = parsed.arch.spec.label
 
     def add(cause: str, reason: str, fix: str | None, key: str) -> None:
         g = groups.setdefault(cause + reason, {"cause": cause, "reason": reason, "fix": fix, "keys": []})
@@ -175,7 +295,7 @@ def _unknown_groups(parsed: ParsedLora, matchers: _Matchers) -> list[dict[str, A
 
     complete = {e.file_module for e in parsed.entries}
     shapes = {k: parsed.file.shape(k) for k in keys if k in parsed.file}
-    foreign = _foreign(keys, shapes)
+    foreign = _foreign(keys, shapes, exclude=available())
     by_module: dict[str, set[str]] = {}
     for k in keys:
         s = split_key(k)
@@ -183,16 +303,16 @@ def _unknown_groups(parsed: ParsedLora, matchers: _Matchers) -> list[dict[str, A
             by_module.setdefault(s.module, set()).add(s.role)
     for k in keys:
         s = split_key(k)
-        prefix = matchers.understood_after_strip(k)
+        prefix = matchers.understood_after_strip(k, parsed.arch.name)
         if prefix is not None:
             add("prefix", f"keys carry an unexpected prefix {prefix!r}", f"rename the keys without {prefix!r}", k)
         elif foreign is not None and re.search("|".join(r.compiled().pattern for r in RECOGNIZERS
                                                           if r.label == foreign[0]), k):
-            add("architecture", f"{foreign[0]} modules (not FLUX.1)", "use these with a " + foreign[0] + " model", k)
+            add("architecture", f"{foreign[0]} modules (not {label})", "use these with a " + foreign[0] + " model", k)
         elif s is not None and s.module not in complete and s.family in ("lora", "loha", "lokr", "meta", "dora"):
             roles = by_module.get(s.module, set())
             if {"down", "up"} <= roles or any(r.startswith(("hada_", "lokr_")) for r in roles):
-                add("unknown", "complete modules whose names are not FLUX.1 module names",
+                add("unknown", f"complete modules whose names are not {label} module names",
                     "run `lorakit inspect --json` and report the layout", k)
             else:
                 missing = "lora_up" if "down" in roles and "up" not in roles else \
@@ -203,9 +323,10 @@ def _unknown_groups(parsed: ParsedLora, matchers: _Matchers) -> list[dict[str, A
     return [{**g, "count": len(g["keys"]), "keys": g["keys"][:LISTED]} for g in groups.values()]
 
 
-def _variant_label(spec_variants: Iterable[Any], sym: str, value: int) -> str | None:
+def _variant_label(spec_variants: Iterable[Variant], sym: str, value: int) -> str | None:
+    """The structural variant whose only condition is ``sym == value`` (metadata-only variants never are)."""
     for v in spec_variants:
-        if v.when == {sym: value}:
+        if not v.named_by and v.when == {sym: value}:
             return v.label
     return None
 
@@ -214,52 +335,49 @@ def _short(label: str) -> str:
     return label.split(" (")[0]
 
 
-def _mismatch_cause(parsed: ParsedLora, base: BaseModel, syms: set[str]) -> tuple[str, str, str]:
-    """(cause, reason, fix) for a shape mismatch whose differing sizes are ``syms``."""
-    den = base.arch.spec.denoiser.name
-    lp = parsed.arch.params.get(den, {})
-    bp = base.arch.params[den]
+def _mismatch_cause(parsed: ParsedLora, ref: _Ref, base_label: str, syms: set[str]) -> tuple[str, str, str]:
+    """(cause, reason, fix) for a shape mismatch whose differing sizes are ``syms`` (the variant machinery names
+    Fill, inpainting … models)."""
+    lp = parsed.arch.params.get(ref.component, {})
+    bp = ref.params
     variants = parsed.arch.spec.variants
     for sym in sorted(syms):
         if sym not in lp or sym not in bp:
             continue
         lv = _variant_label(variants, sym, lp[sym])
         bv = _variant_label(variants, sym, bp[sym])
-        known = [v.label for v in variants if sym in v.when]
+        known = [v.label for v in variants if sym in v.when and not v.named_by]
         if lv or bv or known:
             mine = _short(lv) if lv else f"a model whose {sym} is {lp[sym]}"
-            theirs = _short(bv) if bv else ({v.name: v.label for v in variants}.get(base.variant, base.variant))
-            reason = (f"the LoRA is for {mine} ({sym} = {lp[sym]}); the base is {_short(theirs)} ({sym} = {bp[sym]})")
+            theirs = _short(bv) if bv else base_label
+            reason = f"the LoRA is for {mine} ({sym} = {lp[sym]}); the base is {_short(theirs)} ({sym} = {bp[sym]})"
             if not lv and known:
                 reason += " — other variants: " + "; ".join(known)
             fix = f"use a {_short(lv)} base for this LoRA" if lv else \
                 "use the base variant this LoRA was trained on"
             return "variant", reason, fix
     diffs = ", ".join(f"{s}: {lp.get(s)} vs {bp.get(s)}" for s in sorted(syms))
-    return ("model size", f"the LoRA was trained on a model of another size ({diffs})",
+    return ("model size", f"the LoRA was trained on a {ref.label} of another size ({diffs})",
             "use the base model this LoRA was trained for")
 
 
-def _absent_cause(e: ModuleEntry, base: BaseModel) -> tuple[str, str, str]:
-    bp = base.arch.params[base.arch.spec.denoiser.name]
+def _absent_cause(e: ModuleEntry, ref: _Ref, comp: ComponentSpec) -> tuple[str, str, str]:
+    """(cause, reason, fix) for a LoRA module the base's component lacks; flag reasons are layout data."""
+    bp = ref.params
     spec = e.match.spec
     if spec.requires and not bp.get(spec.requires, 1):
-        if spec.requires == "modulation":
-            return ("variant", "the base has no modulation layers (Chroma): these modules are unused",
-                    "expected for a FLUX.1 LoRA on Chroma; the rest applies")
-        if spec.requires == "guidance":
-            return ("variant", "this LoRA has guidance_in (a FLUX.1-dev LoRA); the base has no guidance embedder "
-                    "(schnell)", "use a FLUX.1-dev base, this LoRA has guidance_in")
-        return ("variant", f"the base lacks the {spec.requires!r} modules", "use the base this LoRA was trained for")
+        reason, fix = comp.flag_reasons.get(spec.requires, (f"the base lacks the {spec.requires!r} modules",
+                                                            "use the base this LoRA was trained for"))
+        return "variant", reason, fix
     if spec.repeat and e.match.index is not None and e.match.index >= bp.get(spec.repeat, 0):
         return ("model size", f"block index beyond the base's {bp.get(spec.repeat, 0)} {spec.repeat} blocks",
                 "use the base model this LoRA was trained for")
-    return ("missing in base", "the base file lacks these modules (pruned or incomplete checkpoint?)",
+    return ("missing in base", f"the base's {ref.label} lacks these modules (pruned or incomplete checkpoint?)",
             "use a complete base checkpoint")
 
 
 def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str, TextEncoder],
-              unknown: list[dict[str, Any]]) -> dict[str, Any]:
+              unknown: list[dict[str, Any]], base_label: str = "") -> dict[str, Any]:
     unmatched: dict[str, dict[str, Any]] = {}
     mismatches: list[dict[str, Any]] = []
     applies = 0
@@ -268,72 +386,69 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
         g = unmatched.setdefault(cause + reason, {"cause": cause, "reason": reason, "fix": fix, "modules": []})
         g["modules"].append(module)
 
-    present = set(base.by_module()) if base is not None else set()
-    den = parsed.arch.spec.denoiser.name
-    bmods = base.arch.module_map(den) if base is not None else {}
-    bparams = base.arch.params[den] if base is not None else {}
-    labels = {n: c.label for n, c in parsed.arch.spec.components.items()}
+    spec = parsed.arch.spec
+    den = spec.denoiser
+    refs = _refs(base, encoders)
     for e in parsed.entries:
         label = f"{e.component}:{e.match.native}" + (f" ({e.file_module})" if e.match.alias.rows else "")
-        out_obs, in_obs = e.observed_shape()
-        if e.component != den:
-            te = encoders.get(e.component)
-            if te is None and base is None:
-                continue
-            if te is None:
-                miss("text encoder", f"{labels[e.component]} modules: no {labels[e.component]} text encoder was given",
-                     f"pass --text-encoder with the {labels[e.component]} checkpoint, or load the LoRA on the text "
-                     f"encoder too (e.g. ComfyUI LoraLoader's clip input); the transformer part is unaffected",
+        comp = spec.components[e.component]
+        ref = refs.get(e.component)
+        if ref is None:
+            if base is not None and comp.role != "denoiser":
+                miss("text encoder", f"{comp.label} modules: no {comp.label} text encoder was given",
+                     f"pass --text-encoder with the {comp.label} checkpoint, or load the LoRA on the text "
+                     f"encoder too (e.g. ComfyUI LoraLoader's clip input); the {den.label} part is unaffected",
                      label)
-                continue
-            shape = te.shapes.get(e.match.native)
-            if shape is None:
-                miss("missing in text encoder", f"the {te.label} checkpoint lacks these modules",
-                     f"use the {te.label} the LoRA was trained with", label)
-            elif (out_obs is not None and out_obs != shape[0]) or (in_obs is not None and in_obs != shape[1]):
-                mismatches.append({"module": label, "lora": [out_obs, in_obs], "base": list(shape),
-                                   "cause": "model size", "reason": f"{te.label} of another size",
-                                   "fix": f"use the {te.label} the LoRA was trained with"})
-            else:
-                applies += 1
+            elif base is not None:
+                miss("missing in base", f"the base holds no {comp.label}", f"pass a base with the {comp.label}",
+                     label)
             continue
-        if base is None:
-            continue
+        te = ref.source == "text encoder"
         if e.match.loose:   # a loose parameter (q/k norm scale): compare with the base tensor's shape
-            key = next((s.key for s in base.slots.values() if s.module is None and s.param == e.match.native), None)
-            if key is None:
-                miss(*_absent_cause(e, base), label)
-            elif tuple(base.file.shape(key)) != tuple(e.shapes["diff"]):
-                mismatches.append({"module": label, "lora": list(e.shapes["diff"]),
-                                   "base": list(base.file.shape(key)), "cause": "model size",
-                                   "reason": "norm scale of another size", "fix": "use the base model this LoRA "
-                                                                                    "was trained for"})
+            shape = ref.loose.get(e.match.native)
+            if shape is None:
+                miss(*_absent_cause(e, ref, comp), label)
+            elif tuple(shape) != tuple(e.shapes["diff"]):
+                mismatches.append({"module": label, "lora": list(e.shapes["diff"]), "base": list(shape),
+                                   "cause": "model size", "reason": "norm scale of another size",
+                                   "fix": "use the base model this LoRA was trained for"})
             else:
                 applies += 1
             continue
-        mod = bmods.get(e.match.native)
-        if mod is None or e.match.native not in present:
-            miss(*_absent_cause(e, base), label)
+        shape = ref.shapes.get(e.match.native)
+        if shape is None:
+            if te:
+                miss("missing in text encoder", f"the {ref.label} checkpoint lacks these modules",
+                     f"use the {ref.label} the LoRA was trained with", label)
+            else:
+                miss(*_absent_cause(e, ref, comp), label)
             continue
-        rows = _rows(e.match.alias, bparams)
-        exp_out = rows[1] - rows[0] if rows else mod.out
-        bad = set()
-        spec = e.match.spec
+        out_obs, in_obs = e.observed_shape()
+        rows = _rows(e.match.alias, ref.params) if e.match.alias.rows else None
+        exp_out = rows[1] - rows[0] if rows else shape[0]
+        exp_in = shape[1] if len(shape) > 1 else None
+        bad: set[str] = set()
+        mspec = e.match.spec
+        assert isinstance(mspec, ModuleSpec)      # loose parameters were handled above
         if out_obs is not None and out_obs != exp_out:
-            bad |= symbols(e.match.alias.rows[1] if e.match.alias.rows else spec.out)
-        if in_obs is not None and in_obs != mod.inp:
-            bad |= symbols(spec.inp)
-        if bad:
-            cause, reason, fix = _mismatch_cause(parsed, base, bad)
-            mismatches.append({"module": label, "lora": [out_obs, in_obs], "base": [exp_out, mod.inp],
-                               "cause": cause, "reason": reason, "fix": fix})
-        else:
+            bad |= symbols(e.match.alias.rows[1] if e.match.alias.rows else mspec.out) or {"out"}
+        if in_obs is not None and exp_in is not None and in_obs != exp_in:
+            bad |= symbols(mspec.inp) or {"in"}
+        if not bad:
             applies += 1
+            continue
+        if te:
+            cause, reason, fix = ("model size", f"{ref.label} of another size",
+                                  f"use the {ref.label} the LoRA was trained with")
+        else:
+            cause, reason, fix = _mismatch_cause(parsed, ref, base_label, bad)
+        mismatches.append({"module": label, "lora": [out_obs, in_obs], "base": [exp_out, exp_in],
+                           "cause": cause, "reason": reason, "fix": fix})
     groups = [{**g, "count": len(g["modules"]), "modules": g["modules"][:LISTED]} for g in unmatched.values()]
     for u in unknown:
         groups.append({"cause": u["cause"], "reason": u["reason"], "fix": u["fix"], "count": u["count"],
                        "modules": u["keys"]})
-    checked = [c for c in parsed.arch.params if c == den and base is not None or c in encoders]
+    checked = [c for c in spec.components if c in refs and c in parsed.arch.params]
     return {"applies": applies, "modules": len(parsed.entries), "checked_components": checked,
             "unmatched": groups, "shape_mismatches": mismatches}
 
@@ -424,6 +539,50 @@ def _failed(path: str, exc: LorakitError, verdict: str, base_label: str | None) 
     return Diagnosis(path, verdict, summary, fix, error={"type": type(exc).__name__, "message": str(exc)})
 
 
+def _parse_for(f: WeightFile, base: BaseModel | None, from_format: str | None) -> ParsedLora:
+    """The LoRA read as detected; when its keys fit the base's architecture equally well (an SD1.5 and an SDXL
+    reading of diffusers-named resnet keys), read as the base's architecture."""
+    parsed = parse(f, force_format=from_format)
+    if base is not None and parsed.arch.name != base.arch.name and \
+            base.arch.spec.label in parsed.detection.also_fits:
+        parsed = parse(f, arch_name=base.arch.name, force_format=from_format)
+    return parsed
+
+
+def _architecture_mismatch(p: str, parsed: ParsedLora, base: BaseModel, base_label: str) -> Diagnosis:
+    lora_label = _short(_label(parsed.arch.spec, parsed.arch.variant))
+    arch_l, arch_b = parsed.arch.spec.label, base.arch.spec.label
+    on = f"the {arch_b} base" + (f" ({base_label})" if base_label and base_label != arch_b else "")
+    what = lora_label if lora_label.startswith(arch_l) else f"{arch_l} ({lora_label})"
+    return Diagnosis(p, WILL_NOT_APPLY,
+                     f"this is a {what} LoRA ({parsed.format}, {len(parsed.entries)} modules in "
+                     f"{', '.join(sorted({e.component for e in parsed.entries}))}); it will not apply to {on}: "
+                     f"{arch_l} and {arch_b} modules differ in names and sizes.",
+                     f"use it with a {arch_l} model, or use a {arch_b} LoRA with this base",
+                     error={"type": "ArchitectureError", "message": f"{arch_l} LoRA, {arch_b} base"})
+
+
+def _variant_notes(parsed: ParsedLora, base: BaseModel | None) -> list[str]:
+    """Notes on variants only metadata names (Pony, Illustrious, NoobAI, Kontext): they share their parent's
+    layout, so the LoRA applies, but the base it was trained for matters."""
+    spec = parsed.arch.spec
+    mine = _variant_of(spec, parsed.arch.variant)
+    theirs = _variant_of(spec, _base_variant(base)) if base is not None else None
+    if mine is not None and mine.named_by:
+        name = _short(mine.label)
+        if theirs is not None and theirs.named_by and theirs.name != mine.name:
+            return [f"trained for {name} (metadata); the base is {_short(theirs.label)}: the same {spec.label} "
+                    f"layout, so it applies, but derived models drift apart: expect weaker or different results"]
+        if theirs is None or theirs.name != mine.name:
+            parent = _short(_label(spec, base.variant)) if base is not None else spec.label
+            return [f"trained for {name} (metadata): it fits any {parent}-shaped base, but is meant for {name}; "
+                    f"shapes cannot tell a {name} base apart"]
+    elif theirs is not None and theirs.named_by and mine is not None:
+        return [f"the base is {_short(theirs.label)} (its name/metadata); this LoRA names no derived model and "
+                f"was probably trained on {_short(mine.label)}: it applies, results may differ"]
+    return []
+
+
 def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
              encoders: Mapping[str, TextEncoder] | None = None, allow_pickle: bool = False,
              from_format: str | None = None, matchers: _Matchers | None = None) -> Diagnosis:
@@ -433,40 +592,34 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
     matchers = matchers or _Matchers()
     base_label = None
     if base is not None:
-        base_label = {v.name: _short(v.label) for v in base.arch.spec.variants}.get(base.variant,
-                                                                                    base.arch.spec.label)
+        base_label = _short(_label(base.arch.spec, _base_variant(base)))
     try:
         f = open_weights(p, allow_pickle=allow_pickle)
     except LorakitError as exc:
         return _failed(p, exc, INVALID, base_label)
     with f:
         try:
-            parsed = parse(f, force_format=from_format)
+            parsed = _parse_for(f, base, from_format)
         except UnsupportedArchitectureError as exc:
             d = _failed(p, exc, WILL_NOT_APPLY, base_label)
             foreign = _foreign(f.keys(), {k: f.shape(k) for k in f.keys()})
             if foreign is not None:
-                d.fix = f"use it with a {foreign[0]} model (this is not a FLUX.1 LoRA)"
+                d.fix = f"use it with a {foreign[0]} model"
             return d
         except LorakitError as exc:
             return _failed(p, exc, INVALID, base_label)
         if base is not None and parsed.arch.name != base.arch.name:
-            return Diagnosis(p, WILL_NOT_APPLY,
-                             f"this is a {parsed.arch.spec.label} LoRA ({parsed.format}, {len(parsed.entries)} modules); "
-                             f"it will not apply to the {base.arch.spec.label} base"
-                             + (f" ({base_label})" if base_label else "") + ".",
-                             f"use it with a {parsed.arch.spec.label} model",
-                             error={"type": "ArchitectureError",
-                                    "message": f"{parsed.arch.spec.label} LoRA, {base.arch.spec.label} base"})
+            return _architecture_mismatch(p, parsed, base, base_label or base.arch.spec.label)
         shapes = {k: f.shape(k) for k in f.keys()}
-        foreign = _foreign(parsed.unknown_keys, shapes)
+        foreign = _foreign(parsed.unknown_keys, shapes, exclude=available())
         if foreign and foreign[1] >= max(1, len(f.keys()) // 4):
             label, hits, example = foreign
+            target = base.arch.spec.label if base is not None else parsed.arch.spec.label
             return Diagnosis(p, WILL_NOT_APPLY,
                              f"this is a {label} LoRA ({hits} of {len(f.keys())} keys, e.g. {example!r}); "
-                             f"it will not apply to a FLUX.1 model"
+                             f"it will not apply to a {target} model"
                              + (f" (the base is {base_label})" if base_label else "")
-                             + (f"; only {len(parsed.entries)} text-encoder-looking modules match by name"
+                             + (f"; only {len(parsed.entries)} modules match {parsed.arch.spec.label} names"
                                 if parsed.entries else "") + ".",
                              f"use it with a {label} model", error={"type": "UnsupportedArchitectureError",
                                                                      "message": f"{label} LoRA"})
@@ -483,22 +636,21 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
         split_warn = split_qkv_warnings(parsed)
         schecks, swarn = _scale_warnings(scales, alphas, ranks)
         unknown = _unknown_groups(parsed, matchers)
-        cov = _coverage(parsed, base, encoders, unknown)
+        cov = _coverage(parsed, base, encoders, unknown, base_label or "")
     d = Diagnosis(p, OK, "", info=info, coverage=cov)
     d.checks = {"nonfinite_modules": deep["nonfinite_modules"][:LISTED],
                 "nonfinite_count": len(deep["nonfinite_modules"]),
                 "zero_up_modules": deep["zero_up_modules"][:LISTED], "zero_up_count": len(deep["zero_up_modules"]),
                 "delta_norm_max": deep["delta_norm_max"], **dchecks, **schecks}
     d.warnings = dwarn + swarn + hash_warn + split_warn
-    for (fmt, layout), (note, fix) in PORTABILITY.items():
-        if fmt == parsed.format and (layout is None or (base is not None and base.layout == layout)):
-            if layout is None or any(e.match.spec.group in ("embedders", "final_layer") for e in parsed.entries):
-                d.notes.append(f"{note}. Fix: {fix}")
-    hint = " ".join(parsed.metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version",
-                                                          "ss_sd_model_name", "modelspec.title")).lower()
-    if "kontext" in hint:
-        d.notes.append("trained for FLUX.1 Kontext (metadata): it fits any FLUX.1-dev-shaped base, but is meant "
-                       "for Kontext image editing; shapes cannot tell a Kontext base apart")
+    for n in PORTABILITY:
+        if n.format != parsed.format or n.arch != parsed.arch.name:
+            continue
+        if n.layout is not None and (base is None or base.layout != n.layout):
+            continue
+        if not n.groups or any(e.match.spec.group in n.groups for e in parsed.entries):
+            d.notes.append(f"{n.note}. Fix: {n.fix}")
+    d.notes.extend(_variant_notes(parsed, base))
     _verdict(d, parsed, base, base_label, len(deep["nonfinite_modules"]), len(deep["zero_up_modules"]))
     return d
 
@@ -540,7 +692,8 @@ def _verdict(d: Diagnosis, parsed: ParsedLora, base: BaseModel | None, base_labe
         return
     problems = [g for g in groups]
     if problems or zero_up:
-        parts = [f"{g['reason']} ({g['count']})" for g in problems]
+        parts = [f"{g['reason']} ({g['count']}" + (f", e.g. {g['modules'][0]}" if g["cause"] == "missing in base"
+                                                   and g["modules"] else "") + ")" for g in problems]
         if zero_up:
             parts.append(f"{zero_up} modules have all-zero up matrices (untrained; they change nothing)")
         d.verdict = PARTIAL
@@ -550,8 +703,8 @@ def _verdict(d: Diagnosis, parsed: ParsedLora, base: BaseModel | None, base_labe
         return
     d.verdict = OK
     if checked:
-        d.summary = f"all {total} modules apply{where}" + (" (text encoders checked)" if
-                                                          set(checked) - {parsed.arch.spec.denoiser.name} else "") + "."
+        tes = [parsed.arch.spec.components[c].label for c in checked if c != parsed.arch.spec.denoiser.name]
+        d.summary = f"all {total} modules apply{where}" + (f" ({', '.join(tes)} checked)" if tes else "") + "."
     else:
         d.summary = f"all {total} modules are well-formed {parsed.arch.spec.label} " \
                     f"{', '.join(d.info['adapters']) if d.info else ''} (no base given: coverage not checked)."
@@ -560,8 +713,8 @@ def _verdict(d: Diagnosis, parsed: ParsedLora, base: BaseModel | None, base_labe
 def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
            *, text_encoders: Sequence[str | os.PathLike[str]] = (), allow_pickle: bool = False,
            from_format: str | None = None) -> DoctorReport:
-    """Diagnose LoRAs, optionally against a base model and text encoders. Verdicts are returned, not raised;
-    an unreadable base or text encoder raises (LorakitError)."""
+    """Diagnose LoRAs, optionally against a base model (every component it holds) and text-encoder files.
+    Verdicts are returned, not raised; an unreadable base or text encoder raises (LorakitError)."""
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
     base_model = None
@@ -577,10 +730,11 @@ def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], bas
     encoders: dict[str, TextEncoder] = {}
     try:
         for te_path in text_encoders:
-            te = open_text_encoder(te_path, allow_pickle=allow_pickle)
+            te = open_text_encoder(te_path, allow_pickle=allow_pickle,
+                                   arch_name=base_model.arch.name if base_model is not None else None)
             encoders[te.component] = te
             report.text_encoders.append({"file": te.path, "component": te.component, "label": te.label,
-                                         "modules": len(te.shapes)})
+                                         "architecture": te.arch, "modules": len(te.shapes)})
         matchers = _Matchers()
         for path in loras:
             report.loras.append(diagnose(path, base_model, encoders=encoders, allow_pickle=allow_pickle,
@@ -596,8 +750,10 @@ def format_report(report: DoctorReport) -> str:
     lines: list[str] = []
     if report.base:
         b = report.base
+        comps = b.get("components") or {}
         lines.append(f"base {b['file']}: {b['variant_label']}, {b['layout']} layout"
-                     + (f" (prefix {b['prefix']!r})" if b["prefix"] else "") + f", {b['tensors']} tensors")
+                     + (f" (prefix {b['prefix']!r})" if b["prefix"] else "") + f", {b['tensors']} tensors"
+                     + (f"; holds {', '.join(comps.values())}" if len(comps) > 1 else ""))
     for te in report.text_encoders:
         lines.append(f"text encoder {te['file']}: {te['label']}, {te['modules']} modules")
     for d in report.loras:
@@ -614,7 +770,8 @@ def format_report(report: DoctorReport) -> str:
                                                                   else ""))
         cov = d.coverage
         if cov and cov.get("checked_components"):
-            lines.append(f"  coverage      {cov['applies']}/{cov['modules']} modules apply")
+            lines.append(f"  coverage      {cov['applies']}/{cov['modules']} modules apply "
+                         f"(checked: {', '.join(cov['checked_components'])})")
         if cov:
             for g in cov["unmatched"]:
                 lines.append(f"  unmatched     {g['count']} — {g['reason']} (e.g. {', '.join(g['modules'][:3])})")

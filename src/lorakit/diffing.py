@@ -4,8 +4,13 @@ For LoRAs the comparison is on native targets (so a kohya file and its diffusers
 equal): modules only in one file, rank/alpha differences, and per module and per block the relative
 size ‖ΔA‖/‖ΔB‖ and the cosine of the two deltas. LoRA pairs never form ΔW: with ΔW = s·B·A,
 ⟨s₁B₁A₁, s₂B₂A₂⟩ = s₁s₂·Σ((B₁ᵀB₂) ⊙ (A₁A₂ᵀ)) on the overlap of the two row windows; other adapter
-kinds are densified one module at a time. Models are compared tensor by tensor on native names
-(BFL vs diffusers layouts compare equal), holding two module tensors at most.
+kinds are densified one module at a time. Models are compared tensor by tensor on native names, every
+component a checkpoint holds (an SDXL single file: UNet, CLIP-L, OpenCLIP-G), with fused row windows assembled
+and transposed tensors turned back (BFL vs diffusers layouts, OpenCLIP's fused ``in_proj`` vs HF q/k/v compare
+equal), holding two module tensors at most. Blocks: a module repeated per block index is totalled per block
+(``transformer:double_blocks.3``, ``clip_l:text_model.encoder.layers.0``), any other by its layout group (an SD
+UNet's ``unet:IN04`` / ``unet:M00`` / ``unet:OUT05``); every component also gets its own total. Files of two
+architectures (SD 1.x vs SDXL) are refused.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from typing import Any
 import torch
 
 from .adapters import LoRA
-from .transforms import swap_halves
+from .transforms import stored_to_native
 from .basemodel import BaseModel, Slot, open_base
-from .errors import LorakitError, NotALoraError, ShapeMismatchError, UsageError
+from .errors import LorakitError, ShapeMismatchError, UsageError
 from .formats import load, parse
+from .formats.parse import ParsedLora
 from .io import open_weights
 from .model import LoraModel, Patch, Target, _target_shape
 from .progress import Progress
@@ -37,26 +43,37 @@ LISTED = 50
 
 @dataclass
 class Pair:
-    """Accumulated ⟨A,A⟩, ⟨B,B⟩, ⟨A,B⟩ (and ‖A−B‖² for models) over one module or block."""
+    """Accumulated ⟨A,A⟩, ⟨B,B⟩, ⟨A,B⟩ (and ‖A−B‖² measured directly, ``dd``, for models) over one module or
+    block."""
 
     aa: float = 0.0
     bb: float = 0.0
     ab: float = 0.0
     modules: int = 0
+    dd: float | None = None
 
     def add(self, other: "Pair") -> None:
         self.aa += other.aa
         self.bb += other.bb
         self.ab += other.ab
         self.modules += other.modules
+        if other.dd is not None:
+            self.dd = (self.dd or 0.0) + other.dd
 
     def to_json(self) -> dict[str, Any]:
         na, nb = math.sqrt(max(self.aa, 0.0)), math.sqrt(max(self.bb, 0.0))
-        diff2 = max(self.aa + self.bb - 2 * self.ab, 0.0)
+        diff2 = self.dd if self.dd is not None else max(self.aa + self.bb - 2 * self.ab, 0.0)
         return {"norm_a": na, "norm_b": nb, "ratio": (na / nb) if nb > EPS else (math.inf if na > EPS else 1.0),
                 "cosine": (self.ab / (na * nb)) if na > EPS and nb > EPS else None,
                 "relative_difference": (math.sqrt(diff2) / na) if na > EPS else None,
-                "modules": self.modules}
+                "difference_norm": math.sqrt(max(diff2, 0.0)), "modules": self.modules}
+
+    @property
+    def differs(self) -> bool:
+        """‖A−B‖ above 1e-6 of the larger norm (or above zero for two zero tensors)."""
+        diff2 = self.dd if self.dd is not None else max(self.aa + self.bb - 2 * self.ab, 0.0)
+        scale = math.sqrt(max(self.aa, self.bb, 0.0))
+        return math.sqrt(max(diff2, 0.0)) > (EQUIVALENT * scale if scale > EPS else EPS)
 
 
 @dataclass
@@ -75,6 +92,8 @@ class DiffReport:
     dora_differences: list[dict[str, Any]] = field(default_factory=list)   # LoRAs: differing DoRA magnitudes
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)    # per-component totals
+    differing_blocks: list[str] = field(default_factory=list)              # blocks whose deltas/tensors differ
     total: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -215,17 +234,50 @@ def _compare_extras(rep: "DiffReport", name: str, pa: list[Patch], pb: list[Patc
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
-def block_of(component: str, module: str, group: str | None = None) -> str:
-    """The block a module belongs to (e.g. ``transformer:double_blocks.3``), for per-block totals."""
+def block_of(component: str, module: str, group: str | None = None, *, repeated: bool = True) -> str:
+    """The block a module belongs to, for per-block totals: its block index for a module repeated per block
+    (``transformer:double_blocks.3``), else its layout group (``unet:IN04``, ``unet:M00``, ``transformer:embedders``);
+    the first part of its name when the layout does not know it."""
+    if group is not None and not repeated:
+        return f"{component}:{group}"
     m = _BLOCK.match(module)
     if m:
         return f"{component}:{m.group(1)}"
     return f"{component}:{group or module.split('.')[0]}"
 
 
-def _group(model: LoraModel, t: Target) -> str | None:
-    mod = model.arch.module_map(t.component).get(t.module)
-    return mod.group if mod is not None else None
+def _placement(arch: Any, component: str, module: str) -> tuple[str | None, bool]:
+    """(layout group, repeated per block) of a native module or loose parameter of ``arch`` (an ArchInstance)."""
+    mod = arch.module_map(component).get(module)
+    if mod is not None:
+        return mod.group, mod.spec.repeat is not None
+    comp = arch.spec.components.get(component)
+    for p in (comp.params if comp is not None else ()):
+        if p.repeat is None and p.native == module:
+            return p.group, False
+    return None, True
+
+
+def _group_key(arch: Any, component: str, module: str) -> str:
+    group, repeated = _placement(arch, component, module)
+    return block_of(component, module, group, repeated=repeated)
+
+
+def _finish(rep: "DiffReport", blocks: dict[str, Pair], comps: dict[str, Pair], total: Pair) -> None:
+    ordered = sorted(blocks.items(), key=lambda kv: _natural(kv[0]))
+    rep.blocks = {k: v.to_json() for k, v in ordered}
+    rep.differing_blocks = [k for k, v in ordered if v.differs]
+    rep.components = {k: v.to_json() for k, v in comps.items()}
+    rep.total = total.to_json()
+
+
+def _same_architecture(kind: str, arch_a: Any, arch_b: Any, pa: str, pb: str) -> None:
+    """Refuse files of two architectures (their module names overlap, their meaning does not)."""
+    if arch_a.name != arch_b.name:
+        raise UsageError(f"cannot diff a {arch_a.spec.label} {kind} ({pa}) against a {arch_b.spec.label} {kind} "
+                         f"({pb}): the architectures differ.",
+                         hint=f"compare {arch_a.spec.label} files with {arch_a.spec.label} files; to see whether a LoRA "
+                              "fits a model, run `lorakit doctor LORA --base MODEL`.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +288,7 @@ def _lora_side(path: str, model: LoraModel) -> dict[str, Any]:
     ranks = Counter(p.adapter.rank for p in model.patches if p.adapter is not None and p.adapter.rank is not None)
     alphas = Counter(p.adapter.alpha for p in model.patches if p.adapter is not None and p.adapter.alpha is not None)
     return {"file": path, "kind": "lora", "format": model.format, "architecture": model.arch.name,
-            "variant": model.arch.variant, "adapters": model.adapter_kinds(), "modules": len(model.by_target()),
+            "architecture_label": model.arch.spec.label, "variant": model.arch.variant, "adapters": model.adapter_kinds(), "modules": len(model.by_target()),
             "patches": len(model.patches), "ranks": dict(sorted(ranks.items())),
             "alphas": dict(sorted(alphas.items())), "unknown_key_count": len(model.unknown_keys)}
 
@@ -259,11 +311,13 @@ def _alphas(patches: Iterable[Patch]) -> list[float]:
 
 def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
     """Compare two loaded LoRAs on native targets from their factors (no dense ΔW for plain LoRAs)."""
+    _same_architecture("LoRA", a.arch, b.arch, a.path or "A", b.path or "B")
     ta, tb = a.by_target(), b.by_target()
     rep = DiffReport("lora", _lora_side(a.path or "A", a), _lora_side(b.path or "B", b))
     rep.only_in_a = sorted(str(t) for t in ta if t not in tb)
     rep.only_in_b = sorted(str(t) for t in tb if t not in ta)
     blocks: dict[str, Pair] = {}
+    comps: dict[str, Pair] = {}
     total = Pair()
     shared = sorted((t for t in ta if t in tb), key=str)
     rep.shared = len(shared)
@@ -286,10 +340,10 @@ def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
             rep.shape_mismatches.append({"module": str(t), "a": list(exc.expected), "b": list(exc.got)})
             continue
         rep.modules[str(t)] = pair.to_json()
-        blocks.setdefault(block_of(t.component, t.module, _group(a, t)), Pair()).add(pair)
+        blocks.setdefault(_group_key(a.arch, t.component, t.module), Pair()).add(pair)
+        comps.setdefault(t.component, Pair()).add(pair)
         total.add(pair)
-    rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
-    rep.total = total.to_json()
+    _finish(rep, blocks, comps, total)
     if any(p.dora is not None for p in a.patches + b.patches):
         rep.notes.append("DoRA magnitudes are compared directly (equal or not); the ratios and cosines cover the "
                          "low-rank deltas only (a DoRA's effect on W needs the base weight).")
@@ -306,24 +360,42 @@ def _natural(text: str) -> list[object]:
 # Model vs model (streamed, one native tensor at a time)
 # ---------------------------------------------------------------------------------------------
 
-def _native_slots(base: BaseModel) -> dict[str, list[Slot]]:
-    out: dict[str, list[Slot]] = {}
+@dataclass
+class _Native:
+    """One native tensor of a base: its component, module (None: a loose parameter or passthrough), the file
+    slots it is stored in."""
+
+    component: str
+    module: str | None
+    slots: list[Slot]
+
+
+def _native_slots(base: BaseModel) -> dict[str, _Native]:
+    """Native tensors by name: ``<module>.<weight|bias>`` or the loose parameter's name, prefixed ``<component>:``
+    outside the base's main component; ``passthrough:<key>`` for tensors of no component."""
+    out: dict[str, _Native] = {}
+    main = base.component
     for s in base.slots.values():
-        key = f"{s.module}.{s.param}" if s.module is not None else s.param
-        out.setdefault(key, []).append(s)
+        name = f"{s.module}.{s.param}" if s.module is not None else s.param
+        key = name if s.component == main else f"{s.component}:{name}"
+        out.setdefault(key, _Native(s.component, s.module if s.module is not None else s.param, [])).slots.append(s)
     for k in base.passthrough:
-        out.setdefault("passthrough:" + k, []).append(Slot(k, None, k, None, False))
+        out["passthrough:" + k] = _Native("passthrough", None, [Slot(k, None, k, None, False, "passthrough")])
     return out
 
 
 def _read_native(base: BaseModel, slots: list[Slot]) -> torch.Tensor:
+    """A native tensor in ΔW orientation: swapped halves and transposed storage turned back, row windows of a
+    fused weight assembled."""
+    def read(s: Slot) -> torch.Tensor:
+        return stored_to_native(base.file.get(s.key).to(torch.float32), swap=s.swap, transpose=s.transpose)
+
     if len(slots) == 1 and slots[0].rows is None:
-        t = base.file.get(slots[0].key).to(torch.float32)
-        return swap_halves(t) if slots[0].swap else t
+        return read(slots[0])
     parts = []
     for s in slots:
-        t = base.file.get(s.key).to(torch.float32)
-        parts.append((s.rows or (0, t.shape[0]), swap_halves(t) if s.swap else t))
+        t = read(s)
+        parts.append((s.rows or (0, t.shape[0]), t))
     rows = max(r[1] for r, _ in parts)
     out = torch.zeros((rows, *parts[0][1].shape[1:]), dtype=torch.float32)
     for (r0, r1), t in parts:
@@ -333,15 +405,37 @@ def _read_native(base: BaseModel, slots: list[Slot]) -> torch.Tensor:
 
 def _model_side(path: str, base: BaseModel) -> dict[str, Any]:
     dtypes = Counter(i.dtype for i in base.file.infos.values())
-    return {"file": path, "kind": "model", "layout": base.layout, "prefix": base.prefix, "variant": base.variant,
-            "sizes": dict(sorted(base.arch.params.get("transformer", {}).items())),
+    spec = base.arch.spec
+    return {"file": path, "kind": "model", "architecture": spec.name, "architecture_label": spec.label,
+            "layout": base.layout, "prefix": base.prefix, "variant": base.variant,
+            "components": {c: spec.components[c].label for c in base.components()},
+            "sizes": dict(sorted(base.arch.params.get(base.component, {}).items())),
+            "component_sizes": {c: dict(sorted(base.arch.params.get(c, {}).items())) for c in base.components()},
             "tensors": len(base.file.keys()), "dtypes": dict(dtypes)}
+
+
+def _tensor_pair(ta: torch.Tensor, tb: torch.Tensor) -> Pair:
+    """⟨A,A⟩, ⟨B,B⟩, ⟨A,B⟩ and ‖A−B‖² of two tensors in fp64 (equal tensors: one product)."""
+    a = ta.reshape(-1).to(torch.float64)
+    if torch.equal(ta, tb):
+        aa = float(a.dot(a))
+        return Pair(aa, aa, aa, 1, 0.0)
+    b = tb.reshape(-1).to(torch.float64)
+    d = a - b
+    return Pair(float(a.dot(a)), float(b.dot(b)), float(a.dot(b)), 1, float(d.dot(d)))
+
+
+def _model_block(base: BaseModel, n: _Native) -> str:
+    if n.component == "passthrough":
+        return "passthrough:" + n.slots[0].key.split(".")[0]
+    return _group_key(base.arch, n.component, n.module or "")
 
 
 def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str,
                 progress: Progress | None = None) -> DiffReport:
-    """Compare two base models tensor by tensor in bounded memory (norms, inner products per module/block);
-    ``progress(done, total, tensor)`` is called once per shared tensor."""
+    """Compare two base models tensor by tensor in bounded memory (norms, inner products and ‖A−B‖ per
+    module/block/component); ``progress(done, total, tensor)`` is called once per shared tensor."""
+    _same_architecture("model", a.arch, b.arch, path_a, path_b)
     rep = DiffReport("model", _model_side(path_a, a), _model_side(path_b, b))
     na, nb = _native_slots(a), _native_slots(b)
     rep.only_in_a = sorted(k for k in na if k not in nb)
@@ -349,37 +443,45 @@ def diff_models(a: BaseModel, b: BaseModel, *, path_a: str, path_b: str,
     shared = sorted((k for k in na if k in nb), key=_natural)
     rep.shared = len(shared)
     blocks: dict[str, Pair] = {}
+    comps: dict[str, Pair] = {}
     total = Pair()
-    mods_a = a.arch.module_map("transformer")
     for i, k in enumerate(shared):
         report_progress(progress, i, len(shared), k)
-        da = {a.file.infos[s.key].dtype for s in na[k]}
-        db = {b.file.infos[s.key].dtype for s in nb[k]}
+        da = {a.file.infos[s.key].dtype for s in na[k].slots}
+        db = {b.file.infos[s.key].dtype for s in nb[k].slots}
         if da != db:
             rep.dtype_differences.append({"tensor": k, "a": sorted(da), "b": sorted(db)})
-        ta, tb = _read_native(a, na[k]), _read_native(b, nb[k])
+        ta, tb = _read_native(a, na[k].slots), _read_native(b, nb[k].slots)
         if ta.shape != tb.shape:
             rep.shape_mismatches.append({"module": k, "a": list(ta.shape), "b": list(tb.shape)})
             continue
-        ta64, tb64 = ta.to(torch.float64), tb.to(torch.float64)
-        pair = Pair(float((ta64 * ta64).sum()), float((tb64 * tb64).sum()), float((ta64 * tb64).sum()), 1)
-        del ta, tb, ta64, tb64
-        entry = pair.to_json()
+        pair = _tensor_pair(ta, tb)
+        del ta, tb
         if len(rep.modules) < 10_000:
-            rep.modules[k] = entry
-        module = k.rsplit(".", 1)[0] if not k.startswith("passthrough:") else k
-        mod = mods_a.get(module)
-        blocks.setdefault(block_of("transformer", module, mod.group if mod else None), Pair()).add(pair)
+            rep.modules[k] = pair.to_json()
+        blocks.setdefault(_model_block(a, na[k]), Pair()).add(pair)
+        comps.setdefault(na[k].component, Pair()).add(pair)
         total.add(pair)
     report_progress(progress, len(shared), len(shared))
-    rep.blocks = {k: v.to_json() for k, v in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))}
-    rep.total = total.to_json()
+    _finish(rep, blocks, comps, total)
     return rep
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+def _common_reading(a: ParsedLora, b: ParsedLora, from_format: str | None) -> tuple[ParsedLora, ParsedLora]:
+    """Two LoRAs read as one architecture when one of them fits the other's equally well (diffusers-named SD
+    resnet keys read as SD 1.x or SDXL); otherwise as detected (a real mismatch is refused later)."""
+    if a.arch.name == b.arch.name:
+        return a, b
+    if b.arch.spec.label in a.detection.also_fits:
+        return parse(a.file, arch_name=b.arch.name, force_format=from_format), b
+    if a.arch.spec.label in b.detection.also_fits:
+        return a, parse(b.file, arch_name=a.arch.name, force_format=from_format)
+    return a, b
+
 
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: bool = False,
          from_format: str | None = None, progress: Progress | None = None) -> DiffReport:
@@ -396,8 +498,8 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
         sides: list[tuple[str, Any]] = []
         for path, f in ((pa, fa), (pb, fb)):
             try:
-                sides.append(("lora", load(parse(f, force_format=from_format))))
-            except NotALoraError as exc:
+                sides.append(("lora", parse(f, force_format=from_format)))
+            except LorakitError as exc:      # not a LoRA, or keys no LoRA format explains: maybe a model
                 if not f.keys():
                     raise
                 try:
@@ -411,7 +513,8 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
             raise UsageError(f"cannot diff a LoRA ({lora}) against a base model ({model}).",
                              hint=f"to see how the LoRA fits the model, run `lorakit doctor {lora} --base {model}`.")
         if kinds[0] == "lora":
-            return diff_loras(sides[0][1], sides[1][1])
+            la, lb = _common_reading(sides[0][1], sides[1][1], from_format)
+            return diff_loras(load(la), load(lb))
         return diff_models(sides[0][1], sides[1][1], path_a=pa, path_b=pb, progress=progress)
 
 
@@ -432,7 +535,9 @@ def format_report(rep: DiffReport, *, top: int = 12) -> str:
         if s["kind"] == "lora":
             return (f"{s['file']}: {s['format']} {', '.join(s['adapters'])}, {s['modules']} modules, ranks "
                     + ", ".join(f"{k}×{v}" for k, v in s["ranks"].items()))
-        return f"{s['file']}: model ({s['layout']} layout, {s['variant']}), {s['tensors']} tensors"
+        comps = s.get("components") or {}
+        return (f"{s['file']}: {s.get('architecture_label', '')} model ({s['layout']} layout, {s['variant']}), "
+                f"{s['tensors']} tensors" + (f"; {', '.join(comps.values())}" if len(comps) > 1 else ""))
 
     lines = [f"A  {side(a)}", f"B  {side(b)}",
              f"modules  shared {rep.shared}, only in A {len(rep.only_in_a)}, only in B {len(rep.only_in_b)}"]
@@ -451,9 +556,9 @@ def format_report(rep: DiffReport, *, top: int = 12) -> str:
         lines.append(f"dtypes differ in {len(rep.dtype_differences)} tensors (e.g. {d['tensor']}: {d['a']} vs {d['b']})")
     for m in rep.shape_mismatches[:8]:
         lines.append(f"shape mismatch  {m['module']}: {m['a']} vs {m['b']}")
-    for label, items in (("bias deltas", rep.bias_differences), ("DoRA magnitudes", rep.dora_differences)):
-        if items:
-            lines.append(f"{label} differ in {len(items)} modules (e.g. {_extra_text(items[0])})")
+    for label, extras in (("bias deltas", rep.bias_differences), ("DoRA magnitudes", rep.dora_differences)):
+        if extras:
+            lines.append(f"{label} differ in {len(extras)} modules (e.g. {_extra_text(extras[0])})")
 
     def row(name: str, e: Mapping[str, Any]) -> str:
         cos = "   n/a" if e["cosine"] is None else f"{e['cosine']:+.4f}"
@@ -463,6 +568,12 @@ def format_report(rep: DiffReport, *, top: int = 12) -> str:
     if rep.blocks:
         lines.append("per block:")
         lines.extend(row(k, v) for k, v in rep.blocks.items())
+    if len(rep.components) > 1:
+        lines.append("per component:")
+        lines.extend(row(k, v) for k, v in rep.components.items())
+    if rep.differing_blocks and len(rep.differing_blocks) < len(rep.blocks):
+        lines.append(f"differ in {len(rep.differing_blocks)} of {len(rep.blocks)} blocks: "
+                     + ", ".join(rep.differing_blocks[:top]) + (" …" if len(rep.differing_blocks) > top else ""))
     if rep.total:
         lines.append(row("TOTAL", rep.total))
     lines.extend(f"note: {n}" for n in rep.notes)

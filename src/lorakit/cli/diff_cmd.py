@@ -15,7 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``diff`` subcommand to the parser."""
     p = sub.add_parser("diff", help=HELP, description=HELP + ". LoRAs are compared on native targets (a kohya file "
                        "and its diffusers conversion compare equivalent) without forming ΔW; models are compared "
-                       "tensor by tensor in bounded memory. Exit 0 when equivalent, 1 when different.")
+                       "tensor by tensor in bounded memory, every component they hold (UNet, text encoders), fused "
+                       "and transposed tensors in native orientation. Totals per block (FLUX.1 double_blocks.N, SD "
+                       "UNet IN04/M00/OUT05, text-encoder layers) and per component. Files of two architectures are "
+                       "refused. Exit 0 when equivalent, 1 when different.")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",

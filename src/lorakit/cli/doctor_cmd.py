@@ -14,13 +14,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``doctor`` subcommand to the parser."""
     p = sub.add_parser("doctor", help=HELP, description=HELP + ". Reads every LoRA tensor (NaN/Inf, all-zero ups, "
                        "extreme α/rank, odd dtypes, stale hashes); with --base also checks which modules apply and "
-                       "why the others do not. Verdicts: OK (exit 0), PARTIAL (exit 1), WILL NOT APPLY or INVALID "
+                       "why the others do not (wrong architecture such as an SDXL LoRA on SD 1.5, variants such as "
+                       "inpainting or Fill, derived models such as Pony or Illustrious named by metadata). Verdicts: OK (exit 0), PARTIAL (exit 1), WILL NOT APPLY or INVALID "
                        "(exit 2); the worst verdict sets the exit code.")
     p.add_argument("loras", nargs="+", metavar="LORA", help="LoRA file(s)")
     p.add_argument("--base", default=None, metavar="BASE",
-                   help="FLUX.1 transformer checkpoint (BFL, ComfyUI or diffusers layout; file or sharded folder)")
+                   help="base checkpoint of any supported architecture (FLUX.1 transformer in BFL, ComfyUI or "
+                        "diffusers layout; SD 1.x/2.x/SDXL single file or UNet; file or sharded folder); every "
+                        "component it holds (UNet and text encoders of an SDXL single file) is checked")
     p.add_argument("--text-encoder", dest="text_encoders", action="append", default=[], metavar="TE",
-                   help="CLIP-L or T5-XXL checkpoint to check the LoRA's text-encoder modules against (repeatable)")
+                   help="text-encoder checkpoint (CLIP-L, OpenCLIP ViT-H/bigG, T5-XXL; native or HF names) to check "
+                        "the LoRA's text-encoder modules against, when the base does not hold it (repeatable)")
     p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
                    help="force the LoRA format instead of detecting it")
     p.add_argument("--strict", action="store_true", help="exit 1 when an OK LoRA has warnings")

@@ -206,6 +206,8 @@ class ComponentSpec:
     refusals: tuple[tuple[Expr, int, str], ...] = ()   # (expr, value, label): sizes of an unsupported architecture
     role: str = "denoiser"
     fixed: Mapping[str, int] = field(default_factory=dict)   # sizes every checkpoint of this component has
+    # flag -> (reason, fix) when a LoRA has modules that need the flag and a base lacks them (``doctor``)
+    flag_reasons: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,12 @@ TRANSFORMER = ComponentSpec(
                          "double": 19, "single": 38}, varies=("IN",)),
     ),
     flags=("guidance", "modulation"),
+    flag_reasons={
+        "modulation": ("the base has no modulation layers (Chroma): these modules are unused",
+                       "expected for a FLUX.1 LoRA on Chroma; the rest applies"),
+        "guidance": ("this LoRA has guidance_in (a FLUX.1-dev LoRA); the base has no guidance embedder (schnell)",
+                     "use a FLUX.1-dev base, this LoRA has guidance_in"),
+    },
     counts=("double", "single"),
     fallbacks={"M": "4*H", "OUT": "IN"},
     # architectures whose LoRAs share FLUX.1's diffusers names (SD3's joint blocks are ``transformer_blocks.N.attn.
