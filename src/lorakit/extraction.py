@@ -495,7 +495,8 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         raise UsageError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile}.",
                          hint="sd-scripts' default is 0.99; leave it out for unclamped (optimal) factors.")
     src_o, src_t = os.fspath(original), os.fspath(tuned)
-    dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
+    dyn: tuple[str, float] | None = (parse_dynamic(dynamic) if isinstance(dynamic, str)
+                                     else ((str(dynamic[0]), float(dynamic[1])) if dynamic else None))
     _validate(rank, dyn, conv_rank, min_diff, te_min_diff, to, alpha, oversample, niter, include_norms)
     dev = _device(device)
     cap = rank if rank is not None else DEFAULT_DYNAMIC_CAP
@@ -520,6 +521,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         opt = _Options(cap, conv_rank, dyn, exact, oversample, niter, seed, alpha, min_diff, te_min_diff, include_bias,
                        include_norms, clamp_quantile, dev, out_dtype)
         pairing = _pair(orig, tune, report)
+        report.components = list(pairing.components)
         if not pairing.jobs:
             raise KeyMappingError("no module of ORIGINAL could be paired with one of TUNED", report.unpaired,
                                   path=f"{orig.file.path} vs {tune.file.path}", hint=_PAIR_HINT)
@@ -536,6 +538,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
                          hint="check that TUNED really is a fine-tune of ORIGINAL, or lower --min-diff"
                               + (" / --te-min-diff" if report.text_encoders else "")
                               + (", or pass --conv-rank N" if report.convs_left_out else "") + ".")
+    assert out_path is not None   # checked above (only a dry run has none)
     metadata: dict[str, str] = {}
     if any(m.shape[2:] and math.prod(m.shape[2:]) > 1 for m in report.modules):   # as sd-scripts records --conv_dim
         conv_alpha = float(alpha if alpha is not None else conv_rank)  # type: ignore[arg-type]
@@ -677,7 +680,6 @@ def _factorize(d: Tensor, job: Job, peak: float, opt: _Options, t0: float) -> tu
 def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pairing, opt: _Options,
             progress: Progress | None) -> list[Patch]:
     paths = (orig.file.path or "", tune.file.path or "")
-    report.components = list(pairing.components)
     numel = max((math.prod(j.shape) for j in pairing.jobs), default=0)
     buf = torch.empty(numel, dtype=torch.float32)      # one difference buffer, reused (no page faults per module)
     same = _same_encoders(orig, tune, report, pairing.jobs, buf, opt.te_min_diff)
