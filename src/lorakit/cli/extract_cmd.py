@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..extraction import DEFAULT_TE_MIN_DIFF
 from ..formats import WRITABLE
 from ..progress import ProgressBar, terminal_progress  # noqa: F401 (ProgressBar: re-exported)
 from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
@@ -40,11 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``extract`` subcommand to the parser."""
     p = sub.add_parser(
         "extract", help=HELP,
-        description=HELP + ". ORIGINAL and TUNED may be in any FLUX.1 base layout (BFL, ComfyUI, diffusers file or "
-        "sharded folder, even different ones); tensors are paired by native module and the LoRA is written on "
-        "native targets. Streams one module at a time. Decomposition: seeded randomized SVD (same inputs and seed "
-        "give the same file), or thin SVD with --exact. Every module's retained energy and relative error are "
-        "reported. Modules with max|difference| <= --min-diff are skipped (default 0: only unchanged modules).")
+        description=HELP + ". Any registered architecture (FLUX.1, SD1.x, SD2.x, SDXL); ORIGINAL and TUNED may be in "
+        "any of its base layouts (FLUX.1: BFL, ComfyUI, diffusers file or sharded folder; SD: single-file "
+        "checkpoints or UNet files; even different ones); tensors are paired by component and native module and "
+        "the LoRA is written on native targets. Every component both models hold is compared: the denoiser and "
+        "each text encoder, which (as in sd-scripts) is extracted only when one of its weights differs by more "
+        "than --te-min-diff. Convolutions follow sd-scripts: k×k ones (k > 1) need --conv-rank (--conv_dim) and are "
+        "SVD'd as (out, in·k·k); 1×1 ones take --rank. Streams one module at a time. Decomposition: seeded "
+        "randomized SVD (same inputs and seed give the same file), or thin SVD with --exact. Every module's "
+        "retained energy and relative error are reported. Modules with max|difference| <= --min-diff are skipped "
+        "(default 0: only unchanged modules).")
     p.add_argument("original", metavar="ORIGINAL", nargs="?", default=None,
                    help="the base model the fine-tune started from")
     p.add_argument("tuned", metavar="TUNED", nargs="?", default=None, help="the fine-tuned model")
@@ -61,9 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="N", help="rank of every module (the cap with --dynamic; default cap 128 there)")
     add_dynamic(p)
     p.add_argument("--conv-rank", "--conv_dim", "--conv-dim", dest="conv_rank", type=int, default=None, metavar="N",
-                   help="rank of convolution weights (FLUX.1 transformers have none; reported when unused)")
+                   help="rank (the cap with --dynamic) of convolutions with kernels larger than 1×1, SVD'd as "
+                        "(out, in·k·k) and written as down (r, in, k, k) / up (out, r, 1, 1); without it they are "
+                        "left out, as in sd-scripts (reported). 1×1 convolutions take --rank. FLUX.1 has none")
     p.add_argument("--min-diff", "--min_diff", dest="min_diff", type=float, default=0.0, metavar="X",
                    help="skip modules whose largest absolute difference is <= X (default 0: only unchanged ones)")
+    p.add_argument("--te-min-diff", "--te_min_diff", dest="te_min_diff", type=float, default=DEFAULT_TE_MIN_DIFF,
+                   metavar="X", help="sd-scripts' text-encoder rule (its --min_diff): a text encoder whose weights "
+                   "all differ by at most X is the same in both models and not extracted (decided per encoder; "
+                   f"default {DEFAULT_TE_MIN_DIFF:g}, sd-scripts' default; 0 extracts any changed encoder)")
     p.add_argument("--to", default="kohya", choices=WRITABLE, help="output format (default: kohya)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda for the decompositions")
     p.add_argument("--exact", action="store_true", help="thin SVD instead of randomized SVD (slower, optimal)")
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from ..extraction import extract, format_plan
     original, tuned = _models(args)
     r = extract(original, tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),
-                conv_rank=args.conv_rank, min_diff=args.min_diff, to=args.to, device=args.device, exact=args.exact,
+                conv_rank=args.conv_rank, min_diff=args.min_diff, te_min_diff=args.te_min_diff, to=args.to, device=args.device, exact=args.exact,
                 seed=args.seed, alpha=args.alpha, include_bias=args.include_bias, include_norms=args.include_norms,
                 dtype=dtype_arg(args), oversample=args.oversample, niter=args.niter, allow_pickle=args.allow_pickle,
                 progress=terminal_progress("extract", enabled=not args.json), dry_run=args.dry_run,
@@ -148,8 +160,15 @@ def run(args: argparse.Namespace) -> int:
             f"({r.worst_rounding.module}) on top of the truncation; --dtype fp32 keeps them exact")
     for u in r.unpaired:
         say(f"  unpaired: {u}")
+    for e in r.text_encoders:
+        if e["extracted"]:
+            say(f"  {e['label']} ({e['component']}): changed (max |difference| {e['max_abs_diff']:.3g} > --te-min-diff "
+                f"{r.te_min_diff:g}), extracted")
+        else:
+            say(f"  {e['label']} ({e['component']}): the same in both models (max |difference| "
+                f"{e['max_abs_diff']:.3g} <= --te-min-diff {r.te_min_diff:g}), not extracted")
     for name, keys in r.ignored_keys.items():
-        say(f"  ignored {len(keys)} non-transformer tensors in {name} (e.g. {keys[0]!r})")
+        say(f"  ignored {len(keys)} tensors of no compared component in {name} (e.g. {keys[0]!r})")
     for w in r.warnings:
         say(f"  warning: {w}")
     return code
