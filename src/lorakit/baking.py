@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -445,7 +446,7 @@ class _Output:
             return
         src: ShardedFile = self.src  # type: ignore[assignment]
         index = read_index(src.path)
-        meta = dict(index.get("metadata") or {})  # type: ignore[call-overload]
+        meta = dict(index.get("metadata") or {})
         if "total_size" in meta:
             meta["total_size"] = sum(w.size - len(w.header) for w in self.writers.values())
         index["metadata"] = meta
@@ -545,9 +546,9 @@ def _open_pipeline(path: str, opened: list[WeightFile]) -> list[tuple[str, BaseM
                                            "pipeline folder.", path=path,
                                            hint="pass the pipeline's denoiser subfolder or a single-file checkpoint.")
     arch = main[1].arch.spec
-    for folder, exc in errors.items():
+    for folder, err in errors.items():
         if any(c.folder == folder for c in arch.containers):
-            raise exc
+            raise err
     return [main, *((fo, b) for fo, b in found if b is not main[1] and b.arch.name == arch.name)]
 
 
@@ -1081,7 +1082,7 @@ def _chunk_bytes(task: _Task, j0: int, j1: int) -> int:
 
 
 def _pread(fd: int, buf: torch.Tensor, n: int, offset: int, info: TensorInfo) -> None:
-    view = memoryview(buf.numpy())[:n]
+    view = buf.numpy().data[:n]     # the array's memoryview (numpy's stubs lack __buffer__ before 3.12)
     done = 0
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -1091,7 +1092,7 @@ def _pread(fd: int, buf: torch.Tensor, n: int, offset: int, info: TensorInfo) ->
 
 
 def _pwrite(fd: int, buf: torch.Tensor, n: int, offset: int, path: str) -> None:
-    view = memoryview(buf.numpy())[:n]
+    view = buf.numpy().data[:n]
     done = 0
     try:
         while done < n:
@@ -1159,7 +1160,7 @@ _Path = str | os.PathLike[str]
 ComponentFiles = Mapping[str, tuple[_Path, _Path | None] | _Path]
 
 
-def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple[object, object]],
+def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple[_Path | None, _Path | None]],
                      dry_run: bool) -> dict[str, tuple[str, str | None]]:
     """component -> (file, output) from ``components=`` and the ``clip_l=``/``t5=`` aliases; checks pairs."""
     paths: dict[str, tuple[str, str | None]] = {}
@@ -1170,7 +1171,7 @@ def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple
         if f is not None and o is None and not dry_run:
             raise UsageError(f"--{flag} given without --{flag}-out.", hint=f"pass --{flag}-out OUT.safetensors.")
         if f is not None:
-            paths[c] = (os.fspath(f), os.fspath(o) if o is not None else None)  # type: ignore[arg-type]
+            paths[c] = (os.fspath(f), os.fspath(o) if o is not None else None)
     for c, given in (components or {}).items():
         f, o = (given if isinstance(given, (tuple, list)) else (given, None))
         if c in paths:
@@ -1254,15 +1255,17 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         for _fo, b in bases:
             _check_components(b, te_paths)
         te_files: dict[str, WeightFile] = {}
-        for c, (f, _o) in te_paths.items():
-            te_files[c] = open_weights(f)
+        for c, (te_path, _o) in te_paths.items():
+            te_files[c] = open_weights(te_path)
             opened.append(te_files[c])
         if not dry_run:
-            _check_output(out_path, None if pipeline else bm.file, all_inputs)  # type: ignore[arg-type]
-            for c, (_f, o) in te_paths.items():
-                _check_output(o, te_files[c], all_inputs)  # type: ignore[arg-type]
-            outs = [os.path.realpath(p)  # type: ignore[arg-type]
-                    for p in (out_path, *(o for _f, o in te_paths.values()))]
+            assert out_path is not None     # checked above: only a dry run goes without an output path
+            _check_output(out_path, None if pipeline else bm.file, all_inputs)
+            outs = [os.path.realpath(out_path)]
+            for c, (_f, te_out) in te_paths.items():
+                assert te_out is not None   # _component_paths requires an output unless dry_run
+                _check_output(te_out, te_files[c], all_inputs)
+                outs.append(os.path.realpath(te_out))
             if len(set(outs)) != len(outs):
                 raise OutputError("two outputs have the same path.", path=out_path,
                                   hint="give -o, --clip-l-out, --t5-out and each --component output different "
@@ -1306,16 +1309,16 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             report.output = None
             held = " or ".join(c for _fo, b in bases for c in b.components())
             report.warnings.append(f"no {held} module applies; the base output was not written.")
-        for c, f in te_files.items():
-            codes = {k: i.dtype for k, i in f.infos.items()}
+        for c, te_file in te_files.items():
+            codes = {k: i.dtype for k, i in te_file.infos.items()}
             te_out = te_paths[c][1]
             meta_te = {PROVENANCE_KEY: meta[PROVENANCE_KEY]}
-            out = None if dry_run else _Output(f, te_out, codes, meta_te, all_inputs)  # type: ignore[arg-type]
+            out = None if dry_run else _Output(te_file, te_out, codes, meta_te, all_inputs)  # type: ignore[arg-type]
             if out is not None:
                 outputs.append(out)
-            te_tasks = _plan_tasks(f, out, te_places[c], {c: uses[c]}, codes)
+            te_tasks = _plan_tasks(te_file, out, te_places[c], {c: uses[c]}, codes)
             tasks += te_tasks
-            report.text_encoders.append({"component": c, "file": f.path, "output": te_out,
+            report.text_encoders.append({"component": c, "file": te_file.path, "output": te_out,
                                          "changed": sum(t.changed for t in te_tasks)})
         report.tensors = len(tasks)
         report.changed = sum(t.changed for t in tasks)
@@ -1329,7 +1332,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             report.seconds = time.perf_counter() - t_start
             return report
         callback = ProgressBar("bake", unit="bytes") if progress is True else (progress or None)
-        prog = _Progress(report.bytes_in, callback)  # type: ignore[arg-type]
+        prog = _Progress(report.bytes_in, callback)
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads or _default_threads())
         try:
@@ -1566,7 +1569,8 @@ def format_plan(report: BakeReport) -> Iterable[str]:
             yield f"{e['tensor']}: convert{conv}"
             continue
         yield f"{e['tensor']}{conv} ←"
-        for c in e["changes"]:  # type: ignore[union-attr]
+        changes = cast("list[dict[str, Any]]", e["changes"])     # what _describe lists for a baked tensor
+        for c in changes:
             r, tr = c["native_rows"], c["tensor_rows"]
             where = tr if isinstance(tr, str) else f"{tr[0]}:{tr[1]}"
             yield (f"    {c['kind']} {c['input']}:{c['module']} ×{c['weight']:g}  {c['native']} rows {r[0]}:{r[1]}"

@@ -151,6 +151,12 @@ def _vector_weights(spec: str, kind: str, arch: ArchInstance, vector: Vector, sl
     return BlockWeights(spec, kind, fn, slots)
 
 
+def _continues(first: re.Match[str] | None, last: re.Match[str] | None, nxt: re.Match[str] | None) -> bool:
+    """Whether id ``nxt`` extends the run ``first``…``last``: same prefix, number one higher."""
+    return bool(first and last and nxt and nxt.group(1) == first.group(1)
+                and int(nxt.group(2)) == int(last.group(2)) + 1)
+
+
 def compact(ids: list[str]) -> str:
     """``D00, D01, …, D18`` written ``D00…D18`` (runs of three or more consecutive numbered ids)."""
     parsed = [re.fullmatch(r"(\D*)(\d+)", i) for i in ids]
@@ -158,8 +164,7 @@ def compact(ids: list[str]) -> str:
     k = 0
     while k < len(ids):
         j = k
-        while (j + 1 < len(ids) and parsed[k] and parsed[j + 1] and parsed[j + 1].group(1) == parsed[k].group(1)
-               and int(parsed[j + 1].group(2)) == int(parsed[j].group(2)) + 1):
+        while j + 1 < len(ids) and _continues(parsed[k], parsed[j], parsed[j + 1]):
             j += 1
         out.append(f"{ids[k]}…{ids[j]}" if j - k >= 2 else ", ".join(ids[k:j + 1]))
         k = j + 1

@@ -46,7 +46,8 @@ def nonfinite_modules(model: LoraModel) -> list[str]:
     """Source module names of patches whose factors, bias, DoRA magnitude, α or scale hold NaN/Inf."""
     bad = []
     for p in model.patches:
-        tensors = list(p.adapter._fields().items()) if p.adapter is not None else []
+        tensors: list[tuple[str, torch.Tensor | None]] = (
+            list(p.adapter._fields().items()) if p.adapter is not None else [])
         tensors += [("bias", p.bias), ("dora", p.dora)]
         scalar_bad = p.adapter is not None and not (
             (p.adapter.alpha is None or math.isfinite(p.adapter.alpha)) and math.isfinite(p.adapter.scale))

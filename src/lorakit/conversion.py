@@ -129,6 +129,7 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
     if dry_run:
         report_progress(progress, 3, 3)
         return report
+    assert output is not None   # checked above: only a dry run goes without an output path
     report_progress(progress, 2, 3, "writing")
     title = os.path.splitext(os.path.basename(os.fspath(output)))[0]
     meta = lora_output_metadata(model, result, to, operation="convert",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .adapters import Full, LoHa, LoKr, LoRA
+from .adapters import Adapter, LoKr, LoRA
 from .formats import parse
 from .formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
 from .errors import NonFiniteError
@@ -19,6 +19,7 @@ from .hashes import STORED_HASH_KEYS
 from .io import open_weights
 from .io.header import loads_json
 from .layouts import expand
+from .layouts.base import ParamMatch
 
 MAX_UNKNOWN_LISTED = 20
 
@@ -194,7 +195,7 @@ def split_qkv_warnings(parsed: ParsedLora) -> list[str]:
     from .formats.parse import _rows
     hits: dict[int, list[str]] = {}
     for e in parsed.entries:
-        if e.family != "lora" or "mid" in e.keys or e.match.loose or e.match.alias.rows is not None:
+        if e.family != "lora" or "mid" in e.keys or isinstance(e.match, ParamMatch) or e.match.alias.rows is not None:
             continue
         params = parsed.arch.params.get(e.component, {})
         windows = [w for a in e.match.spec.names("diffusers") if (w := _rows(a, params)) is not None]
@@ -235,7 +236,7 @@ def _deep(parsed: ParsedLora) -> dict[str, Any]:
             "delta_norm_max": max(vals, default=0.0), "delta_norm_mean": sum(vals) / len(vals) if vals else 0.0}
 
 
-def delta_norm(adapter: LoRA | LoHa | LoKr | Full) -> float:
+def delta_norm(adapter: Adapter) -> float:
     """‖ΔW‖_F without forming ΔW where factors allow (Gram trick for LoRA, product rule for LoKr)."""
     if isinstance(adapter, LoRA) and adapter.mid is None:
         up, down = adapter.up.float().flatten(1), adapter.down.float().flatten(1)
@@ -260,7 +261,7 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             if e.keys.get("alpha", e.file_module) in bad_alphas:
                 scales[e.file_module] = None
         dtypes = Counter(f.infos[k].dtype for k in f.keys())
-        kinds = sorted({_kind(e) for e in parsed.entries if _kind(e)} |
+        kinds = sorted({k for e in parsed.entries if (k := _kind(e))} |
                        ({"dora"} if any("dora" in e.keys for e in parsed.entries) else set()))
         report: dict[str, Any] = {
             "file": p,

@@ -177,7 +177,9 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
     with open_weights(p) as f:
         meta = f.metadata
         parsed = parse(f)
-        ranks, alphas, families = [], [], Counter()
+        ranks: list[int] = []
+        alphas: list[float] = []
+        families: Counter[str] = Counter()
         for e in parsed.entries:
             families[e.family] += 1
             if e.family == "lora":

@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor
 
 from .adapters import Adapter
 from .layouts import ArchSpec, ConcreteModule, expand
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack     # typing has it from 3.11; the package supports 3.10
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,17 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.component}:{self.module}"
+
+
+class PatchChanges(TypedDict, total=False):
+    """Fields :meth:`Patch.with_adapter` may change besides the adapter."""
+
+    target: Target
+    rows: tuple[int, int] | None
+    bias: Tensor | None
+    dora: Tensor | None
+    source: str
+    replace: bool
 
 
 @dataclass
@@ -57,7 +72,7 @@ class Patch:
         assert self.adapter is not None
         return self.adapter.dense()
 
-    def with_adapter(self, adapter: Adapter | None, **changes: object) -> "Patch":
+    def with_adapter(self, adapter: Adapter | None, **changes: Unpack[PatchChanges]) -> "Patch":
         return replace(self, adapter=adapter, **changes)
 
 
@@ -163,11 +178,11 @@ def dense_deltas(model: LoraModel, shapes: Mapping[Target, tuple[int, ...]] | No
 
 def _target_shape(model: LoraModel, target: Target, patches: list[Patch]) -> tuple[int, ...]:
     mod = model.arch.module_map(target.component).get(target.module)
-    first = next(p for p in patches if p.adapter is not None)
-    tail = first.adapter.weight_shape[1:]  # type: ignore[union-attr]
+    first = next(p.adapter for p in patches if p.adapter is not None)
+    tail = first.weight_shape[1:]
     if mod is not None:
         return (mod.out, *tail)
     full = [p for p in patches if p.rows is None]
     if full:
         return full[0].adapter.weight_shape  # type: ignore[union-attr]
-    return (max(p.rows[1] for p in patches if p.rows), *tail)  # type: ignore[index]
+    return (max(p.rows[1] for p in patches if p.rows), *tail)

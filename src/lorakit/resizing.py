@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -48,6 +49,9 @@ from .io import check_output_path, open_weights, save_tensors
 from .linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
 from .metadata import InputRecord, file_sha256
 from .model import ArchInstance, LoraModel, Patch, Target
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired     # typing has it from 3.11; the package supports 3.10
 
 Progress = Callable[[int, int, str], None]
 
@@ -118,18 +122,29 @@ class ResizeReport:
 # One adapter
 # ---------------------------------------------------------------------------------------------
 
+class ResizeInfo(TypedDict):
+    """What :func:`resize_adapter` did to one adapter."""
+
+    rank: int
+    retained_energy: float
+    relative_error: float
+    path: NotRequired[str]              # "factored" | "dense" | "unchanged" (set on every return)
+    rounding_error: NotRequired[float]  # absent when the adapter is returned unchanged
+
+
 def resize_adapter(adapter: Adapter, rank: int | None, dynamic: tuple[str, float] | None,
-                   dtype: torch.dtype | None = None) -> tuple[Adapter, dict[str, object]]:
+                   dtype: torch.dtype | None = None) -> tuple[Adapter, ResizeInfo]:
     """The best rank-``k`` LoRA of ``adapter`` (``k = rank`` or by ``dynamic`` capped at ``rank``).
 
     Returns the new adapter and ``{"rank", "retained_energy", "relative_error", "path"}``.
     """
     out_dtype = dtype or adapter.dtype
-    factored = isinstance(adapter, LoRA) and adapter.mid is None
-    if factored:
-        c = adapter.scale
+    lora = adapter if isinstance(adapter, LoRA) and adapter.mid is None else None
+    factored = lora is not None
+    if lora is not None:
+        c = lora.scale
         # float64: the factors of a trained LoRA can be ill-conditioned, and the QRs are cheap (out × r)
-        up, down = adapter.up.double().flatten(1), adapter.down.double().flatten(1)
+        up, down = lora.up.double().flatten(1), lora.down.double().flatten(1)
         u, s, vh = (t.float() for t in factored_svd(up * c, down))
     else:
         c = 1.0
@@ -141,9 +156,9 @@ def resize_adapter(adapter: Adapter, rank: int | None, dynamic: tuple[str, float
     s64 = s.double().square()
     total = float(s64.sum())
     err2 = float(s64[k:].sum()) / total if total > 0 else 0.0
-    info: dict[str, object] = {"rank": k, "retained_energy": 1.0 - err2, "relative_error": math.sqrt(err2)}
-    if factored and k >= adapter.rank:  # type: ignore[operator]
-        info.update(rank=adapter.rank, path="unchanged")
+    info: ResizeInfo = {"rank": k, "retained_energy": 1.0 - err2, "relative_error": math.sqrt(err2)}
+    if lora is not None and k >= lora.rank:
+        info.update({"rank": lora.rank, "path": "unchanged"})
         return (adapter if dtype is None else adapter.to(out_dtype)), info
     info["path"] = "factored" if factored else "dense"
     new_up = u[:, :k] * s[:k]
@@ -276,7 +291,9 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     started = time.perf_counter()
     dtype = as_dtype(dtype)
     src = os.fspath(input)
-    dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (tuple(dynamic) if dynamic else None)
+    # a given (method, param) pair (a list from JSON too) is checked by parse_dynamic below
+    dyn = parse_dynamic(dynamic) if isinstance(dynamic, str) else (
+        cast("tuple[str, float]", tuple(dynamic)) if dynamic else None)
     if rank is None and dyn is None and conv_rank is None:
         raise UsageError("no rank given.", hint="pass --rank N, --conv-rank N or --dynamic METHOD:PARAM "
                                                 "(e.g. sv_fro:0.95).")
@@ -334,9 +351,9 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
         new, info = resize_adapter(p.adapter, cap, dyn, dtype)
         new_patches.append(p.with_adapter(new, bias=bias))
         report.modules.append(ResizedModule(_label(p), str(p.target), p.rows, p.adapter.kind, p.adapter.rank,
-                                            int(info["rank"]), float(info["retained_energy"]),  # type: ignore[arg-type]
-                                            float(info["relative_error"]), str(info["path"]),  # type: ignore[arg-type]
-                                            float(info.get("rounding_error", 0.0)), conv=conv))  # type: ignore[arg-type]
+                                            int(info["rank"]), float(info["retained_energy"]),
+                                            float(info["relative_error"]), str(info["path"]),
+                                            float(info.get("rounding_error", 0.0)), conv=conv))
     if progress:
         progress(len(model.patches), len(model.patches), "")
     if conv_rank is not None and not any(m.conv for m in report.modules):
@@ -357,9 +374,9 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
 
     meta = dict(model.metadata)
     old = sorted({m.rank_in for m in report.modules if m.rank_in is not None})
-    new = sorted({m.rank_out for m in report.modules})
+    new_ranks = sorted({m.rank_out for m in report.modules})
     what = _asked(report.dynamic, rank, conv_rank, cli=False)
-    comment = f"resized by lorakit: {what}; ranks {_ranges(old)} -> {_ranges(new)}"
+    comment = f"resized by lorakit: {what}; ranks {_ranges(old)} -> {_ranges(new_ranks)}"
     if meta.get("ss_training_comment"):
         comment += "; " + meta["ss_training_comment"]
     meta["ss_training_comment"] = comment

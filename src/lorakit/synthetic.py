@@ -14,7 +14,7 @@ import torch
 
 from .dtypes import dtype_code
 from .io import SafetensorsWriter, save_tensors
-from .layouts import FLUX1, ArchSpec, expand, expand_params
+from .layouts import FLUX1, Alias, ArchSpec, expand, expand_params
 
 TINY_FLUX: dict[str, int] = {"H": 32, "M": 128, "IN": 16, "OUT": 16, "CTX": 24, "VEC": 20, "T": 8, "D": 16,
                              "double": 2, "single": 2, "guidance": 1, "modulation": 1}
@@ -40,6 +40,7 @@ def base_tensors(params: Mapping[str, int], layout: str = "bfl", arch: ArchSpec 
     comp = arch.components["transformer"]
     out: list[BaseTensor] = []
     for m in expand(comp, params):
+        names: list[tuple[str, tuple[int, int], Alias | None]]
         if layout == "bfl":
             names = [(m.name, (m.out, m.inp), None)]
         else:

@@ -7,14 +7,14 @@ import os
 
 from ..baking import bake, format_plan
 from ..errors import UsageError
-from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
+from ..recipes import RecipeSchema, WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
 from ..progress import terminal_progress
 from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
 
 # recipe keys (the long options, plus `base` and `inputs`) and the type each value must have
-RECIPE_SCHEMA = {"base": str, "output": str, "dtype": str, "device": opt(str, choices=("cpu", "cuda")),
+RECIPE_SCHEMA: RecipeSchema = {"base": str, "output": str, "dtype": str, "device": opt(str, choices=("cpu", "cuda")),
                  "allow_partial": bool, "allow_zero_lora": bool, "dry_run": bool, "clip_l": str, "clip_l_out": str, "t5": str, "t5_out": str,
                  "component": list, "allow_pickle": bool, "json": bool}
 RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
@@ -119,7 +119,8 @@ def parse_component(text: object) -> tuple[str, tuple[str, str | None]]:
 def _relative_component(text: object, here: str) -> str:
     """A recipe's ``NAME=FILE[:OUT]`` entry with relative paths resolved against the recipe's folder."""
     name, (file, out) = parse_component(text)
-    file, out = (p if p is None or os.path.isabs(p) else os.path.join(here, p) for p in (file, out))
+    file = file if os.path.isabs(file) else os.path.join(here, file)
+    out = out if out is None or os.path.isabs(out) else os.path.join(here, out)
     return f"{name}={file}" + (f":{out}" if out else "")
 
 

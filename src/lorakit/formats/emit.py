@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -254,9 +255,9 @@ def fold_scale(adapter: Adapter) -> Adapter:
         folded.alpha = None
         return folded
     if isinstance(adapter, LoKr) and adapter.scale != 1:
-        folded = adapter.scaled(adapter.scale)
-        folded.alpha = None
-        return folded
+        folded_kr = adapter.scaled(adapter.scale)
+        folded_kr.alpha = None
+        return folded_kr
     return adapter
 
 
@@ -305,7 +306,8 @@ class Emitter:
             exact = a.to_lora()
             src = a.dtype
             want = self.dtype if self.dtype is not None and self.dtype.is_floating_point else src
-            out = exact.to(want) if want != exact.dtype else exact
+            # Adapter.to keeps the class (dataclasses.replace), so a LoRA stays a LoRA
+            out = cast(LoRA, exact.to(want)) if want != exact.dtype else exact
             if out is not exact:
                 if not all(_finite(t) for t in out.tensors().values()):
                     spelled = str(want).replace("torch.", "")
@@ -370,7 +372,8 @@ class Emitter:
             self.reasons.add(reason)
             self.refused.append(label)
             return None
-        text = name.format(i=m.index) if m.index is not None else name  # type: ignore[union-attr]
+        assert name is not None     # a missing name set ``reason`` above
+        text = name.format(i=m.index) if m.index is not None else name
         if len(patches) == 1:
             return Piece(target.component, text, patches[0].adapter)
         first = patches[0].adapter
@@ -559,8 +562,9 @@ def _prefix_and_flat(arch: ArchSpec, fmt: FormatSpec, component: str) -> tuple[s
     return rule.prefix, rule.flat
 
 
-def worst_dtype(model: LoraModel, modules: list[tuple[str, float]]) -> torch.dtype:
-    """The dtype of the first patch named in ``modules`` (what its plain factors were rounded to)."""
+def worst_dtype(model: LoraModel, modules: list[tuple[str, float]]) -> torch.dtype | None:
+    """The dtype of the first patch named in ``modules`` (what its plain factors were rounded to); else the
+    model's (None for a model without adapters)."""
     names = {m for m, _ in modules}
     return next((p.adapter.dtype for p in model.patches if p.adapter is not None and patch_label(p) in names),
                 model.dtype)

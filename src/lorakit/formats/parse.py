@@ -221,7 +221,7 @@ def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapp
     by_comp: dict[str, list[tuple[str, int]]] = {}
     for key, p in parses.items():
         shape = shapes.get(key) or ()
-        if p.match.loose or p.split.family != "lora" or len(shape) < 2:
+        if isinstance(p.match, ParamMatch) or p.split.family != "lora" or len(shape) < 2:
             continue
         spec, alias = p.match.spec, p.match.alias
         eq = by_comp.setdefault(p.rule.component, [])
@@ -409,13 +409,13 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
     _check_duplicates(good, file.path)
     observations: list[Observation | ParamObservation] = [
         ParamObservation(e.component, e.match.spec, e.match.index, e.shapes.get("diff", e.shapes.get("set", ())))
-        if e.match.loose
+        if isinstance(e.match, ParamMatch)
         else Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
         for e in good]
     instance = infer_instance(arch, observations, file.metadata, path=file.path)
     for e in good:
         params = instance.params.get(e.component, {})
-        if e.match.loose:
+        if isinstance(e.match, ParamMatch):
             _check_loose_shape(e, params, file.path)
             continue
         try:
@@ -431,9 +431,12 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
         composed = _composed_shape(e) if e.family in ("lora", "loha", "lokr", "full") else None
         if any(g is not None and w >= 0 and g != w for g, w in zip(got, want)) or (
                 composed is not None and not fits(composed, (want[0], want[1], *kernel))):
+            shown_want: tuple[int, ...] = want
+            shown_got: tuple[int | None, ...] = got
             if composed is not None and kernel != tuple(composed[2:]):
-                want, got = (*want, *kernel), composed    # type: ignore[assignment]
-            raise ShapeMismatchError(e.file_module, want, got, path=file.path,
+                shown_want, shown_got = (*want, *kernel), composed
+            # an unknown dimension is shown as None, which ShapeMismatchError's Iterable[int] does not admit
+            raise ShapeMismatchError(e.file_module, shown_want, shown_got, path=file.path,  # type: ignore[arg-type]
                                      hint="this module's (out, in) contradicts the sizes the other modules imply "
                                           f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))}); "
                                           "the file is corrupt or mixes two models.")
@@ -442,6 +445,7 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
 
 
 def _check_loose_shape(entry: ModuleEntry, params: Mapping[str, int], path: str | None) -> None:
+    assert isinstance(entry.match, ParamMatch)      # called for loose-parameter entries only
     want = tuple(evaluate(x, params, -1) for x in entry.match.spec.shape)
     got = tuple(entry.shapes.get("diff", entry.shapes.get("set", ())))
     if len(got) != len(want) or any(w >= 0 and g != w for g, w in zip(got, want)):
@@ -559,7 +563,7 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
     magnitudes match its rows). Header data only."""
     shapes = entry.shapes
     problem = None
-    if entry.match.loose:
+    if isinstance(entry.match, ParamMatch):
         rank = len(entry.match.spec.shape)
         role = "set" if "set" in shapes else "diff"
         if {"set", "diff"} <= set(shapes):

@@ -12,12 +12,16 @@ import zipfile
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 
 from ..dtypes import TORCH_TO_ST, torch_dtype
 from ..errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError, brief
 from .header import MAX_HEADER_BYTES, TensorInfo, loads_json, no_duplicate_keys, parse_header
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired     # typing has it from 3.11; the package supports 3.10
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -116,7 +120,7 @@ def read_tensor(fd: int, info: TensorInfo, out: torch.Tensor | None = None) -> t
         buf = out.reshape(-1)[: info.nbytes]
     else:
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data     # the array's memoryview (numpy's stubs lack __buffer__ before 3.12)
     done = 0
     while done < info.nbytes:
         got = os.preadv(fd, [view[done:]], info.start + done)
@@ -133,7 +137,7 @@ class ShardedFile(WeightFile):
         self.path = os.fspath(index_path)
         self.folder = os.path.dirname(self.path)
         index = read_index(self.path)
-        weight_map: dict[str, str] = index["weight_map"]
+        weight_map = index["weight_map"]
         self.index_metadata = index.get("metadata") or {}
         self.shard_names = sorted(set(weight_map.values()))
         self.shards: dict[str, SafetensorsFile] = {}
@@ -242,7 +246,14 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_index(path: str) -> dict[str, object]:
+class ShardIndex(TypedDict):
+    """A validated shard index (:func:`read_index`); any other top-level keys are kept as read."""
+
+    weight_map: dict[str, str]
+    metadata: NotRequired[dict[str, object] | None]
+
+
+def read_index(path: str) -> ShardIndex:
     """A validated ``*.safetensors.index.json``: a ``weight_map`` of tensor name -> plain shard file name,
     and an optional ``metadata`` object. Typed one-line errors for anything else."""
     try:
@@ -272,7 +283,7 @@ def read_index(path: str) -> dict[str, object]:
                           hint="write it as {\"total_size\": …} or leave it out.")
     for tensor, shard in weight_map.items():
         check_shard_name(shard, path, tensor)
-    return index
+    return cast(ShardIndex, index)      # its shape is checked above
 
 
 def input_files(path: str | os.PathLike[str]) -> list[str]:
@@ -297,7 +308,7 @@ def input_files(path: str | os.PathLike[str]) -> list[str]:
         except InputFileError:
             weight_map = {}
         folder = os.path.dirname(index)
-        files += [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]  # type: ignore[union-attr]
+        files += [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
     elif not os.path.isdir(p) and os.path.basename(p).startswith("adapter_model"):
         files.append(os.path.join(os.path.dirname(p), "adapter_config.json"))
     return files

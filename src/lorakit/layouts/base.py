@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from .block_schemes import BlockScheme
 
@@ -353,14 +353,17 @@ def flatten(name: str) -> str:
     return name.replace(".", "_")
 
 
-class TemplateTable:
+_P = TypeVar("_P")
+
+
+class TemplateTable(Generic[_P]):
     """Name templates (``{i}`` = block index) → payload, with O(1) lookup for names without an index."""
 
     def __init__(self) -> None:
-        self._exact: dict[str, object] = {}
-        self._patterns: list[tuple[re.Pattern[str], object]] = []
+        self._exact: dict[str, _P] = {}
+        self._patterns: list[tuple[re.Pattern[str], _P]] = []
 
-    def add(self, template: str, payload: object) -> None:
+    def add(self, template: str, payload: _P) -> None:
         if "{i}" in template:
             pat = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
             self._patterns.append((re.compile(pat + r"\Z"), payload))
@@ -370,7 +373,7 @@ class TemplateTable:
     def __bool__(self) -> bool:
         return bool(self._exact or self._patterns)
 
-    def lookup(self, name: str) -> tuple[object, int | None] | None:
+    def lookup(self, name: str) -> tuple[_P, int | None] | None:
         if name in self._exact:
             return self._exact[name], None
         for pat, payload in self._patterns:
@@ -387,7 +390,7 @@ class NameIndex:
         self.component = component
         self.naming = naming
         self.flat = flat
-        self._table = TemplateTable()
+        self._table: TemplateTable[tuple[ModuleSpec, Alias]] = TemplateTable()
         for spec in component.modules:
             for alias in spec.names(naming):
                 self._table.add(flatten(alias.template) if flat else alias.template, (spec, alias))
@@ -396,7 +399,7 @@ class NameIndex:
         hit = self._table.lookup(name)
         if hit is None:
             return None
-        (spec, alias), idx = hit  # type: ignore[misc]
+        (spec, alias), idx = hit
         return NameMatch(spec, alias, idx)
 
     def name_of(self, spec: ModuleSpec, alias: Alias, index: int | None) -> str:
@@ -441,7 +444,7 @@ class ParamIndex:
         self.component = component
         self.naming = naming
         self.flat = flat
-        self._tables: dict[bool, TemplateTable] = {}
+        self._tables: dict[bool, TemplateTable[tuple[ParamSpec, Alias]]] = {}
         for stem in (False, True):
             table = self._tables[stem] = TemplateTable()
             for spec in component.params:
@@ -458,7 +461,7 @@ class ParamIndex:
         hit = self._tables[stem].lookup(name)
         if hit is None:
             return None
-        (spec, alias), idx = hit  # type: ignore[misc]
+        (spec, alias), idx = hit
         return ParamMatch(spec, alias, idx)
 
     def name_of(self, spec: ParamSpec, index: int | None, *, stem: bool = False) -> str | None:
