@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ from torch import Tensor
 from .transforms import NotExact, swap_halves
 
 
-def _f32(t: Tensor) -> Tensor:
+def _f32(t: Tensor | None) -> Tensor:
+    assert t is not None, "a factor this adapter form needs is missing"
     return t.to(torch.float32)
 
 
@@ -100,7 +101,8 @@ class Adapter:
         return None
 
     def to(self, dtype: torch.dtype) -> "Adapter":
-        return replace(self, **{k: v.to(dtype) for k, v in self._fields().items()})
+        changes: dict[str, Any] = {k: v.to(dtype) for k, v in self._fields().items()}
+        return replace(self, **changes)
 
     def _fields(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, Tensor)}
@@ -295,14 +297,14 @@ class LoKr(Adapter):
         return self.alpha / dim
 
     def factor1(self) -> Tensor:
-        return _f32(self.w1) if self.w1 is not None else _f32(self.w1a) @ _f32(self.w1b)  # type: ignore[operator]
+        return _f32(self.w1) if self.w1 is not None else _f32(self.w1a) @ _f32(self.w1b)
 
     def factor2(self) -> Tensor:
         if self.w2 is not None:
             return _f32(self.w2)
         if self.t2 is not None:
             return torch.einsum("ij...,ip,jr->pr...", _f32(self.t2), _f32(self.w2a), _f32(self.w2b)).contiguous()
-        return _f32(self.w2a) @ _f32(self.w2b)  # type: ignore[operator]
+        return _f32(self.w2a) @ _f32(self.w2b)
 
     @property
     def _rows1(self) -> int:
@@ -361,7 +363,9 @@ class LoKr(Adapter):
     def scaled(self, c: float) -> "LoKr":
         if self.w1 is not None:
             return replace(self, w1=(_f32(self.w1) * c).to(self.w1.dtype))
-        return replace(self, w1a=(_f32(self.w1a) * c).to(self.w1a.dtype))  # type: ignore[arg-type]
+        w1a = self.w1a
+        assert w1a is not None      # a LoKr has w1 or (w1a, w1b)
+        return replace(self, w1a=(_f32(w1a) * c).to(w1a.dtype))
 
     def tensors(self) -> dict[str, Tensor]:
         names = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
@@ -374,14 +378,14 @@ class LoKr(Adapter):
         if self.w1 is not None:
             f1 = _full_split(_f32(self.w1).flatten(1))
         else:
-            f1 = (_f32(self.w1a), _f32(self.w1b))  # type: ignore[arg-type]
+            f1 = (_f32(self.w1a), _f32(self.w1b))
         if self.w2 is not None:
             f2 = _full_split(_f32(self.w2).flatten(1))
         elif self.t2 is not None:   # Σ_ij t[i,j,…]·a[i,p]·b[j,r] = aᵀ·M, M[i, (r, …)] = Σ_j t[i,j,…]·b[j,r]
-            m = torch.einsum("ij...,jr->ir...", _f32(self.t2), _f32(self.w2b))  # type: ignore[arg-type]
-            f2 = (_f32(self.w2a).T.contiguous(), m.flatten(1))  # type: ignore[arg-type]
+            m = torch.einsum("ij...,jr->ir...", _f32(self.t2), _f32(self.w2b))
+            f2 = (_f32(self.w2a).T.contiguous(), m.flatten(1))
         else:
-            f2 = (_f32(self.w2a), _f32(self.w2b).flatten(1))  # type: ignore[arg-type]
+            f2 = (_f32(self.w2a), _f32(self.w2b).flatten(1))
         return f1, f2
 
     @property

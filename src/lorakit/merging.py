@@ -118,7 +118,7 @@ class MergeReport:
     @property
     def min_retained_energy(self) -> tuple[str, float] | None:
         e = [(m.module, m.retained_energy) for m in self.modules if m.retained_energy is not None]
-        return min(e, key=lambda x: x[1]) if e else None  # type: ignore[return-value,arg-type]
+        return min(e, key=lambda x: x[1]) if e else None
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -267,15 +267,20 @@ def merge_arch(models: Sequence[LoraModel]) -> ArchInstance:
                     merged[k] = v
                     owner.setdefault((comp, k), m.path)
     default = first.arch.spec.default_variant
+    arch_spec = first.arch.spec
     variants = sorted({m.arch.variant for m in models} - {default, "any"})
-    if len(variants) > 1 and set(variants) != {"dev", "schnell"}:
-        raise ArchitectureError(f"inputs are for different {first.arch.spec.label} variants: {', '.join(variants)}.",
+    # variants only metadata names (Pony, Illustrious on SDXL) share their base's tensors: any mix of them merges;
+    # structurally different ones only when the architecture declares them mixable (FLUX.1 dev + schnell)
+    named_only = {v.name for v in arch_spec.variants if v.named_by}
+    structural = [v for v in variants if v not in named_only]
+    if len(structural) > 1 and not any(set(structural) <= group for group in arch_spec.mixable_variants):
+        raise ArchitectureError(f"inputs are for different {arch_spec.label} variants: {', '.join(variants)}.",
                                 hint="merge LoRAs of one base model only.")
-    variant = variants[0] if len(variants) == 1 else default
-    preset = {}
+    variant = variants[0] if len(variants) == 1 else structural[0] if len(structural) == 1 else default
+    preset: dict[str, str] = {}
     for m in models:
-        for k, v in m.arch.preset.items():
-            preset.setdefault(k, v)
+        for comp_name, preset_name in m.arch.preset.items():
+            preset.setdefault(comp_name, preset_name)
     return ArchInstance(first.arch.spec, params, variant, preset)
 
 
@@ -318,8 +323,8 @@ def _target_shape(arch: ArchInstance, target: Target, contribs: Sequence[Contrib
     tail = tuple(first.weight_shape[1:]) if first is not None else ()
     if mod is not None and mod.out > 0:
         return (mod.out, *tail)
-    rows = [c.rows[1] if c.rows else (c.adapter.out_features if c.adapter is not None else int(c.bias.shape[0]))
-            for c in contribs]  # type: ignore[union-attr]
+    rows = [c.rows[1] if c.rows else (c.adapter.out_features if c.adapter is not None else
+                                      int(c.bias.shape[0]) if c.bias is not None else 0) for c in contribs]
     return (max(rows), *tail)
 
 
@@ -767,6 +772,7 @@ def dense_merge(target: Target, contribs: Sequence[Contribution], shape: tuple[i
     gen = None
     if get_merge_method(options.method).random:
         gen = torch.Generator(device="cpu").manual_seed(module_seed(options.seed, str(target)))
+    assert options.density is not None     # dense methods require --density (checked with the options)
     result = combine_dense(tensors, [weights[i] for i in order], options.method, density=float(options.density),
                            majority_sign=options.majority_sign, generator=gen)
     return result * multiplier if multiplier != 1 else result

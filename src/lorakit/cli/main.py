@@ -32,7 +32,7 @@ class Parser(argparse.ArgumentParser):
             parts.append("COMMAND …")
         return "usage: " + " ".join(parts)
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         hint = f"run '{self.prog} --help' for the options."
         unknown = [w for w in message.replace(",", " ").split() if w.startswith("-")]
         if message.startswith("unrecognized arguments") and unknown:

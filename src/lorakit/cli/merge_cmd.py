@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     if worst:
         say(f"  lowest retained energy: {worst[1]:.6f} in {worst[0]}")
     if r.verify:
-        say(f"  verify: max relative error {float(r.verify['max_relative_error']):.3e} in {r.verify['worst_module']} "
+        say(f"  verify: max relative error {float(str(r.verify['max_relative_error'])):.3e} in {r.verify['worst_module']} "
             f"(against the {r.verify['reference']})")
     if r.rounding is not None:
         say(f"  storing the merged factors as {r.dtype} adds up to {r.rounding[1]:.2e} relative error "

@@ -254,6 +254,8 @@ class ArchSpec:
     # (a component it does not load is dropped from the written file by that consumer; writers warn)
     diffusers_loader: str = "diffusers' load_lora_weights"
     diffusers_loads: tuple[str, ...] | None = None     # None: every component
+    # groups of structurally different variants whose LoRAs may be merged together (FLUX.1 dev + schnell)
+    mixable_variants: tuple[frozenset[str], ...] = ()
 
     def role(self, role: str) -> ComponentSpec | None:
         """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""

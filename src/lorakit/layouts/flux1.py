@@ -151,6 +151,7 @@ FLUX1 = ArchSpec(
     # FluxLoraLoaderMixin._lora_loadable_modules = ["transformer", "text_encoder"] (diffusers 0.42.1): never T5
     diffusers_loader="diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)",
     diffusers_loads=("transformer", "clip_l"),
+    mixable_variants=(frozenset({"dev", "schnell"}),),
     # BFL single files, ComfyUI full checkpoints (``model.diffusion_model.``), ``diffusion_model.``-prefixed
     # files, diffusers transformers (single file, sharded, or a pipeline's ``transformer/`` folder)
     containers=tuple(Container(_T, prefix, _BFL_OR_DIFFUSERS, folder="transformer")
