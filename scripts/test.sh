@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (with the test oracles diffusers/PEFT/LyCORIS) and run the test suite.
+# Set up (with the test oracles diffusers/PEFT/LyCORIS), type-check and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,oracle
+.venv/bin/python -m mypy          # typed public API: the whole package type-checks (config in pyproject.toml)
 .venv/bin/python -m pytest "$@"
