@@ -63,9 +63,6 @@ from .progress import Progress, ProgressBar
 from .recipes import WeightedInput, parse_weighted
 
 LOOSE = "loose"                       # _Place.param of a loose parameter (its native name is the place's module)
-# components with their own command-line flags (--clip-l FILE --clip-l-out OUT); any component can be given
-# as a separate file with --component NAME=FILE:OUT
-TE_FLAGS = {"clip_l": "clip-l", "t5": "t5"}
 DEFAULT_CHUNK_BYTES = 16 << 20        # one pipeline chunk (source or output bytes, whichever is larger)
 WORK_ELEMENTS = 3 << 20               # fp32 elements per compute block (cache-friendly, ~12 MB)
 POOL = 3                              # buffers per pipeline stage
@@ -217,14 +214,20 @@ def _base_desc(base: BaseModel) -> str:
     return f"the base ({_labels(base).get(base.variant, base.variant)})"
 
 
+def component_flags() -> dict[str, str]:
+    """Components with their own command-line flags (``--clip-l FILE --clip-l-out OUT``), from the layouts'
+    :attr:`~lorakit.layouts.ComponentSpec.flag`; any component can be given as ``--component NAME=FILE:OUT``."""
+    return {c.name: c.flag for n in available() for c in resolve(n).components.values() if c.flag}
+
+
 def _flag(component: str) -> str:
     """How the command line names a separate file for a component."""
-    flag = TE_FLAGS.get(component)
+    flag = component_flags().get(component)
     return f"--{flag}" if flag else f"--component {component}=FILE"
 
 
 def _flag_hint(component: str) -> str:
-    flag = TE_FLAGS.get(component)
+    flag = component_flags().get(component)
     return f"--{flag} FILE --{flag}-out OUT" if flag else f"--component {component}=FILE:OUT"
 
 
@@ -1203,7 +1206,7 @@ def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple
     """component -> (file, output) from ``components=`` and the ``clip_l=``/``t5=`` aliases; checks pairs."""
     paths: dict[str, tuple[str, str | None]] = {}
     for c, (f, o) in aliases.items():
-        flag = TE_FLAGS[c]
+        flag = component_flags()[c]
         if f is None and o is not None:
             raise UsageError(f"--{flag}-out given without --{flag}.", hint=f"pass the {c} file with --{flag}.")
         if f is not None and o is None and not dry_run:
@@ -1213,7 +1216,7 @@ def _component_paths(components: ComponentFiles | None, aliases: dict[str, tuple
     for c, given in (components or {}).items():
         f, o = (given if isinstance(given, (tuple, list)) else (given, None))
         if c in paths:
-            raise UsageError(f"{c} given twice (--{TE_FLAGS[c]} and --component {c}=…).", hint="give it once.")
+            raise UsageError(f"{c} given twice (--{component_flags()[c]} and --component {c}=…).", hint="give it once.")
         if o is None and not dry_run:
             raise UsageError(f"--component {c}={f} given without an output.",
                              hint=f"pass --component {c}=FILE:OUT.safetensors.")
@@ -1493,7 +1496,7 @@ def _coverage(bases: list[BaseModel], loras: list[_Input], te_files: dict[str, W
             where = spec.components[comp].label if comp in spec.components else comp
             report.warnings.append(f"{name}: {n} {comp} modules not applied: the base holds no {where} (pass "
                                    f"{_flag_hint(comp)} to bake them into a text encoder)."
-                                   if comp not in TE_FLAGS else
+                                   if comp not in component_flags() else
                                    f"{name}: {n} {comp} modules not applied (pass {_flag_hint(comp)} "
                                    "to bake them into a text encoder).")
         report.inputs.append({"path": inp.path, "weight": inp.weight, "format": inp.model.format,
@@ -1515,7 +1518,7 @@ def _coverage(bases: list[BaseModel], loras: list[_Input], te_files: dict[str, W
     for c in te_files:
         if not uses[c] and not any(p.target.component == c for i in loras for p in i.model.patches):
             flag = _flag(c)
-            drop = f"{flag} and {flag}-out" if c in TE_FLAGS else flag + ":OUT"
+            drop = f"{flag} and {flag}-out" if c in component_flags() else flag + ":OUT"
             raise UsageError(f"{flag} given, but no LoRA has {c} modules.", hint=f"drop {drop}.")
     if unmatched and not allow_partial:
         lead = "; ".join(causes) + ". " if causes else ""

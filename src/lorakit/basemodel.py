@@ -23,10 +23,7 @@ from .layouts.base import Container, ModuleSpec
 from .layouts.base import ParamIndex, ParamMatch
 from .model import ArchInstance
 
-COMPONENT = "transformer"       # FLUX.1's denoiser (what extraction works on)
 
-# How the refusal of a file names the layouts an architecture's bases come in (wording only).
-_LAYOUT_WORDS = {"flux1": "in BFL, ComfyUI or diffusers layout"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class Slot:
     param: str                      # "weight", "bias" or the loose parameter's native name
     rows: tuple[int, int] | None    # row window inside the native tensor (split layouts)
     swap: bool = False              # the file stores the native rows with halves swapped
-    component: str = COMPONENT      # the component the tensor belongs to
+    component: str = ""             # the component the tensor belongs to
     transpose: bool = False         # the file stores the weight as in × out (ΔW goes in transposed)
 
 
@@ -280,7 +277,7 @@ def _explain(keys: list[str], file: WeightFile, archs: Sequence[ArchSpec]) -> No
         raise UnsupportedArchitectureError(
                 f"this base model looks like {rec.label} ({len(hits)} of {len(keys)} tensors match, e.g. {hits[0]!r}).",
                 path=file.path, hint=f"lorakit bakes and extracts {labels} models so far.")
-    wanted = " or ".join(f"{a.denoiser.label}" + (f" {_LAYOUT_WORDS[a.name]}" if a.name in _LAYOUT_WORDS else "")
+    wanted = " or ".join(f"{a.denoiser.label}" + (f" {a.base_layouts}" if a.base_layouts else "")
                          for a in archs)
     raise UnsupportedArchitectureError(
         f"no {labels} tensor found among {len(keys)} tensors (e.g. {keys[:3]}).", path=file.path,

@@ -34,33 +34,6 @@ EXTREME_SCALE = 8.0          # α/r above this is almost always a mistake (α wr
 LISTED = 8                   # modules listed per group in reports
 
 
-@dataclass(frozen=True)
-class Portability:
-    """A loader-compatibility note for LoRAs of one format and architecture; ``layout``: only on a base of that
-    layout, ``groups``: only when the LoRA has modules of these groups."""
-
-    format: str
-    arch: str
-    note: str
-    fix: str
-    layout: str | None = None
-    groups: tuple[str, ...] = ()
-
-
-PORTABILITY: tuple[Portability, ...] = (
-    Portability("lycoris", "flux1", "ComfyUI does not load SimpleTuner `lycoris_` keys (Comfy-Org/ComfyUI#4476)",
-                "convert with `lorakit convert --to kohya`"),
-    Portability("peft", "flux1", "ComfyUI does not load FLUX LoRAs with `base_model.model.` keys (Comfy-Org/ComfyUI#4347)",
-                "convert with `lorakit convert --to comfy` (or --to kohya)"),
-    Portability("onetrainer", "flux1", "Forge and newer loaders mis-read OneTrainer legacy `lora_transformer_` keys",
-                "convert with `lorakit convert --to kohya`"),
-    Portability("diffsynth", "flux1", "diffusers' loader silently ignores keys without the `transformer.` prefix",
-                "convert with `lorakit convert --to diffusers`"),
-    Portability("kohya", "flux1", "diffusers silently drops kohya FLUX embedder and final-layer keys (formats.md §6.1)",
-                "convert with `lorakit convert --to diffusers`", layout="diffusers",
-                groups=("embedders", "final_layer")),
-)
-
 # metadata fields and file-name parts that can name a derived model (Pony, Illustrious, Kontext …)
 _NAMING_FIELDS = ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name", "modelspec.title")
 
@@ -115,7 +88,7 @@ class TextEncoder:
     shapes: dict[str, tuple[int, ...]]      # native module -> weight shape (ΔW orientation, fused rows assembled)
     params: dict[str, int] = field(default_factory=dict)      # solved sizes (row windows of fused weights)
     loose: dict[str, tuple[int, ...]] = field(default_factory=dict)   # loose parameter -> shape
-    arch: str = "flux1"
+    arch: str = ""                          # the architecture whose component it is
 
 
 def module_shapes(base: BaseModel, component: str) -> dict[str, tuple[int, ...]]:
@@ -169,7 +142,7 @@ def open_text_encoder(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     if best is None:
         known = sorted({c.label for a in archs for c in a.components.values() if c.role != "denoiser"})
         raise InputFileError(f"not a text encoder lorakit knows (no {', '.join(known)} module found).", path=p,
-                             hint="pass a text-encoder checkpoint; the denoiser (transformer/UNet) goes to --base.")
+                             hint="pass a text-encoder checkpoint; the denoiser goes to --base.")
     return best[1]
 
 
@@ -270,7 +243,7 @@ class _Matchers:
             self._by_arch[arch_name] = [FormatMatcher(fmt, arch) for fmt in formats()]
         return self._by_arch[arch_name]
 
-    def understood_after_strip(self, key: str, arch_name: str = "flux1") -> str | None:
+    def understood_after_strip(self, key: str, arch_name: str) -> str | None:
         """The leading prefix whose removal makes ``key`` a known LoRA key of the architecture, if any."""
         matchers = self.of(arch_name)
         for sep in (".", "_"):
@@ -643,8 +616,8 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
                 "zero_up_modules": deep["zero_up_modules"][:LISTED], "zero_up_count": len(deep["zero_up_modules"]),
                 "delta_norm_max": deep["delta_norm_max"], **dchecks, **schecks}
     d.warnings = dwarn + swarn + hash_warn + split_warn
-    for n in PORTABILITY:
-        if n.format != parsed.format or n.arch != parsed.arch.name:
+    for n in parsed.arch.spec.portability:
+        if n.format != parsed.format:
             continue
         if n.layout is not None and (base is None or base.layout != n.layout):
             continue

@@ -77,8 +77,6 @@ DEFAULT_NITER = 2
 DEFAULT_TE_MIN_DIFF = 0.01     # sd-scripts' --min_diff: a text encoder at or below it is "the same"
 _DIRECT_RESIDUAL_BELOW = 1e-3  # squared relative error under which the energy difference loses digits
 
-# How reports name a base's own (native) naming, per architecture (wording only; "native" otherwise).
-_NATIVE_LAYOUT = {"flux1": "bfl", "sd1": "ldm", "sd2": "ldm", "sdxl": "sgm"}
 
 Progress = Callable[[int, int, str], None]
 
@@ -268,7 +266,7 @@ _PAIR_HINT = ("both files must be base models of one architecture (FLUX.1 transf
 
 
 def _layout_label(base: BaseModel) -> str:
-    name = _NATIVE_LAYOUT.get(base.arch.name, "native") if base.layout == "native" else base.layout
+    name = base.arch.spec.native_layout if base.layout == "native" else base.layout
     return name + (f", prefix {base.prefix!r}" if base.prefix else "")
 
 

@@ -7,6 +7,7 @@ import os
 
 from ..baking import bake, format_plan
 from ..errors import UsageError
+from ..layouts import available, resolve
 from ..recipes import RecipeSchema, WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
 from ..progress import terminal_progress
 from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
@@ -20,13 +21,18 @@ RECIPE_SCHEMA: RecipeSchema = {"base": str, "output": str, "dtype": str, "device
 RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
 
+def _layouts() -> str:
+    """The registered architectures' denoisers and the layouts their bases come in (help text from the layouts)."""
+    return "; ".join(f"{a.denoiser.label}" + (f" {a.base_layouts}" if a.base_layouts else "")
+                     for a in (resolve(n) for n in available()))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bake`` subcommand to the parser."""
     p = sub.add_parser(
         "bake", help=HELP,
-        description=HELP + ". BASE is a checkpoint of a supported architecture: a FLUX.1 transformer in BFL, "
-        "ComfyUI (model.diffusion_model.) or diffusers layout, a single file or a sharded folder, or a single-file "
-        "checkpoint holding a denoiser and text encoders together (each component it holds gets its LoRA modules; "
+        description=HELP + ". BASE is a checkpoint of a supported architecture (" + _layouts() + "), a single "
+        "file or a sharded folder, or a single-file checkpoint holding a denoiser and text encoders together (each component it holds gets its LoRA modules; "
         "other tensors, e.g. a VAE, are copied untouched), or a diffusers pipeline folder with model_index.json "
         "(its denoiser and text-encoder subfolders are baked, everything else copied; -o is then a new folder). "
         "The output keeps that layout and the base's dtypes "

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 
 from ..diagnose import doctor, format_report
+from ..layouts import available, resolve
 from .common import add_json, add_pickle, emit_json
 
 HELP = "diagnose LoRAs: will they apply (to this base), and if not, why and how to fix it"
+
+
+def _layouts() -> str:
+    """The registered architectures' denoisers and the layouts their bases come in (help text from the layouts)."""
+    return "; ".join(f"{a.denoiser.label}" + (f" {a.base_layouts}" if a.base_layouts else "")
+                     for a in (resolve(n) for n in available()))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(exit 2); the worst verdict sets the exit code.")
     p.add_argument("loras", nargs="+", metavar="LORA", help="LoRA file(s)")
     p.add_argument("--base", default=None, metavar="BASE",
-                   help="base checkpoint of any supported architecture (FLUX.1 transformer in BFL, ComfyUI or "
-                        "diffusers layout; SD 1.x/2.x/SDXL single file or UNet; file or sharded folder); every "
-                        "component it holds (UNet and text encoders of an SDXL single file) is checked")
+                   help="base checkpoint of any supported architecture (" + _layouts() + "; a file or a sharded "
+                        "folder); every component it holds (the UNet and text encoders of an SDXL single file) is "
+                        "checked")
     p.add_argument("--text-encoder", dest="text_encoders", action="append", default=[], metavar="TE",
                    help="text-encoder checkpoint (CLIP-L, OpenCLIP ViT-H/bigG, T5-XXL; native or HF names) to check "
                         "the LoRA's text-encoder modules against, when the base does not hold it (repeatable)")

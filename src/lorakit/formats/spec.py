@@ -126,7 +126,7 @@ for _fmt in (
                strip_trailing_underscore=True),
     FormatSpec("comfy", "ComfyUI (single-file names under diffusion_model.)", containers=("model.",),
                write_style="kohya"),
-    FormatSpec("diffusers", "diffusers / AI-Toolkit / SimpleTuner (transformer.… / unet.… lora_A/lora_B)",
+    FormatSpec("diffusers", "diffusers / AI-Toolkit / SimpleTuner (component-prefixed diffusers names, lora_A/lora_B)",
                write_style="peft", fold_alpha=True, lora_only=True),
     # diffusers before PEFT (<= 0.20): attention-processor LoRA layers, e.g. UNet
     # ``…attn1.processor.to_q_lora.down.weight`` (``to_out_lora`` = ``to_out.0``) and text encoders

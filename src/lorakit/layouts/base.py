@@ -208,6 +208,19 @@ class ComponentSpec:
     fixed: Mapping[str, int] = field(default_factory=dict)   # sizes every checkpoint of this component has
     # flag -> (reason, fix) when a LoRA has modules that need the flag and a base lacks them (``doctor``)
     flag_reasons: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    flag: str = ""         # a command-line alias for a separate file of this component (``--clip-l FILE``)
+
+
+@dataclass(frozen=True)
+class Portability:
+    """A loader-compatibility note for this architecture's LoRAs in one format; ``layout``: only on a base of that
+    layout, ``groups``: only when the LoRA has modules of these groups (``doctor`` prints it with the fix)."""
+
+    format: str
+    note: str
+    fix: str
+    layout: str | None = None
+    groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,6 +269,9 @@ class ArchSpec:
     diffusers_loads: tuple[str, ...] | None = None     # None: every component
     # groups of structurally different variants whose LoRAs may be merged together (FLUX.1 dev + schnell)
     mixable_variants: tuple[frozenset[str], ...] = ()
+    portability: tuple[Portability, ...] = ()
+    native_layout: str = "native"      # how reports name the single-file naming ("bfl", "ldm", "sgm")
+    base_layouts: str = ""             # how a refusal names the layouts its bases come in
 
     def role(self, role: str) -> ComponentSpec | None:
         """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""

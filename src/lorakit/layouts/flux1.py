@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
+from .base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability, Preset, Rule,
+                   Stamp, Variant)
 from .block_schemes import FLUX1_BLOCKS
 from .text_encoders import CLIP_L, T5_XXL
 
@@ -146,12 +147,28 @@ RULES: dict[str, tuple[Rule, ...]] = {
 FLUX1 = ArchSpec(
     name="flux1",
     label="FLUX.1",
-    components={"transformer": TRANSFORMER, "clip_l": replace(CLIP_L, role="te1"), "t5": replace(T5_XXL, role="te2")},
+    components={"transformer": TRANSFORMER, "clip_l": replace(CLIP_L, role="te1", flag="clip-l"),
+                "t5": replace(T5_XXL, role="te2", flag="t5")},
     rules=RULES,
     # FluxLoraLoaderMixin._lora_loadable_modules = ["transformer", "text_encoder"] (diffusers 0.42.1): never T5
     diffusers_loader="diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)",
     diffusers_loads=("transformer", "clip_l"),
     mixable_variants=(frozenset({"dev", "schnell"}),),
+    native_layout="bfl",
+    base_layouts="in BFL, ComfyUI or diffusers layout",
+    portability=(
+        Portability("lycoris", "ComfyUI does not load SimpleTuner `lycoris_` keys (Comfy-Org/ComfyUI#4476)",
+                    "convert with `lorakit convert --to kohya`"),
+        Portability("peft", "ComfyUI does not load FLUX LoRAs with `base_model.model.` keys (Comfy-Org/ComfyUI#4347)",
+                    "convert with `lorakit convert --to comfy` (or --to kohya)"),
+        Portability("onetrainer", "Forge and newer loaders mis-read OneTrainer legacy `lora_transformer_` keys",
+                    "convert with `lorakit convert --to kohya`"),
+        Portability("diffsynth", "diffusers' loader silently ignores keys without the `transformer.` prefix",
+                    "convert with `lorakit convert --to diffusers`"),
+        Portability("kohya", "diffusers silently drops kohya FLUX embedder and final-layer keys (formats.md §6.1)",
+                    "convert with `lorakit convert --to diffusers`", layout="diffusers",
+                    groups=("embedders", "final_layer")),
+    ),
     # BFL single files, ComfyUI full checkpoints (``model.diffusion_model.``), ``diffusion_model.``-prefixed
     # files, diffusers transformers (single file, sharded, or a pipeline's ``transformer/`` folder)
     containers=tuple(Container(_T, prefix, _BFL_OR_DIFFUSERS, folder="transformer")

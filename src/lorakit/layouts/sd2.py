@@ -26,6 +26,8 @@ SD2 = ArchSpec(
     default_variant="base",
     rules=sd_rules(DIFFUSERS_FIRST, ENCODERS),
     containers=sd_containers(ENCODERS),
+    native_layout="ldm",
+    base_layouts="as single-file checkpoints, bare UNets or diffusers pipeline folders",
     named_by=("sd_v2", "stable-diffusion-v2"),
     blocks=SD_BLOCKS,
     stamp=Stamp(kohya_module="networks.lora", ss_version="sd_v2", modelspec="stable-diffusion-v2-512",

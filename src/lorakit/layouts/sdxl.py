@@ -40,6 +40,8 @@ SDXL = ArchSpec(
     default_variant="base",
     rules=sd_rules(SINGLE_FILE_FIRST, ENCODERS),
     containers=sd_containers(ENCODERS),
+    native_layout="sgm",
+    base_layouts="as single-file checkpoints, bare UNets or diffusers pipeline folders",
     named_by=("sdxl", "stable-diffusion-xl"),
     blocks=SDXL_BLOCKS,
     stamp=Stamp(kohya_module="networks.lora", ss_version="sdxl_base_v1-0", modelspec="stable-diffusion-xl-v1-base",
