@@ -339,13 +339,42 @@ def test_lycoris_dora_output_axis_magnitudes_read_per_output_row(tmp_path) -> No
     _check_lycoris_dora(model, scales, lambda s: (s.shape[0],))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lorakit bug: LyCORIS wd_on_output=False on a k×k conv stores one magnitude per input channel, shape "
-    "(1, in, 1, 1) (norm over out×kh×kw); formats/parse.py dora_axis_of_shape() only accepts (1, in·k·k) as an "
-    "input-axis magnitude, so _check_entry_shapes() rejects the file with FormatError"))
 def test_lycoris_dora_input_axis_magnitudes_of_a_3x3_conv(tmp_path) -> None:
+    """wd_on_output=False: one magnitude per input channel, (1, in, 1, 1) on a conv (norm over out×kh×kw)."""
     model, scales = _lycoris_dora(tmp_path, wd_on_output=False)
     _check_lycoris_dora(model, scales, lambda s: (1, s.numel()))
+
+
+@pytest.mark.parametrize("wd_on_output", (True, False), ids=("out-axis", "in-axis"))
+def test_lycoris_dora_bake_matches_lycoris_merged_weight(tmp_path, wd_on_output: bool) -> None:
+    """Baking a LyCORIS DoRA LoCon (3×3 conv, 1×1 conv, Linears) gives LyCORIS's own merged weights
+    (``get_merged_weight``: m·(W0+ΔW)/‖W0+ΔW‖ per output row, or per input channel of a conv)."""
+    from safetensors.torch import load_file
+
+    from lorakit.baking import bake
+
+    unet = tiny_unet(32)
+    base = base_weights(unet)
+    net = lycoris_wrapper.create_lycoris(unet, 1.0, 4, 2, algo="locon", dora_wd=True, wd_on_output=wd_on_output)
+    net.apply_to()
+    randomise(net.named_parameters, seed=3)
+    lora = tmp_path / "dora.safetensors"
+    net.save_weights(str(lora), torch.float32, {})
+    tensors = {}
+    for name, (w, b, _) in base.items():
+        tensors[f"model.diffusion_model.{NATIVE[name]}.weight"] = w.contiguous()
+        if b is not None:
+            tensors[f"model.diffusion_model.{NATIVE[name]}.bias"] = b.contiguous()
+    base_path, out = tmp_path / "base.safetensors", tmp_path / "baked.safetensors"
+    save_file(tensors, str(base_path))
+    bake(str(base_path), [str(lora)], str(out), allow_partial=True)
+    baked = load_file(str(out))
+    modules = {m.lora_name: m for m in net.loras}
+    for name, native in NATIVE.items():
+        with torch.no_grad():
+            want, _ = modules["lycoris_" + name.replace(".", "_")].get_merged_weight(multiplier=1)
+        torch.testing.assert_close(baked[f"model.diffusion_model.{native}.weight"], want.float(), rtol=1e-4,
+                                   atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

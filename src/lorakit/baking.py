@@ -750,7 +750,13 @@ def _apply(work: torch.Tensor, task: _Task, n0: int, device: torch.device,
                 _add_delta(t, u, a, b, device)
             m = u.factors(device)["dora"]
             flat = t.view(t.shape[0], -1)
-            if u.dora_axis == "in":
+            if u.dora_axis == "in" and m.numel() != flat.shape[1]:
+                # one magnitude per input channel of a conv (LyCORIS wd_on_output=False): the norm over the output
+                # rows and the kernel positions of each channel
+                flat = t.view(t.shape[0], m.numel(), -1)
+                norm = torch.linalg.vector_norm(flat, dim=(0, 2), keepdim=True)
+                mag = m.reshape(1, -1, 1)
+            elif u.dora_axis == "in":
                 norm = torch.linalg.vector_norm(flat, dim=0, keepdim=True)
                 mag = m.reshape(1, -1)
             else:

@@ -692,6 +692,9 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
             rows = adapter.out_features if adapter is not None else int(piece.dora.shape[0])
             if input_axis_dora(piece.dora, rows):
                 d = piece.dora.reshape(1, -1)    # kohya/LyCORIS (1, in); PEFT targets refuse it in pieces()
+                shape = adapter.weight_shape if adapter is not None else ()
+                if len(shape) > 2 and d.shape[1] == shape[1]:
+                    d = d.reshape(1, -1, *([1] * (len(shape) - 2)))   # per input channel of a conv
             else:
                 d = piece.dora.reshape(-1)
                 if fmt.write_style == "kohya":

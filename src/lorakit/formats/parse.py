@@ -537,7 +537,8 @@ def fits(got: Sequence[int], want: Sequence[int]) -> bool:
     return bool(got) and (want[0] < 0 or got[0] == want[0]) and _prod(got[1:]) == _prod(want[1:])
 
 
-def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int, *, peft: bool = False) -> str | None:
+def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int, *, peft: bool = False,
+                       in_channels: int | None = None) -> str | None:
     """Which axis a stored DoRA magnitude of ``shape`` normalizes: "out" for ``(out,)`` / ``(out, 1[, 1, 1])``
     (PEFT, kohya/LyCORIS ``wd_on_output``), "in" for ``(1, in[, k, k])`` (LyCORIS with ``wd_on_output=False``;
     ``in_cols`` = the product of the input dimensions), None when it is neither. A ``(1, 1)`` magnitude of a
@@ -549,6 +550,9 @@ def dora_axis_of_shape(shape: Sequence[int], out_rows: int, in_cols: int, *, pef
         return "out"     # PEFT DoraConv2dLayer: (1, out, 1, 1), one magnitude per output channel
     if len(shape) >= 2 and shape[0] == 1 and _prod(shape[1:]) == in_cols:
         return "in"
+    if in_channels is not None and len(shape) >= 2 and shape[:2] == (1, in_channels) and \
+            all(d == 1 for d in shape[2:]):
+        return "in"      # LyCORIS wd_on_output=False on a k×k conv: one magnitude per input channel
     return None
 
 
@@ -585,7 +589,9 @@ def _check_entry_shapes(entry: ModuleEntry, path: str | None) -> None:
         try:
             composed = _composed_shape(entry)
             out_rows, in_cols = composed[0], _prod(composed[1:])
-            if "dora" in shapes and dora_axis_of_shape(shapes["dora"], out_rows, in_cols, peft=_peft_dora(entry)) is None:
+            in_ch = composed[1] if len(composed) > 2 else None
+            if "dora" in shapes and dora_axis_of_shape(shapes["dora"], out_rows, in_cols, peft=_peft_dora(entry),
+                                                       in_channels=in_ch) is None:
                 raise ValueError(f"DoRA magnitude of shape {list(shapes['dora'])} is neither an output-axis "
                                  f"magnitude ([{out_rows}] or [{out_rows}, 1]) nor an input-axis one ([1, {in_cols}])")
         except ValueError as exc:
@@ -803,7 +809,8 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     if dora is not None:
         # the axis is explicit in the shape: output-axis magnitudes become (out,), input-axis ones stay (1, in)
         composed = _composed_shape(entry)
-        axis = dora_axis_of_shape(dora.shape, composed[0], _prod(composed[1:]), peft=_peft_dora(entry))
+        axis = dora_axis_of_shape(dora.shape, composed[0], _prod(composed[1:]), peft=_peft_dora(entry),
+                                  in_channels=composed[1] if len(composed) > 2 else None)
         dora = dora.reshape(-1) if axis == "out" else dora.reshape(1, -1)
     adapter = _with_kernel(adapter, entry)
     alias = entry.match.alias
