@@ -21,9 +21,10 @@ from .basemodel import BaseModel, open_base, open_component
 from .dtypes import FLOAT_CODES
 from .errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
 from .formats import parse
-from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, _rows
+from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, row_window
 from .formats.spec import formats, split_key
-from .inspection import _deep, _kind, _rank, _read_alphas, _scale, metadata_summary, split_qkv_warnings
+from .inspection import (deep_checks, entry_kind, entry_rank, entry_scale, metadata_summary, read_alphas,
+                         split_qkv_warnings)
 from .io import WeightFile, open_weights
 from .layouts import (RECOGNIZERS, ArchSpec, ComponentSpec, ModuleSpec, Variant, available, recognize, resolve,
                       symbols)
@@ -397,7 +398,7 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
                 miss(*_absent_cause(e, ref, comp), label)
             continue
         out_obs, in_obs = e.observed_shape()
-        rows = _rows(e.match.alias, ref.params) if e.match.alias.rows else None
+        rows = row_window(e.match.alias, ref.params) if e.match.alias.rows else None
         exp_out = rows[1] - rows[0] if rows else shape[0]
         exp_in = shape[1] if len(shape) > 1 else None
         bad: set[str] = set()
@@ -433,7 +434,7 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
 def _info(parsed: ParsedLora, alphas: Mapping[str, float | None], ranks: Mapping[str, int | None],
           scales: Mapping[str, float | None]) -> dict[str, Any]:
     meta = metadata_summary(parsed.metadata)
-    kinds = sorted({k for e in parsed.entries if (k := _kind(e))} |
+    kinds = sorted({k for e in parsed.entries if (k := entry_kind(e))} |
                    ({"dora"} if any("dora" in e.keys for e in parsed.entries) else set()))
     variants = {v.name: v.label for v in parsed.arch.spec.variants}
     return {"format": parsed.format, "format_label": parsed.detection.format.label,
@@ -597,10 +598,10 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
                              f"use it with a {label} model", error={"type": "UnsupportedArchitectureError",
                                                                      "message": f"{label} LoRA"})
         try:
-            alphas = _read_alphas(parsed)
-            ranks = {e.file_module: _rank(e) for e in parsed.entries}
-            scales = {m: _scale(e, alphas[m], ranks[m]) for m, e in ((e.file_module, e) for e in parsed.entries)}
-            deep = _deep(parsed)
+            alphas = read_alphas(parsed)
+            ranks = {e.file_module: entry_rank(e) for e in parsed.entries}
+            scales = {m: entry_scale(e, alphas[m], ranks[m]) for m, e in ((e.file_module, e) for e in parsed.entries)}
+            deep = deep_checks(parsed)
             hash_warn = _hash_warnings(f)
         except LorakitError as exc:
             return _failed(p, exc, INVALID, base_label)

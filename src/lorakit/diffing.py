@@ -32,7 +32,7 @@ from .errors import LorakitError, ShapeMismatchError, UsageError
 from .formats import load, parse
 from .formats.parse import ParsedLora
 from .io import open_weights
-from .model import LoraModel, Patch, Target, _target_shape
+from .model import LoraModel, Patch, Target, target_shape
 from .progress import Progress
 from .progress import report as report_progress
 
@@ -297,7 +297,7 @@ def _shape(model: LoraModel, t: Target, patches: list[Patch]) -> tuple[int, ...]
     live = [p for p in patches if p.adapter is not None]
     if not live:
         return None
-    return tuple(_target_shape(model, t, live))
+    return tuple(target_shape(model, t, live))
 
 
 def _ranks(patches: Iterable[Patch]) -> list[int]:

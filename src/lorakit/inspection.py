@@ -72,7 +72,7 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
     return out
 
 
-def _read_alphas(parsed: ParsedLora, nonfinite: list[str] | None = None) -> dict[str, float | None]:
+def read_alphas(parsed: ParsedLora, nonfinite: list[str] | None = None) -> dict[str, float | None]:
     """α per module. A NaN/Inf α raises NonFiniteError naming its key, unless ``nonfinite`` is given: then the
     module's α is None and the key is appended there (``inspect`` shows the file and flags it)."""
     out: dict[str, float | None] = {}
@@ -89,7 +89,8 @@ def _read_alphas(parsed: ParsedLora, nonfinite: list[str] | None = None) -> dict
     return out
 
 
-def _rank(e: ModuleEntry) -> int | None:
+def entry_rank(e: ModuleEntry) -> int | None:
+    """The rank of a parsed module (LoRA/LoHa/LoKr inner size), from the header; None for diffs."""
     s = e.shapes
     if e.family == "lora":
         return s["down"][0]
@@ -102,7 +103,8 @@ def _rank(e: ModuleEntry) -> int | None:
     return None
 
 
-def _scale(e: ModuleEntry, alpha: float | None, rank: int | None) -> float | None:
+def entry_scale(e: ModuleEntry, alpha: float | None, rank: int | None) -> float | None:
+    """The effective scale α/r of a parsed module (1 when no α is stored), None when it has no rank."""
     if rank is None:
         return 1.0
     if e.family == "lokr" and not ({"lokr_w2_b", "lokr_w1_b"} & set(e.shapes)):
@@ -192,13 +194,13 @@ def split_qkv_warnings(parsed: ParsedLora) -> list[str]:
     about only when ``ss_network_args`` says ``split_qkv``; the numbers are not changed."""
     if not _split_qkv_flag(parsed.metadata):
         return []
-    from .formats.parse import _rows
+    from .formats.parse import row_window
     hits: dict[int, list[str]] = {}
     for e in parsed.entries:
         if e.family != "lora" or "mid" in e.keys or isinstance(e.match, ParamMatch) or e.match.alias.rows is not None:
             continue
         params = parsed.arch.params.get(e.component, {})
-        windows = [w for a in e.match.spec.names("diffusers") if (w := _rows(a, params)) is not None]
+        windows = [w for a in e.match.spec.names("diffusers") if (w := row_window(a, params)) is not None]
         n, rank = len(windows), e.shapes["down"][0]
         if n < 2 or rank % n:
             continue
@@ -214,7 +216,8 @@ def split_qkv_warnings(parsed: ParsedLora) -> list[str]:
             "lorakit keeps the numbers as stored" for n, mods in sorted(hits.items())]
 
 
-def _deep(parsed: ParsedLora) -> dict[str, Any]:
+def deep_checks(parsed: ParsedLora) -> dict[str, Any]:
+    """Reads every tensor: NaN/Inf modules, all-zero ups, ΔW norms (``inspect --deep`` and ``doctor``)."""
     nonfinite, zero_up, norms = [], [], {}
     for e in parsed.entries:
         try:
@@ -254,14 +257,14 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
     with open_weights(p, allow_pickle=allow_pickle) as f:
         parsed = parse(f, force_format=from_format, arch_name=arch)
         bad_alphas: list[str] = []
-        alphas = _read_alphas(parsed, bad_alphas)
-        ranks = {e.file_module: _rank(e) for e in parsed.entries}
-        scales = {m: _scale(e, alphas[m], ranks[m]) for m, e in ((e.file_module, e) for e in parsed.entries)}
+        alphas = read_alphas(parsed, bad_alphas)
+        ranks = {e.file_module: entry_rank(e) for e in parsed.entries}
+        scales = {m: entry_scale(e, alphas[m], ranks[m]) for m, e in ((e.file_module, e) for e in parsed.entries)}
         for e in parsed.entries:    # a NaN/Inf α has no scale
             if e.keys.get("alpha", e.file_module) in bad_alphas:
                 scales[e.file_module] = None
         dtypes = Counter(f.infos[k].dtype for k in f.keys())
-        kinds = sorted({k for e in parsed.entries if (k := _kind(e))} |
+        kinds = sorted({k for e in parsed.entries if (k := entry_kind(e))} |
                        ({"dora"} if any("dora" in e.keys for e in parsed.entries) else set()))
         report: dict[str, Any] = {
             "file": p,
@@ -297,14 +300,15 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
             "stored_hashes": {k: parsed.metadata[k] for k in STORED_HASH_KEYS if k in parsed.metadata},
         }
         if deep:
-            report["deep"] = _deep(parsed)
+            report["deep"] = deep_checks(parsed)
     if hashes or deep:   # whole-file hashes read every byte: only on request
         from .hashes import hash_report
         report["hashes"] = hash_report(p, allow_pickle=allow_pickle)
     return report
 
 
-def _kind(e: ModuleEntry) -> str | None:
+def entry_kind(e: ModuleEntry) -> str | None:
+    """How reports name a module's adapter kind (``lora``, ``locon`` for conv factors, ``loha``, ``lokr``, ``full``)."""
     fam = e.family
     if fam == "lora":
         return "locon" if len(e.shapes["down"]) > 2 else "lora"

@@ -162,7 +162,7 @@ def dense_deltas(model: LoraModel, shapes: Mapping[Target, tuple[int, ...]] | No
             continue    # bias-only target (diff_b): no weight delta
         shape = shapes.get(target) if shapes else None
         if shape is None:
-            shape = _target_shape(model, target, patches)
+            shape = target_shape(model, target, patches)
         total = torch.zeros(shape, dtype=torch.float32)
         for p in patches:
             if p.adapter is None:
@@ -176,7 +176,8 @@ def dense_deltas(model: LoraModel, shapes: Mapping[Target, tuple[int, ...]] | No
     return out
 
 
-def _target_shape(model: LoraModel, target: Target, patches: list[Patch]) -> tuple[int, ...]:
+def target_shape(model: LoraModel, target: Target, patches: list[Patch]) -> tuple[int, ...]:
+    """The full weight shape of a target: the layout's rows with the patches' trailing dims."""
     mod = model.arch.module_map(target.component).get(target.module)
     first = next(p.adapter for p in patches if p.adapter is not None)
     tail = first.weight_shape[1:]

@@ -419,7 +419,7 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
             _check_loose_shape(e, params, file.path)
             continue
         try:
-            rows = _rows(e.match.alias, params)
+            rows = row_window(e.match.alias, params)
         except KeyError as exc:
             raise FormatError(f"module {e.file_module!r} addresses rows of a fused weight, but the file's shapes do "
                               f"not determine the size {exc.args[0]!r}.", path=file.path,
@@ -748,7 +748,8 @@ def _build_adapter(entry: ModuleEntry, t: Mapping[str, torch.Tensor], alpha: flo
     return get_kind(fam).build(t, alpha) if fam != INCOMPLETE else None
 
 
-def _rows(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
+def row_window(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | None:
+    """The ``(start, stop)`` rows of the native weight an alias addresses (None: all rows)."""
     if alias.rows is None:
         return None
     start = evaluate(alias.rows[0], params)
@@ -816,7 +817,7 @@ def load_entry(parsed: ParsedLora, entry: ModuleEntry) -> Patch:
     alias = entry.match.alias
     if alias.swap_halves:
         adapter, bias, dora = swap_parts(adapter, bias, dora, densify=True)
-    patch = Patch(Target(entry.component, entry.match.native, loose=entry.match.loose), adapter, _rows(alias, params),
+    patch = Patch(Target(entry.component, entry.match.native, loose=entry.match.loose), adapter, row_window(alias, params),
                   bias=bias, dora=dora, source=entry.file_module, replace=entry.family == "set")
     return patch
 
