@@ -17,15 +17,9 @@ from lorakit.formats import emit, load, parse
 from lorakit.io import open_weights
 from lorakit.synthetic import base_tensors, full_flux_params, iter_split_modules
 
-def _reference() -> Path:
-    """The shape lists: $LORAKIT_REFERENCE, else the shared/ folder beside the checkout (as CI lays it out)."""
-    env = os.environ.get("LORAKIT_REFERENCE")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "reference")
-    return next((c for c in candidates if (c / "shapes").is_dir()), candidates[-1]) / "shapes"
+from reference import reference_shapes
 
-
-REF = _reference()
+REF = reference_shapes()
 BFL_JSON, DIFF_JSON = REF / "flux1-dev-bfl.json", REF / "flux1-dev-diffusers.json"
 pytestmark = pytest.mark.skipif(not BFL_JSON.exists(), reason="reference shape files not available")
 

@@ -9,7 +9,6 @@ random OpenCLIP-shaped state dicts, and from hand-counted numbers; never from lo
 from __future__ import annotations
 
 import json
-import os
 from functools import cache
 from pathlib import Path
 
@@ -21,19 +20,12 @@ from lorakit.layouts.base import Alias, ComponentSpec, ConcreteModule
 from lorakit.layouts.openclip import OPENCLIP_G, OPENCLIP_H
 from lorakit.layouts.text_encoders import CLIP_L
 
+from reference import reference_shapes
+
 Shapes = dict[str, tuple[int, ...]]
 
 
-def _reference() -> Path:
-    """The shape lists: $LORAKIT_REFERENCE, else the shared/ folder beside the checkout."""
-    env = os.environ.get("LORAKIT_REFERENCE")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "reference")
-    candidates.append(Path("/work/shared/reference"))
-    return next((c for c in candidates if (c / "shapes").is_dir()), candidates[-1]) / "shapes"
-
-
-REF = _reference()
+REF = reference_shapes()
 SDXL, SD15 = REF / "sdxl-single-file-sgm.json", REF / "sd15-single-file-ldm.json"
 TE2_DIFFUSERS, CLIP_L_DIFFUSERS = REF / "sdxl-text-encoder-2-diffusers.json", REF / "clip-l-text-encoder-diffusers.json"
 

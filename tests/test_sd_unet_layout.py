@@ -9,7 +9,6 @@ from the LDM yaml values written out below.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,16 +20,10 @@ import torch
 from lorakit.layouts import ComponentSpec, ConcreteModule, NameIndex, evaluate, expand, solve, symbols
 from lorakit.layouts.sd_unet import SD1_UNET, SDXL_UNET
 
-
-def _reference() -> Path:
-    """The shape lists: $LORAKIT_REFERENCE, else the shared/ folder beside the checkout (as CI lays it out)."""
-    env = os.environ.get("LORAKIT_REFERENCE")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "reference")
-    return next((c for c in candidates if (c / "shapes").is_dir()), candidates[-1]) / "shapes"
+from reference import reference_shapes
 
 
-REF = _reference()
+REF = reference_shapes()
 UNET_PREFIX = "model.diffusion_model."
 pytestmark = pytest.mark.skipif(not (REF / "sd15-single-file-ldm.json").exists(),
                                 reason="reference shape files not available")

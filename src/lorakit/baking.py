@@ -403,6 +403,19 @@ def _native_places(file: WeightFile, component: str, base: BaseModel) -> _Places
 # Outputs: single file or sharded folder mirroring an input
 # =============================================================================================
 
+def _publish_folder(tmpdir: str | None, path: str) -> None:
+    """Rename a completed temporary output folder into place (replacing only an empty folder: checked before any
+    work) and make the rename durable."""
+    assert tmpdir is not None
+    try:
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.rename(tmpdir, path)
+    except OSError as exc:
+        raise OutputError(f"cannot publish the output folder ({exc.strerror}).", path=path) from None
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 class _Output:
     """Writers for one output that mirrors one input file (same names, same shard assignment)."""
 
@@ -469,14 +482,8 @@ class _Output:
                 continue
             shutil.copy2(full, os.path.join(self.tmpdir, name))
             self.extra_files.append(name)
-        try:
-            if os.path.isdir(self.path):
-                os.rmdir(self.path)          # only an empty folder (checked before any work)
-            os.rename(self.tmpdir, self.path)
-        except OSError as exc:
-            raise OutputError(f"cannot publish the output folder ({exc.strerror}).", path=self.path) from None
+        _publish_folder(self.tmpdir, self.path)
         self.tmpdir = None
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abort(self) -> None:
         for w in self.writers.values():
@@ -594,14 +601,8 @@ class _PipelineOutput:
                 shutil.copytree(src, dst)     # links followed: an HF-cache snapshot links into its blobs
             else:
                 shutil.copy2(src, dst)
-        try:
-            if os.path.isdir(self.path):
-                os.rmdir(self.path)          # only an empty folder (checked before any work)
-            os.rename(self.tmpdir, self.path)
-        except OSError as exc:
-            raise OutputError(f"cannot publish the output folder ({exc.strerror}).", path=self.path) from None
+        _publish_folder(self.tmpdir, self.path)
         self.tmpdir = None
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abort(self) -> None:
         if self.tmpdir is not None:
