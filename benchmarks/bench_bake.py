@@ -27,7 +27,7 @@ import torch
 
 from lorakit.dtypes import dtype_code
 from lorakit.io import SafetensorsWriter
-from lorakit.synthetic import base_tensors, full_flux_params, write_sdscripts_lora
+from lorakit.samples.synthetic import base_tensors, full_flux_params, write_sdscripts_lora
 
 
 def scaled_params(scale: float) -> dict[str, int]:

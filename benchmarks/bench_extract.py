@@ -34,7 +34,7 @@ import torch
 from lorakit.dtypes import dtype_code
 from lorakit.io import SafetensorsWriter
 from lorakit.layouts import FLUX1, expand
-from lorakit.synthetic import base_tensors, full_flux_params
+from lorakit.samples.synthetic import base_tensors, full_flux_params
 
 POOL = 4_000_037   # prime length: tiled rows do not repeat with a short period
 
@@ -108,7 +108,7 @@ def child(argv: list[str]) -> None:
     p.add_argument("--rank", type=int)
     p.add_argument("paths", nargs=3)
     a = p.parse_args(argv)
-    from lorakit.extraction import extract
+    from lorakit.ops.extraction import extract
     t0 = time.perf_counter()
     r = extract(*a.paths, rank=a.rank)
     out = r.to_json()
@@ -140,8 +140,8 @@ def extrapolate(report: dict[str, object], measured: dict[str, int], full: dict[
 
 
 def exact_sample(base: str, tuned: str, rank: int, names: list[str]) -> list[dict[str, object]]:
-    from lorakit.basemodel import open_base
-    from lorakit.extraction import _assemble, decompose
+    from lorakit.base.checkpoint import open_base
+    from lorakit.ops.extraction import _assemble, decompose
     from lorakit.io import open_weights
     rows = []
     with open_weights(base) as fo, open_weights(tuned) as ft:

@@ -5,7 +5,7 @@ so no large files are needed; ``--files`` also writes them to a temporary folder
 ``lorakit.merge`` call (read, merge, write) against the time to read the inputs.
 
 Figures printed:
-- ``merge``: ``lorakit.merging.merge_models(method="svd")`` on the in-memory inputs (the maths);
+- ``merge``: ``lorakit.ops.merging.merge_models(method="svd")`` on the in-memory inputs (the maths);
 - ``emit``: writing tensors in kohya layout (in memory) at the output dtype;
 - floors measured in the same run: ``fp32 pass`` (casting every factor to fp32 once: a memory pass) and
   ``gram pass`` (``UᵀU`` and ``DDᵀ`` of every stacked module: one matmul pass with the same R² work as a QR).
@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from lorakit.adapters import LoRA
+from lorakit.lora.adapters import LoRA
 from lorakit.formats import emit
 from lorakit.layouts import FLUX1, expand
-from lorakit.merging import MergeOptions, merge_arch, merge_models
-from lorakit.model import ArchInstance, LoraModel, Patch, Target
-from lorakit.synthetic import full_flux_params
+from lorakit.ops.merging import MergeOptions, merge_arch, merge_models
+from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
+from lorakit.samples.synthetic import full_flux_params
 
 
 def scaled_params(scale: float) -> dict[str, int]:

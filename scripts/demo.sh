@@ -10,4 +10,4 @@ if [ -n "$folder" ] && [ "${folder#/}" = "$folder" ]; then
 fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m lorakit.demo "${folder:-demo-out}"
+.venv/bin/python -m lorakit.samples.demo "${folder:-demo-out}"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit.cli import main
-from lorakit.synthetic import TINY_FLUX, write_base
+from lorakit.samples.synthetic import TINY_FLUX, write_base
 
 
 def _good_lora(path) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError, OutputError, UnsupportedDtypeError
-from lorakit.synthetic import write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.samples.synthetic import write_aitoolkit_lora, write_sdscripts_lora
 from test_bake_util import (COMFY_EXTRA, INDEX, SHARDS, TINY_CLIP, TINY_FLUX, TINY_T5, expected_native, make_base,
                             metadata_of, native_state, read_all, swap, write_kohya_all, write_te_file)
 
@@ -254,7 +254,7 @@ def test_metadata_and_provenance(tmp_path):
     prov = json.loads(meta["lorakit.provenance"])
     assert prov["operation"] == "bake"
     assert prov["inputs"][0]["file"] == "k.safetensors" and prov["inputs"][0]["weight"] == 0.6
-    assert prov["inputs"][0]["sha256"] == lorakit.metadata.file_sha256(lora)
+    assert prov["inputs"][0]["sha256"] == lorakit.ops.metadata.file_sha256(lora)
     assert prov["base"]["file"] == os.path.basename(base) and prov["base"]["bytes"] == os.path.getsize(base)
     schnell = make_base(tmp_path / ".." / tmp_path.name, "diffusers", params={**TINY_FLUX, "guidance": 0})
     out2 = str(tmp_path / "out2.safetensors")
@@ -265,7 +265,7 @@ def test_metadata_and_provenance(tmp_path):
 def test_dry_run_reads_no_base_data(tmp_path, monkeypatch):
     base = make_base(tmp_path, "diffusers")
     loras = _loras(tmp_path, "both")
-    import lorakit.baking as baking
+    import lorakit.ops.baking as baking
     import lorakit.io.reader as reader
 
     def boom(*a, **k):
@@ -291,7 +291,7 @@ def test_dry_run_reads_no_base_data(tmp_path, monkeypatch):
     H, M = TINY_FLUX["H"], TINY_FLUX["M"]
     kohya = next(c for c in q["changes"] if c["input"] == "kohya.safetensors")
     assert kohya["native_rows"] == [3 * H, 3 * H + M] and kohya["tensor_rows"] == [0, M]
-    text = "\n".join(lorakit.baking.format_plan(r))
+    text = "\n".join(lorakit.ops.baking.format_plan(r))
     assert "single_transformer_blocks.0.proj_mlp.weight ←" in text
 
 
@@ -328,7 +328,7 @@ def test_outputs_are_checked_and_failures_leave_nothing(tmp_path, monkeypatch):
     (busy / "f").write_text("x")
     with pytest.raises(OutputError):
         lorakit.bake(base, [lora], str(busy))
-    import lorakit.baking as baking
+    import lorakit.ops.baking as baking
 
     def fail(self, task, *a):
         raise RuntimeError("disk on fire")

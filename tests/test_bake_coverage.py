@@ -116,7 +116,7 @@ def test_partially_matching_lora_more_blocks_than_base(tmp_path, capsys):
     # the modules that fit are baked exactly
     got, exp = native_state(out), expected_native(base, [])
     model = lorakit.read_lora(lora)
-    from lorakit.model import dense_deltas
+    from lorakit.lora.model import dense_deltas
     for target, d in dense_deltas(model).items():
         if not target.module.startswith("double_blocks.2."):
             exp[f"{target.module}.weight"] = exp[f"{target.module}.weight"] + d

@@ -16,7 +16,7 @@ import pytest
 SCRIPT = r"""
 import json, sys, torch
 import lorakit
-from lorakit.synthetic import write_base, write_sdscripts_lora
+from lorakit.samples.synthetic import write_base, write_sdscripts_lora
 params, folder = json.loads(sys.argv[1]), sys.argv[2]
 base, lora, out = folder + "/base.safetensors", folder + "/lora.safetensors", folder + "/out.safetensors"
 if sys.argv[3] == "make":

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.basemodel import open_base
+from lorakit.base.checkpoint import open_base
 from lorakit.cli.main import main
 from lorakit.errors import UnsupportedArchitectureError, CoverageError, UsageError
 from lorakit.io import open_weights

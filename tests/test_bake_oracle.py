@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorakit
-from lorakit.synthetic import iter_split_modules
+from lorakit.samples.synthetic import iter_split_modules
 from test_bake_util import native_state, read_all
 
 pytestmark = pytest.mark.oracle

@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorakit.basemodel import open_base
+from lorakit.base.checkpoint import open_base
 from lorakit.formats import read_lora
 from lorakit.io import open_weights
 from lorakit.layouts import FLUX1, expand
-from lorakit.model import dense_deltas
-from lorakit.synthetic import TINY_CLIP, TINY_FLUX, TINY_T5, lora_factors, write_base
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import TINY_CLIP, TINY_FLUX, TINY_T5, lora_factors, write_base
 
 TRANSFORMER = FLUX1.components["transformer"]
 SHARDS = ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors")

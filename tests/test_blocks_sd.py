@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.blocks import parse_blocks
+from lorakit.ops.blocks import parse_blocks
 from lorakit.errors import UsageError
 from lorakit.formats import read_lora
-from lorakit.model import Target
+from lorakit.lora.model import Target
 
 RANK = 4
 NO_BLOCK = "-"          # a module in no LBW block (time/label embedding, conv_out)
@@ -343,7 +343,7 @@ def test_sdxl_merge_with_12_values(tmp_path):
 def test_flux_block_ids_work_as_selectors_too():
     from conftest import TINY
     from lorakit.layouts import FLUX1
-    from lorakit.model import ArchInstance
+    from lorakit.lora.model import ArchInstance
     arch = ArchInstance(FLUX1, {"transformer": dict(TINY)})
     bw = parse_blocks("D01=0.5,S00=2,IN=3,TE=0,clip_l=4", arch)
     want = {("transformer", "double_blocks.1.img_attn.qkv"): 0.5, ("transformer", "double_blocks.0.img_attn.qkv"): 1,

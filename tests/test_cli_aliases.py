@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli import main
-from lorakit.synthetic import write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.samples.synthetic import write_aitoolkit_lora, write_sdscripts_lora
 
 
 def test_merge_models_ratios_equal_positional_weights(tmp_path) -> None:

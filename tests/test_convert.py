@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
 from lorakit.formats import read_lora
-from lorakit.model import dense_deltas
+from lorakit.lora.model import dense_deltas
 
 H = 32
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lorakit.demo import cli, prepare_folder
+from lorakit.samples.demo import cli, prepare_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,14 +52,14 @@ def test_demo_writes_only_into_the_fresh_folder_it_creates(tmp_path):
     os.utime(neighbour, ns=(1_000_000_000, 1_000_000_000))
     before = _snapshot(tmp_path)
     folder = tmp_path / "fresh"
-    proc = subprocess.run([sys.executable, "-m", "lorakit.demo", str(folder)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "lorakit.samples.demo", str(folder)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = _snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("fresh" + os.sep)} == before
     assert "fresh/aitoolkit_style.safetensors" in after
     # a second run into the same (now non-empty) folder refuses and changes nothing
-    again = subprocess.run([sys.executable, "-m", "lorakit.demo", str(folder)], capture_output=True, text=True,
+    again = subprocess.run([sys.executable, "-m", "lorakit.samples.demo", str(folder)], capture_output=True, text=True,
                            timeout=600, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
     assert again.returncode == 2 and "not empty" in again.stderr
     assert _snapshot(tmp_path) == after

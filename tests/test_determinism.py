@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lorakit.cli import main
-from lorakit.synthetic import write_aitoolkit_lora, write_base, write_sdscripts_lora
+from lorakit.samples.synthetic import write_aitoolkit_lora, write_base, write_sdscripts_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from lorakit import diff
-from lorakit.basemodel import open_base
+from lorakit.base.checkpoint import open_base
 from lorakit.cli import main
-from lorakit.conversion import convert
-from lorakit.diffing import patch_inner
+from lorakit.ops.conversion import convert
+from lorakit.ops.diffing import patch_inner
 from lorakit.errors import UsageError
 from lorakit.formats import read_lora
 from lorakit.io import SafetensorsWriter, open_weights, save_tensors
-from lorakit.model import Patch, Target, dense_deltas
-from lorakit.synthetic import TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
-from lorakit.adapters import LoRA, LoKr
+from lorakit.lora.model import Patch, Target, dense_deltas
+from lorakit.samples.synthetic import TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
+from lorakit.lora.adapters import LoRA, LoKr
 
 
 def _dense_oracle(pa: str, pb: str):

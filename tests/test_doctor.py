@@ -9,10 +9,10 @@ import torch
 
 from lorakit import doctor
 from lorakit.cli import main
-from lorakit.diagnose import INVALID, OK, PARTIAL, WILL_NOT_APPLY
+from lorakit.ops.diagnose import INVALID, OK, PARTIAL, WILL_NOT_APPLY
 from lorakit.errors import NotALoraError
 from lorakit.io import save_tensors
-from lorakit.synthetic import TINY_CLIP, TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
+from lorakit.samples.synthetic import TINY_CLIP, TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
 
 H = TINY_FLUX["H"]
 
@@ -266,8 +266,8 @@ def test_kontext_metadata_note(tmp_path, bases) -> None:
 def test_complete_module_with_unknown_name_is_not_called_incomplete(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from lorakit.diagnose import doctor
-    from lorakit.synthetic import write_base, write_sdscripts_lora
+    from lorakit.ops.diagnose import doctor
+    from lorakit.samples.synthetic import write_base, write_sdscripts_lora
     src = write_sdscripts_lora(tmp_path / "k.safetensors", rank=4, alpha=2.0, clip=None)
     t = load_file(src)
     t["lora_unet_bogus_module.lora_down.weight"] = torch.zeros(4, 32)

@@ -9,16 +9,16 @@ import os
 import pytest
 import torch
 
-from lorakit.basemodel import open_base
+from lorakit.base.checkpoint import open_base
 from lorakit.cli.main import main as cli
 from lorakit.errors import ArchitectureError, KeyMappingError, NotALoraError, UsageError
-from lorakit.extraction import decompose, extract, fro_sq
+from lorakit.ops.extraction import decompose, extract, fro_sq
 from lorakit.formats import read_lora
 from lorakit.io import open_weights, save_tensors
 from lorakit.layouts import FLUX1, expand
-from lorakit.linalg import randomized_svd
-from lorakit.model import dense_deltas
-from lorakit.synthetic import TINY_FLUX, write_aitoolkit_lora, write_base
+from lorakit.lora.linalg import randomized_svd
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import TINY_FLUX, write_aitoolkit_lora, write_base
 
 COMPONENT = FLUX1.components["transformer"]
 
@@ -377,7 +377,7 @@ def test_pairing_nothing_is_an_error(tmp_path, monkeypatch, pair):
     native, deltas = pair
     o = write_model(tmp_path / "o.safetensors", native)
     t = write_model(tmp_path / "t.safetensors", tuned_from(native, deltas))
-    import lorakit.extraction as ex
+    import lorakit.ops.extraction as ex
     monkeypatch.setattr(ex, "_covered", lambda slots, rows: False)
     with pytest.raises(KeyMappingError, match="paired"):
         extract(o, t, tmp_path / "x.safetensors", rank=3)

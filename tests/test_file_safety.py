@@ -27,7 +27,7 @@ from lorakit.io import check_output_path, open_weights
 from lorakit.io.header import MAX_HEADER_BYTES
 from lorakit.io.tempfiles import TEMP_SUFFIX, host_tag, is_temp_name, temp_name
 from lorakit.layouts import expand
-from lorakit.metaedit import edit_metadata
+from lorakit.ops.metaedit import edit_metadata
 
 from test_bake_util import INDEX, SHARDS, TRANSFORMER, make_base, write_kohya_all
 
@@ -360,7 +360,7 @@ def test_base_truncated_during_a_cross_device_bake_publishes_nothing(tmp_path, m
 
 
 def test_short_pread_in_the_copy_fallback_is_an_error(tmp_path, monkeypatch):
-    from lorakit import baking
+    from lorakit.ops import baking
     src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
     src.write_bytes(bytes(range(256)) * 64)
     real_pread = os.pread

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from lorakit.conversion import convert
+from lorakit.ops.conversion import convert
 from lorakit.errors import LossyConversionError
 from lorakit.formats import read_lora
-from lorakit.inspection import format_report, inspect_lora
-from lorakit.model import LoraModel, dense_deltas
+from lorakit.ops.inspection import format_report, inspect_lora
+from lorakit.lora.model import LoraModel, dense_deltas
 
 H, M, IN, OUT, CTX, VEC, T = 32, 128, 16, 16, 24, 20, 8
 NDOUBLE = NSINGLE = 2

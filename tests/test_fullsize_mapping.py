@@ -15,7 +15,7 @@ import torch
 
 from lorakit.formats import emit, load, parse
 from lorakit.io import open_weights
-from lorakit.synthetic import base_tensors, full_flux_params, iter_split_modules
+from lorakit.samples.synthetic import base_tensors, full_flux_params, iter_split_modules
 
 from reference import reference_shapes
 

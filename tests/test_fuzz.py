@@ -19,11 +19,11 @@ import pytest
 from conftest import report_line
 import torch
 
-from lorakit.conversion import convert
-from lorakit.diagnose import diagnose
+from lorakit.ops.conversion import convert
+from lorakit.ops.diagnose import diagnose
 from lorakit.errors import LorakitError
 from lorakit.formats import load, parse
-from lorakit.inspection import inspect_lora
+from lorakit.ops.inspection import inspect_lora
 from lorakit.io import open_weights, save_tensors
 
 CASE_SECONDS = 5.0

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.cli import main
-from lorakit.conversion import convert
-from lorakit.hashes import file_digests, hash_report
-from lorakit.inspection import inspect_lora
+from lorakit.ops.conversion import convert
+from lorakit.io.hashes import file_digests, hash_report
+from lorakit.ops.inspection import inspect_lora
 from lorakit.io import save_tensors
-from lorakit.synthetic import write_sdscripts_lora
+from lorakit.samples.synthetic import write_sdscripts_lora
 
 EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 

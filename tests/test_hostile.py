@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import checks
+from lorakit.lora import checks
 from lorakit.cli import main
 from lorakit.errors import HeaderError, InputFileError, LorakitError, brief
 from lorakit.io import open_weights
 from lorakit.io.header import MAX_JSON_DEPTH, MAX_TENSORS, JSONDepthError, loads_json
-from lorakit.synthetic import TINY_FLUX, write_base
+from lorakit.samples.synthetic import TINY_FLUX, write_base
 
 H = TINY_FLUX["H"]                       # double_blocks.N.img_attn.proj is an H×H Linear in FLUX.1
 MODULES = [f"lora_unet_double_blocks_{i}_img_attn_proj" for i in range(2)]

@@ -17,10 +17,10 @@ from lorakit.errors import AmbiguousFormatError, UnknownFormatError, Unsupported
 from lorakit.formats import read_lora
 from lorakit.formats.spec import FormatSpec
 from lorakit.layouts.base import Rule
-from lorakit.inspection import inspect_lora
+from lorakit.ops.inspection import inspect_lora
 from lorakit.io import SafetensorsWriter, open_weights
 from lorakit.layouts import FLUX1, ArchSpec, expand
-from lorakit.synthetic import full_flux_params
+from lorakit.samples.synthetic import full_flux_params
 
 H = 32
 parse_mod = importlib.import_module("lorakit.formats.parse")
@@ -286,8 +286,8 @@ def test_spellings(write_st, stem, down, up, out, inp, fmt, target) -> None:
 
 
 def test_delta_norm_matches_dense() -> None:
-    from lorakit.adapters import Full, LoHa, LoKr, LoRA
-    from lorakit.inspection import delta_norm
+    from lorakit.lora.adapters import Full, LoHa, LoKr, LoRA
+    from lorakit.ops.inspection import delta_norm
 
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -300,7 +300,7 @@ def test_delta_norm_matches_dense() -> None:
 
 def test_plain_inspect_shows_hashes_stored_in_the_header(tmp_path, capsys) -> None:
     from lorakit import convert
-    from lorakit.synthetic import write_aitoolkit_lora
+    from lorakit.samples.synthetic import write_aitoolkit_lora
     src = write_aitoolkit_lora(tmp_path / "ait.safetensors")       # written without sshs hashes
     out = str(tmp_path / "k.safetensors")
     convert(src, out, to="kohya")                                    # lorakit writes sshs_* on the written bytes

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.layouts import FLUX1, NameIndex, evaluate, expand, solve
-from lorakit.synthetic import TINY_FLUX, base_tensors, full_flux_params
+from lorakit.samples.synthetic import TINY_FLUX, base_tensors, full_flux_params
 
 TRANSFORMER = FLUX1.components["transformer"]
 PARAM_SETS = {"full": full_flux_params(), "tiny": dict(TINY_FLUX), "schnell": full_flux_params(guidance=False)}

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lorakit.adapters import LoHa, LoKr, LoRA
+from lorakit.lora.adapters import LoHa, LoKr, LoRA
 from lorakit.cli import main
-from lorakit.conversion import convert
+from lorakit.ops.conversion import convert
 from lorakit.errors import LossyConversionError, UsageError
 from lorakit.formats import read_lora
-from lorakit.model import Target, dense_deltas
+from lorakit.lora.model import Target, dense_deltas
 
 H, M = 32, 128   # tiny FLUX sizes (hidden, MLP), as the tiny diffusers config below
 LYCORIS_KEYS = (".hada_", ".lokr_", ".lora_mid.")
@@ -411,8 +411,8 @@ def test_diffusers_output_warns_what_its_loader_drops(tmp_path, capsys) -> None:
 
 
 def test_merge_and_resize_to_diffusers_warn_too(tmp_path) -> None:
-    from lorakit.merging import merge
-    from lorakit.resizing import resize
+    from lorakit.ops.merging import merge
+    from lorakit.ops.resizing import resize
 
     src, _ = _bias_and_t5_file(tmp_path / "in.safetensors")
     rep = merge([(src, 1.0)], str(tmp_path / "m.safetensors"), to="diffusers")

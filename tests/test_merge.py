@@ -14,8 +14,8 @@ from lorakit.cli import main
 from lorakit.errors import ArchitectureError, LorakitError, MergeError, OutputError, UsageError
 from lorakit.formats import read_lora
 from lorakit.io import open_weights
-from lorakit.model import dense_deltas
-from lorakit.synthetic import TINY_FLUX, write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import TINY_FLUX, write_aitoolkit_lora, write_sdscripts_lora
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def test_metadata_policy_and_provenance(tmp_path):
 
 
 def test_weighted_input_objects_and_string_specs(loras, tmp_path):
-    from lorakit.recipes import WeightedInput
+    from lorakit.ops.recipes import WeightedInput
     out = str(tmp_path / "m.safetensors")
     lorakit.merge([WeightedInput(loras["a"], 0.3), f"{loras['b']}:0.7"], out)
     assert_equals_sum(out, [(loras["a"], 0.3), (loras["b"], 0.7)])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 import lorakit
-from lorakit.blocks import parse_blocks
+from lorakit.ops.blocks import parse_blocks
 from lorakit.errors import UsageError
 from lorakit.formats import read_lora
 from lorakit.layouts import FLUX1
-from lorakit.model import ArchInstance, Target, dense_deltas
-from lorakit.synthetic import full_flux_params, write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.lora.model import ArchInstance, Target, dense_deltas
+from lorakit.samples.synthetic import full_flux_params, write_aitoolkit_lora, write_sdscripts_lora
 
 from conftest import TINY
 

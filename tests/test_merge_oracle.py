@@ -13,9 +13,9 @@ import torch.nn as nn
 import lorakit
 from lorakit.formats import read_lora
 from lorakit.io import open_weights
-from lorakit.merging import combine_dense, module_seed
-from lorakit.model import dense_deltas
-from lorakit.synthetic import TINY_FLUX, iter_split_modules, write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.ops.merging import combine_dense, module_seed
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import TINY_FLUX, iter_split_modules, write_aitoolkit_lora, write_sdscripts_lora
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402

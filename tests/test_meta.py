@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.cli import main
-from lorakit.conversion import convert
+from lorakit.ops.conversion import convert
 from lorakit.errors import OutputError, UsageError
 from lorakit.io import save_tensors
-from lorakit.metaedit import audit_lora_metadata, edit_metadata, read_metadata
-from lorakit.synthetic import TINY_FLUX, write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.ops.metaedit import audit_lora_metadata, edit_metadata, read_metadata
+from lorakit.samples.synthetic import TINY_FLUX, write_aitoolkit_lora, write_sdscripts_lora
 
 H = TINY_FLUX["H"]
 

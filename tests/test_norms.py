@@ -12,17 +12,17 @@ import os
 import pytest
 import torch
 
-from lorakit.baking import bake
+from lorakit.ops.baking import bake
 from lorakit.cli.main import main as cli
 from lorakit.errors import CoverageError, FormatError, KeyMappingError, LossyConversionError, ShapeMismatchError
-from lorakit.extraction import extract
+from lorakit.ops.extraction import extract
 from lorakit.formats import emit, read_lora
-from lorakit.inspection import inspect_lora
+from lorakit.ops.inspection import inspect_lora
 from lorakit.io import open_weights, save_tensors
-from lorakit.merging import merge
-from lorakit.model import LoraModel, Patch, Target
-from lorakit.adapters import Full, LoRA
-from lorakit.synthetic import TINY_FLUX, write_base
+from lorakit.ops.merging import merge
+from lorakit.lora.model import LoraModel, Patch, Target
+from lorakit.lora.adapters import Full, LoRA
+from lorakit.samples.synthetic import TINY_FLUX, write_base
 
 D = TINY_FLUX["D"]
 H = TINY_FLUX["H"]
@@ -182,7 +182,7 @@ def test_emit_refuses_factors_on_a_loose_parameter():
 
 def read_lora_model_with(patches):
     from lorakit.layouts import FLUX1
-    from lorakit.model import ArchInstance
+    from lorakit.lora.model import ArchInstance
     return LoraModel(ArchInstance(FLUX1, {"transformer": dict(TINY_FLUX)}), patches, "kohya")
 
 

@@ -17,7 +17,7 @@ import torch
 from lorakit.cli import main
 from lorakit.formats import read_lora
 from lorakit.layouts import FLUX1, NameIndex, evaluate, expand
-from lorakit.model import Target, dense_deltas
+from lorakit.lora.model import Target, dense_deltas
 
 pytestmark = pytest.mark.oracle
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from lorakit.formats import read_lora
-from lorakit.model import Target, dense_deltas
+from lorakit.lora.model import Target, dense_deltas
 
 lycoris_loha = pytest.importorskip("lycoris.modules.loha")
 lycoris_lokr = pytest.importorskip("lycoris.modules.lokr")

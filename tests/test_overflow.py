@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
-from lorakit.linalg import gram_fro_norm
-from lorakit.synthetic import write_sdscripts_lora
+from lorakit.lora.linalg import gram_fro_norm
+from lorakit.samples.synthetic import write_sdscripts_lora
 
 
 def _huge_alpha_fp16(tmp_path) -> str:

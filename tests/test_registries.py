@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit import adapter_kinds
-from lorakit.adapter_kinds import AdapterKind, get_kind, kind_of, kinds, register_kind, unregister_kind
-from lorakit.adapters import Full, LoHa, LoKr, LoRA
+from lorakit.lora import adapter_kinds
+from lorakit.lora.adapter_kinds import AdapterKind, get_kind, kind_of, kinds, register_kind, unregister_kind
+from lorakit.lora.adapters import Full, LoHa, LoKr, LoRA
 from lorakit.cli import main
 from lorakit.cli.merge_cmd import method_help, recipe_schema
 from lorakit.errors import UsageError
 from lorakit.formats.parse import ModuleEntry, _build_adapter, _complete
-from lorakit.merging import (Contribution, MergeOptions, ModuleStat, get_merge_method, merge_method, merge_methods,
+from lorakit.ops.merging import (Contribution, MergeOptions, ModuleStat, get_merge_method, merge_method, merge_methods,
                              register_merge_method, unregister_merge_method)
-from lorakit.model import Patch, Target
+from lorakit.lora.model import Patch, Target
 
 H = 32                      # tiny FLUX hidden size (conftest.TINY)
 MODULE = "lora_unet_double_blocks_0_img_attn_proj"

@@ -11,16 +11,16 @@ import tempfile
 import pytest
 import torch
 
-from lorakit.adapters import Full, LoHa, LoKr, LoRA
+from lorakit.lora.adapters import Full, LoHa, LoKr, LoRA
 from lorakit.cli.main import main as cli
-from lorakit.conversion import lora_output_metadata
+from lorakit.ops.conversion import lora_output_metadata
 from lorakit.errors import KeyMappingError, UsageError
 from lorakit.formats import emit, read_lora
 from lorakit.io import open_weights, save_tensors
 from lorakit.layouts import FLUX1, expand
-from lorakit.model import LoraModel, Patch, Target, dense_deltas
-from lorakit.resizing import resize, resize_adapter, verify_models
-from lorakit.synthetic import TINY_FLUX, write_aitoolkit_lora, write_sdscripts_lora
+from lorakit.lora.model import LoraModel, Patch, Target, dense_deltas
+from lorakit.ops.resizing import resize, resize_adapter, verify_models
+from lorakit.samples.synthetic import TINY_FLUX, write_aitoolkit_lora, write_sdscripts_lora
 
 COMPONENT = FLUX1.components["transformer"]
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adapters import LoKr
+from lorakit.lora.adapters import LoKr
 from lorakit.cli import main
 from lorakit.errors import RecipeError, UsageError
 from lorakit.formats import read_lora
 from lorakit.io import open_weights, save_tensors
-from lorakit.linalg import parse_dynamic
-from lorakit.model import Patch, Target
-from lorakit.recipes import WeightedInput, load_recipe, parse_weighted
-from lorakit.synthetic import TINY_CLIP, TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
+from lorakit.lora.linalg import parse_dynamic
+from lorakit.lora.model import Patch, Target
+from lorakit.ops.recipes import WeightedInput, load_recipe, parse_weighted
+from lorakit.samples.synthetic import TINY_CLIP, TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
 
 H = TINY_FLUX["H"]
 
@@ -86,7 +86,7 @@ def test_bake_api_refuses_non_finite_weight(files, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_lokr_misaligned_windows_densify_only_covering_blocks(monkeypatch):
-    from lorakit import baking
+    from lorakit.ops import baking
     k, blocks, cols = 7, 12, 10
     g = torch.Generator().manual_seed(0)
     adapter = LoKr(alpha=3.0, w1=torch.randn(blocks, 2, generator=g), w2a=torch.randn(k, 2, generator=g),
@@ -276,7 +276,7 @@ def test_recipe_values_are_typed(cmd, line, key, files, tmp_path, capsys):
 
 
 def test_recipe_schema_accepts_well_typed_values(tmp_path):
-    from lorakit.recipes import opt
+    from lorakit.ops.recipes import opt
     r = tmp_path / "r.yaml"
     r.write_text("rank: 4\ndensity: 1\nverify: false\nmethod: svd\nblocks: [1, 0.5]\nseed: null\n")
     got = load_recipe(r, {"rank": int, "density": float, "verify": bool, "method": opt(str, choices=("svd",)),

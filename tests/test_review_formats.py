@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.adapters import LoRA, NotExact
-from lorakit.checks import nonfinite_modules, require_finite_model
-from lorakit.conversion import convert
+from lorakit.lora.adapters import LoRA, NotExact
+from lorakit.lora.checks import nonfinite_modules, require_finite_model
+from lorakit.ops.conversion import convert
 from lorakit.errors import FormatError, LossyConversionError, NonFiniteError, UnsupportedDtypeError
 from lorakit.formats import fuse, read_lora
 from lorakit.formats.emit import fold_error, fold_scale
-from lorakit.inspection import format_report, inspect_lora
-from lorakit.model import LoraModel, Patch, Target, dense_deltas
+from lorakit.ops.inspection import format_report, inspect_lora
+from lorakit.lora.model import LoraModel, Patch, Target, dense_deltas
 
 H = 32
 PROJ = "lora_unet_double_blocks_0_img_attn_proj"

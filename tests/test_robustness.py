@@ -28,7 +28,7 @@ from lorakit import errors as E
 from lorakit.cli import main
 from lorakit.cli.main import build_parser
 from lorakit.io import save_tensors
-from lorakit.synthetic import TINY_FLUX, write_base
+from lorakit.samples.synthetic import TINY_FLUX, write_base
 
 H = TINY_FLUX["H"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,7 +407,7 @@ def test_bad_input(cls: InputClass, cmd: str, tmp_path, capsys, request) -> None
     argv = build(env, bad)
     _seen.add(cls.name)
     if cmd == "doctor":
-        from lorakit.diagnose import doctor
+        from lorakit.ops.diagnose import doctor
         d = doctor([bad], env.base).loras[0]
         assert d.verdict in ("INVALID", "WILL NOT APPLY"), d.summary
         if d.error:
@@ -436,7 +436,7 @@ def test_nan_is_flagged_by_inspect_deep(tmp_path, capsys) -> None:
 
 
 def test_require_finite_helper() -> None:
-    from lorakit.checks import require_finite
+    from lorakit.lora.checks import require_finite
     require_finite({"a": torch.ones(3), "i": torch.ones(2, dtype=torch.int64)})
     with pytest.raises(E.NonFiniteError, match="'b'"):
         require_finite({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)})

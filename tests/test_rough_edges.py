@@ -23,7 +23,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import UsageError
 from lorakit.progress import ProgressBar, terminal_progress
-from lorakit.synthetic import TINY_CLIP, TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
+from lorakit.samples.synthetic import TINY_CLIP, TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
 
 H = TINY_FLUX["H"]
 

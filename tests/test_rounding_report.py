@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from lorakit import resize
 from lorakit.formats import read_lora
-from lorakit.model import dense_deltas
-from lorakit.synthetic import write_sdscripts_lora
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import write_sdscripts_lora
 
 
 def _optimal(delta: torch.Tensor, k: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import lorakit
 from lorakit.cli.main import main
 from lorakit.errors import UnsupportedArchitectureError
 from lorakit.layouts import resolve
-from lorakit.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
+from lorakit.samples.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
 
 C = TINY_SD["sdxl"]["C"]
 G = TINY_TE["clip_g"]["D"]
@@ -226,7 +226,7 @@ MEMORY_SCRIPT = r"""
 import json, sys, torch
 import lorakit
 from lorakit.layouts import resolve
-from lorakit.synthetic import write_checkpoint
+from lorakit.samples.synthetic import write_checkpoint
 c, folder = int(sys.argv[1]), sys.argv[2]
 base, lora, out = folder + "/base.safetensors", folder + "/lora.safetensors", folder + "/out.safetensors"
 if sys.argv[3] == "make":

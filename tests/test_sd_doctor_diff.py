@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.cli.main import main
-from lorakit.diagnose import OK, PARTIAL, WILL_NOT_APPLY, doctor
-from lorakit.diffing import diff
+from lorakit.ops.diagnose import OK, PARTIAL, WILL_NOT_APPLY, doctor
+from lorakit.ops.diffing import diff
 from lorakit.errors import UsageError
 from lorakit.layouts import resolve
-from lorakit.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
+from lorakit.samples.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
 
 C = TINY_SD["sdxl"]["C"]          # 16 model channels (SDXL and SD1 tiny UNets alike)
 G = TINY_TE["clip_g"]["D"]        # 64-wide OpenCLIP-G

@@ -18,8 +18,8 @@ from lorakit.cli.main import main
 from lorakit.errors import ArchitectureError, UsageError
 from lorakit.formats import read_lora
 from lorakit.layouts import resolve
-from lorakit.model import Target, dense_deltas
-from lorakit.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
+from lorakit.lora.model import Target, dense_deltas
+from lorakit.samples.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
 
 C = TINY_SD["sdxl"]["C"]
 G = TINY_TE["clip_g"]["D"]

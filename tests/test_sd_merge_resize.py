@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
 from lorakit.errors import ArchitectureError, UsageError
-from lorakit.merging import merge
-from lorakit.resizing import resize
+from lorakit.ops.merging import merge
+from lorakit.ops.resizing import resize
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def test_concat_of_a_tucker_locon_is_exact_plain_4d_factors(small_pair, tmp_path
 
 
 def test_conv_rank_without_convolutions_warns(tmp_path) -> None:
-    from lorakit.synthetic import write_sdscripts_lora
+    from lorakit.samples.synthetic import write_sdscripts_lora
     a, b = write_sdscripts_lora(tmp_path / "a.safetensors"), write_sdscripts_lora(tmp_path / "b.safetensors", seed=3)
     report = merge([a, b], tmp_path / "m.safetensors", method="svd", rank=2, conv_rank=2)
     assert any("--conv-rank had no effect" in w for w in report.warnings)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.cli import main
 from lorakit.formats import read_lora
 from lorakit.layouts import evaluate, expand, resolve
-from lorakit.model import Target, dense_deltas
+from lorakit.lora.model import Target, dense_deltas
 
 pytestmark = pytest.mark.oracle
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.formats import emit, read_lora
-from lorakit.model import LoraModel, Target, dense_deltas
+from lorakit.lora.model import LoraModel, Target, dense_deltas
 
 lycoris_wrapper = pytest.importorskip("lycoris.wrapper")
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
@@ -351,7 +351,7 @@ def test_lycoris_dora_bake_matches_lycoris_merged_weight(tmp_path, wd_on_output:
     (``get_merged_weight``: m·(W0+ΔW)/‖W0+ΔW‖ per output row, or per input channel of a conv)."""
     from safetensors.torch import load_file
 
-    from lorakit.baking import bake
+    from lorakit.ops.baking import bake
 
     unet = tiny_unet(32)
     base = base_weights(unet)
@@ -442,7 +442,7 @@ def test_peft_dora_conv_reads_magnitude_per_output_channel(tmp_path, conv: str) 
 
 
 def test_peft_dora_bake_matches_peft_forward(tmp_path) -> None:
-    from lorakit.baking import bake
+    from lorakit.ops.baking import bake
 
     model, unet, base = _peft_dora(tmp_path, LINEARS)
     tensors = {}

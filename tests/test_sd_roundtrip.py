@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit.formats import emit, read_lora
-from lorakit.model import dense_deltas
+from lorakit.lora.model import dense_deltas
 
 RANK = 4
 

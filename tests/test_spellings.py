@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.baking import bake
-from lorakit.conversion import convert
+from lorakit.ops.baking import bake
+from lorakit.ops.conversion import convert
 from lorakit.errors import LorakitError, LossyConversionError, MergeError, NonFiniteError
 from lorakit.formats import read_lora
-from lorakit.inspection import format_report, inspect_lora
-from lorakit.merging import merge
-from lorakit.model import Target, dense_deltas
-from lorakit.synthetic import TINY_FLUX, write_base
+from lorakit.ops.inspection import format_report, inspect_lora
+from lorakit.ops.merging import merge
+from lorakit.lora.model import Target, dense_deltas
+from lorakit.samples.synthetic import TINY_FLUX, write_base
 
 H, M, D, IN = TINY_FLUX["H"], TINY_FLUX["M"], TINY_FLUX["D"], TINY_FLUX["IN"]
 T = "transformer"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lorakit.cli.main import main
 from lorakit.formats import read_lora
-from lorakit.model import Target, dense_deltas
+from lorakit.lora.model import Target, dense_deltas
 
 from toyarch import (SIZES, TE_PREFIX, UNET_PREFIX, delta, lora_modules,  # noqa: F401
                      toy_arch, write_base, write_lora)

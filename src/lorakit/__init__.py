@@ -14,20 +14,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .conversion import ConvertReport, convert
-from .errors import LorakitError
-from .formats import read_lora
-from .inspection import inspect_lora as inspect
-from .io import open_weights
+from lorakit.ops.conversion import ConvertReport, convert
+from lorakit.errors import LorakitError
+from lorakit.formats import read_lora
+from lorakit.ops.inspection import inspect_lora as inspect
+from lorakit.io import open_weights
 
 # Later capabilities live in their own modules and are imported on first use.
 _LAZY = {
-    "merge": ("merging", "merge"),
-    "bake": ("baking", "bake"),
-    "extract": ("extraction", "extract"),
-    "resize": ("resizing", "resize"),
-    "doctor": ("diagnose", "doctor"),
-    "diff": ("diffing", "diff"),
+    "merge": ("ops.merging", "merge"),
+    "bake": ("ops.baking", "bake"),
+    "extract": ("ops.extraction", "extract"),
+    "resize": ("ops.resizing", "resize"),
+    "doctor": ("ops.diagnose", "doctor"),
+    "diff": ("ops.diffing", "diff"),
 }
 
 

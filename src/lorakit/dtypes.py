@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UnsupportedDtypeError, UsageError
+from lorakit.errors import UnsupportedDtypeError, UsageError
 
 # safetensors dtype code -> (torch dtype, bytes per element). Order = the serialiser's enum order, used
 # to sort tensors exactly as `safetensors.torch.save` does (descending dtype, then name).
@@ -106,8 +106,8 @@ def cast_error(adapter: object, dtype: torch.dtype | None) -> float:
     Plain LoRA factors are measured from the factors alone (:func:`lorakit.formats.emit.fold_error`, the
     measurement extract and resize report); other adapters from their dense delta, one module at a time.
     0.0 when ``dtype`` is None or already the adapter's dtype."""
-    from .adapters import Adapter, LoRA
-    from .formats.emit import fold_error
+    from lorakit.lora.adapters import Adapter, LoRA
+    from lorakit.formats.emit import fold_error
     if dtype is None or not isinstance(adapter, Adapter) or adapter.dtype == dtype:
         return 0.0
     cast = adapter.to(dtype)

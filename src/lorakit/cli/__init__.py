@@ -1,5 +1,5 @@
 """Command-line interface (thin: argument parsing and error mapping only)."""
 
-from .main import main
+from lorakit.cli.main import main
 
 __all__ = ["main"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..baking import bake, format_plan
-from ..errors import UsageError
-from ..layouts import available, resolve
-from ..recipes import RecipeSchema, WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
-from ..progress import terminal_progress
-from .common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
+from lorakit.ops.baking import bake, format_plan
+from lorakit.errors import UsageError
+from lorakit.layouts import available, resolve
+from lorakit.ops.recipes import RecipeSchema, WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
+from lorakit.progress import terminal_progress
+from lorakit.cli.common import add_dtype, add_json, add_models, add_output, add_pickle, emit_json, models_inputs, say, status
 
 HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout out)"
 

@@ -7,9 +7,9 @@ import json
 import sys
 from typing import Any
 
-from ..dtypes import parse_dtype
-from ..errors import UsageError
-from ..recipes import WeightedInput
+from lorakit.dtypes import parse_dtype
+from lorakit.errors import UsageError
+from lorakit.ops.recipes import WeightedInput
 
 
 def add_dtype(p: argparse.ArgumentParser, default_help: str = "keep the input's dtype") -> None:
@@ -25,7 +25,7 @@ def add_json(p: argparse.ArgumentParser) -> None:
 
 def add_arch(p: argparse.ArgumentParser) -> None:
     """Add ``--arch`` (read the LoRA as this registered architecture instead of detecting it)."""
-    from ..layouts import available
+    from lorakit.layouts import available
     p.add_argument("--arch", default=None, choices=available(), metavar="ARCH",
                    help="read the input as this architecture instead of detecting it (" + ", ".join(available())
                         + "); for files whose keys fit several, e.g. a CLIP-L-only LoRA")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..conversion import convert
-from ..formats import WRITABLE, formats
-from ..progress import terminal_progress
-from .common import add_arch, add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
+from lorakit.ops.conversion import convert
+from lorakit.formats import WRITABLE, formats
+from lorakit.progress import terminal_progress
+from lorakit.cli.common import add_arch, add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "convert a LoRA between formats, exactly"
 

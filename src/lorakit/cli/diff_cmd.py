@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..diffing import diff, format_report
-from ..progress import terminal_progress
-from .common import add_json, add_pickle, emit_json
+from lorakit.ops.diffing import diff, format_report
+from lorakit.progress import terminal_progress
+from lorakit.cli.common import add_json, add_pickle, emit_json
 
 HELP = "compare two LoRAs (or two base models): modules, ranks, alphas, relative size and cosine per module/block"
 

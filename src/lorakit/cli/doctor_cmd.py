@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..diagnose import doctor, format_report
-from ..layouts import available, resolve
-from .common import add_json, add_pickle, emit_json
+from lorakit.ops.diagnose import doctor, format_report
+from lorakit.layouts import available, resolve
+from lorakit.cli.common import add_json, add_pickle, emit_json
 
 HELP = "diagnose LoRAs: will they apply (to this base), and if not, why and how to fix it"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..extraction import DEFAULT_TE_MIN_DIFF
-from ..formats import WRITABLE
-from ..progress import ProgressBar, terminal_progress  # noqa: F401 (ProgressBar: re-exported)
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
+from lorakit.ops.extraction import DEFAULT_TE_MIN_DIFF
+from lorakit.formats import WRITABLE
+from lorakit.progress import ProgressBar, terminal_progress  # noqa: F401 (ProgressBar: re-exported)
+from lorakit.cli.common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 
 HELP = "extract a LoRA from the difference of a fine-tuned model and its base"
 
@@ -26,7 +26,7 @@ def add_dynamic(p: argparse.ArgumentParser) -> None:
 
 def dynamic_arg(args: argparse.Namespace) -> str | None:
     """--dynamic, or sd-scripts' --dynamic_method/--dynamic_param pair."""
-    from ..errors import UsageError
+    from lorakit.errors import UsageError
     if args.dynamic_method or args.dynamic_param is not None:
         if args.dynamic:
             raise UsageError("give either --dynamic METHOD:PARAM or --dynamic_method/--dynamic_param, not both.")
@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _models(args: argparse.Namespace) -> tuple[str, str]:
     """ORIGINAL and TUNED from the positionals and/or sd-scripts' --model_org/--model_tuned."""
-    from ..errors import UsageError
+    from lorakit.errors import UsageError
     positional = [x for x in (args.original, args.tuned) if x is not None]
     original = args.model_org if args.model_org is not None else (positional.pop(0) if positional else None)
     tuned = args.model_tuned if args.model_tuned is not None else (positional.pop(0) if positional else None)
@@ -115,7 +115,7 @@ def _models(args: argparse.Namespace) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit extract`` and print its report; returns the exit code."""
-    from ..extraction import extract, format_plan
+    from lorakit.ops.extraction import extract, format_plan
     original, tuned = _models(args)
     r = extract(original, tuned, args.output, rank=args.rank, dynamic=dynamic_arg(args),
                 conv_rank=args.conv_rank, min_diff=args.min_diff, te_min_diff=args.te_min_diff, to=args.to, device=args.device, exact=args.exact,

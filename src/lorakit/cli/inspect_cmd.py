@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..inspection import format_report, inspect_lora
-from .common import add_arch, add_json, add_pickle, emit_json
+from lorakit.ops.inspection import format_report, inspect_lora
+from lorakit.cli.common import add_arch, add_json, add_pickle, emit_json
 
 HELP = "show what a LoRA is: format, architecture, coverage, ranks, alphas, metadata"
 

@@ -9,8 +9,8 @@ import sys
 import traceback
 from typing import NoReturn
 
-from ..errors import LorakitError
-from ..layouts import available, resolve
+from lorakit.errors import LorakitError
+from lorakit.layouts import available, resolve
 
 # command name -> module under lorakit.cli (each defines register(subparsers))
 COMMANDS = ("inspect", "doctor", "convert", "merge", "bake", "extract", "resize", "diff", "meta")
@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lorakit`` argument parser with every subcommand registered."""
-    from .. import __version__
+    from lorakit import __version__
     parser = Parser(
         prog="lorakit",
         description="Detect, convert, merge, bake, extract and resize LoRAs from any trainer ("

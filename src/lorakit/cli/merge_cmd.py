@@ -7,13 +7,13 @@ import argparse
 import os
 from typing import Any
 
-from ..blocks import BLOCKS_HELP
-from ..errors import RecipeError
-from ..formats import WRITABLE
-from ..merging import MAJORITY_SIGN, get_merge_method, merge, merge_methods
-from ..recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
-from ..progress import terminal_progress
-from .common import (add_dtype, add_json, add_models, add_output, add_pickle, dtype_arg, emit_json, models_inputs,
+from lorakit.ops.blocks import BLOCKS_HELP
+from lorakit.errors import RecipeError
+from lorakit.formats import WRITABLE
+from lorakit.ops.merging import MAJORITY_SIGN, get_merge_method, merge, merge_methods
+from lorakit.ops.recipes import WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
+from lorakit.progress import terminal_progress
+from lorakit.cli.common import (add_dtype, add_json, add_models, add_output, add_pickle, dtype_arg, emit_json, models_inputs,
                      say, status)
 
 HELP = "merge several LoRAs into one (exact concat by default)"
@@ -143,9 +143,9 @@ def _inputs(values: list[Any]) -> list[WeightedInput]:
 
 def _sd_scripts_options(args: argparse.Namespace) -> list[str]:
     """Fold sd-scripts' spellings into lorakit's options; returns the notes to print."""
-    from ..dtypes import parse_dtype
-    from ..errors import UsageError
-    from .extract_cmd import dynamic_arg
+    from lorakit.dtypes import parse_dtype
+    from lorakit.errors import UsageError
+    from lorakit.cli.extract_cmd import dynamic_arg
     notes: list[str] = []
     args.dynamic = dynamic_arg(args)
     if args.concat:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io.header import loads_json
-from ..metaedit import audit_lora_metadata, edit_metadata, parse_assignment, read_metadata
-from .common import add_json, emit_json, say
+from lorakit.io.header import loads_json
+from lorakit.ops.metaedit import audit_lora_metadata, edit_metadata, parse_assignment, read_metadata
+from lorakit.cli.common import add_json, emit_json, say
 
 HELP = "show, edit or audit safetensors metadata (kohya ss_*, modelspec.*, diffusers, AI-Toolkit)"
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if not editing:
         if args.output:
-            from ..errors import UsageError
+            from lorakit.errors import UsageError
             raise UsageError("-o needs an edit (--set, --delete, --copy-from or --rehash).")
         meta = read_metadata(args.file, nested=args.json)
         if args.json:

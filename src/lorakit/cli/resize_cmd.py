@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..formats import WRITABLE
-from .common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
-from ..progress import terminal_progress
-from .extract_cmd import add_dynamic, dynamic_arg
+from lorakit.formats import WRITABLE
+from lorakit.cli.common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
+from lorakit.progress import terminal_progress
+from lorakit.cli.extract_cmd import add_dynamic, dynamic_arg
 
 HELP = "lower a LoRA's rank by the exact optimal truncation"
 
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit resize`` and print its report; returns the exit code."""
-    from ..resizing import resize
+    from lorakit.ops.resizing import resize
     r = resize(args.input, args.output, rank=args.rank, conv_rank=args.conv_rank, dynamic=dynamic_arg(args),
                verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,

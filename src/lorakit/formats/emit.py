@@ -7,7 +7,7 @@ the whole down otherwise). What a target cannot hold exactly raises :class:`Loss
 or with ``allow_lossy`` is re-factored by SVD and reported.
 
 LyCORIS modules (LoHa, LoKr, Tucker LoCon ``lora_mid``) are written as plain LoRA factors by default, exactly
-(:meth:`~lorakit.adapters.Adapter.to_lora`: face-splitting / Kronecker mixed-product / Tucker contraction, no
+(:meth:`~lorakit.lora.adapters.Adapter.to_lora`: face-splitting / Kronecker mixed-product / Tucker contraction, no
 SVD), before any fusing or splitting; ``keep_algo`` keeps their LyCORIS keys where the naming can carry them.
 A module whose exact plain rank would hold more numbers than its dense weight is refused (or SVD'd with
 ``allow_lossy``).
@@ -23,13 +23,13 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
-from ..errors import LossyConversionError, NonFiniteError, UsageError
-from ..layouts import Alias, ArchSpec, NameIndex, evaluate
-from ..layouts.base import ParamIndex, ParamMatch, param_name
-from ..model import LoraModel, Patch, Target
-from ..transforms import swap_halves, swap_parts
-from .spec import WRITE_SUFFIXES, FormatSpec, get_format
+from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
+from lorakit.errors import LossyConversionError, NonFiniteError, UsageError
+from lorakit.layouts import Alias, ArchSpec, NameIndex, evaluate
+from lorakit.layouts.base import ParamIndex, ParamMatch, param_name
+from lorakit.lora.model import LoraModel, Patch, Target
+from lorakit.lora.transforms import swap_halves, swap_parts
+from lorakit.formats.spec import WRITE_SUFFIXES, FormatSpec, get_format
 
 
 @dataclass
@@ -542,7 +542,7 @@ class Emitter:
             total = swap_halves(total)
             bias = swap_halves(bias) if bias is not None else None
         dtype = next(p.adapter.dtype for p in parts if p.adapter is not None)
-        from ..checks import require_finite
+        from lorakit.lora.checks import require_finite
         require_finite(total, name=label, path=self.model.path)   # SVD of NaN/Inf fails; say why instead
         lora, err = lora_from_dense(total, self.lossy_rank)
         self.lossy.append((label, err))
@@ -610,7 +610,7 @@ def _finite(t: Tensor) -> bool:
 def fold_error(adapter: LoRA, folded: LoRA) -> float:
     """Relative Frobenius error of ``folded`` (scale 1) against ``adapter``'s exact delta ``c·B·A``, from the
     factors alone: ‖B'A' − cBA‖ = ‖[B', −cB]·[A'; A]‖ by the Gram trick, in float64 (no dense ΔW)."""
-    from ..linalg import gram_fro_norm
+    from lorakit.lora.linalg import gram_fro_norm
     c = adapter.scale
     b0, a0 = adapter.up.double().flatten(1), adapter.down.double().flatten(1)
     b1, a1 = folded.up.double().flatten(1) * folded.scale, folded.down.double().flatten(1)

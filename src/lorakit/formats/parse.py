@@ -2,7 +2,7 @@
 
 Detection works on key names and shapes only (header data); metadata only breaks ties. Reading is
 split in two: :func:`parse` builds a header-level plan (no tensor data), :func:`load` reads the
-tensors and builds :class:`~lorakit.model.LoraModel` patches.
+tensors and builds :class:`~lorakit.lora.model.LoraModel` patches.
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..adapter_kinds import INCOMPLETE, get_kind, kind_of
-from ..adapters import Adapter, LoHa, LoKr, LoRA
-from ..transforms import swap_parts
-from ..archinfer import Observation, ParamObservation, infer_instance
-from ..dtypes import FLOAT_CODES
-from ..errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
+from lorakit.lora.adapter_kinds import INCOMPLETE, get_kind, kind_of
+from lorakit.lora.adapters import Adapter, LoHa, LoKr, LoRA
+from lorakit.lora.transforms import swap_parts
+from lorakit.layouts.infer import Observation, ParamObservation, infer_instance
+from lorakit.dtypes import FLOAT_CODES
+from lorakit.errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
                       ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError)
-from ..io import WeightFile, open_weights
-from ..io.header import loads_json
-from ..layouts import Alias, ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve, solve, symbols
-from ..layouts.base import ParamIndex, ParamMatch
-from ..model import ArchInstance, LoraModel, Patch, Target
-from ..layouts.base import Rule
-from .spec import FormatSpec, SplitKey, formats, get_format, split_key
+from lorakit.io import WeightFile, open_weights
+from lorakit.io.header import loads_json
+from lorakit.layouts import Alias, ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve, solve, symbols
+from lorakit.layouts.base import ParamIndex, ParamMatch
+from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
+from lorakit.layouts.base import Rule
+from lorakit.formats.spec import FormatSpec, SplitKey, formats, get_format, split_key
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class ModuleEntry:
 
     @property
     def family(self) -> str:
-        """The registered adapter kind its roles identify (:func:`lorakit.adapter_kinds.kind_of`)."""
+        """The registered adapter kind its roles identify (:func:`lorakit.lora.adapter_kinds.kind_of`)."""
         kind = kind_of(self.keys)
         return kind.name if kind is not None else INCOMPLETE
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..dtypes import ST_DTYPES, ST_ORDER, itemsize
-from ..errors import HeaderError, UnsupportedDtypeError
+from lorakit.dtypes import ST_DTYPES, ST_ORDER, itemsize
+from lorakit.errors import HeaderError, UnsupportedDtypeError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit safetensors applies
 # More tensors than any FLUX checkpoint or LoRA has (a full FLUX.1 + T5 + CLIP checkpoint has ~2,000; a LyCORIS

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 
-from ..dtypes import TORCH_TO_ST, torch_dtype
-from ..errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError, brief
-from .header import MAX_HEADER_BYTES, TensorInfo, loads_json, no_duplicate_keys, parse_header
+from lorakit.dtypes import TORCH_TO_ST, torch_dtype
+from lorakit.errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError, brief
+from lorakit.io.header import MAX_HEADER_BYTES, TensorInfo, loads_json, no_duplicate_keys, parse_header
 
 if TYPE_CHECKING:
     from typing_extensions import NotRequired     # typing has it from 3.11; the package supports 3.10

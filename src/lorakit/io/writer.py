@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ..dtypes import dtype_code, itemsize
-from ..errors import OutputError, UsageError
-from .header import MAX_HEADER_BYTES, MAX_TENSORS, build_header, serialisation_order
-from .tempfiles import clean_stale_temps, create_temp_file
+from lorakit.dtypes import dtype_code, itemsize
+from lorakit.errors import OutputError, UsageError
+from lorakit.io.header import MAX_HEADER_BYTES, MAX_TENSORS, build_header, serialisation_order
+from lorakit.io.tempfiles import clean_stale_temps, create_temp_file
 
 _MAX_CHUNK = 1 << 30
 _SLOW_WRITE = float(os.environ.get("LORAKIT_TEST_SLOW_WRITE") or 0)
@@ -84,7 +84,7 @@ def check_output_path(out: str, inputs: Iterable[str | os.PathLike[str]] = ()) -
     :func:`~lorakit.io.reader.input_files`). Returns the path to write (a symlink's target, see
     :func:`resolve_output`).
     """
-    from .reader import input_files
+    from lorakit.io.reader import input_files
 
     out = os.fspath(out)
     target = resolve_output(out)

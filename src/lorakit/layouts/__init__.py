@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import difflib
 
-from ..errors import UnsupportedArchitectureError
-from .base import (Alias, ArchSpec, ComponentSpec, ConcreteModule, ConcreteParam, ModuleSpec, NameIndex, NameMatch,
+from lorakit.errors import UnsupportedArchitectureError
+from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, ConcreteModule, ConcreteParam, ModuleSpec, NameIndex, NameMatch,
                    ParamSpec, Preset, Variant, evaluate, expand, expand_params, flatten, solve, symbols)
-from .flux1 import FLUX1
-from .sd1 import SD1
-from .sd2 import SD2
-from .sdxl import SDXL
-from .recognizers import RECOGNIZERS, Recognizer, recognize
+from lorakit.layouts.flux1 import FLUX1
+from lorakit.layouts.sd1 import SD1
+from lorakit.layouts.sd2 import SD2
+from lorakit.layouts.sdxl import SDXL
+from lorakit.layouts.recognizers import RECOGNIZERS, Recognizer, recognize
 
 _ARCHS: dict[str, ArchSpec] = {}
 

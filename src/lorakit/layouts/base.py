@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, TypeVar
 
-from .block_schemes import BlockScheme
+from lorakit.layouts.block_schemes import BlockScheme
 
 Expr = str
 

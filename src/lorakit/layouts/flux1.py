@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability, Preset, Rule,
+from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability, Preset, Rule,
                    Stamp, Variant)
-from .block_schemes import FLUX1_BLOCKS
-from .text_encoders import CLIP_L, T5_XXL
+from lorakit.layouts.block_schemes import FLUX1_BLOCKS
+from lorakit.layouts.text_encoders import CLIP_L, T5_XXL
 
 
 def _m(native: str, out: str, inp: str, group: str, *, diffusers: tuple[Alias, ...] = (),

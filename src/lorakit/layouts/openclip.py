@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .base import Alias, ComponentSpec, ModuleSpec, Preset
+from lorakit.layouts.base import Alias, ComponentSpec, ModuleSpec, Preset
 
 _BLOCK = "transformer.resblocks.{i}."
 _LAYER = "text_model.encoder.layers.{i}."

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import ArchSpec, Stamp, Variant
-from .block_schemes import SD_BLOCKS
-from .sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
-from .sd_unet import SD1_UNET
-from .text_encoders import CLIP_L, CLIP_L_WIDTH
+from lorakit.layouts.base import ArchSpec, Stamp, Variant
+from lorakit.layouts.block_schemes import SD_BLOCKS
+from lorakit.layouts.sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
+from lorakit.layouts.sd_unet import SD1_UNET
+from lorakit.layouts.text_encoders import CLIP_L, CLIP_L_WIDTH
 
 ENCODERS = (Encoder("clip_l", "native", ("lora_te_", "lora_te1_"), "clip_l", "text_encoder",
                     "cond_stage_model.transformer."),)

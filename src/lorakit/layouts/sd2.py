@@ -4,11 +4,11 @@ v-prediction (768-v) models have the same tensors: only metadata names them."""
 
 from __future__ import annotations
 
-from .base import ArchSpec, Stamp, Variant
-from .block_schemes import SD_BLOCKS
-from .openclip import OPENCLIP_H
-from .sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
-from .sd_unet import SD2_UNET
+from lorakit.layouts.base import ArchSpec, Stamp, Variant
+from lorakit.layouts.block_schemes import SD_BLOCKS
+from lorakit.layouts.openclip import OPENCLIP_H
+from lorakit.layouts.sd_family import DIFFUSERS_FIRST, UNET, Encoder, sd_containers, sd_rules
+from lorakit.layouts.sd_unet import SD2_UNET
 
 ENCODERS = (Encoder("clip_h", "diffusers", ("lora_te_", "lora_te1_"), "clip_h", "text_encoder",
                     "cond_stage_model.model."),)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .base import Container, Rule
+from lorakit.layouts.base import Container, Rule
 
 UNET = "unet"
 SINGLE_FILE_FIRST = ("native", "diffusers")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .base import Alias, ComponentSpec, Expr, ModuleSpec, Preset
+from lorakit.layouts.base import Alias, ComponentSpec, Expr, ModuleSpec, Preset
 
 CONV3: tuple[Expr, ...] = ("3", "3")
 CONV1: tuple[Expr, ...] = ("1", "1")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import ArchSpec, Stamp, Variant
-from .block_schemes import SDXL_BLOCKS
-from .openclip import OPENCLIP_G
-from .sd_family import SINGLE_FILE_FIRST, UNET, Encoder, sd_containers, sd_rules
-from .sd_unet import SDXL_UNET
-from .text_encoders import CLIP_L, CLIP_L_WIDTH
+from lorakit.layouts.base import ArchSpec, Stamp, Variant
+from lorakit.layouts.block_schemes import SDXL_BLOCKS
+from lorakit.layouts.openclip import OPENCLIP_G
+from lorakit.layouts.sd_family import SINGLE_FILE_FIRST, UNET, Encoder, sd_containers, sd_rules
+from lorakit.layouts.sd_unet import SDXL_UNET
+from lorakit.layouts.text_encoders import CLIP_L, CLIP_L_WIDTH
 
 ENCODERS = (Encoder("clip_l", "native", ("lora_te1_",), "clip_l", "text_encoder",
                     "conditioner.embedders.0.transformer."),

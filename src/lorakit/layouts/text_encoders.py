@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ComponentSpec, ModuleSpec, Preset
+from lorakit.layouts.base import ComponentSpec, ModuleSpec, Preset
 
 
 def _layer(name: str, out: str, inp: str, *, bias: bool, group: str, repeat: str) -> ModuleSpec:

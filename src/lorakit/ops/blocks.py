@@ -25,11 +25,11 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .errors import UsageError
-from .layouts import NameIndex, available, resolve
-from .layouts.base import ComponentSpec, ModuleSpec, ParamIndex, ParamSpec
-from .layouts.block_schemes import BlockScheme, Run, Vector
-from .model import ArchInstance, Target
+from lorakit.errors import UsageError
+from lorakit.layouts import NameIndex, available, resolve
+from lorakit.layouts.base import ComponentSpec, ModuleSpec, ParamIndex, ParamSpec
+from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
+from lorakit.lora.model import ArchInstance, Target
 
 _NO_SCHEME = BlockScheme()
 _INDEXES: dict[int, tuple[NameIndex, ParamIndex]] = {}

@@ -17,16 +17,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .basemodel import BaseModel, open_base, open_component
-from .dtypes import FLOAT_CODES
-from .errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
-from .formats import parse
-from .formats.parse import FormatMatcher, ModuleEntry, ParsedLora, row_window
-from .formats.spec import formats, split_key
-from .inspection import (deep_checks, entry_kind, entry_rank, entry_scale, metadata_summary, read_alphas,
+from lorakit.base.checkpoint import BaseModel, open_base, open_component
+from lorakit.dtypes import FLOAT_CODES
+from lorakit.errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
+from lorakit.formats import parse
+from lorakit.formats.parse import FormatMatcher, ModuleEntry, ParsedLora, row_window
+from lorakit.formats.spec import formats, split_key
+from lorakit.ops.inspection import (deep_checks, entry_kind, entry_rank, entry_scale, metadata_summary, read_alphas,
                          split_qkv_warnings)
-from .io import WeightFile, open_weights
-from .layouts import (RECOGNIZERS, ArchSpec, ComponentSpec, ModuleSpec, Variant, available, recognize, resolve,
+from lorakit.io import WeightFile, open_weights
+from lorakit.layouts import (RECOGNIZERS, ArchSpec, ComponentSpec, ModuleSpec, Variant, available, recognize, resolve,
                       symbols)
 
 OK, PARTIAL, WILL_NOT_APPLY, INVALID = "OK", "PARTIAL", "WILL NOT APPLY", "INVALID"
@@ -485,7 +485,7 @@ def _scale_warnings(scales: Mapping[str, float | None], alphas: Mapping[str, flo
 
 
 def _hash_warnings(f: WeightFile) -> list[str]:
-    from .hashes import sshs_hashes_of
+    from lorakit.io.hashes import sshs_hashes_of
     stored = f.metadata.get("sshs_model_hash")
     legacy = f.metadata.get("sshs_legacy_hash")
     if not stored and not legacy:

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .errors import NonFiniteError
-from .model import LoraModel
+from lorakit.errors import NonFiniteError
+from lorakit.lora.model import LoraModel
 
 
 def _elementwise_finite(t: torch.Tensor) -> bool:
@@ -118,7 +118,7 @@ def available_memory() -> int | None:
 def require_dense_fits(module: str, shape: Iterable[int], copies: int, *, path: str | None, fix: str) -> None:
     """Refuse (MemoryBudgetError) to densify a ``shape`` fp32 ΔW ``copies`` times when that exceeds
     :data:`MEMORY_SAFETY_FRACTION` of the available memory."""
-    from .errors import MemoryBudgetError
+    from lorakit.errors import MemoryBudgetError
     dense = math.prod(int(d) for d in shape) * 4
     avail = available_memory()
     if avail is None or dense * copies <= avail * MEMORY_SAFETY_FRACTION:

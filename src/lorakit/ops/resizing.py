@@ -1,7 +1,7 @@
 """``lorakit resize``: lower a LoRA's rank by the exact optimal truncation (``math.md`` §4.1, §6).
 
 A LoRA patch ``c·B·A`` (``c = α/r``) is never densified: the SVD of ``(c·B)·A`` comes from thin QRs
-of both factors and the SVD of the small ``r × r`` core, in float64 (:func:`lorakit.linalg.factored_svd`), so
+of both factors and the SVD of the small ``r × r`` core, in float64 (:func:`lorakit.lora.linalg.factored_svd`), so
 the top-k truncation is exact (Eckart–Young) at ``O((out + in)·r²)`` cost. LoHa, LoKr, Full and
 Tucker (``mid``) patches are densified and decomposed by a thin SVD; they come out as plain LoRAs.
 
@@ -38,17 +38,17 @@ from typing import TYPE_CHECKING, TypedDict, cast
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, LoRA
-from .checks import dtype_range_cause, require_finite_model, require_finite_output
-from .conversion import lora_output_metadata
-from .dtypes import as_dtype
-from .errors import KeyMappingError, UsageError
-from .formats import WRITABLE, emit, load, parse, read_lora
-from .formats.emit import fold_error
-from .io import check_output_path, open_weights, save_tensors
-from .linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
-from .metadata import InputRecord, file_sha256
-from .model import ArchInstance, LoraModel, Patch, Target
+from lorakit.lora.adapters import Adapter, LoRA
+from lorakit.lora.checks import dtype_range_cause, require_finite_model, require_finite_output
+from lorakit.ops.conversion import lora_output_metadata
+from lorakit.dtypes import as_dtype
+from lorakit.errors import KeyMappingError, UsageError
+from lorakit.formats import WRITABLE, emit, load, parse, read_lora
+from lorakit.formats.emit import fold_error
+from lorakit.io import check_output_path, open_weights, save_tensors
+from lorakit.lora.linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
+from lorakit.ops.metadata import InputRecord, file_sha256
+from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 
 if TYPE_CHECKING:
     from typing_extensions import NotRequired     # typing has it from 3.11; the package supports 3.10

@@ -18,14 +18,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
-from .formats import parse
-from .formats.parse import entry_alpha
-from .hashes import sshs_hashes_of
-from .io import SafetensorsFile, SafetensorsWriter, open_weights
-from .io.header import loads_json
-from .io.writer import same_file
-from .metadata import STALE_KEYS, STALE_PREFIXES, summarize_values
+from lorakit.errors import UsageError
+from lorakit.formats import parse
+from lorakit.formats.parse import entry_alpha
+from lorakit.io.hashes import sshs_hashes_of
+from lorakit.io import SafetensorsFile, SafetensorsWriter, open_weights
+from lorakit.io.header import loads_json
+from lorakit.io.writer import same_file
+from lorakit.ops.metadata import STALE_KEYS, STALE_PREFIXES, summarize_values
 
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .adapters import Adapter
+    from lorakit.lora.adapters import Adapter
 
 
 class NotExact(Exception):
@@ -38,7 +38,7 @@ def swap_parts(adapter: "Adapter | None", bias: Tensor | None, dora: Tensor | No
         except NotExact:
             if not densify:
                 raise
-            from .adapters import Full
+            from lorakit.lora.adapters import Full
             adapter = Full(alpha=None, diff=swap_halves(adapter.dense()).to(adapter.dtype))
     return adapter, (swap_halves(bias) if bias is not None else None), (
         swap_halves(dora) if dora is not None and dora.dim() == 1 and dora.shape[0] > 1 else dora)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .dtypes import dtype_code
-from .io import SafetensorsWriter, save_tensors
-from .layouts import FLUX1, Alias, ArchSpec, expand, expand_params
+from lorakit.dtypes import dtype_code
+from lorakit.io import SafetensorsWriter, save_tensors
+from lorakit.layouts import FLUX1, Alias, ArchSpec, expand, expand_params
 
 TINY_FLUX: dict[str, int] = {"H": 32, "M": 128, "IN": 16, "OUT": 16, "CTX": 24, "VEC": 20, "T": 8, "D": 16,
                              "double": 2, "single": 2, "guidance": 1, "modulation": 1}
@@ -60,7 +60,7 @@ def base_tensors(params: Mapping[str, int], layout: str = "bfl", arch: ArchSpec 
 
 
 def _size(expr: str, params: Mapping[str, int]) -> int:
-    from .layouts import evaluate
+    from lorakit.layouts import evaluate
     return evaluate(expr, params)
 
 
@@ -193,9 +193,9 @@ def write_arch_lora(path: str | os.PathLike[str], arch: ArchSpec, sizes: Mapping
                     seed: int = 1, dtype: torch.dtype = torch.float32) -> str:
     """A LoRA for ``arch`` on the given (component, native module) pairs, written in ``fmt`` by lorakit's own
     writer (seeded factors; conv modules get 4-D downs). For samples and benchmarks; tests spell files by hand."""
-    from .adapters import LoRA
-    from .formats import emit
-    from .model import ArchInstance, LoraModel, Patch, Target
+    from lorakit.lora.adapters import LoRA
+    from lorakit.formats import emit
+    from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 
     gen = torch.Generator().manual_seed(seed)
     instance = ArchInstance(arch, {c: dict(p) for c, p in sizes.items()})

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .dtypes import dtype_code
-from .io.header import build_header, serialisation_order
-from .io.writer import tensor_bytes
-from .layouts.base import ArchSpec
+from lorakit.dtypes import dtype_code
+from lorakit.io.header import build_header, serialisation_order
+from lorakit.io.writer import tensor_bytes
+from lorakit.layouts.base import ArchSpec
 
 PROVENANCE_KEY = "lorakit.provenance"
 STALE_PREFIXES = ("sshs_",)
@@ -29,7 +29,7 @@ def version() -> str:
         from importlib.metadata import version as _v
         return _v("lorakit")
     except Exception:  # pragma: no cover - running from a source tree
-        from . import __version__
+        from lorakit import __version__
         return __version__
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .errors import UnsupportedArchitectureError
-from .io.header import loads_json
-from .layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, available, evaluate, resolve, solve, symbols
-from .model import ArchInstance
+from lorakit.errors import UnsupportedArchitectureError
+from lorakit.io.header import loads_json
+from lorakit.layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, available, evaluate, resolve, solve, symbols
+from lorakit.lora.model import ArchInstance
 
 
 @dataclass(frozen=True)

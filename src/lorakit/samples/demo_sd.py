@@ -1,4 +1,4 @@
-"""Demo steps for SDXL (run by :mod:`lorakit.demo`): a tiny SDXL-shaped single-file checkpoint (UNet + CLIP-L +
+"""Demo steps for SDXL (run by :mod:`lorakit.samples.demo`): a tiny SDXL-shaped single-file checkpoint (UNet + CLIP-L +
 OpenCLIP-G + a VAE tensor) and a kohya LoRA on attention, a 3×3 conv and both text encoders; inspect, convert to
 diffusers and back, bake into the checkpoint in one pass."""
 
@@ -8,12 +8,12 @@ import os
 
 import torch
 
-from . import bake, convert, inspect
-from .formats import read_lora
-from .inspection import format_report
-from .layouts import resolve
-from .model import dense_deltas
-from .synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_arch_lora, write_checkpoint
+from lorakit import bake, convert, inspect
+from lorakit.formats import read_lora
+from lorakit.ops.inspection import format_report
+from lorakit.layouts import resolve
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_arch_lora, write_checkpoint
 
 MODULES = [("unet", "input_blocks.4.1.transformer_blocks.1.attn1.to_q"),
            ("unet", "input_blocks.4.1.transformer_blocks.0.attn2.to_k"),

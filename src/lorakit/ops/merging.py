@@ -49,21 +49,21 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
-from .blocks import BlockWeights, parse_blocks
-from .dtypes import parse_dtype, worst_cast_error
-from .conversion import lora_output_metadata
-from .errors import ArchitectureError, MergeError, NonFiniteError, UsageError
-from .checks import all_finite, dtype_range_cause, require_dense_fits, require_finite_model, require_finite_output
-from .formats import WRITABLE, emit, get_format, read_lora
-from .formats.emit import is_pow2
-from .io import check_output_path, save_tensors
-from .linalg import dynamic_rank, exact_svd, factored_svd, gram_fro_norm, parse_dynamic, truncate
-from .metadata import InputRecord, file_sha256
-from .model import ArchInstance, LoraModel, Patch, Target
-from .progress import Progress
-from .progress import report as report_progress
-from .recipes import WeightedInput, parse_weighted
+from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact
+from lorakit.ops.blocks import BlockWeights, parse_blocks
+from lorakit.dtypes import parse_dtype, worst_cast_error
+from lorakit.ops.conversion import lora_output_metadata
+from lorakit.errors import ArchitectureError, MergeError, NonFiniteError, UsageError
+from lorakit.lora.checks import all_finite, dtype_range_cause, require_dense_fits, require_finite_model, require_finite_output
+from lorakit.formats import WRITABLE, emit, get_format, read_lora
+from lorakit.formats.emit import is_pow2
+from lorakit.io import check_output_path, save_tensors
+from lorakit.lora.linalg import dynamic_rank, exact_svd, factored_svd, gram_fro_norm, parse_dynamic, truncate
+from lorakit.ops.metadata import InputRecord, file_sha256
+from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
+from lorakit.progress import Progress
+from lorakit.progress import report as report_progress
+from lorakit.ops.recipes import WeightedInput, parse_weighted
 
 MAJORITY_SIGN = ("total", "frequency")
 IDENTITY_KEYS = ("ss_base_model_version", "modelspec.architecture", "modelspec.implementation", "ss_v2")

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .transforms import NotExact, swap_halves
+from lorakit.lora.transforms import NotExact, swap_halves
 
 
 def _f32(t: Tensor | None) -> Tensor:

@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter, LoKr, LoRA
-from .formats import parse
-from .formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
-from .errors import NonFiniteError
-from .hashes import STORED_HASH_KEYS
-from .io import open_weights
-from .io.header import loads_json
-from .layouts import expand
-from .layouts.base import ParamMatch
+from lorakit.lora.adapters import Adapter, LoKr, LoRA
+from lorakit.formats import parse
+from lorakit.formats.parse import ModuleEntry, ParsedLora, entry_alpha, load_entry
+from lorakit.errors import NonFiniteError
+from lorakit.io.hashes import STORED_HASH_KEYS
+from lorakit.io import open_weights
+from lorakit.io.header import loads_json
+from lorakit.layouts import expand
+from lorakit.layouts.base import ParamMatch
 
 MAX_UNKNOWN_LISTED = 20
 
@@ -194,7 +194,7 @@ def split_qkv_warnings(parsed: ParsedLora) -> list[str]:
     about only when ``ss_network_args`` says ``split_qkv``; the numbers are not changed."""
     if not _split_qkv_flag(parsed.metadata):
         return []
-    from .formats.parse import row_window
+    from lorakit.formats.parse import row_window
     hits: dict[int, list[str]] = {}
     for e in parsed.entries:
         if e.family != "lora" or "mid" in e.keys or isinstance(e.match, ParamMatch) or e.match.alias.rows is not None:
@@ -302,7 +302,7 @@ def inspect_lora(path: str | os.PathLike[str], *, deep: bool = False, allow_pick
         if deep:
             report["deep"] = deep_checks(parsed)
     if hashes or deep:   # whole-file hashes read every byte: only on request
-        from .hashes import hash_report
+        from lorakit.io.hashes import hash_report
         report["hashes"] = hash_report(p, allow_pickle=allow_pickle)
     return report
 

@@ -1,7 +1,7 @@
 """``lorakit extract``: a LoRA from the difference of a fine-tuned model and its base (``math.md`` §5).
 
 Any registered architecture (FLUX.1, SD1.x, SD2.x, SDXL). Both models may be in any base layout that
-:func:`lorakit.basemodel.open_base` reads (FLUX: BFL, ComfyUI-prefixed, diffusers single file or sharded folder;
+:func:`lorakit.base.checkpoint.open_base` reads (FLUX: BFL, ComfyUI-prefixed, diffusers single file or sharded folder;
 SD: single-file checkpoints holding UNet and text encoders, bare UNet files); tensors are paired through their
 component, native module and row window, so every patch is written on a native target whatever the input
 layouts. Every component both models hold is compared: the denoiser and, for SD models, each text encoder.
@@ -9,7 +9,7 @@ layouts. Every component both models hold is compared: the denoiser and, for SD 
 Work is streamed one native module at a time: the module's full native weight is assembled from the slots of
 each model (diffusers q/k/v rows, OpenCLIP's fused ``in_proj_weight`` read as one ``3·D × D`` weight, the
 ``norm_out.linear`` half swap, the transposed ``text_projection`` turned back with
-:func:`lorakit.transforms.stored_to_native`), the difference ``D = W_tuned − W_original`` is formed in fp32 (one
+:func:`lorakit.lora.transforms.stored_to_native`), the difference ``D = W_tuned − W_original`` is formed in fp32 (one
 reused buffer) and decomposed, and only the low-rank factors are kept. The next module's tensors are read by a
 background thread while the current one is decomposed (at most one extra module pair in memory). Fused weights
 are written split in the output's naming by :func:`lorakit.formats.emit` (exactly: the parts share the down).
@@ -57,19 +57,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapters import Full, LoRA
-from .basemodel import BaseModel, Slot, open_base
-from .conversion import lora_output_metadata
-from .dtypes import ST_DTYPES, as_dtype
-from .errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, emit
-from .formats.emit import fold_error
-from .checks import dtype_range_cause, require_finite_output
-from .io import check_output_path, open_weights, save_tensors
-from .linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
-from .metadata import InputRecord
-from .model import LoraModel, Patch, Target
-from .transforms import fit_shape, stored_to_native
+from lorakit.lora.adapters import Full, LoRA
+from lorakit.base.checkpoint import BaseModel, Slot, open_base
+from lorakit.ops.conversion import lora_output_metadata
+from lorakit.dtypes import ST_DTYPES, as_dtype
+from lorakit.errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
+from lorakit.formats import WRITABLE, emit
+from lorakit.formats.emit import fold_error
+from lorakit.lora.checks import dtype_range_cause, require_finite_output
+from lorakit.io import check_output_path, open_weights, save_tensors
+from lorakit.lora.linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
+from lorakit.ops.metadata import InputRecord
+from lorakit.lora.model import LoraModel, Patch, Target
+from lorakit.lora.transforms import fit_shape, stored_to_native
 
 DEFAULT_DYNAMIC_CAP = 128      # rank cap of --dynamic when --rank is not given
 DEFAULT_OVERSAMPLE = 16

@@ -1,4 +1,4 @@
-"""``python -m lorakit.demo [FOLDER]``: generate sample LoRAs, inspect them and convert them.
+"""``python -m lorakit.samples.demo [FOLDER]``: generate sample LoRAs, inspect them and convert them.
 
 FOLDER (default ``demo-out``) is created; an existing one must be empty, else the demo refuses (exit 2)
 and touches nothing: it never removes or replaces files it did not create.
@@ -15,12 +15,12 @@ import sys
 
 import torch
 
-from . import convert, inspect
-from .errors import LorakitError, OutputError
-from .formats import read_lora
-from .inspection import format_report
-from .model import dense_deltas
-from .synthetic import TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
+from lorakit import convert, inspect
+from lorakit.errors import LorakitError, OutputError
+from lorakit.formats import read_lora
+from lorakit.ops.inspection import format_report
+from lorakit.lora.model import dense_deltas
+from lorakit.samples.synthetic import TINY_FLUX, write_aitoolkit_lora, write_base, write_sdscripts_lora
 
 
 def _step(text: str) -> None:
@@ -46,11 +46,11 @@ def prepare_folder(folder: str) -> None:
                           hint="create its parent folder first, or choose another folder.") from None
     if not os.path.isdir(folder) or os.path.islink(folder):
         raise OutputError("exists and is not a folder; the demo writes only into a new or empty folder.",
-                          path=folder, hint="choose another folder, e.g. python -m lorakit.demo demo-out-2.")
+                          path=folder, hint="choose another folder, e.g. python -m lorakit.samples.demo demo-out-2.")
     if os.listdir(folder):
         raise OutputError("folder is not empty; the demo writes only into a new or empty folder and never "
                           "removes or replaces files it did not create.", path=folder,
-                          hint="choose another folder, e.g. python -m lorakit.demo demo-out-2, or empty this one.")
+                          hint="choose another folder, e.g. python -m lorakit.samples.demo demo-out-2, or empty this one.")
 
 
 def main(folder: str = "demo-out") -> int:
@@ -82,7 +82,7 @@ def main(folder: str = "demo-out") -> int:
     print(f"  max relative error against the original: "
           f"{_max_rel_error(kohya, p('roundtrip_kohya.safetensors')):.2e}")
     _extra_steps(folder, ait, kohya, base)
-    from .demo_sd import run_sd
+    from lorakit.samples.demo_sd import run_sd
     run_sd(folder)
     print(f"\nDone. Files are in {folder}/")
     return 0
@@ -91,16 +91,16 @@ def main(folder: str = "demo-out") -> int:
 def _extra_steps(folder: str, ait: str, kohya: str, base: str) -> None:
     """Merge/bake/extract steps, run when those capabilities are installed."""
     try:
-        from .demo_more import run_more
+        from lorakit.samples.demo_more import run_more
     except ImportError:
         return
     run_more(folder, ait, kohya, base)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m lorakit.demo [FOLDER]``; exit 2 with one line when FOLDER cannot be used."""
+    """``python -m lorakit.samples.demo [FOLDER]``; exit 2 with one line when FOLDER cannot be used."""
     parser = argparse.ArgumentParser(
-        prog="python -m lorakit.demo",
+        prog="python -m lorakit.samples.demo",
         description="Generate sample LoRAs for tiny synthetic FLUX- and SDXL-shaped models, then inspect, convert, "
                     "merge, bake, extract and resize them. Files are written into FOLDER, which is created; an existing "
                     "FOLDER must be empty (the demo never removes or replaces files it did not create).")

@@ -1,4 +1,4 @@
-"""Demo steps for merge, doctor, bake, extract, resize and diff (run by :mod:`lorakit.demo`)."""
+"""Demo steps for merge, doctor, bake, extract, resize and diff (run by :mod:`lorakit.samples.demo`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from . import bake, diff, doctor, extract, merge, resize
-from .diffing import format_report as format_diff
-from .formats import read_lora
-from .model import dense_deltas
+from lorakit import bake, diff, doctor, extract, merge, resize
+from lorakit.ops.diffing import format_report as format_diff
+from lorakit.formats import read_lora
+from lorakit.lora.model import dense_deltas
 
 
 def _step(text: str) -> None:

@@ -15,10 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InputFileError, UsageError
-from .io import SafetensorsFile, WeightFile, open_weights, tensor_bytes
-from .io.header import build_header, serialisation_order
-from .metadata import LEGACY_END, LEGACY_START
+from lorakit.errors import InputFileError, UsageError
+from lorakit.io import SafetensorsFile, WeightFile, open_weights, tensor_bytes
+from lorakit.io.header import build_header, serialisation_order
+from lorakit.ops.metadata import LEGACY_END, LEGACY_START
 
 CHUNK = 1 << 20
 STORED_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")

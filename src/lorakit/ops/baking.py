@@ -43,24 +43,24 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from .adapters import LoKr, LoRA, NotExact
-from .basemodel import BaseModel, match_tensor, open_base, open_component
-from .dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
-from .errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
+from lorakit.lora.adapters import LoKr, LoRA, NotExact
+from lorakit.base.checkpoint import BaseModel, match_tensor, open_base, open_component
+from lorakit.dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
+from lorakit.errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
                      PickleRefusedError, UnsupportedArchitectureError,
                      UnsupportedDtypeError, UsageError)
-from .checks import all_finite, require_finite_model
-from .formats import load, parse
-from .io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
-from .io.header import MAX_HEADER_BYTES
-from .io.reader import ShardedFile, check_shard_name, input_files, read_index
-from .io.tempfiles import clean_stale_temps, create_temp_dir
-from .io.writer import _SLOW_WRITE, fsync_dir
-from .layouts import NameIndex, available, evaluate, resolve
-from .metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
-from .model import LoraModel, Patch
-from .progress import Progress, ProgressBar
-from .recipes import WeightedInput, parse_weighted
+from lorakit.lora.checks import all_finite, require_finite_model
+from lorakit.formats import load, parse
+from lorakit.io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
+from lorakit.io.header import MAX_HEADER_BYTES
+from lorakit.io.reader import ShardedFile, check_shard_name, input_files, read_index
+from lorakit.io.tempfiles import clean_stale_temps, create_temp_dir
+from lorakit.io.writer import _SLOW_WRITE, fsync_dir
+from lorakit.layouts import NameIndex, available, evaluate, resolve
+from lorakit.ops.metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
+from lorakit.lora.model import LoraModel, Patch
+from lorakit.progress import Progress, ProgressBar
+from lorakit.ops.recipes import WeightedInput, parse_weighted
 
 LOOSE = "loose"                       # _Place.param of a loose parameter (its native name is the place's module)
 DEFAULT_CHUNK_BYTES = 16 << 20        # one pipeline chunk (source or output bytes, whichever is larger)

@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from .adapters import LoRA
-from .transforms import stored_to_native
-from .basemodel import BaseModel, Slot, open_base
-from .errors import LorakitError, ShapeMismatchError, UsageError
-from .formats import load, parse
-from .formats.parse import ParsedLora
-from .io import open_weights
-from .model import LoraModel, Patch, Target, target_shape
-from .progress import Progress
-from .progress import report as report_progress
+from lorakit.lora.adapters import LoRA
+from lorakit.lora.transforms import stored_to_native
+from lorakit.base.checkpoint import BaseModel, Slot, open_base
+from lorakit.errors import LorakitError, ShapeMismatchError, UsageError
+from lorakit.formats import load, parse
+from lorakit.formats.parse import ParsedLora
+from lorakit.io import open_weights
+from lorakit.lora.model import LoraModel, Patch, Target, target_shape
+from lorakit.progress import Progress
+from lorakit.progress import report as report_progress
 
 EPS = 1e-30
 EQUIVALENT = 1e-6

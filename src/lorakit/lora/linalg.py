@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from lorakit.errors import UsageError
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 

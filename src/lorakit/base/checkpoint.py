@@ -14,14 +14,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .archinfer import Observation, infer_instance
-from .errors import NotALoraError, UnsupportedArchitectureError
-from .formats.spec import split_key
-from .io import WeightFile
-from .layouts import ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve
-from .layouts.base import Container, ModuleSpec
-from .layouts.base import ParamIndex, ParamMatch
-from .model import ArchInstance
+from lorakit.layouts.infer import Observation, infer_instance
+from lorakit.errors import NotALoraError, UnsupportedArchitectureError
+from lorakit.formats.spec import split_key
+from lorakit.io import WeightFile
+from lorakit.layouts import ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve
+from lorakit.layouts.base import Container, ModuleSpec
+from lorakit.layouts.base import ParamIndex, ParamMatch
+from lorakit.lora.model import ArchInstance
 
 
 

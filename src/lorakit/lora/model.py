@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 from torch import Tensor
 
-from .adapters import Adapter
-from .layouts import ArchSpec, ConcreteModule, expand
+from lorakit.lora.adapters import Adapter
+from lorakit.layouts import ArchSpec, ConcreteModule, expand
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack     # typing has it from 3.11; the package supports 3.10
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class Target:
     """What a patch changes: a Linear module's weight (``module`` = its native name), or with ``loose`` a
     loose parameter such as a q/k norm scale (``module`` = the parameter's full native name, e.g.
-    ``double_blocks.0.img_attn.norm.query_norm.scale``; its patch is a :class:`~lorakit.adapters.Full`
+    ``double_blocks.0.img_attn.norm.query_norm.scale``; its patch is a :class:`~lorakit.lora.adapters.Full`
     diff of the parameter's shape). Names never collide, so ``loose`` does not take part in equality."""
 
     component: str

@@ -8,18 +8,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import dtype_range_cause, require_finite_output
-from .dtypes import as_dtype, worst_cast_error
-from .errors import KeyMappingError, UsageError
-from .formats import WRITABLE, emit, load, parse
-from .formats.emit import EmitResult
-from .io import check_output_path, open_weights, save_tensors
-from .io.header import loads_json
-from .metadata import (PROVENANCE_KEY, InputRecord, carry_over, diffusers_adapter_metadata, file_sha256,
+from lorakit.lora.checks import dtype_range_cause, require_finite_output
+from lorakit.dtypes import as_dtype, worst_cast_error
+from lorakit.errors import KeyMappingError, UsageError
+from lorakit.formats import WRITABLE, emit, load, parse
+from lorakit.formats.emit import EmitResult
+from lorakit.io import check_output_path, open_weights, save_tensors
+from lorakit.io.header import loads_json
+from lorakit.ops.metadata import (PROVENANCE_KEY, InputRecord, carry_over, diffusers_adapter_metadata, file_sha256,
                        network_metadata, provenance, with_hashes)
-from .model import LoraModel
-from .progress import Progress
-from .progress import report as report_progress
+from lorakit.lora.model import LoraModel
+from lorakit.progress import Progress
+from lorakit.progress import report as report_progress
 
 
 @dataclass

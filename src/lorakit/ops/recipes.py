@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError, UsageError, brief
+from lorakit.errors import RecipeError, UsageError, brief
 
 
 @dataclass(frozen=True)
@@ -263,8 +263,8 @@ def refuse_recipe_as_output(recipe: str | os.PathLike[str] | None, outputs: Iter
     """A recipe is an input too: refuse any output path (``-o`` or the recipe's own ``output:``) naming it."""
     if recipe is None:
         return
-    from .errors import OutputError
-    from .io.writer import same_file
+    from lorakit.errors import OutputError
+    from lorakit.io.writer import same_file
 
     for out in outputs:
         if isinstance(out, (str, os.PathLike)) and same_file(out, recipe):

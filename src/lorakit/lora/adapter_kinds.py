@@ -1,5 +1,5 @@
 """Adapter kinds registered by name: which key roles identify a module's kind, when its keys are complete and
-how its tensors become an :class:`~lorakit.adapters.Adapter`.
+how its tensors become an :class:`~lorakit.lora.adapters.Adapter`.
 
 Roles are the suffix vocabulary of :mod:`lorakit.formats.spec` (``down``/``up``/``mid``, ``hada_*``,
 ``lokr_*``, ``diff``…). A module's kind is the first registered kind (in registration order) whose
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .adapters import Adapter, Full, LoHa, LoKr, LoRA
+from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA
 
 # (tensors by role, alpha) -> adapter (None: the module carries no weight delta, e.g. a bias diff only)
 Builder = Callable[[Mapping[str, Tensor], "float | None"], "Adapter | None"]
