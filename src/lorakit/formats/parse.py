@@ -294,8 +294,10 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             else:
                 # the architecture whose writers spell these keys (``lora_te_`` CLIP-L is SD1's spelling; FLUX.1
                 # and SDXL write ``lora_te1_``), then registration order
-                firsts = list({r.arch.name: r for r in reversed([best, *tied])}.values())[::-1]
-                best = max(firsts, key=_canonical)
+                firsts: dict[str, _Candidate] = {}
+                for r in [best, *tied]:          # the best-ranked reading of each architecture, in registration order
+                    firsts.setdefault(r.arch.name, r)
+                best = max(firsts.values(), key=_canonical)
             also = list(dict.fromkeys(r.arch.label for r in [best, *tied] if r.arch.name != best.arch.name))
         same_arch = [r for r in [best, *tied] if r.arch.name == best.arch.name and r is not best]
         ref = best.meaning()
