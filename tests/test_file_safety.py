@@ -360,16 +360,16 @@ def test_base_truncated_during_a_cross_device_bake_publishes_nothing(tmp_path, m
 
 
 def test_short_pread_in_the_copy_fallback_is_an_error(tmp_path, monkeypatch):
-    from lorakit.ops import baking
+    from lorakit.io.ranges import copy_slow
     src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
     src.write_bytes(bytes(range(256)) * 64)
     real_pread = os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, off: real_pread(fd, min(n, 100), off) if off < 1000 else b"")
     with open(src, "rb") as fs, open(dst, "wb") as fd:
         with pytest.raises(InputFileError, match="early"):
-            baking._copy_slow(fs.fileno(), fd.fileno(), 4096, 0, 0, str(src))
+            copy_slow(fs.fileno(), fd.fileno(), 4096, 0, 0, str(src))
         monkeypatch.setattr(os, "pread", real_pread)
-        baking._copy_slow(fs.fileno(), fd.fileno(), 4096, 10, 0, str(src))   # short reads that do arrive are fine
+        copy_slow(fs.fileno(), fd.fileno(), 4096, 10, 0, str(src))   # short reads that do arrive are fine
     assert dst.read_bytes()[:4096] == (bytes(range(256)) * 64)[10:4106]
 
 

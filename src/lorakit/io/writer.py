@@ -23,7 +23,8 @@ from lorakit.io.header import MAX_HEADER_BYTES, MAX_TENSORS, build_header, seria
 from lorakit.io.tempfiles import clean_stale_temps, create_temp_file
 
 _MAX_CHUNK = 1 << 30
-_SLOW_WRITE = float(os.environ.get("LORAKIT_TEST_SLOW_WRITE") or 0)
+# test hook: seconds to sleep per written tensor (makes interrupt-mid-write tests deterministic); 0 normally
+SLOW_WRITE_HOOK = float(os.environ.get("LORAKIT_TEST_SLOW_WRITE") or 0)
 
 
 def _umask() -> int:
@@ -176,8 +177,8 @@ class SafetensorsWriter:
         assert len(data) == math.prod(shape) * itemsize(code)
         self._pwrite(data, self.offsets[name][0])
         self.written.add(name)
-        if _SLOW_WRITE:   # test hook: makes interrupt-mid-write tests deterministic
-            time.sleep(_SLOW_WRITE)
+        if SLOW_WRITE_HOOK:   # test hook: makes interrupt-mid-write tests deterministic
+            time.sleep(SLOW_WRITE_HOOK)
 
     def commit(self) -> str:
         missing = [n for n in self.plan if n not in self.written]

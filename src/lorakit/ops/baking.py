@@ -45,6 +45,7 @@ import torch
 
 from lorakit.lora.adapters import LoKr, LoRA, NotExact
 from lorakit.base.checkpoint import BaseModel, match_tensor, open_base, open_component
+from lorakit.base.pipeline import is_pipeline, open_pipeline, refuse_scaled_fp8
 from lorakit.dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name, torch_dtype
 from lorakit.errors import (CoverageError, InputFileError, Interrupted, LorakitError, MergeError, NonFiniteError, OutputError,
                      PickleRefusedError, UnsupportedArchitectureError,
@@ -53,9 +54,10 @@ from lorakit.lora.checks import all_finite, require_finite_model
 from lorakit.formats import load, parse
 from lorakit.io import SafetensorsWriter, TensorInfo, WeightFile, check_output_path, open_weights
 from lorakit.io.header import MAX_HEADER_BYTES
+from lorakit.io.ranges import copy_range, copy_slow, pread_into, pwrite_from, read_ahead
 from lorakit.io.reader import ShardedFile, check_shard_name, input_files, read_index
 from lorakit.io.tempfiles import clean_stale_temps, create_temp_dir
-from lorakit.io.writer import _SLOW_WRITE, fsync_dir
+from lorakit.io.writer import SLOW_WRITE_HOOK, fsync_dir
 from lorakit.layouts import NameIndex, available, evaluate, resolve
 from lorakit.ops.metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from lorakit.lora.model import LoraModel, Patch
@@ -520,49 +522,6 @@ def _check_output(path: str, src: WeightFile | None, inputs: Sequence[str]) -> N
 # Diffusers pipeline folders
 # =============================================================================================
 
-PIPELINE_INDEX = "model_index.json"
-
-
-def _is_pipeline(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, PIPELINE_INDEX))
-
-
-def _open_pipeline(path: str, opened: list[WeightFile]) -> list[tuple[str, BaseModel]]:
-    """(subfolder, base) for each subfolder of a diffusers pipeline (``Container.folder``) that holds components
-    of the denoiser's architecture, the denoiser's first; other subfolders are copied as they are."""
-    folders = sorted({c.folder for n in available() for c in resolve(n).containers if c.folder})
-    found: list[tuple[str, BaseModel]] = []
-    errors: dict[str, LorakitError] = {}
-    for folder in folders:
-        sub = os.path.join(path, folder)
-        if not os.path.isdir(sub):
-            continue
-        try:
-            f = open_weights(sub)
-        except LorakitError as exc:
-            errors[folder] = exc
-            continue
-        opened.append(f)
-        try:
-            _refuse_scaled_fp8(f)
-            found.append((folder, open_base(f, folder=folder)))
-        except LorakitError as exc:
-            errors[folder] = exc
-    main = next(((fo, b) for fo, b in found if b.arch.spec.role("denoiser") is not None
-                 and b.arch.spec.denoiser.name in b.parts), None)
-    if main is None:
-        if errors:
-            raise next(iter(errors.values()))
-        raise UnsupportedArchitectureError("no denoiser subfolder of a supported architecture found in this "
-                                           "pipeline folder.", path=path,
-                                           hint="pass the pipeline's denoiser subfolder or a single-file checkpoint.")
-    arch = main[1].arch.spec
-    for folder, err in errors.items():
-        if any(c.folder == folder for c in arch.containers):
-            raise err
-    return [main, *((fo, b) for fo, b in found if b is not main[1] and b.arch.name == arch.name)]
-
-
 class _PipelineOutput:
     """A baked copy of a diffusers pipeline folder: the baked component subfolders are written inside a temporary
     folder next to the output, every other file is copied, and the folder is published by one rename."""
@@ -1009,8 +968,8 @@ class _Pipeline:
                 n = (j1 - j0) * per * isz
                 buf, pooled = self._buffer(self.rpool, n)
                 fd, offset = self._fd(task.info.file), task.info.start + j0 * per * isz
-                _read_ahead(fd, offset, n, ahead)
-                _pread(fd, buf, n, offset, task.info)
+                read_ahead(fd, offset, n, ahead)
+                pread_into(fd, buf, n, offset, task.info)
                 self._put(self.q_read, (task, j0, j1, buf, pooled))
         self._put(self.q_read, None)
 
@@ -1022,10 +981,10 @@ class _Pipeline:
             task, j0, j1, buf, pooled = item
             w = task.out.writer(task.key)
             dst = w.offsets[task.key][0]
-            if _SLOW_WRITE:   # test hook (as in SafetensorsWriter.write): makes kill-mid-bake tests deterministic
-                time.sleep(_SLOW_WRITE)
+            if SLOW_WRITE_HOOK:   # test hook (as in SafetensorsWriter.write): makes kill-mid-bake tests deterministic
+                time.sleep(SLOW_WRITE_HOOK)
             if buf is None:
-                _copy_range(self._fd(task.info.file), w.fd, task.info.nbytes, task.info.start, dst, w.path,
+                copy_range(self._fd(task.info.file), w.fd, task.info.nbytes, task.info.start, dst, w.path,
                             src_path=task.info.file)
                 self._writeback(w.fd, dst, task.info.nbytes)
                 w.written.add(task.key)
@@ -1033,7 +992,7 @@ class _Pipeline:
                 continue
             osz, per = itemsize(task.out_code), task.row_elems
             n = (j1 - j0) * per * osz
-            _pwrite(w.fd, buf, n, dst + j0 * per * osz, w.path)
+            pwrite_from(w.fd, buf, n, dst + j0 * per * osz, w.path)
             self._writeback(w.fd, dst + j0 * per * osz, n)
             if pooled:
                 self.wpool.put(buf)
@@ -1113,95 +1072,9 @@ def _whole_bake_threads(fn: _F) -> _F:
     return cast(_F, run)
 
 
-READ_AHEAD = 256 << 20   # bytes announced to the kernel beyond the current read (keeps a cold disk streaming)
-
-
-def _read_ahead(fd: int, offset: int, n: int, ahead: dict[int, int]) -> None:
-    """Ask the kernel to start reading ``READ_AHEAD`` bytes past this read: the pipeline holds only a few chunks,
-    so without it a cold read stalls whenever compute is behind (measured: a cold SDXL bake 30 s → 18 s)."""
-    want = offset + n + READ_AHEAD
-    start = max(offset, ahead.get(fd, 0))
-    if want > start and hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, start, want - start, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        ahead[fd] = want
-
-
-def _pread(fd: int, buf: torch.Tensor, n: int, offset: int, info: TensorInfo) -> None:
-    view = buf.numpy().data[:n]     # the array's memoryview (numpy's stubs lack __buffer__ before 3.12)
-    done = 0
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise InputFileError(f"file ended while reading tensor {info.name!r} (truncated?).", path=info.file)
-        done += got
-
-
-def _pwrite(fd: int, buf: torch.Tensor, n: int, offset: int, path: str) -> None:
-    view = buf.numpy().data[:n]
-    done = 0
-    try:
-        while done < n:
-            done += os.pwrite(fd, view[done:done + (1 << 30)], offset + done)
-    except OSError as exc:
-        raise OutputError(f"write failed ({exc.strerror or exc}); nothing was published.", path=path,
-                          hint="check free disk space and permissions.") from None
-
-
-def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int, path: str, *,
-                src_path: str = "") -> None:
-    """Kernel-side copy (no user-space buffers); falls back to pread/pwrite. Short copies are errors."""
-    done = 0
-    try:
-        while done < n:
-            try:
-                got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
-            except OSError as exc:
-                if exc.errno in (18, 22, 38, 95) and done == 0:   # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                    _copy_slow(src, dst, n, src_off, dst_off, src_path or path)
-                    return
-                raise
-            if got <= 0:
-                raise InputFileError(f"input file ended {n - done} bytes early during a copy (truncated or changed "
-                                     "while lorakit read it?); nothing was published.", path=src_path or path)
-            done += got
-    except OSError as exc:
-        raise OutputError(f"write failed ({exc.strerror or exc}); nothing was published.", path=path,
-                          hint="check free disk space and permissions.") from None
-
-
-def _copy_slow(src: int, dst: int, n: int, src_off: int, dst_off: int, path: str = "") -> None:
-    """pread/pwrite copy; every byte count is checked (a short read is a changed input, never zeros)."""
-    step = 16 << 20
-    off = 0
-    while off < n:
-        data = os.pread(src, min(step, n - off), src_off + off)
-        if not data:
-            raise InputFileError(f"input file ended {n - off} bytes early during a copy (truncated or changed while "
-                                 "lorakit read it?); nothing was published.", path=path or None)
-        view, done = memoryview(data), 0
-        while done < len(view):
-            wrote = os.pwrite(dst, view[done:], dst_off + off + done)
-            if wrote <= 0:
-                raise OSError(28, "no byte written")
-            done += wrote
-        off += len(data)
-
-
 # =============================================================================================
 # The operation
 # =============================================================================================
-
-def _refuse_scaled_fp8(file: WeightFile) -> None:
-    scales = [k for k in file.keys() if k.endswith((".scale_weight", ".weight_scale"))]
-    if scales:
-        raise UnsupportedDtypeError(
-            f"this is a scaled-fp8 checkpoint ({len(scales)} scale tensors, e.g. {scales[0]!r}); adding a LoRA to the "
-            "fp8 codes without the scales would corrupt the weights, and lorakit does not requantise scaled fp8 yet.",
-            path=file.path, hint="bake into the bf16/fp16 original, then quantise the result.")
-
 
 _Path = str | os.PathLike[str]
 # component -> (file, output), or just the file (a dry run needs no output)
@@ -1286,10 +1159,10 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
 
     opened: list[WeightFile] = []
     outputs: list[_Output | _PipelineOutput] = []
-    pipeline = _is_pipeline(base_path)
+    pipeline = is_pipeline(base_path)
     try:
         if pipeline:
-            bases = _open_pipeline(base_path, opened)
+            bases = open_pipeline(base_path, opened)
         else:
             try:
                 bfile = open_weights(base_path)
@@ -1298,7 +1171,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
                                          path=base_path, hint="convert the base to .safetensors first "
                                                               "(--allow-pickle applies to LoRA inputs).") from None
             opened.append(bfile)
-            _refuse_scaled_fp8(bfile)
+            refuse_scaled_fp8(bfile)
             bases = [("", open_base(bfile))]
         bm = bases[0][1]
         for _fo, b in bases:
