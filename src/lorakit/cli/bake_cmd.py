@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lorakit.ops.baking import bake, format_plan
+from lorakit.ops.baking import bake, flagged_components, format_plan
 from lorakit.errors import UsageError
 from lorakit.layouts import available, resolve
 from lorakit.ops.recipes import RecipeSchema, WeightedInput, load_recipe, opt, parse_weighted, refuse_recipe_as_output
@@ -16,7 +16,8 @@ HELP = "bake LoRAs into a base model (streaming, fp32 accumulation, same layout 
 
 # recipe keys (the long options, plus `base` and `inputs`) and the type each value must have
 RECIPE_SCHEMA: RecipeSchema = {"base": str, "output": str, "dtype": str, "device": opt(str, choices=("cpu", "cuda")),
-                 "allow_partial": bool, "allow_zero_lora": bool, "dry_run": bool, "clip_l": str, "clip_l_out": str, "t5": str, "t5_out": str,
+                 "allow_partial": bool, "allow_zero_lora": bool, "dry_run": bool,
+                 **{k: str for name in flagged_components() for k in (name, f"{name}_out")},
                  "component": list, "allow_pickle": bool, "json": bool}
 RECIPE_KEYS = ("base", "inputs", *RECIPE_SCHEMA)
 
@@ -25,6 +26,11 @@ def _layouts() -> str:
     """The registered architectures' denoisers and the layouts their bases come in (help text from the layouts)."""
     return "; ".join(f"{a.denoiser.label}" + (f" {a.base_layouts}" if a.base_layouts else "")
                      for a in (resolve(n) for n in available()))
+
+
+def _flag_names() -> str:
+    flags = flagged_components()
+    return ", ".join(f"{n}, the same as --{c.flag}" for n, c in flags.items()) or "see lorakit inspect"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,18 +61,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bake even a LoRA whose up matrices are all zero (it changes nothing; default: refuse)")
     p.add_argument("--dry-run", action="store_true", default=None,
                    help="print the per-tensor plan; read no base tensor data, write nothing")
-    p.add_argument("--clip-l", "--clip_l", dest="clip_l", default=None, metavar="FILE",
-                   help="CLIP-L text encoder to bake the LoRAs' CLIP-L modules into")
-    p.add_argument("--clip-l-out", "--clip_l_save_to", dest="clip_l_out", default=None, metavar="OUT",
-                   help="where the baked CLIP-L is written (same layout as --clip-l)")
-    p.add_argument("--t5", "--t5xxl", dest="t5", default=None, metavar="FILE",
-                   help="T5-XXL text encoder to bake the LoRAs' T5 modules into")
-    p.add_argument("--t5-out", "--t5xxl_save_to", dest="t5_out", default=None, metavar="OUT",
-                   help="where the baked T5 is written (same layout as --t5)")
+    for name, comp in flagged_components().items():    # e.g. FLUX.1's --clip-l/--t5 (layout data)
+        file_alias, out_alias = comp.flag_aliases
+        p.add_argument(f"--{comp.flag}", *([f"--{file_alias}"] if file_alias else []), dest=name, default=None,
+                       metavar="FILE", help=f"{comp.label} file to bake the LoRAs' {comp.label} modules into")
+        p.add_argument(f"--{comp.flag}-out", *([f"--{out_alias}"] if out_alias else []), dest=f"{name}_out",
+                       default=None, metavar="OUT",
+                       help=f"where the baked {comp.label} is written (same layout as --{comp.flag})")
     p.add_argument("--component", action="append", default=None, metavar="NAME=FILE[:OUT]",
                    help="a component the base does not hold, as a separate file to bake that component's LoRA "
                         "modules into, written to OUT (same layout as FILE; OUT may be left out with --dry-run); "
-                        "NAME is the architecture's component name (FLUX.1: clip_l, t5, the same as --clip-l/--t5); "
+                        "NAME is the architecture's component name (" + _flag_names() + "); "
                         "repeatable")
     p.add_argument("--recipe", default=None, metavar="FILE.yaml",
                    help="options from a YAML file (keys: base, inputs, output and the long options); explicit "
@@ -81,7 +86,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[WeightedInput]]:
     recipe = load_recipe(args.recipe, RECIPE_SCHEMA) if args.recipe else {}
     if args.recipe:   # paths in a recipe are relative to the recipe's folder (as its inputs are)
         here = os.path.dirname(os.path.abspath(args.recipe))
-        for key in ("base", "output", "clip_l", "clip_l_out", "t5", "t5_out"):
+        for key in ("base", "output", *(k for name in flagged_components() for k in (name, f"{name}_out"))):
             if isinstance(recipe.get(key), str) and not os.path.isabs(recipe[key]):
                 recipe[key] = os.path.join(here, recipe[key])
         if "component" in recipe:
@@ -112,7 +117,7 @@ def parse_component(text: object) -> tuple[str, tuple[str, str | None]]:
     """``NAME=FILE[:OUT]`` -> (name, (file, out)); OUT is what follows the last ``:``."""
     if not isinstance(text, str) or "=" not in text:
         raise UsageError(f"bad --component {text!r}.",
-                         hint="write --component NAME=FILE:OUT (e.g. clip_l=clip.safetensors:clip_baked.safetensors).")
+                         hint="write --component NAME=FILE:OUT (e.g. te=encoder.safetensors:encoder_baked.safetensors).")
     name, _, rest = text.partition("=")
     file, sep, out = rest.rpartition(":")
     if not sep:
@@ -144,11 +149,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lorakit bake`` and print its report; returns the exit code."""
     base, inputs = _resolve(args)
     components = _components(args)
-    refuse_recipe_as_output(args.recipe, (args.output, args.clip_l_out, args.t5_out,
+    flagged = {name: (getattr(args, name), getattr(args, f"{name}_out")) for name in flagged_components()}
+    refuse_recipe_as_output(args.recipe, (args.output, *(o for _f, o in flagged.values()),
                                           *(o for _f, o in components.values())))
     r = bake(base, inputs, args.output, dtype=args.dtype, device=args.device or "cpu",
-             allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), clip_l=args.clip_l,
-             clip_l_out=args.clip_l_out, t5=args.t5, t5_out=args.t5_out, components=components,
+             allow_partial=bool(args.allow_partial), dry_run=bool(args.dry_run), flagged=flagged,
+             components=components,
              allow_pickle=bool(args.allow_pickle),
              progress=terminal_progress("bake", enabled=not (args.no_progress or args.dry_run or args.json),
                                         unit="bytes"),

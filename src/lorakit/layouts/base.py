@@ -209,6 +209,7 @@ class ComponentSpec:
     # flag -> (reason, fix) when a LoRA has modules that need the flag and a base lacks them (``doctor``)
     flag_reasons: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     flag: str = ""         # a command-line alias for a separate file of this component (``--clip-l FILE``)
+    flag_aliases: tuple[str, str] = ("", "")   # other spellings of the file and output flags (sd-scripts')
 
 
 @dataclass(frozen=True)

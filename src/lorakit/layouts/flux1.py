@@ -147,8 +147,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
 FLUX1 = ArchSpec(
     name="flux1",
     label="FLUX.1",
-    components={"transformer": TRANSFORMER, "clip_l": replace(CLIP_L, role="te1", flag="clip-l"),
-                "t5": replace(T5_XXL, role="te2", flag="t5")},
+    # --clip-l/--t5 (sd-scripts' flux_merge_lora: --clip_l/--clip_l_save_to, --t5xxl/--t5xxl_save_to)
+    components={"transformer": TRANSFORMER,
+                "clip_l": replace(CLIP_L, role="te1", flag="clip-l", flag_aliases=("clip_l", "clip_l_save_to")),
+                "t5": replace(T5_XXL, role="te2", flag="t5", flag_aliases=("t5xxl", "t5xxl_save_to"))},
     rules=RULES,
     # FluxLoraLoaderMixin._lora_loadable_modules = ["transformer", "text_encoder"] (diffusers 0.42.1): never T5
     diffusers_loader="diffusers' FLUX loader (FluxPipeline.load_lora_weights / load_lora_adapter)",

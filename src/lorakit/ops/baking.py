@@ -58,7 +58,7 @@ from lorakit.io.ranges import copy_range, copy_slow, pread_into, pwrite_from, re
 from lorakit.io.reader import ShardedFile, check_shard_name, input_files, read_index
 from lorakit.io.tempfiles import clean_stale_temps, create_temp_dir
 from lorakit.io.writer import SLOW_WRITE_HOOK, fsync_dir
-from lorakit.layouts import NameIndex, available, evaluate, resolve
+from lorakit.layouts import ComponentSpec, NameIndex, available, evaluate, resolve
 from lorakit.ops.metadata import PROVENANCE_KEY, InputRecord, carry_over, file_sha256, provenance
 from lorakit.lora.model import LoraModel, Patch
 from lorakit.progress import Progress, ProgressBar
@@ -216,10 +216,20 @@ def _base_desc(base: BaseModel) -> str:
     return f"the base ({_labels(base).get(base.variant, base.variant)})"
 
 
-def component_flags() -> dict[str, str]:
+def flagged_components() -> dict[str, ComponentSpec]:
     """Components with their own command-line flags (``--clip-l FILE --clip-l-out OUT``), from the layouts'
     :attr:`~lorakit.layouts.ComponentSpec.flag`; any component can be given as ``--component NAME=FILE:OUT``."""
-    return {c.name: c.flag for n in available() for c in resolve(n).components.values() if c.flag}
+    out: dict[str, ComponentSpec] = {}
+    for n in available():
+        for c in resolve(n).components.values():
+            if c.flag:
+                out.setdefault(c.name, c)
+    return out
+
+
+def component_flags() -> dict[str, str]:
+    """component -> its command-line flag (see :func:`flagged_components`)."""
+    return {name: c.flag for name, c in flagged_components().items()}
 
 
 def _flag(component: str) -> str:
@@ -1122,6 +1132,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
          dry_run: bool = False, clip_l: str | os.PathLike[str] | None = None,
          clip_l_out: str | os.PathLike[str] | None = None, t5: str | os.PathLike[str] | None = None,
          t5_out: str | os.PathLike[str] | None = None, components: ComponentFiles | None = None,
+         flagged: Mapping[str, tuple[_Path | None, _Path | None]] | None = None,
          allow_pickle: bool = False, progress: Progress | bool | None = None,
          chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None,
          allow_zero_lora: bool = False) -> BakeReport:
@@ -1132,7 +1143,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     folder (``model_index.json``): the subfolders its architecture names (:attr:`Container.folder`) are baked,
     every other file is copied, and ``output`` is a new folder published in one rename. Components held in
     separate files are given as ``components={name: (file, output)}`` (``clip_l=``/``clip_l_out=`` and
-    ``t5=``/``t5_out=`` are aliases for FLUX.1's text encoders); LoRA modules of a component neither the base
+    ``t5=``/``t5_out=`` are aliases for FLUX.1's text encoders; ``flagged={name: (file, output)}`` the same with
+    the messages of the command-line flags); LoRA modules of a component neither the base
     nor a given file holds are reported in ``not_applied``.
     The output keeps the base's layout and, unless ``dtype`` is given, every tensor's dtype (``dtype``
     changes the main component's (denoiser's) floating tensors only; other components of a full checkpoint
@@ -1152,7 +1164,10 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         raise UsageError("no LoRA given.", hint="pass BASE then one or more LoRA[:WEIGHT].")
     base_path = os.fspath(base)
     out_path = os.fspath(output) if output is not None else None
-    te_paths = _component_paths(components, {"clip_l": (clip_l, clip_l_out), "t5": (t5, t5_out)}, dry_run)
+    # clip_l=/t5= are the Python API's names for FLUX.1's flagged text encoders (kept from before components were
+    # generic); ``flagged`` is the same for any component with a layout flag (what the CLI's --clip-l … give)
+    te_paths = _component_paths(components, {"clip_l": (clip_l, clip_l_out), "t5": (t5, t5_out), **(flagged or {})},
+                                 dry_run)
     if out_path is None and not dry_run:
         raise UsageError("no output path given.", hint="pass -o OUT (or --dry-run).")
     all_inputs = [base_path, *(w.path for w in weighted), *(f for f, _ in te_paths.values())]
