@@ -731,6 +731,12 @@ def _svd(target: Target, contribs: list[Contribution], shape: tuple[int, ...], o
         dense = _dense_sum(contribs, shape)
         _require_finite_sum(target, dense)
         u, s, vh = exact_svd(dense.flatten(1))
+    return _truncated(target, u, s, vh, contribs, shape, options, bias)
+
+
+def _truncated(target: Target, u: Tensor, s: Tensor, vh: Tensor, contribs: Sequence[Contribution],
+               shape: tuple[int, ...], options: MergeOptions, bias: Tensor | None) -> tuple[list[Patch], ModuleStat]:
+    """The merged module at the rank the options choose from the singular values, with its statistics."""
     k = _choose_rank(s, contribs, shape, options)
     lr = truncate(u, s, vh, k)
     return [_lowrank_patch(target, u, s, vh, lr.rank, shape, bias)], \
@@ -790,10 +796,7 @@ def _dense_method(target: Target, contribs: list[Contribution], shape: tuple[int
         return [Patch(target, None, None, bias=bias)], ModuleStat(str(target), 0)
     _require_finite_sum(target, merged)
     u, s, vh = exact_svd(merged.flatten(1))
-    k = _choose_rank(s, contribs, shape, options)
-    lr = truncate(u, s, vh, k)
-    return [_lowrank_patch(target, u, s, vh, lr.rank, shape, bias)], \
-        ModuleStat(str(target), lr.rank, lr.retained_energy, lr.relative_error)
+    return _truncated(target, u, s, vh, contribs, shape, options, bias)
 
 
 @dense_merge_method("ties", options=("majority_sign",),
