@@ -1,0 +1,40 @@
+"""``lorakit ui``: a local web UI (Gradio, the optional extra ``lorakit[ui]``) over the library's operations.
+
+The screens call the same library functions as the commands (:mod:`lorakit.ui.calls`); long jobs run in a
+worker thread with progress and cancellation (:mod:`lorakit.ui.jobs`); what is shown of each report is in
+:mod:`lorakit.ui.reports`; the screens themselves are in :mod:`lorakit.ui.app` (the only module that imports
+gradio).
+"""
+
+from __future__ import annotations
+
+import os
+
+from lorakit.errors import UsageError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+INSTALL_HINT = "install the UI extra: pip install 'lorakit[ui]'."
+
+
+def require_gradio() -> None:
+    """Refuse, in one line with the fix, when the optional UI dependency is missing."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the web UI needs gradio, which is not installed.", hint=INSTALL_HINT) from None
+
+
+def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, output_dir: str = "lorakit-ui-out", *,
+           block: bool = True) -> object:
+    """Start the UI on ``host:port`` (local only by default) writing bare output names into ``output_dir``."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")    # a local tool sends nothing anywhere
+    require_gradio()
+    from lorakit.ui.app import build_app
+    folder = os.path.abspath(os.path.expanduser(output_dir))
+    os.makedirs(folder, exist_ok=True)
+    app = build_app(folder)
+    app.queue()
+    app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
+               allowed_paths=[folder], prevent_thread_lock=not block, quiet=not block)
+    return app
