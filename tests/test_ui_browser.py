@@ -36,6 +36,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 START_SECONDS = 120
+SLOW_WRITE = 0.25         # seconds per tensor written by the server (its bake of 84 tensors takes ~20 s)
 STEP_SECONDS = 60
 
 
@@ -64,8 +65,10 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
     out = folder / "out"
     port = _free_port()
+    # the writers' public test hook slows every tensor write a little, so that a bake runs long enough to be
+    # cancelled from the browser (a merge writes a handful of tensors: it stays well under a second)
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "LORAKIT_TEST_SLOW_WRITE": str(SLOW_WRITE)}
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "ui", "--port", str(port), "--output-dir", str(out)],
                             cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -184,3 +187,29 @@ def test_an_error_shows_the_one_line_message(server, browser, tmp_path):
     assert "\n" not in status and "Traceback" not in status
     assert "missing.safetensors" in status
     assert not (server["out"] / "never.safetensors").exists()
+
+
+def test_bake_shows_progress_and_cancel_leaves_no_file(server, browser, tmp_path):
+    from test_bake_util import make_base
+    base = make_base(tmp_path, "bfl")
+    lora = _lora(tmp_path / "style_c.safetensors", 4, 3)
+    browser.get(server["url"])
+    WebDriverWait(browser, STEP_SECONDS).until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[role=tab]"))
+    _tab(browser, "Bake")
+    _set_text(browser, "bake-base-path", base)
+    _set_text(browser, "bake-path-0", lora)
+    _set_text(browser, "bake-output", "baked_cancelled.safetensors")
+    browser.find_element(By.ID, "bake-run").click()
+    # the progress bar gradio draws over the outputs while the job reports progress
+    WebDriverWait(browser, STEP_SECONDS).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#bake-status .progress-text, #bake-status .progress-bar"))
+    _shot(browser, "05-bake-progress", server["folder"])
+    browser.find_element(By.ID, "bake-cancel").click()
+    status = _wait_status(browser, "bake-status", lambda v: v.startswith(("cancelled", "error", "internal"))
+                          or "saved:" in v)
+    _shot(browser, "06-bake-cancelled", server["folder"])
+    assert status == "cancelled; no output was written.", status
+    assert sorted(os.listdir(server["out"])) == sorted(n for n in os.listdir(server["out"])
+                                                       if n != "baked_cancelled.safetensors")
+    assert not (server["out"] / "baked_cancelled.safetensors").exists()
+    assert not [n for n in os.listdir(server["out"]) if n.endswith(".lorakit-tmp")]
