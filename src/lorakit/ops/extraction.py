@@ -65,7 +65,7 @@ from lorakit.errors import ArchitectureError, KeyMappingError, NonFiniteError, S
 from lorakit.formats import WRITABLE, emit
 from lorakit.formats.emit import fold_error
 from lorakit.lora.checks import dtype_range_cause, require_finite_output
-from lorakit.io import check_output_path, open_weights, save_tensors
+from lorakit.io import WeightFile, check_output_path, open_weights, save_tensors
 from lorakit.lora.linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
 from lorakit.ops.metadata import InputRecord
 from lorakit.lora.model import LoraModel, Patch, Target
@@ -413,7 +413,14 @@ def _max_abs(t: Tensor) -> float:
     return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
 
 
-def _disk_size(path: str) -> int:
+def _opened(source: str | os.PathLike[str] | WeightFile, allow_pickle: bool) -> WeightFile:
+    """A model given as a path (opened here) or as an already opened weight file (used as it is)."""
+    return source if isinstance(source, WeightFile) else open_weights(source, allow_pickle=allow_pickle)
+
+
+def _disk_size(path: str) -> int | None:
+    if not os.path.exists(path):
+        return None                       # an in-memory model (its label is no path)
     if os.path.isfile(path):
         return os.path.getsize(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -467,7 +474,8 @@ class _Options:
 # The operation
 # ---------------------------------------------------------------------------------------------
 
-def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], output: str | os.PathLike[str] | None,
+def extract(original: str | os.PathLike[str] | WeightFile, tuned: str | os.PathLike[str] | WeightFile,
+            output: str | os.PathLike[str] | None,
             *, rank: int | None = None, dynamic: str | tuple[str, float] | None = None, conv_rank: int | None = None,
             min_diff: float = 0.0, te_min_diff: float = DEFAULT_TE_MIN_DIFF, to: str = "kohya", device: str = "cpu",
             exact: bool = False, seed: int = 0, alpha: float | None = None, include_bias: bool = False,
@@ -485,14 +493,15 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     data is read, nothing is written) and returns that plan in ``report.plan``. ``dtype`` also takes the
     CLI's spellings (``"bf16"``, ``"fp16"``…). ``clamp_quantile`` (sd-scripts' ``--clamp_quantile``, in
     (0, 1]) clamps both factors of every module to ``±quantile(concat(up·S, Vh), q)`` as sd-scripts does;
-    it adds error, measured per module (``clamp_error``) and included in ``relative_error``.
+    it adds error, measured per module (``clamp_error``) and included in ``relative_error``. ``original`` and
+    ``tuned`` may also be opened weight files (e.g. a host's loaded model, :mod:`lorakit.io.memory`).
     """
     started = time.perf_counter()
     dtype = as_dtype(dtype)
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise UsageError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile}.",
                          hint="sd-scripts' default is 0.99; leave it out for unclamped (optimal) factors.")
-    src_o, src_t = os.fspath(original), os.fspath(tuned)
+    src_o, src_t = (m.path if isinstance(m, WeightFile) else os.fspath(m) for m in (original, tuned))
     dyn: tuple[str, float] | None = (parse_dynamic(dynamic) if isinstance(dynamic, str)
                                      else ((str(dynamic[0]), float(dynamic[1])) if dynamic else None))
     _validate(rank, dyn, conv_rank, min_diff, te_min_diff, to, alpha, oversample, niter, include_norms)
@@ -504,7 +513,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     if out_path is not None:
         check_output_path(out_path, [src_o, src_t])
 
-    with open_weights(src_o, allow_pickle=allow_pickle) as fo, open_weights(src_t, allow_pickle=allow_pickle) as ft:
+    with _opened(original, allow_pickle) as fo, _opened(tuned, allow_pickle) as ft:
         orig, tune = open_base(fo), open_base(ft)
         _check_compatible(orig, tune, (src_o, src_t))
         out_dtype = _output_dtype(tune, dtype)
