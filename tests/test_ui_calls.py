@@ -220,3 +220,16 @@ def test_missing_gradio_is_a_one_line_error(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip() == "lorakit ui: error: the web UI needs gradio, which is not installed. Fix: install the " \
                           "UI extra: pip install 'lorakit[ui]'."
+
+
+def test_a_busy_port_is_a_one_line_error(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="gradio not installed (pip install 'lorakit[ui]')")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lorakit ui: error: cannot serve the UI on 127.0.0.1:{port}")
+    assert "Fix: pick a free --port" in err[0]

@@ -35,6 +35,10 @@ def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, output_dir: str =
     os.makedirs(folder, exist_ok=True)
     app = build_app(folder)
     app.queue()
-    app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
-               allowed_paths=[folder], prevent_thread_lock=not block, quiet=not block)
+    try:
+        app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
+                   allowed_paths=[folder], prevent_thread_lock=not block, quiet=not block)
+    except OSError as exc:      # the port is taken, or the address is not this machine's
+        raise UsageError(f"cannot serve the UI on {host}:{port} ({' '.join(str(exc).split())}).",
+                         hint="pick a free --port, or a --host address of this machine.") from None
     return app

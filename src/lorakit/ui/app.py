@@ -118,13 +118,14 @@ def _lora_rows(prefix: str) -> tuple[list[gr.Textbox], list[gr.Slider]]:
     return paths, weights
 
 
-def _result_area(prefix: str) -> tuple[gr.Textbox, gr.JSON, gr.Textbox, gr.File]:
+def _result_area(prefix: str, *, download: bool = True) -> tuple[gr.Textbox, gr.JSON, gr.Textbox, gr.File]:
+    """(status, report, saved path, download): the outputs :meth:`Screens.run` yields, in that order."""
     status = gr.Textbox(label="result", elem_id=f"{prefix}-status", lines=3, interactive=False)
     saved = gr.Textbox(label="saved to", elem_id=f"{prefix}-saved", interactive=False)
-    download = gr.File(label="download", elem_id=f"{prefix}-download", interactive=False, height=70)
+    file = gr.File(label="download", elem_id=f"{prefix}-download", interactive=False, height=70, visible=download)
     with gr.Accordion("full report (JSON)", open=False):
         report = gr.JSON(elem_id=f"{prefix}-report")
-    return status, report, saved, download
+    return status, report, saved, file
 
 
 def _run_buttons(prefix: str) -> tuple[gr.Button, gr.Button]:
@@ -262,7 +263,7 @@ def _bake_tab(s: Screens) -> None:
         partial = gr.Checkbox(label="allow partial (bake the modules that fit, report the rest)")
     out = gr.Textbox(label="save as", value="baked.safetensors", elem_id="bake-output")
     go, stop = _run_buttons("bake")
-    outputs = _result_area("bake")
+    outputs = _result_area("bake", download=False)    # a baked model is as large as the base: saved path only
 
     def bake_run(data: dict[Any, Any], request: gr.Request,
                  progress: gr.Progress = gr.Progress()) -> Iterator[Outputs]:
