@@ -106,8 +106,8 @@ def test_extract_and_bake_equal_the_cli(tmp_path, two, dirs):
 
 
 def test_a_cancelled_bake_leaves_no_file(tmp_path, two, monkeypatch):
-    import lorakit.ops.baking as baking
-    monkeypatch.setattr(baking, "SLOW_WRITE_HOOK", 0.02)    # the writers' public test hook: a bake of ~1.7 s
+    import lorakit.ops.baking.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "SLOW_WRITE_HOOK", 0.02)    # the writers' public test hook: a bake of ~1.7 s
     a, _ = two
     base = make_base(tmp_path, "bfl")
     out = tmp_path / "out"
