@@ -3,6 +3,7 @@ same bytes as the matching command with the same options, a cancelled job leaves
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -222,9 +223,11 @@ def test_missing_gradio_is_a_one_line_error(monkeypatch, capsys):
                           "UI extra: pip install 'lorakit[ui]'."
 
 
-def test_a_busy_port_is_a_one_line_error(tmp_path, capsys):
+def test_a_busy_port_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     pytest.importorskip("gradio", reason="gradio not installed (pip install 'lorakit[ui]')")
     import socket
+    from lorakit.ops import metadata
+    monkeypatch.setattr(metadata, "_RECORD_COMMAND", True)    # launch() turns it off: restored after the test
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -233,3 +236,12 @@ def test_a_busy_port_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"lorakit ui: error: cannot serve the UI on 127.0.0.1:{port}")
     assert "Fix: pick a free --port" in err[0]
+
+
+def test_the_ui_does_not_record_its_own_command_line(monkeypatch):
+    from lorakit.ops import metadata
+    monkeypatch.setattr(metadata, "_RECORD_COMMAND", True)
+    monkeypatch.setattr(metadata.sys, "argv", ["/usr/bin/lorakit", "ui", "--port", "7860"])
+    assert json.loads(metadata.provenance("merge", []))["command"] == "lorakit ui --port 7860"
+    metadata.record_command_line(False)       # what lorakit.ui.launch does before serving
+    assert "command" not in json.loads(metadata.provenance("merge", []))

@@ -51,12 +51,15 @@ def output_file(prefix: str) -> str:
     return os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
 
 
-def model_state_dict(model: Any) -> dict[str, Any]:
-    """A ComfyUI MODEL's diffusion-model weights (``diffusion_model.*``) with its patches applied."""
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        mm = None
-    if mm is not None:   # applies pending patches (ModelSubtract's difference) to the weights
+def model_state_dict(model: Any, *, apply_patches: bool = True) -> dict[str, Any]:
+    """A ComfyUI MODEL's diffusion-model weights (``diffusion_model.*``), with its patches applied (a ModelSubtract
+    difference, LoRAs loaded before) unless only names and shapes are needed (``apply_patches=False``)."""
+    mm = None
+    if apply_patches:
+        try:
+            import comfy.model_management as mm  # type: ignore[import-not-found]
+        except ImportError:
+            mm = None
+    if mm is not None:   # as ComfyUI's own LoRA extraction does: patch the weights in place first
         mm.load_models_gpu([model], force_patch_weights=True)
     return dict(model.model_state_dict(filter_prefix=DIFFUSION_PREFIX))

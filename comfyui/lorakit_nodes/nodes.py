@@ -59,7 +59,8 @@ class LoraDoctor:
     def diagnose(self, model: Any, lora_name: str) -> dict[str, Any]:
         from lorakit.base.checkpoint import open_base
         from lorakit.ops.diagnose import DoctorReport, diagnose, format_report
-        base = open_base(StateDictWeights(bridge.model_state_dict(model), "ComfyUI model"))
+        # names and shapes are all the doctor reads of the model: its patches need not be applied
+        base = open_base(StateDictWeights(bridge.model_state_dict(model, apply_patches=False), "ComfyUI model"))
         d = diagnose(bridge.lora_path(lora_name), base)
         text = format_report(DoctorReport([d]))
         return _text(text, (d.verdict, text))

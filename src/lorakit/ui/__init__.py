@@ -30,7 +30,9 @@ def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, output_dir: str =
     """Start the UI on ``host:port`` (local only by default) writing bare output names into ``output_dir``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")    # a local tool sends nothing anywhere
     require_gradio()
+    from lorakit.ops.metadata import record_command_line
     from lorakit.ui.app import build_app
+    record_command_line(False)      # files written from the UI were not made by "lorakit ui --port …"
     folder = os.path.abspath(os.path.expanduser(output_dir))
     os.makedirs(folder, exist_ok=True)
     app = build_app(folder)

@@ -232,8 +232,10 @@ def _merge_tab(s: Screens) -> None:
         density = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="density (ties/dare; 0: not set)",
                             elem_id="merge-density")
         seed = gr.Number(value=0, precision=0, label="seed (dare)", elem_id="merge-seed")
-    blocks = gr.Textbox(label="block weights (optional)", info=" ".join(BLOCKS_HELP.split())[:400],
-                        elem_id="merge-blocks")
+    blocks = gr.Textbox(label="block weights (optional)", elem_id="merge-blocks",
+                        placeholder="a preset, a vector of numbers, or SELECTOR=VALUE,… (syntax below)")
+    with gr.Accordion("block weight syntax", open=False):
+        gr.Markdown("```\n" + BLOCKS_HELP + "\n```")
     out = gr.Textbox(label="save as", value="merged.safetensors", elem_id="merge-output")
     go, stop = _run_buttons("merge")
     outputs = _result_area("merge")
