@@ -343,3 +343,25 @@ def test_a_missing_lora_is_a_one_line_lorakit_error(comfy):
                     dtype="keep", filename_prefix="x")
     assert "gone.safetensors" in str(exc.value) and "\n" not in str(exc.value)
     assert not any(comfy.output.rglob("*.safetensors"))
+
+
+def test_patches_are_applied_before_extracting_and_not_for_the_doctor(comfy, monkeypatch):
+    """ComfyUI holds a ModelSubtract difference (and loaded LoRAs) as pending patches: extract has the model
+    manager patch the weights first (force_patch_weights=True); the doctor reads shapes only."""
+    calls = []
+    comfy_pkg = types.ModuleType("comfy")
+    mm = types.ModuleType("comfy.model_management")
+    mm.load_models_gpu = lambda models, force_patch_weights=False: calls.append((len(models), force_patch_weights))
+    comfy_pkg.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy_pkg)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    base = make_base(comfy.tmp, "bfl")
+    model = FakeModel(load_file(base))
+    comfy.pkg.NODE_CLASS_MAPPINGS["LorakitLoraDoctor"]().diagnose(model=model, lora_name="a.safetensors")
+    assert calls == []
+    (comfy.tmp / "t").mkdir()
+    tuned = FakeModel(load_file(make_base(comfy.tmp / "t", "bfl", seed=2)))
+    comfy.pkg.NODE_CLASS_MAPPINGS["LorakitExtractLora"]().extract(
+        model_tuned=tuned, model_original=model, rank=2, conv_rank=0, dynamic="off", dynamic_param=0.9, seed=0,
+        target_format="comfy", dtype="keep", filename_prefix="x")
+    assert calls == [(1, True), (1, True)]
