@@ -44,7 +44,9 @@ class Screens:
             for snap in job.poll(POLL_SECONDS):
                 if not snap.finished and snap.fraction is not None:
                     progress(snap.fraction, desc=snap.item or tab)
-        finally:
+        finally:   # also when gradio closes this generator (the page was closed): stop the job with it
+            if not job.snapshot().finished:
+                job.cancel()
             self.board.drop(session, tab, job)
         snap = job.snapshot()
         if snap.cancelled:
