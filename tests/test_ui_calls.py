@@ -245,3 +245,40 @@ def test_the_ui_does_not_record_its_own_command_line(monkeypatch):
     assert json.loads(metadata.provenance("merge", []))["command"] == "lorakit ui --port 7860"
     metadata.record_command_line(False)       # what lorakit.ui.launch does before serving
     assert "command" not in json.loads(metadata.provenance("merge", []))
+
+
+def test_a_screen_run_yields_progress_and_result_and_stops_with_its_page(tmp_path):
+    pytest.importorskip("gradio", reason="gradio not installed (pip install 'lorakit[ui]')")
+    from lorakit.ui.app import Screens
+    s = Screens(str(tmp_path))
+    seen: list[float] = []
+    gate = threading.Event()
+
+    def call(hook):
+        hook(1, 4, "a")
+        gate.wait(10)
+        hook(2, 4, "b")
+        return "result"
+
+    gen = s.run("t", None, lambda f, desc=None: seen.append(f), call, lambda r: f"did {r}", lambda r: None)
+    assert next(gen)[0] == "running…"
+    gate.set()
+    last = list(gen)[-1]
+    assert last[0] == "did result" and last[2] == "" and seen and 0 < seen[0] <= 0.5
+
+    stopped = threading.Event()
+
+    def slow(hook):
+        for i in range(1000):
+            try:
+                hook(i, 1000, "")
+            except Interrupted:
+                stopped.set()
+                raise
+            threading.Event().wait(0.01)
+        return "never"
+
+    gen = s.run("t", None, lambda f, desc=None: None, slow, str, lambda r: None)
+    next(gen)
+    gen.close()                  # gradio closes the generator when the page goes away
+    assert stopped.wait(10)

@@ -39,8 +39,8 @@ class Screens:
         session = getattr(request, "session_hash", None) or "local"
         job: Job[Any] = Job(call).start()
         self.board.put(session, tab, job)
-        yield "running…", None, "", None
         try:
+            yield "running…", None, "", None
             for snap in job.poll(POLL_SECONDS):
                 if not snap.finished and snap.fraction is not None:
                     progress(snap.fraction, desc=snap.item or tab)
