@@ -28,6 +28,7 @@ def optional_int(value: float | int | None) -> int | None:
 
 
 def optional_text(value: str | None) -> str | None:
+    """A text field where empty (or blanks) means "not given"."""
     value = (value or "").strip()
     return value or None
 
@@ -54,16 +55,19 @@ def weighted_inputs(paths: Sequence[str | None], weights: Sequence[float]) -> li
 
 
 def run_inspect(path: str, *, deep: bool = False) -> dict:
+    """``lorakit inspect [--deep]``: the report dict."""
     from lorakit.ops.inspection import inspect_lora
     return inspect_lora(path, deep=deep)
 
 
 def run_doctor(loras: Sequence[str], base: str | None):
+    """``lorakit doctor LORA… [--base BASE]``: the DoctorReport (verdicts are returned, not raised)."""
     from lorakit.ops.diagnose import doctor
     return doctor(list(loras), base)
 
 
 def run_convert(path: str, output: str, to: str, dtype: str, allow_lossy: bool, progress: Progress | None):
+    """``lorakit convert IN -o OUT --to FMT [--dtype D] [--allow-lossy]``."""
     from lorakit.ops.conversion import convert
     return convert(path, output, to, dtype=parse_dtype(dtype), allow_lossy=allow_lossy, progress=progress)
 
@@ -71,6 +75,8 @@ def run_convert(path: str, output: str, to: str, dtype: str, allow_lossy: bool, 
 def run_merge(inputs: list[WeightedInput], output: str, *, method: str, rank: int | None, conv_rank: int | None,
               to: str, blocks: str | None, dtype: str, density: float | None, seed: int | None,
               progress: Progress | None):
+    """``lorakit merge IN:W … -o OUT --method M [--rank N] [--conv-rank M] [--to F] [--blocks S] [--dtype D]
+    [--density X] [--seed S]`` (the seed only for the random methods, as the form always holds one)."""
     from lorakit.ops.merging import get_merge_method, merge
     if not inputs:
         raise UsageError("no LoRA to merge.", hint="upload LoRAs or type their paths in the rows above.")
@@ -82,6 +88,7 @@ def run_merge(inputs: list[WeightedInput], output: str, *, method: str, rank: in
 
 def run_bake(base: str, inputs: list[WeightedInput], output: str, *, dtype: str, allow_partial: bool,
              progress: Progress | None):
+    """``lorakit bake BASE IN:W … -o OUT [--dtype D] [--allow-partial]``."""
     from lorakit.ops.baking import bake
     if not inputs:
         raise UsageError("no LoRA to bake.", hint="upload LoRAs or type their paths in the rows above.")
@@ -91,6 +98,7 @@ def run_bake(base: str, inputs: list[WeightedInput], output: str, *, dtype: str,
 
 def run_extract(original: str, tuned: str, output: str, *, rank: int | None, conv_rank: int | None,
                 dynamic: str | None, to: str, dtype: str, progress: Progress | None):
+    """``lorakit extract ORIGINAL TUNED -o OUT --rank N [--conv-rank M] [--dynamic D] [--to F] [--dtype D]``."""
     from lorakit.ops.extraction import extract
     return extract(original, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, to=to,
                    dtype=parse_dtype(dtype), progress=progress)
@@ -98,6 +106,7 @@ def run_extract(original: str, tuned: str, output: str, *, rank: int | None, con
 
 def run_resize(path: str, output: str, *, rank: int | None, conv_rank: int | None, dynamic: str | None,
                dtype: str, progress: Progress | None):
+    """``lorakit resize IN -o OUT --rank N [--conv-rank M] [--dynamic D] [--dtype D]``."""
     from lorakit.ops.resizing import resize
     return resize(path, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, dtype=parse_dtype(dtype),
                   progress=progress)

@@ -25,6 +25,7 @@ def _warnings(report: Any) -> list[str]:
 
 
 def merge_summary(r: Any) -> str:
+    """The merge report in a few lines (the same facts the command prints)."""
     names = " + ".join(f"{os.path.basename(str(i['path']))}:{float(i['weight']):g}" for i in r.inputs)
     ranks = r.ranks
     rank = f"rank {ranks[0]}–{ranks[1]}" if ranks and ranks[0] != ranks[1] else f"rank {ranks[0]}" if ranks else \
@@ -43,6 +44,7 @@ def merge_summary(r: Any) -> str:
 
 
 def convert_summary(r: Any) -> str:
+    """The convert report in a few lines (the same facts the command prints)."""
     lines = [f"{os.path.basename(r.input)}: {r.source_format} → {r.target_format} ({r.architecture}, {r.variant}); "
              f"{r.modules_in} modules in, {r.modules_out} out, {r.tensors_out} tensors ({r.dtype})"]
     if r.converted:
@@ -54,6 +56,7 @@ def convert_summary(r: Any) -> str:
 
 
 def resize_summary(r: Any) -> str:
+    """The resize report in a few lines (the same facts the command prints)."""
     ranks_in = sorted({m.rank_in for m in r.modules if m.rank_in is not None})
     ranks_out = sorted({m.rank_out for m in r.modules})
     mean = sum(m.retained_energy for m in r.modules) / len(r.modules) if r.modules else 1.0
@@ -68,6 +71,7 @@ def resize_summary(r: Any) -> str:
 
 
 def extract_summary(r: Any) -> str:
+    """The extract report in a few lines (the same facts the command prints)."""
     worst = r.worst
     ranks = sorted({m.rank for m in r.modules})
     lines = [f"{os.path.basename(r.original)} → {os.path.basename(r.tuned)}: {r.architecture} {r.variant}; "
@@ -80,6 +84,7 @@ def extract_summary(r: Any) -> str:
 
 
 def bake_summary(r: Any) -> str:
+    """The bake report in a few lines (the same facts the command prints)."""
     lines = [f"{os.path.basename(str(i['path']))} ×{float(i['weight']):g}: {i['format']}, {i['applied']} of "
              f"{i['modules']} modules applied" + (f", {i['skipped']} skipped" if i.get("skipped") else "")
              for i in r.inputs]
