@@ -386,6 +386,11 @@ def format_report(r: Mapping[str, Any]) -> str:
         if stale:
             lines.append(f"  STALE HASHES  {', '.join(stale)} in the header do not match the tensors "
                          "(fix: lorakit meta FILE --rehash)")
+    strength = r.get("strength")
+    if strength and strength["blocks"]:
+        top = sorted(strength["blocks"], key=lambda b: -b["norm"])[:6]
+        lines.append(f"  strength      ‖ΔW‖ total {strength['total']:.4g}; strongest blocks "
+                     + ", ".join(f"{b['block']} {b['norm']:.4g}" for b in top))
     deep = r.get("deep")
     if deep:
         lines.append(f"  delta norms   max {deep['delta_norm_max']:.4g}, mean {deep['delta_norm_mean']:.4g}")
