@@ -115,6 +115,7 @@ class FormatMatcher:
         self.rules = arch.rules_for(fmt.name)
         self.indexes: dict[tuple[str, str, bool], NameIndex] = {}
         self.loose: dict[tuple[str, str, bool], ParamIndex] = {}
+        self._memo: dict[str, KeyParse | None] = {}
         for rule in self.rules:
             comp = arch.components.get(rule.component)
             if comp is None:
@@ -129,14 +130,13 @@ class FormatMatcher:
     def accept(self, key: str) -> KeyParse | None:
         """The parse of ``key`` in this format, or None. Memoised (a parse is frozen and depends on the key
         alone): the files of a library repeat the same key names."""
-        memo = self.__dict__.setdefault("_memo", {})
         try:
-            return memo[key]    # type: ignore[no-any-return]
+            return self._memo[key]
         except KeyError:
             pass
         got = self._accept(key)
-        if len(memo) < MEMO_KEYS:
-            memo[key] = got
+        if len(self._memo) < MEMO_KEYS:
+            self._memo[key] = got
         return got
 
     def _accept(self, key: str) -> KeyParse | None:

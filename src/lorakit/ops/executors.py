@@ -32,15 +32,15 @@ def _worker_init() -> None:
 def pool_map(fn: Callable[[A], R], args: Sequence[A], *, jobs: int = 1,
              on_failure: Callable[[A, BaseException], R] | None = None) -> Iterator[tuple[int, R]]:
     """(index, fn(arg)) in completion order: in this process for ``jobs <= 1``, else in ``jobs`` worker processes
-    (forkserver: fresh interpreters, never a fork of a process with threads) with at most ``jobs`` in flight.
-    A worker that dies gives ``on_failure(arg, exc)`` (re-raised without it)."""
+    with at most ``jobs`` in flight. Workers are forked where the platform can (torch's own DataLoader workers
+    are: CPU torch is fork-safe, and a fork skips re-importing torch, seconds per worker), else spawned. A worker
+    that dies gives ``on_failure(arg, exc)`` (re-raised without it)."""
     if jobs <= 1:
         for i, a in enumerate(args):
             yield i, fn(a)
         return
     import multiprocessing
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                      else "spawn")
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     pending: dict[Future[R], int] = {}
     nxt = 0
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from lorakit.errors import ArchitectureError, FormatError, LorakitError, NotALoraError
 from lorakit.io.pickle_scan import DANGEROUS, UNKNOWN, scan_pickle
-from lorakit.io.sniff import GGUF, PICKLES, SAFETENSORS, TRUNCATED_SAFETENSORS, extension_mismatch, sniff
+from lorakit.io.sniff import EMPTY, GGUF, PICKLES, SAFETENSORS, TRUNCATED_SAFETENSORS, extension_mismatch, sniff
 
 LORA, BASE_MODEL, TEXT_ENCODER, VAE, OTHER = "LoRA", "base model", "text encoder", "VAE", "other"
 OK, WARNING, ERROR, DANGER = "ok", "warning", "error", "dangerous"
@@ -143,9 +143,12 @@ def scan_file(path: str, *, hashes: bool = True) -> dict[str, Any]:
         elif got.container == GGUF:
             rec["kind"] = OTHER
             rec["problems"].append("GGUF file: kind and architecture not read by scan")
-        else:
+        else:       # empty, or content of no weight format: corrupt (its name promised a weight file)
+            from lorakit.errors import InputFileError
             rec["kind"] = OTHER
-            rec["problems"].append(f"not a weight file lorakit knows ({got.container})")
+            raise InputFileError("empty file." if got.container == EMPTY else
+                                 "not a weight file: its first bytes are no safetensors header, pickle, zip or GGUF "
+                                 "(corrupt or truncated?).", path=p)
     except LorakitError as exc:     # the record names the file: the message does not repeat it
         message = exc.message + (f" Fix: {exc.hint}" if exc.hint else "")
         rec.update(status=ERROR, error={"type": type(exc).__name__, "message": " ".join(message.split())})
