@@ -4,12 +4,10 @@ one worker to stay light) gives records identical to the local run, streamed int
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
-from test_scan import _payload_pickle, build_library, tiny_lora
+from test_scan import _payload_pickle, build_library
 
 distributed = pytest.importorskip("distributed")
 

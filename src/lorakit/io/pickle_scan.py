@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import pickletools
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -192,8 +191,3 @@ def scan_pickle(path: str | os.PathLike[str]) -> PickleScan:
     with open(p, "rb") as fh:
         _raw_pickles(fh, out, os.path.basename(p))
     return out
-
-
-def iter_dangerous(scan: PickleScan) -> Iterator[str]:
-    """The dangerous globals of a scan."""
-    yield from scan.dangerous

@@ -6,7 +6,6 @@ LorakitError for a bad file; the runner turns it into that file's error record."
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,7 +188,3 @@ def format_summary(counts: dict[str, int], total: int, exit_code: int) -> str:
     """The batch's closing line: how many files ended how, and the exit code."""
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return f"{total} file(s): {parts or 'none'}; exit {exit_code}"
-
-
-def names(items: Sequence[Item]) -> list[str]:
-    return [i.path for i in items]
