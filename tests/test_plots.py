@@ -115,3 +115,26 @@ def test_clear_message_without_matplotlib(tmp_path, monkeypatch, capsys) -> None
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["inspect", path, "--plot", str(tmp_path / "s.png")]) == 2
     assert "lorakit[plot]" in capsys.readouterr().err and not (tmp_path / "s.png").exists()
+
+
+def test_heatmap_of_repeated_blocks(tmp_path, figures, capsys) -> None:
+    g = torch.Generator().manual_seed(1)
+    t, dense = {}, {}
+    for blk in (0, 3):
+        for part, native, (o, i) in (("img_attn_proj", "img_attn.proj", (32, 32)),
+                                     ("txt_mlp_0", "txt_mlp.0", (128, 32))):
+            stem = f"lora_unet_double_blocks_{blk}_{part}"
+            down, up = torch.randn(2, i, generator=g), torch.randn(o, 2, generator=g)
+            t[f"{stem}.lora_down.weight"], t[f"{stem}.lora_up.weight"] = down, up
+            dense[(f"D{blk:02d}", native)] = float(torch.linalg.matrix_norm(up.double() @ down.double()))
+    save_file(t, str(tmp_path / "f.safetensors"))
+    assert main(["inspect", str(tmp_path / "f.safetensors"), "--plot", str(tmp_path / "f.png"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    heat = figures[0].axes[1]
+    cols = [x.get_text() for x in heat.get_xticklabels()]
+    rows = [y.get_text() for y in heat.get_yticklabels()]
+    assert cols == ["D00", "D03"] and sorted(rows) == ["img_attn.proj", "txt_mlp.0"]
+    grid = heat.get_images()[0].get_array()
+    for (blk, part), value in dense.items():
+        assert float(grid[rows.index(part)][cols.index(blk)]) == pytest.approx(value, rel=1e-5)
+    assert {(c["block"], c["part"]) for c in report["strength"]["cells"]} == set(dense)

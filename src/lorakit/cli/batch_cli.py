@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.cli.common import emit_json, say
-from lorakit.errors import UsageError
+from lorakit.errors import InputFileError, UsageError
 from lorakit.ops.batch import Item, Task, expand_inputs, is_batch, plan_outputs, run_batch
 from lorakit.ops.batch_tasks import format_line, format_summary
 from lorakit.progress import terminal_progress
@@ -32,7 +32,8 @@ def batch_items(args: argparse.Namespace, paths: list[str], *, writing: bool, su
     the command writes in place or only plans (``writing=False``)."""
     found = expand_inputs(paths, recursive=args.recursive)
     if not found:
-        raise UsageError(f"no weight files found in {', '.join(paths)}.",
+        raise InputFileError(f"no weight files found in {', '.join(paths)} (a folder without a "
+                             "*.safetensors.index.json is taken as a folder of files).",
                          hint="pass files, folders holding .safetensors/.ckpt/.pt/.bin/.gguf files, or glob patterns"
                               " (quoted); --recursive also looks in subfolders.")
     outdir = getattr(args, "output", None)

@@ -50,9 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit doctor`` and print its verdicts; the worst verdict sets the exit code."""
-    loras = [p for p, _ in expand_inputs(args.loras, recursive=args.recursive)]
-    if not loras:
-        raise UsageError(f"no weight files found in {', '.join(args.loras)}.")
+    # an input that expands to nothing (an empty folder) is diagnosed itself: its verdict says why
+    loras = [p for p, _ in expand_inputs(args.loras, recursive=args.recursive)] or list(args.loras)
     if args.plot:
         if len(loras) != 1:
             raise UsageError("--plot draws one LoRA; give one file.")

@@ -48,8 +48,9 @@ def strength_figure(strength: Mapping[str, Any], title: str = "") -> "Figure":
     labels = [b["block"] for b in blocks]
     values = [b["norm"] for b in blocks]
     comps = list(strength.get("components", {}))
-    fig = _figure(len(labels))
-    ax = fig.add_subplot()
+    cells = strength.get("cells") or []
+    fig = _figure(len(labels), height=8.0 if cells else 4.2)
+    ax = fig.add_subplot(2, 1, 1) if cells else fig.add_subplot()
     colours = []
     for lab in labels:
         c = _component_of(lab, comps)
@@ -60,7 +61,24 @@ def strength_figure(strength: Mapping[str, Any], title: str = "") -> "Figure":
     ax.set_title(title or f"{strength.get('architecture_label', strength.get('architecture', ''))}: strength per "
                  f"block (total {strength.get('total', math.nan):.4g})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    if cells:
+        _heatmap(fig, cells, [b for b in labels if any(c["block"] == b for c in cells)])
     return fig
+
+
+def _heatmap(fig: "Figure", cells: Sequence[Mapping[str, Any]], blocks: list[str]) -> None:
+    """‖ΔW‖ per module inside the repeated blocks: one row per module of a block, one column per block (blank
+    where the LoRA has no such module)."""
+    parts = list(dict.fromkeys(c["part"] for c in cells))
+    grid = [[math.nan] * len(blocks) for _ in parts]
+    for c in cells:
+        grid[parts.index(c["part"])][blocks.index(c["block"])] = c["norm"]
+    ax = fig.add_subplot(2, 1, 2)
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_xticks(range(len(blocks)), blocks, rotation=90 if len(blocks) > 12 else 0, fontsize=7)
+    ax.set_yticks(range(len(parts)), parts, fontsize=7)
+    ax.set_title("‖ΔW‖_F per module of the repeated blocks", fontsize=9)
+    fig.colorbar(im, ax=ax)
 
 
 def doctor_figure(diagnosis: Mapping[str, Any]) -> "Figure":

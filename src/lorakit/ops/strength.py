@@ -49,9 +49,24 @@ def target_norm(patches: list[Patch]) -> float:
     return math.sqrt(max(sq, 0.0))
 
 
+def block_part(arch: ArchInstance, target: Target) -> str | None:
+    """The module's place inside a repeated block (its native template after the block index, e.g.
+    ``img_attn.qkv``) when it is repeated per block of one of the scheme's runs; else None."""
+    comp = arch.spec.components.get(target.component)
+    scheme = arch.spec.blocks
+    if comp is None or comp.role != "denoiser" or scheme is None:
+        return None
+    mod = arch.module_map(target.component).get(target.module)
+    if mod is None or mod.index is None or not any(r.count == mod.spec.repeat for r in scheme.runs):
+        return None
+    return mod.spec.native.split("{i}", 1)[-1].lstrip(".") or mod.spec.native
+
+
 def model_strength(model: LoraModel) -> dict[str, Any]:
-    """Per-module, per-block and per-component ‖ΔW‖_F of a loaded LoRA, blocks in scheme order."""
+    """Per-module, per-block and per-component ‖ΔW‖_F of a loaded LoRA, blocks in scheme order; ``cells``: the
+    modules of repeated blocks as (block, part inside the block, norm), for a heatmap."""
     modules: dict[str, float] = {}
+    cells: list[dict[str, Any]] = []
     blocks: dict[str, float] = {}
     counts: dict[str, int] = {}
     comps: dict[str, float] = {}
@@ -59,6 +74,9 @@ def model_strength(model: LoraModel) -> dict[str, Any]:
         n = target_norm(patches)
         modules[str(t)] = n
         label = block_label(model.arch, t)
+        part = block_part(model.arch, t)
+        if part is not None:
+            cells.append({"block": label, "part": part, "norm": n})
         blocks[label] = blocks.get(label, 0.0) + n * n
         counts[label] = counts.get(label, 0) + 1
         comps[t.component] = comps.get(t.component, 0.0) + n * n
@@ -67,7 +85,7 @@ def model_strength(model: LoraModel) -> dict[str, Any]:
             "scheme": "block scheme" if model.arch.spec.blocks else "components",
             "blocks": [{"block": b, "norm": math.sqrt(blocks[b]), "modules": counts[b]} for b in order],
             "components": {c: math.sqrt(v) for c, v in comps.items()},
-            "total": math.sqrt(sum(blocks.values())), "modules": modules}
+            "total": math.sqrt(sum(blocks.values())), "modules": modules, "cells": cells}
 
 
 def block_strength(path: str | os.PathLike[str], *, allow_pickle: bool = False, from_format: str | None = None,
