@@ -232,3 +232,18 @@ def test_cli_outputs_jsonl_csv_html(tmp_path) -> None:
     page = (out / "r.html").read_text()
     assert "data:image/png;base64," in page and "builtins.exec" in page and "<script" not in page
     assert not (tmp_path / "never").exists()
+
+
+def test_header_only_records_are_rehashed_when_hashes_are_asked(tmp_path) -> None:
+    for i in range(3):
+        tiny_lora(str(tmp_path / f"x{i}.safetensors"), i)
+    index = str(tmp_path / "ix.db")
+    reads: list[str] = []
+    fast = scan_library([str(tmp_path)], index=index, hashes=False, on_read=reads.append)
+    assert len(reads) == 3 and all("sha256" not in r for r in fast.records)
+    reads.clear()
+    full = scan_library([str(tmp_path)], index=index, on_read=reads.append)
+    assert len(reads) == 3 and all(r["sha256"] for r in full.records)
+    reads.clear()
+    scan_library([str(tmp_path)], index=index, hashes=False, on_read=reads.append)
+    assert reads == []                         # hashed records also answer a header-only scan

@@ -29,6 +29,7 @@ from lorakit.io.sniff import EMPTY, GGUF, PICKLES, SAFETENSORS, TRUNCATED_SAFETE
 
 LORA, BASE_MODEL, TEXT_ENCODER, VAE, OTHER = "LoRA", "base model", "text encoder", "VAE", "other"
 OK, WARNING, ERROR, DANGER = "ok", "warning", "error", "dangerous"
+SCANNER = 1        # the record layout's version: records of another version are rescanned, never reused
 CSV_FIELDS = ("path", "status", "container", "kind", "architecture", "variant", "format", "adapters", "modules",
               "ranks", "alphas", "base_model", "trigger_words", "size", "sha256", "autov2", "autov3",
               "sshs_model_hash", "problems")
@@ -99,7 +100,7 @@ def scan_file(path: str, *, hashes: bool = True) -> dict[str, Any]:
     """The scan record of one file (see the module docstring). Pure and total: every failure is in the record
     (``status`` ``error`` with ``error``), nothing is written, nothing is unpickled."""
     p = os.path.abspath(path)
-    rec: dict[str, Any] = {"path": p, "status": OK, "kind": None, "problems": []}
+    rec: dict[str, Any] = {"path": p, "status": OK, "kind": None, "problems": [], "scanner": SCANNER}
     try:
         size, mtime_ns, inode = file_key(p)
         rec.update(size=size, mtime_ns=mtime_ns, inode=inode)
@@ -170,6 +171,7 @@ def scan_file(path: str, *, hashes: bool = True) -> dict[str, Any]:
 
 
 def raise_truncated(path: str, header: int, size: int) -> None:
+    """Raise the HeaderError of a safetensors file whose header runs past its end."""
     from lorakit.errors import HeaderError
     raise HeaderError(f"truncated: the header claims {header} bytes, the file has {size}.", path=path)
 
@@ -235,8 +237,14 @@ def duplicate_groups(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(groups, key=lambda g: (-len(g["paths"]), g["paths"][0]))
 
 
+def reusable(record: dict[str, Any], *, hashes: bool) -> bool:
+    """Whether an indexed record of an unchanged file answers this scan: the same record layout, and its hashes
+    when the scan wants hashes."""
+    return record.get("scanner") == SCANNER and (not hashes or "sha256" in record or record["status"] == ERROR)
+
+
 def _failed_record(path: str, exc: BaseException) -> dict[str, Any]:
-    return {"path": os.path.abspath(path), "status": ERROR, "problems": [],
+    return {"path": os.path.abspath(path), "status": ERROR, "problems": [], "scanner": SCANNER,
             "error": {"type": type(exc).__name__, "message": f"worker failed: {exc}"}}
 
 
@@ -270,8 +278,9 @@ def scan_library(paths: Sequence[str | os.PathLike[str]], *, index: str | os.Pat
             except OSError:
                 todo.append(p)      # its record says why it cannot be read
                 continue
-            if known.get(p) == key and ix is not None:
-                reused[p] = next(ix.records([p]))
+            old = next(ix.records([p]), None) if ix is not None and known.get(p) == key else None
+            if old is not None and reusable(old, hashes=hashes):
+                reused[p] = old
             else:
                 todo.append(p)
         if ix is not None:
