@@ -247,3 +247,16 @@ def test_header_only_records_are_rehashed_when_hashes_are_asked(tmp_path) -> Non
     reads.clear()
     scan_library([str(tmp_path)], index=index, hashes=False, on_read=reads.append)
     assert reads == []                         # hashed records also answer a header-only scan
+
+
+def test_sharded_model_folder_is_scanned_file_by_file(tmp_path) -> None:
+    model = tmp_path / "lib" / "model"
+    model.mkdir(parents=True)
+    shards = {"a-00001.safetensors": "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight",
+              "a-00002.safetensors": "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"}
+    for name, key in shards.items():
+        save_file({key: torch.zeros(2, 2)}, str(model / name))
+    (model / "a.safetensors.index.json").write_text(json.dumps({"weight_map": {k: n for n, k in shards.items()}}))
+    report = scan_library([str(tmp_path / "lib")])
+    assert sorted(os.path.basename(r["path"]) for r in report.records) == sorted(shards)
+    assert all("sha256" in r for r in report.records)

@@ -29,9 +29,9 @@ MAX_OPCODES = 20_000_000    # bounded work on hostile input
 DANGEROUS_MODULES = frozenset({
     "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "runpy", "importlib", "pickle", "_pickle",
     "marshal", "ctypes", "pty", "webbrowser", "code", "codeop", "commands", "multiprocessing", "asyncio", "http",
-    "httplib", "urllib", "urllib2", "requests", "ftplib", "smtplib", "telnetlib", "tempfile", "pathlib", "glob",
+    "httplib", "urllib", "urllib2", "requests", "ftplib", "smtplib", "telnetlib", "tempfile", "glob",
     "io", "_io", "signal", "threading", "_thread", "pdb", "bdb", "timeit", "cProfile", "profile", "trace",
-    "distutils", "setuptools", "pip", "zipimport", "pkgutil", "types", "inspect", "platform", "dill", "shelve",
+    "distutils", "setuptools", "pip", "zipimport", "pkgutil", "inspect", "platform", "dill", "shelve",
     "joblib", "torch.storage._load_from_bytes",
 })
 # single dangerous names in otherwise harmless modules

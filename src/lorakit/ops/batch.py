@@ -120,6 +120,11 @@ def _folder_files(folder: str, recursive: bool) -> Iterator[str]:
                 yield from _folder_files(d, recursive)
 
 
+def folder_files(folder: str, *, recursive: bool = False) -> list[str]:
+    """The weight files directly in ``folder`` (sorted; with ``recursive`` also in its subfolders)."""
+    return list(_folder_files(folder, recursive))
+
+
 def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False) -> list[tuple[str, str]]:
     """(item path, root) for every input: a file as given, a folder's weight files (sorted; with ``recursive``
     also its subfolders'), a model folder (sharded checkpoint) as one item, a glob pattern's matches. A path that

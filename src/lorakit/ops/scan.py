@@ -261,10 +261,15 @@ def scan_library(paths: Sequence[str | os.PathLike[str]], *, index: str | os.Pat
     inode) match their indexed record are not read again (``on_read(path)`` is called for each file that is), and
     index entries under the scanned folders whose files are gone are removed. ``on_record`` sees every record:
     first those taken from the index, then the others as they complete (any executor)."""
-    from lorakit.ops.batch import expand_inputs
+    from lorakit.ops.batch import expand_inputs, folder_files
     from lorakit.ops.executors import run_map
     from lorakit.ops.scan_index import ScanIndex
-    found = [os.path.abspath(p) for p, _ in expand_inputs(paths, recursive=recursive)]
+    found = []
+    for p, _ in expand_inputs(paths, recursive=recursive):
+        if os.path.isdir(p):    # a sharded model: a scan records its files one by one (each has its hashes)
+            found += [os.path.abspath(f) for f in folder_files(p)]
+        else:
+            found.append(os.path.abspath(p))
     roots = [os.path.abspath(os.fspath(p)) for p in paths if os.path.isdir(p)]
     ix = ScanIndex(index) if index is not None else None
     report = ScanReport()
