@@ -153,11 +153,21 @@ def _boom(item: Item) -> Record:
 
 
 def test_runner_survives_bugs_and_runs_parallel_processes(folder) -> None:
-    rep = run_batch(_boom, [Item("f1"), Item("f2"), Item("f3")])
+    seen: list[tuple[int, int, str]] = []
+    rep = run_batch(_boom, [Item("f1"), Item("f2"), Item("f3")], progress=lambda d, t, f: seen.append((d, t, f)))
     assert [r.status for r in rep.records] == ["ok", "error", "ok"] and rep.exit_code == 70
+    assert seen == [(1, 3, "f1"), (2, 3, "f2"), (3, 3, "f3")]           # progress over the batch
     from lorakit.ops.batch_tasks import InspectTask
     items = [Item(folder[k]) for k in ("good1", "trunc", "sdxl", "good2")]
     one = run_batch(InspectTask(), items)
     two = run_batch(InspectTask(), items, jobs=2)
     assert [r.to_json() for r in two.records] == [r.to_json() for r in one.records]
     assert [r.status for r in two.records] == ["ok", "error", "ok", "ok"] and two.exit_code == 2
+
+
+def test_doctor_jobs_gives_the_same_report(folder, capsys) -> None:
+    assert main(["doctor", folder["dir"], "--json"]) == 2
+    one = json.loads(capsys.readouterr().out)
+    assert main(["doctor", folder["dir"], "--json", "--jobs", "2"]) == 2
+    two = json.loads(capsys.readouterr().out)
+    assert two == one

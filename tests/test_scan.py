@@ -6,6 +6,7 @@ expected kinds, hashes and groups come from how the test built them, never from 
 
 from __future__ import annotations
 
+import array
 import csv
 import hashlib
 import json
@@ -49,7 +50,7 @@ def tiny_lora(path: str, seed: int, rank: int = 2, metadata: dict[str, str] | No
     """One kohya FLUX.1 module (double_blocks.0.img_attn.proj, 32×32) with factors from ``seed``."""
     rnd = hashlib.sha256(str(seed).encode()).digest()
     raw = (rnd * (2 * rank * H // len(rnd) + 1))[:2 * rank * H]
-    floats = torch.frombuffer(bytearray(raw), dtype=torch.uint8).float().div(255).numpy().tobytes()
+    floats = array.array("f", (b / 255 for b in raw)).tobytes()
     stem = "lora_unet_double_blocks_0_img_attn_proj"
     return raw_safetensors(path, {f"{stem}.lora_down.weight": ((rank, H), floats[:rank * H * 4]),
                                   f"{stem}.lora_up.weight": ((H, rank), floats[rank * H * 4:])}, metadata)
