@@ -42,5 +42,12 @@ def test_dask_records_identical_to_local(small_library, tmp_path) -> None:
         reads.clear()
         again = scan_library([small_library], index=str(tmp_path / "dask.db"), on_read=reads.append)
         assert reads == [] and again.records == local.records
+        from lorakit.cli.main import main      # the command line: --executor dask --address, JSONL streamed
+        rc = main(["scan", small_library, "--executor", "dask", "--address", cluster.scheduler_address,
+                   "--jsonl", str(tmp_path / "cli.jsonl")])
+        assert rc == 2
+        assert sorted((tmp_path / "cli.jsonl").read_text().splitlines()) == sorted(x.rstrip("\n") for x in local_lines)
+    from lorakit.cli.main import main
+    assert main(["scan", small_library, "--address", "tcp://127.0.0.1:1"]) == 2      # --address needs dask
     assert not (tmp_path / "never").exists()
     assert json.loads(local_lines[0])["path"].startswith(small_library)
