@@ -103,6 +103,9 @@ def _complete(entry: ModuleEntry) -> bool:
 # Per-format key acceptance
 # ---------------------------------------------------------------------------------------------
 
+MEMO_KEYS = 200_000     # parses remembered per matcher (bounded memory for a library of many key spellings)
+
+
 class FormatMatcher:
     """Accepts the keys one format spells for one architecture (its rules are the architecture's data)."""
 
@@ -112,6 +115,7 @@ class FormatMatcher:
         self.rules = arch.rules_for(fmt.name)
         self.indexes: dict[tuple[str, str, bool], NameIndex] = {}
         self.loose: dict[tuple[str, str, bool], ParamIndex] = {}
+        self._memo: dict[str, KeyParse | None] = {}
         for rule in self.rules:
             comp = arch.components.get(rule.component)
             if comp is None:
@@ -124,6 +128,18 @@ class FormatMatcher:
                         self.loose[(rule.component, naming, rule.flat)] = params
 
     def accept(self, key: str) -> KeyParse | None:
+        """The parse of ``key`` in this format, or None. Memoised (a parse is frozen and depends on the key
+        alone): the files of a library repeat the same key names."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        got = self._accept(key)
+        if len(self._memo) < MEMO_KEYS:
+            self._memo[key] = got
+        return got
+
+    def _accept(self, key: str) -> KeyParse | None:
         fmt = self.fmt
         body, marked = (fmt.rewrite(key) if fmt.rewrites else key), False
         for c in fmt.containers:
@@ -250,6 +266,18 @@ def _named_arch(candidates: Sequence[_Candidate], metadata: Mapping[str, str]) -
     return next(iter(named.values())) if len(named) == 1 else None
 
 
+_MATCHERS: dict[tuple[str, str], FormatMatcher] = {}
+
+
+def matcher_for(fmt: FormatSpec, arch: ArchSpec) -> FormatMatcher:
+    """The (cached) matcher of one format for one architecture: building its name indexes costs far more than
+    reading a small LoRA's header, so a library scan builds each once. A re-registered spec gets a new one."""
+    got = _MATCHERS.get((fmt.name, arch.name))
+    if got is None or got.fmt is not fmt or got.arch is not arch:
+        got = _MATCHERS[(fmt.name, arch.name)] = FormatMatcher(fmt, arch)
+    return got
+
+
 def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], *,
            arch: ArchSpec | None = None, path: str | None = None, force: str | None = None) -> Detection:
     """Score every registered (architecture × format) pair against the keys and shapes and return the best
@@ -262,7 +290,7 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
         for fmt in formats():
             if force and fmt.name != force:
                 continue
-            matcher = FormatMatcher(fmt, a)
+            matcher = matcher_for(fmt, a)
             if not matcher.rules:
                 continue
             parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
