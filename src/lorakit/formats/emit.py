@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import torch
-from torch import Tensor
 
 from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
 from lorakit.errors import LossyConversionError, NonFiniteError, UsageError
@@ -30,6 +28,12 @@ from lorakit.layouts.base import ParamIndex, ParamMatch, param_name
 from lorakit.lora.model import LoraModel, Patch, Target
 from lorakit.lora.transforms import swap_halves, swap_parts
 from lorakit.formats.spec import WRITE_SUFFIXES, FormatSpec, get_format
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass
