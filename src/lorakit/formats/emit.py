@@ -338,7 +338,7 @@ class Emitter:
         comp = self.model.arch.spec.components[target.component]
         index = self.native.get(target.component)
         if index is None:
-            index = self.native[target.component] = NameIndex(comp, "native", flat=False)
+            index = self.native[target.component] = NameIndex.of(comp, "native", flat=False)
         m = index.match(target.module)
         if m is None:
             raise NotExact(f"{target} is not a module of the layout")
@@ -349,7 +349,7 @@ class Emitter:
         comp = self.model.arch.spec.components[target.component]
         index = self.native_params.get(target.component)
         if index is None:
-            index = self.native_params[target.component] = ParamIndex(comp, "native", flat=False)
+            index = self.native_params[target.component] = ParamIndex.of(comp, "native", flat=False)
         return index.match(target.module)
 
     def _loose_piece(self, target: Target, m: ParamMatch, patches: list[Patch]) -> Piece | None:

@@ -124,8 +124,8 @@ class FormatMatcher:
                 continue
             for naming in rule.namings:
                 if naming == "native" or naming in comp.namings:
-                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex(comp, naming, flat=rule.flat)
-                    params = ParamIndex(comp, naming, flat=rule.flat)
+                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex.of(comp, naming, flat=rule.flat)
+                    params = ParamIndex.of(comp, naming, flat=rule.flat)
                     if params:
                         self.loose[(rule.component, naming, rule.flat)] = params
 

@@ -19,7 +19,7 @@ from lorakit.ops.baking.tasks import Use
 
 def _missing_reason(base: BaseModel, component: str, module: str) -> str:
     comp = base.arch.spec.components[component]
-    m = NameIndex(comp, "native", flat=False).match(module)
+    m = NameIndex.of(comp, "native", flat=False).match(module)
     params = base.arch.params.get(component, {})
     if m is not None:
         if m.spec.requires and not params.get(m.spec.requires, 1):
