@@ -7,6 +7,8 @@ tensors and builds :class:`~lorakit.lora.model.LoraModel` patches.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import math
 import os
@@ -15,7 +17,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
 
 from lorakit.lora.adapter_kinds import INCOMPLETE, get_kind, kind_of
 from lorakit.lora.adapters import Adapter, LoHa, LoKr, LoRA
@@ -31,6 +32,11 @@ from lorakit.layouts.base import ParamIndex, ParamMatch
 from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 from lorakit.layouts.base import Rule
 from lorakit.formats.spec import FormatSpec, SplitKey, formats, get_format, split_key
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,8 @@ class FormatMatcher:
                 continue
             for naming in rule.namings:
                 if naming == "native" or naming in comp.namings:
-                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex(comp, naming, flat=rule.flat)
-                    params = ParamIndex(comp, naming, flat=rule.flat)
+                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex.of(comp, naming, flat=rule.flat)
+                    params = ParamIndex.of(comp, naming, flat=rule.flat)
                     if params:
                         self.loose[(rule.component, naming, rule.flat)] = params
 
@@ -786,10 +792,14 @@ def row_window(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | Non
     return start, start + evaluate(alias.rows[1], params)
 
 
-def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
-    """The alpha of one parsed module (from its alpha tensor or the format's default)."""
-    if alpha_tensor is not None:
-        value = float(alpha_tensor.double().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
+def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha: torch.Tensor | float | None) -> float | None:
+    """The alpha of one parsed module from its alpha tensor (or that tensor's first value, as
+    :meth:`WeightFile.first_value` reads it) or the format's default."""
+    if alpha is not None:
+        if isinstance(alpha, float):
+            value = alpha
+        else:
+            value = float(alpha.double().reshape(-1)[0]) if alpha.numel() else 0.0
         if value == math.inf and entry.family == "lokr" and {"lokr_w1", "lokr_w2"} <= set(entry.keys):
             # AI-Toolkit's default LoKr (toolkit/config_modules.py lokr_full_rank: alpha 9999999999, saved in
             # fp16 as +inf) has both Kronecker factors full; LyCORIS (LokrModule) and ComfyUI then ignore α and

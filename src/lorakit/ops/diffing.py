@@ -21,9 +21,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-import torch
 
 from lorakit.lora.adapters import LoRA
 from lorakit.lora.transforms import stored_to_native
@@ -36,6 +35,11 @@ from lorakit.io import open_weights
 from lorakit.lora.model import LoraModel, Patch, Target, target_shape
 from lorakit.progress import Progress
 from lorakit.progress import report as report_progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 EPS = 1e-30
 EQUIVALENT = 1e-6

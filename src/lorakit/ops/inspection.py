@@ -7,9 +7,8 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-import torch
 
 from lorakit.lora.adapters import Adapter, LoKr, LoRA
 from lorakit.formats import parse
@@ -20,6 +19,11 @@ from lorakit.io import open_weights
 from lorakit.io.header import loads_json
 from lorakit.layouts import expand
 from lorakit.layouts.base import ParamMatch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 MAX_UNKNOWN_LISTED = 20
 
@@ -105,9 +109,9 @@ def read_alphas(parsed: ParsedLora, nonfinite: list[str] | None = None) -> dict[
     out: dict[str, float | None] = {}
     for e in parsed.entries:
         key = e.keys.get("alpha")
-        tensor = parsed.file.get(key) if key else None
+        value = parsed.file.first_value(key) if key else None
         try:
-            out[e.file_module] = entry_alpha(parsed, e, tensor)
+            out[e.file_module] = entry_alpha(parsed, e, value)
         except NonFiniteError:
             if nonfinite is None:
                 raise
