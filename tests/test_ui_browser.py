@@ -7,6 +7,7 @@ gradio is missing."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -229,6 +230,8 @@ def test_inspect_and_doctor_screens(server, browser, tmp_path):
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#inspect-coverage tbody tr")) >= 1)
     cells = browser.find_element(By.ID, "inspect-coverage").text
     assert "%" in cells            # the coverage bars
+    if importlib.util.find_spec("matplotlib") is not None:   # the library's per-block picture (lorakit[plot])
+        WebDriverWait(browser, STEP_SECONDS).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#inspect-plot img"))
     _shot(browser, "07-inspect-result", server["folder"])
     _tab(browser, "Doctor")
     _set_text(browser, "doctor-path", lora)
@@ -236,6 +239,8 @@ def test_inspect_and_doctor_screens(server, browser, tmp_path):
     browser.find_element(By.ID, "doctor-run").click()
     verdict = _wait_status(browser, "doctor-status", lambda v: bool(v))
     assert "OK" in verdict and "apply" in verdict, verdict
+    if importlib.util.find_spec("matplotlib") is not None:
+        WebDriverWait(browser, STEP_SECONDS).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#doctor-plot img"))
     _shot(browser, "08-doctor", server["folder"])
     for i, tab in enumerate(("Convert", "Extract", "Resize"), start=9):
         _tab(browser, tab)

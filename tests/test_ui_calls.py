@@ -282,3 +282,16 @@ def test_a_screen_run_yields_progress_and_result_and_stops_with_its_page(tmp_pat
     next(gen)
     gen.close()                  # gradio closes the generator when the page goes away
     assert stopped.wait(10)
+
+
+def test_inspect_equals_the_cli_and_draws_the_library_picture(two, capsys):
+    a, _ = two
+    r = calls.run_inspect(a)
+    assert main(["inspect", a, "--strength", "--json"]) == 0
+    assert reports.as_json(r) == json.loads(capsys.readouterr().out)
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install 'lorakit[plot]')")
+    img = reports.picture("strength", r)
+    assert img is not None and img.size[0] > 100 and img.size[1] > 100
+    assert reports.picture("strength", {"strength": {"blocks": []}}) is None
+    d = calls.run_doctor([a], None).loras[0].to_json()
+    assert reports.picture("doctor", d) is not None and reports.picture("doctor", {"coverage": {}}) is None

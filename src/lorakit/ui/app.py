@@ -168,6 +168,8 @@ def _inspect_tab(s: Screens) -> None:
     deep = gr.Checkbox(label="deep (read every tensor: NaN/Inf, zero ups, norms, hashes)", value=False)
     go = gr.Button("Inspect", variant="primary", elem_id="inspect-run")
     status = gr.Textbox(label="report", elem_id="inspect-status", lines=12, interactive=False)
+    plot = gr.Image(label="strength per block (‖ΔW‖ from the factors)", elem_id="inspect-plot", type="pil",
+                    interactive=False)
     table = gr.Dataframe(headers=reports.COVERAGE_HEADERS, label="coverage per module group",
                          elem_id="inspect-coverage", interactive=False)
     with gr.Accordion("full report (JSON)", open=False):
@@ -176,10 +178,11 @@ def _inspect_tab(s: Screens) -> None:
     def run(p: str, d: bool) -> Outputs:
         result, err = s.now(lambda: calls.run_inspect(calls.input_path(p, "LoRA"), deep=d))
         if err is not None:
-            return err, None, None
-        return format_report(result), reports.coverage_rows(result), reports.as_json(result)
+            return err, None, None, None
+        return (format_report(result), reports.picture("strength", result), reports.coverage_rows(result),
+                reports.as_json(result))
 
-    go.click(run, inputs=[path, deep], outputs=[status, table, report])
+    go.click(run, inputs=[path, deep], outputs=[status, plot, table, report])
 
 
 def _doctor_tab(s: Screens) -> None:
@@ -188,16 +191,18 @@ def _doctor_tab(s: Screens) -> None:
     base = _file_picker("base model (optional: checks that every module applies)", "doctor-base", upload=False)
     go = gr.Button("Diagnose", variant="primary", elem_id="doctor-run")
     status = gr.Textbox(label="verdict", elem_id="doctor-status", lines=10, interactive=False)
+    plot = gr.Image(label="what applies, per block", elem_id="doctor-plot", type="pil", interactive=False)
     with gr.Accordion("full report (JSON)", open=False):
         report = gr.JSON(elem_id="doctor-report")
 
     def run(p: str, b: str) -> Outputs:
         result, err = s.now(lambda: calls.run_doctor([calls.input_path(p, "LoRA")], calls.optional_text(b)))
         if err is not None:
-            return err, None
-        return format_report(result), reports.as_json(result)
+            return err, None, None
+        return (format_report(result), reports.picture("doctor", result.loras[0].to_json()),
+                reports.as_json(result))
 
-    go.click(run, inputs=[lora, base], outputs=[status, report])
+    go.click(run, inputs=[lora, base], outputs=[status, plot, report])
 
 
 def _convert_tab(s: Screens) -> None:

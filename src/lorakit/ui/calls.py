@@ -55,9 +55,12 @@ def weighted_inputs(paths: Sequence[str | None], weights: Sequence[float]) -> li
 
 
 def run_inspect(path: str, *, deep: bool = False) -> dict:
-    """``lorakit inspect [--deep]``: the report dict."""
-    from lorakit.ops.inspection import inspect_lora
-    return inspect_lora(path, deep=deep)
+    """``lorakit inspect [--deep] --strength``: the report dict, with the per-block strength (``strength``)."""
+    from lorakit.ops.batch import Item
+    from lorakit.ops.batch_tasks import InspectTask
+    result = InspectTask(deep=deep, strength=True)(Item(path)).result
+    assert isinstance(result, dict)
+    return result
 
 
 def run_doctor(loras: Sequence[str], base: str | None):

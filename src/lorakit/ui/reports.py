@@ -1,4 +1,5 @@
-"""What the UI shows of the library's reports: a short summary per operation and the per-group coverage table.
+"""What the UI shows of the library's reports: a short summary per operation, the per-group coverage table and
+the library's per-block pictures (:mod:`lorakit.ops.plots`, when its extra is installed).
 
 The summaries are plain text built from the report objects (the same fields the CLI prints); the full
 report is shown next to them as JSON (``report.to_json()``).
@@ -123,3 +124,28 @@ def _bar(present: int, total: int | None) -> str:
         return "?"
     fill = round(BAR_WIDTH * present / total)
     return "█" * fill + "░" * (BAR_WIDTH - fill) + f" {100 * present / total:.0f}%"
+
+
+def picture(kind: str, report: Mapping[str, Any]) -> Any | None:
+    """The library's per-block picture of an inspect (``kind="strength"``) or doctor (``"doctor"``, one LoRA's
+    diagnosis) report as a PIL image; None when matplotlib (``lorakit[plot]``) is not installed or the report has
+    no blocks to draw."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    import io
+
+    from PIL import Image
+
+    from lorakit.ops.plots import doctor_figure, figure_bytes, strength_figure
+    if kind == "strength":
+        strength = report.get("strength") or {}
+        if not strength.get("blocks"):
+            return None
+        fig = strength_figure(strength, os.path.basename(str(report.get("file", ""))))
+    else:
+        if not (report.get("coverage") or {}).get("blocks"):
+            return None
+        fig = doctor_figure(report)
+    return Image.open(io.BytesIO(figure_bytes(fig)))
