@@ -148,12 +148,14 @@ class ParamSpec:
 class Variant:
     """A named variant recognised when every listed parameter has the given value. A variant with
     ``named_by`` is key-identical to another one: it is recognised only when the file's metadata names it
-    (one of those words appears in a base-model field) and its parameters hold."""
+    (one of those words appears in a base-model field) and its parameters hold. ``supported=False``: another
+    architecture with this one's keys (named by metadata only), refused by name until it is added."""
 
     name: str
     label: str
     when: Mapping[str, int]
     named_by: tuple[str, ...] = ()
+    supported: bool = True
 
 
 @dataclass(frozen=True)
