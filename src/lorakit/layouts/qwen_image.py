@@ -100,7 +100,7 @@ QWEN_IMAGE = ArchSpec(
                      for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "")),
     named_by=("qwen-image", "qwen_image", "qwenimage", "qwen image"),
     native_layout="diffusers",
-    base_layouts="in diffusers / ComfyUI layout (one naming)",
+    base_layouts="in diffusers or ComfyUI layout (the same names)",
     diffusers_loader="diffusers' Qwen-Image loader (QwenImagePipeline.load_lora_weights)",
     diffusers_loads=(_T,),
     stamp=Stamp(kohya_module="networks.lora_qwen_image", ss_version="qwen_image", modelspec="Qwen-Image",
