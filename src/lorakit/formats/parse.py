@@ -186,6 +186,19 @@ class FormatMatcher:
         return m, SplitKey(split.module, "full", "diff", split.adapter_name)
 
 
+_MATCHERS: dict[tuple[int, int], tuple[FormatSpec, ArchSpec, FormatMatcher]] = {}
+
+
+def matcher_for(fmt: FormatSpec, arch: ArchSpec) -> FormatMatcher:
+    """The (immutable) matcher of one format for one architecture, built once per pair of spec objects."""
+    hit = _MATCHERS.get((id(fmt), id(arch)))
+    if hit is not None and hit[0] is fmt and hit[1] is arch:
+        return hit[2]
+    matcher = FormatMatcher(fmt, arch)
+    _MATCHERS[(id(fmt), id(arch))] = (fmt, arch, matcher)
+    return matcher
+
+
 @dataclass
 class Detection:
     format: FormatSpec
@@ -282,7 +295,7 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
         for fmt in formats():
             if force and fmt.name != force:
                 continue
-            matcher = FormatMatcher(fmt, a)
+            matcher = matcher_for(fmt, a)
             if not matcher.rules:
                 continue
             parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
