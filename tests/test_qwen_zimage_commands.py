@@ -112,3 +112,24 @@ def test_every_command(tmp_path, capsys, family: str) -> None:
     capsys.readouterr()
     assert main(["diff", str(lora), str(ext)]) == 0
     assert f"shared {len(stems)}, only in A 0, only in B 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family,vector,weights", [
+    # BASE, B00, B01: proj_out (outside the blocks) dropped, block 0 kept, block 1 halved
+    ("qwen-image", "0,1,0.5", {"transformer_blocks.0.attn.to_q": 1.0, "transformer_blocks.1.img_mlp.net.0.proj": 0.5,
+                               "transformer_blocks.1.txt_mod.1": 0.5}),
+    # N00, C00, C01, L00, L01 (the LoRA shows 1 noise-refiner block and 2 layers; the context refiner count comes
+    # from the published size, 2); x_embedder keeps 1 (a vector without BASE)
+    ("z-image", "0,1,1,1,0.25", {"layers.1.attention.qkv": 0.25, "x_embedder": 1.0, "layers.0.feed_forward.w2": 1.0}),
+])
+def test_merge_block_vectors(tmp_path, family: str, vector: str, weights: dict[str, float]) -> None:
+    _, _, stems = CASES[family]
+    lora = tmp_path / "a.safetensors"
+    _write_lora(lora, stems, 1, 2.0)
+    out = tmp_path / "blocks.safetensors"
+    assert main(["merge", str(lora), "--blocks", vector, "-o", str(out)]) == 0
+    ref = {t.module: d for t, d in dense_deltas(read_lora(lora)).items()}
+    got = {t.module: d for t, d in dense_deltas(read_lora(out)).items()}
+    assert set(got) == set(weights)
+    for name, w in weights.items():
+        assert float((got[name] - w * ref[name]).abs().max()) <= 1e-6 * float(ref[name].abs().max()), name

@@ -23,6 +23,7 @@ Qwen-Image 2.1 is another architecture: a file whose metadata names it is refuse
 from __future__ import annotations
 
 from lorakit.layouts.base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
+from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
 
 _T = "transformer"
 _B = "transformer_blocks.{i}."
@@ -86,6 +87,19 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "diffsynth": (Rule("", _T, _NATIVE, False),),
 }
 
+_RUN = Run("blocks", "B")
+BLOCKS = BlockScheme(
+    runs=(_RUN,),
+    groups={"embedders": ("IN", "BASE"), "final_layer": ("OUT", "BASE")},
+    unplaced=("BASE",),
+    vectors=(Vector("transformer blocks", (_RUN,)), Vector("BASE (every module outside the blocks) + blocks",
+                                                            ("BASE", _RUN)),
+             Vector("IN + blocks + OUT", ("IN", _RUN, "OUT"))),
+    example="transformer_blocks.0-29=0.5,img_in=0",
+    summary="one value per transformer block (Qwen-Image: 60; BASE first: 61; IN, blocks, OUT: 62); ids B00…, IN, "
+            "OUT, BASE; names such as transformer_blocks.0-29=0.5,img_in=0",
+)
+
 # every published name of Qwen-Image 2.1 seen in metadata / file names (another architecture, not supported yet);
 # none of them is a prefix of a Qwen-Image name (``qwen-image-2512`` is Qwen-Image's layout)
 _V21 = ("qwen-image-2.1", "qwen_image_2.1", "qwen image 2.1", "qwen-image-21", "qwen_image_21", "qwen_image21",
@@ -103,6 +117,7 @@ QWEN_IMAGE = ArchSpec(
     base_layouts="in diffusers or ComfyUI layout (the same names)",
     diffusers_loader="diffusers' Qwen-Image loader (QwenImagePipeline.load_lora_weights)",
     diffusers_loads=(_T,),
+    blocks=BLOCKS,
     stamp=Stamp(kohya_module="networks.lora_qwen_image", ss_version="qwen_image", modelspec="Qwen-Image",
                 implementation="https://github.com/QwenLM/Qwen-Image", resolution="1328x1328",
                 variants={"base": ("qwen_image", "Qwen-Image"), "2512": ("qwen_image", "Qwen-Image"),

@@ -21,6 +21,7 @@ diffusers 0.42.1 ``_convert_non_diffusers_z_image_lora_to_diffusers`` reads the 
 from __future__ import annotations
 
 from lorakit.layouts.base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
+from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
 
 _T = "transformer"
 _BLOCKS = (("layers", "layers", "layers"), ("noise_refiner", "noise", "noise_refiner"),
@@ -103,6 +104,19 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "diffsynth": (Rule("", _T, ("diffusers",), False),),
 }
 
+_LAYERS, _NOISE, _CONTEXT = Run("layers", "L"), Run("noise", "N"), Run("context", "C")
+BLOCKS = BlockScheme(
+    runs=(_LAYERS, _NOISE, _CONTEXT),
+    groups={"embedders": ("IN", "BASE"), "final_layer": ("OUT", "BASE")},
+    unplaced=("BASE",),
+    vectors=(Vector("layers", (_LAYERS,)), Vector("noise refiner + context refiner + layers",
+                                                  (_NOISE, _CONTEXT, _LAYERS)),
+             Vector("BASE (every module outside the blocks) + refiners + layers", ("BASE", _NOISE, _CONTEXT, _LAYERS))),
+    example="layers.0-14=0.5,noise_refiner=0,x_embedder=0",
+    summary="one value per layer (Z-Image: 30; noise + context refiners first: 34; BASE first: 35); ids L00…, "
+            "N00…, C00…, IN, OUT, BASE; names such as layers.0-14=0.5,noise_refiner=0",
+)
+
 Z_IMAGE = ArchSpec(
     name="z-image",
     label="Z-Image",
@@ -115,6 +129,7 @@ Z_IMAGE = ArchSpec(
     base_layouts="in ComfyUI or diffusers / Tongyi-MAI layout",
     diffusers_loader="diffusers' Z-Image loader (ZImagePipeline.load_lora_weights)",
     diffusers_loads=(_T,),
+    blocks=BLOCKS,
     stamp=Stamp(kohya_module="networks.lora_zimage", ss_version="z_image", modelspec="Z-Image",
                 implementation="https://github.com/Tongyi-MAI/Z-Image", resolution="1024x1024",
                 variants={"base": ("z_image", "Z-Image"), "turbo": ("z_image", "Z-Image-Turbo"),
