@@ -12,8 +12,8 @@ LoRA spellings (ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` for QwenImage
 ``_convert_non_diffusers_qwen_lora_to_diffusers``): diffusers ``transformer.`` + lora_A/lora_B; AI-Toolkit and
 ComfyUI ``diffusion_model.``; musubi-tuner ``lora_unet_`` + the names flattened (``lora_unet_transformer_blocks_0_
 attn_to_q``: the reader restores the dots from this table, not by guessing which underscores are separators);
-DiffSynth-Studio the bare names (``transformer_blocks.0.attn.to_q.lora_A.default.weight``, PEFT's adapter-named
-keys, or without ``default``); SimpleTuner LyCORIS ``lycoris_`` + flattened names.
+DiffSynth-Studio the bare names (``transformer_blocks.0.attn.to_q.lora_A.default.weight``: PEFT's adapter-named
+keys, which detection reports as the PEFT format; without ``default``: the DiffSynth format); SimpleTuner LyCORIS ``lycoris_`` + flattened names.
 
 The Edit variants have Qwen-Image's keys and shapes: only metadata names them (musubi-tuner's modelspec
 architectures ``Qwen-Image-Edit``, ``Qwen-Image-Edit-Plus``, ``Qwen-Image-Edit-2511``; PEFT configs' base model).
