@@ -149,3 +149,16 @@ def test_lumina2_sized_nextdit_lora_is_refused_by_size(tmp_path) -> None:
     path = _save(tmp_path, _lora({"diffusion_model.layers.0.attention.qkv": (3 * 2304, 2304)}))
     with pytest.raises(UnsupportedArchitectureError, match="Lumina Image 2.0"):
         read_lora(path)
+
+
+@pytest.mark.parametrize("meta,variant", [({"modelspec.architecture": "Qwen-Image-Edit-Plus/lora"}, "edit-plus"),
+                                          ({"ss_sd_model_name": "qwen_image_edit_2511.safetensors"}, "edit-2511"),
+                                          ({"ss_sd_model_name": "qwen_image_2512.safetensors"}, "2512")])
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "comfy"])
+def test_qwen_variant_survives_conversion(tmp_path, meta, variant: str, fmt: str) -> None:
+    from lorakit.ops.conversion import convert
+
+    src = _save(tmp_path, _lora({"transformer.transformer_blocks.0.img_mlp.net.2": (H, 4 * H)}), meta)
+    out = tmp_path / "out.safetensors"
+    convert(src, out, to=fmt)
+    assert read_lora(out).arch.variant == variant

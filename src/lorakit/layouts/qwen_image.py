@@ -120,7 +120,7 @@ QWEN_IMAGE = ArchSpec(
     blocks=BLOCKS,
     stamp=Stamp(kohya_module="networks.lora_qwen_image", ss_version="qwen_image", modelspec="Qwen-Image",
                 implementation="https://github.com/QwenLM/Qwen-Image", resolution="1328x1328",
-                variants={"base": ("qwen_image", "Qwen-Image"), "2512": ("qwen_image", "Qwen-Image"),
+                variants={"base": ("qwen_image", "Qwen-Image"), "2512": ("qwen_image", "Qwen-Image-2512"),
                           "edit": ("qwen_image", "Qwen-Image-Edit"),
                           "edit-plus": ("qwen_image", "Qwen-Image-Edit-Plus"),
                           "edit-2511": ("qwen_image", "Qwen-Image-Edit-2511")}),
