@@ -133,3 +133,21 @@ def test_merge_block_vectors(tmp_path, family: str, vector: str, weights: dict[s
     assert set(got) == set(weights)
     for name, w in weights.items():
         assert float((got[name] - w * ref[name]).abs().max()) <= 1e-6 * float(ref[name].abs().max()), name
+
+
+@pytest.mark.parametrize("stems,noted", [
+    ({"lora_unet_layers_0_attention_to_q": (H, H), "lora_unet_layers_0_feed_forward_w1": (85, H)}, True),
+    # ComfyUI's own names flattened (and names both namings share) load there: no note
+    ({"lora_unet_layers_0_attention_qkv": (3 * H, H), "lora_unet_layers_0_feed_forward_w1": (85, H)}, False),
+])
+def test_doctor_notes_musubi_zimage_names_comfyui_skips(tmp_path, capsys, stems, noted: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for stem, (o, i) in stems.items():
+        tensors[stem + ".lora_down.weight"], tensors[stem + ".lora_up.weight"] = _factors(gen, o, i)
+    path = tmp_path / "z.safetensors"
+    save_file(tensors, str(path))
+    assert main(["doctor", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("ComfyUI does not read musubi-tuner's flattened diffusers names" in out) == noted
+    assert ("lorakit convert --to comfy" in out) == noted

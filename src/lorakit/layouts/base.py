@@ -217,13 +217,15 @@ class ComponentSpec:
 @dataclass(frozen=True)
 class Portability:
     """A loader-compatibility note for this architecture's LoRAs in one format; ``layout``: only on a base of that
-    layout, ``groups``: only when the LoRA has modules of these groups (``doctor`` prints it with the fix)."""
+    layout, ``groups``: only when the LoRA has modules of these groups, ``namings``: only when some module is spelled
+    in one of these namings with a name the native naming does not share (``doctor`` prints it with the fix)."""
 
     format: str
     note: str
     fix: str
     layout: str | None = None
     groups: tuple[str, ...] = ()
+    namings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

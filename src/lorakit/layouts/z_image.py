@@ -20,7 +20,8 @@ diffusers 0.42.1 ``_convert_non_diffusers_z_image_lora_to_diffusers`` reads the 
 
 from __future__ import annotations
 
-from lorakit.layouts.base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
+from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability, Preset, Rule,
+                                  Stamp, Variant)
 from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
 
 _T = "transformer"
@@ -130,6 +131,11 @@ Z_IMAGE = ArchSpec(
     diffusers_loader="diffusers' Z-Image loader (ZImagePipeline.load_lora_weights)",
     diffusers_loads=(_T,),
     blocks=BLOCKS,
+    # ComfyUI comfy/lora.py (Lumina2): ``lora_unet_`` keys are its own NextDiT names flattened; diffusers names only
+    # under ``diffusion_model.`` / ``transformer.`` / ``lycoris_`` / bare
+    portability=(Portability("kohya", "ComfyUI does not read musubi-tuner's flattened diffusers names for Z-Image "
+                             "(`lora_unet_…_attention_to_q`, `…_to_out_0`, `…_all_x_embedder_…`): their modules are "
+                             "skipped there", "convert with `lorakit convert --to comfy`", namings=("diffusers",)),),
     stamp=Stamp(kohya_module="networks.lora_zimage", ss_version="z_image", modelspec="Z-Image",
                 implementation="https://github.com/Tongyi-MAI/Z-Image", resolution="1024x1024",
                 variants={"base": ("z_image", "Z-Image"), "turbo": ("z_image", "Z-Image-Turbo"),
