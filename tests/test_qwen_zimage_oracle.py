@@ -230,3 +230,15 @@ def _zimage_deltas(t: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[s
 
 
 HAND_DELTAS = {"qwen-image": _qwen_deltas, "z-image": _zimage_deltas}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_synthetic_sizes_are_the_tiny_diffusers_models(family: str) -> None:
+    """The synthetic generators' tiny sizes describe exactly the tiny diffusers configs used here."""
+    from lorakit.layouts import resolve
+    from lorakit.samples.synthetic import TINY_QWEN, TINY_ZIMAGE, base_tensors
+
+    sizes = {"qwen-image": TINY_QWEN, "z-image": TINY_ZIMAGE}[family]
+    predicted = {t.name: tuple(t.shape) for t in base_tensors(sizes, "diffusers", resolve(family))}
+    model = FAMILIES[family][0]()
+    assert predicted == {k: tuple(v.shape) for k, v in model.state_dict().items()}
