@@ -13,7 +13,8 @@ LoRA spellings (ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` for QwenImage
 ComfyUI ``diffusion_model.``; musubi-tuner ``lora_unet_`` + the names flattened (``lora_unet_transformer_blocks_0_
 attn_to_q``: the reader restores the dots from this table, not by guessing which underscores are separators);
 DiffSynth-Studio the bare names (``transformer_blocks.0.attn.to_q.lora_A.default.weight``: PEFT's adapter-named
-keys, which detection reports as the PEFT format; without ``default``: the DiffSynth format); SimpleTuner LyCORIS ``lycoris_`` + flattened names.
+keys, which detection reports as the PEFT format; without ``default``: the DiffSynth format); SimpleTuner
+LyCORIS ``lycoris_`` + flattened names.
 
 The Edit variants have Qwen-Image's keys and shapes: only metadata names them (musubi-tuner's modelspec
 architectures ``Qwen-Image-Edit``, ``Qwen-Image-Edit-Plus``, ``Qwen-Image-Edit-2511``; PEFT configs' base model).
@@ -22,7 +23,8 @@ Qwen-Image 2.1 is another architecture: a file whose metadata names it is refuse
 
 from __future__ import annotations
 
-from lorakit.layouts.base import Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp, Variant
+from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Preset, Rule, Stamp,
+                                  Variant)
 from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
 
 _T = "transformer"

@@ -6,9 +6,10 @@ Native names are ComfyUI's (its Lumina-2 ``NextDiT`` module, ``shapes/z-image-co
 ``attention.out`` = ``attention.to_out.0``, ``x_embedder`` = ``all_x_embedder.2-1``, ``final_layer`` =
 ``all_final_layer.2-1``; q/k norms ``q_norm``/``k_norm`` = ``norm_q``/``norm_k``; everything else has one name.
 
-Sizes: H hidden (3840), M FFN width (10240), IN/OUT patchified latent channels (64), T adaLN input width (min(H, 256)),
-F timestep-frequency width (256), TM timestep-MLP width (1024), CAP caption width (Qwen3-4B, 2560), D head width (128); counts ``layers`` (30),
-``noise`` and ``context`` (the two refiners, 2 each; the context refiner has no adaLN modulation).
+Sizes: H hidden (3840), M FFN width (10240), IN/OUT patchified latent channels (64), T adaLN input width
+(min(H, 256)), F timestep-frequency width (256), TM timestep-MLP width (1024), CAP caption width (Qwen3-4B, 2560),
+D head width (128); counts ``layers`` (30), ``noise`` and ``context`` (the two refiners, 2 each; the context
+refiner has no adaLN modulation).
 
 LoRA spellings: diffusers ``transformer.`` + diffusers names (ZImagePipeline.save_lora_weights); AI-Toolkit
 ``diffusion_model.`` + diffusers names, lora_A/lora_B; ComfyUI ``diffusion_model.`` + its own names (fused qkv);
@@ -20,8 +21,8 @@ diffusers 0.42.1 ``_convert_non_diffusers_z_image_lora_to_diffusers`` reads the 
 
 from __future__ import annotations
 
-from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability, Preset, Rule,
-                                  Stamp, Variant)
+from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability,
+                                  Preset, Rule, Stamp, Variant)
 from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
 
 _T = "transformer"
@@ -112,7 +113,8 @@ BLOCKS = BlockScheme(
     unplaced=("BASE",),
     vectors=(Vector("layers", (_LAYERS,)), Vector("noise refiner + context refiner + layers",
                                                   (_NOISE, _CONTEXT, _LAYERS)),
-             Vector("BASE (every module outside the blocks) + refiners + layers", ("BASE", _NOISE, _CONTEXT, _LAYERS))),
+             Vector("BASE (every module outside the blocks) + refiners + layers",
+                    ("BASE", _NOISE, _CONTEXT, _LAYERS))),
     example="layers.0-14=0.5,noise_refiner=0,x_embedder=0",
     summary="one value per layer (Z-Image: 30; noise + context refiners first: 34; BASE first: 35); ids L00…, "
             "N00…, C00…, IN, OUT, BASE; names such as layers.0-14=0.5,noise_refiner=0",
