@@ -288,3 +288,28 @@ def test_unknown_flattened_name_is_reported_not_guessed(tmp_path) -> None:
     model = read_lora(path)
     assert model.arch.spec.name == "qwen-image"
     assert model.unknown_keys == sorted(k for k in tensors if "net_1_proj" in k)
+
+
+def test_zimage_lokr_on_fused_qkv_converts_exactly(tmp_path) -> None:
+    """A LyCORIS LoKr on ComfyUI's fused qkv (ΔW = α/r · kron(w1, w2a @ w2b), by hand) becomes exact plain factors
+    in every format, split into to_q/to_k/to_v where the format splits; --keep-algo keeps it a LoKr for comfy."""
+    gen = torch.Generator().manual_seed(6)
+    w1, w2a, w2b = torch.randn(6, 4, generator=gen), torch.randn(16, 2, generator=gen), torch.randn(2, 8, generator=gen)
+    stem = "diffusion_model.layers.0.attention.qkv"
+    src = tmp_path / "lokr.safetensors"
+    save_file({stem + ".lokr_w1": w1, stem + ".lokr_w2_a": w2a, stem + ".lokr_w2_b": w2b,
+               stem + ".alpha": torch.tensor(1.0)}, str(src))
+    want = torch.kron(w1.double(), w2a.double() @ w2b.double()) * 0.5
+    assert want.shape == (3 * H, H)
+    for target in WRITABLE:
+        out = tmp_path / f"{target}.safetensors"
+        convert(src, out, to=target)
+        model = read_lora(out, allow_partial=False)
+        assert {p.adapter.kind for p in model.patches} == {"lora"}
+        got = dense_deltas(model)
+        (delta,) = got.values()
+        assert float((delta.double() - want).abs().max()) <= TOL * float(want.abs().max())
+        assert len(model.patches) == (1 if target == "comfy" else 3)
+    kept = tmp_path / "kept.safetensors"
+    convert(src, kept, to="comfy", keep_algo=True)
+    assert set(load_file(str(kept))) == {stem + s for s in (".lokr_w1", ".lokr_w2_a", ".lokr_w2_b", ".alpha")}
