@@ -153,7 +153,7 @@ def test_doctor_notes_musubi_zimage_names_comfyui_skips(tmp_path, capsys, stems,
     assert ("lorakit convert --to comfy" in out) == noted
 
 
-def test_zimage_norm_diffs_map_between_namings_and_bake(tmp_path) -> None:
+def test_zimage_norm_diffs_map_between_namings_and_bake(tmp_path, capsys) -> None:
     """ComfyUI ``attention.k_norm.weight.diff`` is diffusers ``attention.norm_k.weight``: converted by name and
     baked into a diffusers-layout base as a plain addition."""
     base = write_base(tmp_path / "base.safetensors", TINY_ZIMAGE, layout="diffusers", arch=resolve("z-image"))
@@ -163,13 +163,16 @@ def test_zimage_norm_diffs_map_between_namings_and_bake(tmp_path) -> None:
     lora = tmp_path / "norms.safetensors"
     save_file(tensors, str(lora))
     out = tmp_path / "d.safetensors"
-    assert main(["convert", str(lora), "-o", str(out), "--to", "diffusers"]) == 0
+    # exit 1: written, with the warning that diffusers' loader does not apply ``.diff`` keys
+    assert main(["convert", str(lora), "-o", str(out), "--to", "diffusers"]) == 1
     assert set(load_file(str(out))) == {"transformer.layers.0.attention.norm_k.weight.diff",
                                         "transformer.layers.1.ffn_norm2.weight.diff"}
+    assert "does not apply these keys" in capsys.readouterr().err
     baked = tmp_path / "baked.safetensors"
     assert main(["bake", base, str(lora), "-o", str(baked), "--no-progress"]) == 0
     b0, b1 = load_file(base), load_file(str(baked))
-    for key, diff in (("layers.0.attention.norm_k.weight", tensors["diffusion_model.layers.0.attention.k_norm.weight.diff"]),
+    for key, diff in (("layers.0.attention.norm_k.weight",
+                       tensors["diffusion_model.layers.0.attention.k_norm.weight.diff"]),
                       ("layers.1.ffn_norm2.weight", tensors["diffusion_model.layers.1.ffn_norm2.weight.diff"])):
         assert torch.allclose(b1[key] - b0[key], diff, atol=1e-6), key
     assert sum(not torch.equal(b0[k], b1[k]) for k in b0) == 2
