@@ -208,19 +208,6 @@ class FormatMatcher:
         return m, SplitKey(split.module, "full", "diff", split.adapter_name)
 
 
-_MATCHERS: dict[tuple[int, int], tuple[FormatSpec, ArchSpec, FormatMatcher]] = {}
-
-
-def matcher_for(fmt: FormatSpec, arch: ArchSpec) -> FormatMatcher:
-    """The (immutable) matcher of one format for one architecture, built once per pair of spec objects."""
-    hit = _MATCHERS.get((id(fmt), id(arch)))
-    if hit is not None and hit[0] is fmt and hit[1] is arch:
-        return hit[2]
-    matcher = FormatMatcher(fmt, arch)
-    _MATCHERS[(id(fmt), id(arch))] = (fmt, arch, matcher)
-    return matcher
-
-
 @dataclass
 class Detection:
     format: FormatSpec
