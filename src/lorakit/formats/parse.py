@@ -27,7 +27,7 @@ from lorakit.errors import (AmbiguousFormatError, FormatError, KeyMappingError, 
 from lorakit.io import WeightFile, open_weights
 from lorakit.io.header import loads_json
 from lorakit.layouts import Alias, ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve, solve, symbols
-from lorakit.layouts.base import ParamIndex, ParamMatch
+from lorakit.layouts.base import ComponentSpec, ParamIndex, ParamMatch
 from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 from lorakit.layouts.base import Rule
 from lorakit.formats.spec import FormatSpec, SplitKey, formats, get_format, split_key
@@ -103,6 +103,19 @@ def _complete(entry: ModuleEntry) -> bool:
 # Per-format key acceptance
 # ---------------------------------------------------------------------------------------------
 
+_INDEXES: dict[tuple[int, str, bool], tuple[ComponentSpec, NameIndex, ParamIndex]] = {}
+
+
+def _indexes(comp: ComponentSpec, naming: str, flat: bool) -> tuple[NameIndex, ParamIndex]:
+    """The (module, loose-parameter) name indexes of one component naming, built once per component object (every
+    detection builds a matcher per architecture × format; the specs are frozen)."""
+    hit = _INDEXES.get((id(comp), naming, flat))
+    if hit is None or hit[0] is not comp:
+        hit = _INDEXES[(id(comp), naming, flat)] = (comp, NameIndex(comp, naming, flat=flat),
+                                                   ParamIndex(comp, naming, flat=flat))
+    return hit[1], hit[2]
+
+
 class FormatMatcher:
     """Accepts the keys one format spells for one architecture (its rules are the architecture's data)."""
 
@@ -118,8 +131,7 @@ class FormatMatcher:
                 continue
             for naming in rule.namings:
                 if naming == "native" or naming in comp.namings:
-                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex(comp, naming, flat=rule.flat)
-                    params = ParamIndex(comp, naming, flat=rule.flat)
+                    self.indexes[(rule.component, naming, rule.flat)], params = _indexes(comp, naming, rule.flat)
                     if params:
                         self.loose[(rule.component, naming, rule.flat)] = params
 
