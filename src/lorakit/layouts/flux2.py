@@ -182,7 +182,7 @@ FLUX2 = ArchSpec(
     # musubi-tuner's modelspec.architecture values: Flux.2-dev, Flux.2-klein-4b, Flux.2-klein-9b
     named_by=("flux.2", "flux2", "flux-2", "flux_2"),
     blocks=FLUX2_BLOCKS,
-    stamp=Stamp(kohya_module="networks.lora_flux_2", ss_version="flux2", modelspec="Flux.2-dev",
+    stamp=Stamp(kohya_module="networks.lora_flux_2", ss_version="flux2", modelspec="Flux.2",
                 implementation="https://github.com/black-forest-labs/flux2", resolution="1024x1024",
                 variants={"dev": ("flux2", "Flux.2-dev"), "klein-4b": ("flux2", "Flux.2-klein-4b"),
                           "klein-9b": ("flux2", "Flux.2-klein-9b")}),
