@@ -195,3 +195,67 @@ def test_lorakit_diffusers_output_loads_and_fuses_to_bake(tmp_path, caplog, vari
             want = native_rows(deltas[Target("transformer", native)], rows, swap)
             got = baked[key] - load_file(str(base_path))[key]
             assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), key
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) diffusers' own FLUX.2 converters as oracles for the BFL spellings
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("style", ["aitoolkit", "comfy_lokr_fused", "fal"])
+def test_diffusers_converted_bfl_file_reads_the_same_but_for_the_final_layer(tmp_path, style: str) -> None:
+    """``Flux2Pipeline.lora_state_dict`` renames a BFL-named file (LoRA: split q/k/v; LoKr: fused ``to_qkv`` /
+    ``to_added_qkv``, α baked into ``lokr_w1``; fal's ``base_model.model.``) to diffusers names. lorakit reads the
+    converted file as the same ΔW everywhere except ``final_layer.adaLN_modulation.1``: diffusers 0.42.1's LoRA
+    converters map it to ``norm_out.linear`` without the [shift; scale] -> [scale; shift] swap its checkpoint
+    converter does, so diffusers applies those rows exchanged (the FLUX.2 portability note)."""
+    from safetensors.torch import save_file
+
+    from test_flux2_formats import write_lora
+
+    src = tmp_path / "bfl.safetensors"
+    want = write_lora(src, "dev", style)
+    converted = Flux2Pipeline.lora_state_dict(str(src))
+    assert all(k.startswith("transformer.") for k in converted)
+    if style == "comfy_lokr_fused":
+        assert any(".attn.to_qkv.lokr_" in k for k in converted) and any(".to_added_qkv." in k for k in converted)
+    out = tmp_path / "converted.safetensors"
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(out))
+    model = read_lora(out)
+    assert model.format == "diffusers" and model.unknown_keys == []
+    got = dense_deltas(model)
+    assert {t.module for t in got} == set(want)
+    for name, w in want.items():
+        d = got[Target("transformer", name)]
+        if name == "final_layer.adaLN_modulation.1":
+            h = w.shape[0] // 2
+            w = torch.cat([w[h:], w[:h]])      # what diffusers' unswapped mapping means for the BFL rows
+        assert float((d - w).abs().max()) <= 1e-6 * float(w.abs().max()), name
+
+
+def test_diffusers_kohya_converter_drops_what_the_portability_note_says(tmp_path, caplog) -> None:
+    from safetensors.torch import save_file
+
+    from test_flux2_formats import write_lora
+
+    src = tmp_path / "kohya.safetensors"
+    want = write_lora(src, "dev", "kohya")
+    dlogging.enable_propagation()
+    try:
+        caplog.set_level(logging.WARNING)
+        converted = Flux2Pipeline.lora_state_dict(str(src))
+    finally:
+        dlogging.disable_propagation()
+    assert any("Unsupported keys" in r.getMessage() for r in caplog.records)
+    out = tmp_path / "converted.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in converted.items()}, str(out))   # A is shared by q, k, v
+    got = dense_deltas(read_lora(out))
+    dropped = set(want) - {t.module for t in got}
+    assert dropped == {"double_stream_modulation_img.lin", "double_stream_modulation_txt.lin",
+                       "single_stream_modulation.lin", "guidance_in.in_layer", "guidance_in.out_layer",
+                       "final_layer.adaLN_modulation.1"}
+    note = next(n for n in FLUX2.portability if n.format == "kohya")     # doctor's note names these groups
+    spec_groups = {s.native: s.group for s in COMP.modules}
+    assert {spec_groups[m] for m in dropped} - {"embedders"} <= set(note.groups)
+    for t, d in got.items():
+        w = want[t.module]
+        assert float((d - w).abs().max()) <= 1e-6 * float(w.abs().max()), t.module

@@ -22,9 +22,11 @@ from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
 
 
 def _m(native: str, out: str, inp: str, group: str, diffusers: tuple[Alias, ...], *, repeat: str | None = None,
-       requires: str | None = None) -> ModuleSpec:
-    return ModuleSpec(native, out, inp, group, aliases={"diffusers": diffusers}, repeat=repeat, bias=False,
-                      requires=requires)
+       requires: str | None = None, fused: str | None = None) -> ModuleSpec:
+    aliases = {"diffusers": diffusers}
+    if fused:
+        aliases["diffusers_fused"] = (Alias(fused),)
+    return ModuleSpec(native, out, inp, group, aliases=aliases, repeat=repeat, bias=False, requires=requires)
 
 
 def _d(name: str, swap: bool = False) -> tuple[Alias, ...]:
@@ -42,7 +44,10 @@ _TE = "time_guidance_embed."
 TRANSFORMER = ComponentSpec(
     name="transformer",
     label="FLUX.2 transformer",
-    namings=("native", "diffusers"),
+    # diffusers_fused: the double blocks' q/k/v after diffusers' ``fuse_qkv_projections()`` (``attn.to_qkv``,
+    # ``attn.to_added_qkv``), where diffusers 0.42.1 puts LoKr modules of BFL files (read only; every other module
+    # keeps its diffusers name)
+    namings=("native", "diffusers", "diffusers_fused"),
     modules=(
         _m("img_in", "H", "IN", "embedders", _d("x_embedder")),
         _m("txt_in", "H", "CTX", "embedders", _d("context_embedder")),
@@ -57,12 +62,13 @@ TRANSFORMER = ComponentSpec(
         _m("single_stream_modulation.lin", "3*H", "H", "modulation", _d("single_stream_modulation.linear")),
         # double-stream blocks
         _m("double_blocks.{i}.img_attn.qkv", "3*H", "H", "double_blocks",
-           _qkv(_DB + "attn.", ("to_q", "to_k", "to_v")), repeat="double"),
+           _qkv(_DB + "attn.", ("to_q", "to_k", "to_v")), repeat="double", fused=_DB + "attn.to_qkv"),
         _m("double_blocks.{i}.img_attn.proj", "H", "H", "double_blocks", _d(_DB + "attn.to_out.0"), repeat="double"),
         _m("double_blocks.{i}.img_mlp.0", "2*M", "H", "double_blocks", _d(_DB + "ff.linear_in"), repeat="double"),
         _m("double_blocks.{i}.img_mlp.2", "H", "M", "double_blocks", _d(_DB + "ff.linear_out"), repeat="double"),
         _m("double_blocks.{i}.txt_attn.qkv", "3*H", "H", "double_blocks",
-           _qkv(_DB + "attn.", ("add_q_proj", "add_k_proj", "add_v_proj")), repeat="double"),
+           _qkv(_DB + "attn.", ("add_q_proj", "add_k_proj", "add_v_proj")), repeat="double",
+           fused=_DB + "attn.to_added_qkv"),
         _m("double_blocks.{i}.txt_attn.proj", "H", "H", "double_blocks", _d(_DB + "attn.to_add_out"),
            repeat="double"),
         _m("double_blocks.{i}.txt_mlp.0", "2*M", "H", "double_blocks", _d(_DB + "ff_context.linear_in"),
@@ -126,7 +132,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     # ComfyUI / AI-Toolkit / BFL-style trainers: ``diffusion_model.`` + BFL names (diffusers' FLUX.2 loader also
     # accepts expanded diffusers block names there)
     "comfy": (Rule("diffusion_model.", _T, _BOTH, False),),
-    "diffusers": (Rule("transformer.", _T, ("diffusers",), False),),
+    "diffusers": (Rule("transformer.", _T, ("diffusers", "diffusers_fused"), False),),
     # PEFT containers: fal's FLUX.2 trainer writes ``base_model.model.`` + BFL names (diffusers 0.42.1 renames that
     # prefix to ``diffusion_model.``); PEFT's own files have diffusers names
     "peft": (Rule("transformer.", _T, ("diffusers",), False), Rule("", _T, ("diffusers", "native"), False)),
