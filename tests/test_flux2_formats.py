@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorakit.errors import LossyConversionError
+from lorakit.errors import LossyConversionError, UnsupportedArchitectureError
 from lorakit.formats import read_lora
 from lorakit.lora.model import Target, dense_deltas
 from lorakit.ops.conversion import convert
@@ -331,3 +331,32 @@ def test_writer_spelling(tmp_path, pair) -> None:
         assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_B.weight" in keys
         assert ("transformer.time_guidance_embed.guidance_embedder.linear_2.lora_A.weight" in keys) == s["guidance"]
         assert not any(".alpha" in k for k in keys)
+
+
+def test_lokr_only_klein_file_is_told_from_flux1_by_its_composed_shape(tmp_path) -> None:
+    # no LoRA factor to read sizes from: the Kronecker factors compose 18432 × 3072 (SwiGLU 2·3·3072 rows), which
+    # read as FLUX.1 would be an MLP of 6×hidden
+    g = torch.Generator().manual_seed(8)
+    stem = "diffusion_model.double_blocks.0.img_mlp.0"
+    t = {stem + ".lokr_w1": torch.randn(6, 4, generator=g), stem + ".lokr_w2_a": torch.randn(3072, 1, generator=g),
+         stem + ".lokr_w2_b": torch.randn(1, 768, generator=g), stem + ".alpha": torch.tensor(1.0)}
+    path = tmp_path / "lokr.safetensors"
+    save_file(t, str(path))
+    model = read_lora(path)
+    assert (model.arch.name, model.arch.variant, model.format) == ("flux2", "klein-4b", "comfy")
+    assert model.patches[0].adapter.weight_shape == (18432, 3072)
+
+
+def test_flux1_lora_is_not_read_as_flux2(tmp_path) -> None:
+    # FLUX.1's single-block linear1 (3H + 4H rows) also parses under FLUX.2's BFL names; FLUX.2 defers it
+    g = torch.Generator().manual_seed(9)
+    t = {}
+    for stem, o in (("lora_unet_single_blocks_0_linear1", 7 * 32), ("lora_unet_double_blocks_0_img_mlp_0", 4 * 32)):
+        t[stem + ".lora_down.weight"], t[stem + ".lora_up.weight"] = _lora(o, 32, 2, g)
+    path = tmp_path / "f1.safetensors"
+    save_file(t, str(path))
+    model = read_lora(path)
+    assert model.arch.name == "flux1"
+    with pytest.raises(UnsupportedArchitectureError, match="FLUX.1") as exc:
+        read_lora(path, arch="flux2")
+    assert "--arch flux1" in (getattr(exc.value, "hint", "") or "")
