@@ -259,3 +259,15 @@ def test_diffusers_kohya_converter_drops_what_the_portability_note_says(tmp_path
     for t, d in got.items():
         w = want[t.module]
         assert float((d - w).abs().max()) <= 1e-6 * float(w.abs().max()), t.module
+
+
+def test_diffusers_loads_nothing_of_a_comfy_spelled_file(tmp_path, caplog) -> None:
+    """lorakit's ``--to comfy`` (ComfyUI's ``diffusion_model.`` + lora_down/lora_up) is for ComfyUI: diffusers'
+    FLUX.2 loader routes it to its kohya converter and keeps no key, which the comfy portability note says."""
+    from test_flux2_formats import write_lora
+
+    src, comfy = tmp_path / "k.safetensors", tmp_path / "comfy.safetensors"
+    write_lora(src, "klein", "kohya")
+    assert main(["convert", str(src), "--to", "comfy", "-o", str(comfy)]) == 0
+    assert Flux2Pipeline.lora_state_dict(str(comfy)) == {}
+    assert any("lora_down" in n.note and n.layout == "diffusers" for n in FLUX2.portability if n.format == "comfy")

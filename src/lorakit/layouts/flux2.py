@@ -175,6 +175,10 @@ FLUX2 = ArchSpec(
                     f"final_layer.adaLN_modulation keys with a warning ({_DIFFUSERS_MIXIN})",
                     "convert with `lorakit convert --to diffusers`", layout="diffusers",
                     groups=("modulation", "final_layer")),
+        Portability("comfy", "diffusers' FLUX.2 loader sends every file with `.lora_down.weight` keys to its kohya "
+                    "converter, which reads `lora_unet_` names only: a `diffusion_model.` file spelled with "
+                    "lora_down/lora_up (ComfyUI's spelling, `lorakit convert --to comfy`) loads nothing there "
+                    f"({_DIFFUSERS_MIXIN})", "convert with `lorakit convert --to diffusers`", layout="diffusers"),
         Portability("comfy", "diffusers' FLUX.2 loader maps final_layer.adaLN_modulation.1 to norm_out.linear without "
                     f"swapping its [shift; scale] halves ({_DIFFUSERS_MIXIN}): that module is applied wrongly",
                     "convert with `lorakit convert --to diffusers`", layout="diffusers", groups=("final_layer",)),
