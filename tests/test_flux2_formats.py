@@ -360,3 +360,16 @@ def test_flux1_lora_is_not_read_as_flux2(tmp_path) -> None:
     with pytest.raises(UnsupportedArchitectureError, match="FLUX.1") as exc:
         read_lora(path, arch="flux2")
     assert "--arch flux1" in (getattr(exc.value, "hint", "") or "")
+
+
+def test_fal_kontext_flux1_file_stays_flux1(tmp_path) -> None:
+    # fal's PEFT container with BFL names exists for FLUX.1 Kontext too (qkv 3·3072, linear1 3·3072 + 4·3072)
+    g = torch.Generator().manual_seed(10)
+    t = {}
+    for stem, o in (("base_model.model.double_blocks.0.img_attn.qkv", 3 * 3072),
+                    ("base_model.model.single_blocks.0.linear1", 7 * 3072)):
+        t[stem + ".lora_A.weight"], t[stem + ".lora_B.weight"] = _lora(o, 3072, 1, g)
+    path = tmp_path / "kontext.safetensors"
+    save_file(t, str(path))
+    model = read_lora(path)
+    assert (model.arch.name, model.format, model.unknown_keys) == ("flux1", "peft", [])

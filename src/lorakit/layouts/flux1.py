@@ -140,8 +140,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
               Rule("text_encoders.t5xxl.transformer.", "t5", ("native",), False)),
     "diffusers": (Rule("transformer.", _T, ("diffusers",), False), Rule("text_encoder.", "clip_l", ("native",), False),
                   Rule("text_encoder_2.", "t5", ("native",), False)),
+    # the last rule also reads fal's Kontext trainer: ``base_model.model.`` + BFL names (formats.md F7)
     "peft": (Rule("transformer.", _T, ("diffusers",), False), Rule("text_encoder.", "clip_l", ("native",), False),
-             Rule("text_encoder_2.", "t5", ("native",), False), Rule("", _T, ("diffusers",), False)),
+             Rule("text_encoder_2.", "t5", ("native",), False), Rule("", _T, ("diffusers", "native"), False)),
     "xlabs": (Rule("", _T, ("xlabs",), False),),
     "onetrainer": (Rule("lora_transformer_", _T, ("diffusers",), True), Rule("lora_te1_", "clip_l", ("native",), True),
                    Rule("lora_te2_", "t5", ("native",), True)),
