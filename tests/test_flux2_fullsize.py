@@ -141,6 +141,16 @@ def test_variants_from_one_module(tmp_path) -> None:
         assert (parsed.arch.name, parsed.arch.variant) == ("flux2", variant)
 
 
+def test_klein_4b_txt_in_alone_is_flux2(tmp_path) -> None:
+    # 3072 wide like FLUX.1, but txt_in reads 7680 features (FLUX.1: T5's 4096)
+    path = header_only(tmp_path / "txt.safetensors", lora_entries({"txt_in": (3072, 7680)},
+                                                                  lambda n: "lora_unet_" + n, "lora_down.weight",
+                                                                  "lora_up.weight"))
+    with open_weights(path) as f:
+        parsed = parse(f)
+    assert (parsed.arch.name, parsed.arch.variant) == ("flux2", "klein-4b")
+
+
 def test_base_checkpoints_are_recognised(tmp_path) -> None:
     from lorakit.base.checkpoint import open_base
 

@@ -121,7 +121,11 @@ TRANSFORMER = ComponentSpec(
     deferrals=(("H", 6144, "FLUX.2-dev (hidden size 6144)", "flux2"),
                ("H", 4096, "FLUX.2 [klein] 9B (hidden size 4096)", "flux2"),
                ("M-6*H", 0, "FLUX.2 (SwiGLU MLP: 2×3×hidden input rows)", "flux2"),
-               ("M-3*H", 0, "FLUX.2 (MLP 3×hidden)", "flux2")),
+               ("M-3*H", 0, "FLUX.2 (MLP 3×hidden)", "flux2"),
+               # txt_in: FLUX.1 reads T5 (4096 wide); FLUX.2 three stacked hidden states of its text encoder
+               ("CTX", 15360, "FLUX.2-dev (text width 15360)", "flux2"),
+               ("CTX", 7680, "FLUX.2 [klein] 4B (text width 7680)", "flux2"),
+               ("CTX", 12288, "FLUX.2 [klein] 9B (text width 12288)", "flux2")),
 )
 
 _T = "transformer"
