@@ -63,7 +63,8 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
                 raise UnsupportedArchitectureError(
                     f"this file is {label}, not {arch.label} (its module names fit both, its sizes are "
                     f"{resolve(other).label}'s).", path=path,
-                    hint=f"read it as {resolve(other).label}: leave out --arch, or pass --arch {other}.")
+                    hint=f"read it as {resolve(other).label} (--arch {other}; without --arch lorakit picks it when "
+                         f"its keys fit a {resolve(other).label} format as well).")
             raise UnsupportedArchitectureError(
                 f"this file is {label}, which lorakit recognises but does not support yet (its module names "
                 f"fit {arch.label}, its sizes do not).", path=path,
