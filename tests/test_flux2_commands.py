@@ -121,3 +121,22 @@ def test_merge_resize_diff(tmp_path, capsys) -> None:
     assert main(["merge", a, "--blocks", "double_blocks=0,MOD=0", "-o", blocks]) == 0
     kept = {p.target.module for p in read_lora(blocks).patches}
     assert kept and not any(m.startswith("double_") for m in kept)
+
+
+def test_ambiguous_attention_lora_bakes_into_a_flux2_base(tmp_path, capsys) -> None:
+    # double-block attention only: the keys and sizes fit FLUX.1 as well (read as FLUX.1 on its own); with a
+    # FLUX.2 base, bake and doctor read it as FLUX.2, whose modules it names equally
+    from safetensors.torch import save_file
+
+    H = SIZES["klein"]["H"]
+    g = torch.Generator().manual_seed(11)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    down, up = torch.randn(2, H, generator=g), torch.randn(3 * H, 2, generator=g) * 0.1
+    lora, base, out = (str(tmp_path / n) for n in ("a.safetensors", "base.safetensors", "baked.safetensors"))
+    save_file({stem + ".lora_down.weight": down, stem + ".lora_up.weight": up}, lora)
+    write_base(base, _params("klein"), arch=FLUX2)
+    assert read_lora(lora).arch.name == "flux1"
+    assert main(["doctor", lora, "--base", base]) == 0
+    assert main(["bake", base, lora, "-o", out, "--no-progress"]) == 0
+    key = "double_blocks.0.img_attn.qkv.weight"
+    assert _close(load_file(out)[key] - load_file(base)[key], up @ down)
