@@ -140,3 +140,27 @@ def test_ambiguous_attention_lora_bakes_into_a_flux2_base(tmp_path, capsys) -> N
     assert main(["bake", base, lora, "-o", out, "--no-progress"]) == 0
     key = "double_blocks.0.img_attn.qkv.weight"
     assert _close(load_file(out)[key] - load_file(base)[key], up @ down)
+
+
+def test_ambiguous_attention_lora_merges_with_a_flux2_lora(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    H = SIZES["klein"]["H"]
+    g = torch.Generator().manual_seed(12)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    down, up = torch.randn(2, H, generator=g), torch.randn(3 * H, 2, generator=g) * 0.1
+    amb, full, out = (str(tmp_path / n) for n in ("amb.safetensors", "full.safetensors", "m.safetensors"))
+    save_file({stem + ".lora_down.weight": down, stem + ".lora_up.weight": up}, amb)
+    want = write_lora(full, "klein", "diffusers", seed=3)
+    assert read_lora(amb).arch.name == "flux1"
+    assert main(["merge", amb, f"{full}:0.5", "-o", out]) == 0
+    merged = read_lora(out)
+    assert merged.arch.name == "flux2"
+    got = dense_deltas(merged)
+    qkv = "double_blocks.0.img_attn.qkv"
+    assert _close(got[Target("transformer", qkv)], up @ down + 0.5 * want[qkv])
+    # a FLUX.1-only input (its MLP is 4×hidden) is still refused next to a FLUX.2 one
+    f1 = str(tmp_path / "f1.safetensors")
+    save_file({"lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": torch.randn(2, H, generator=g),
+               "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight": torch.randn(4 * H, 2, generator=g)}, f1)
+    assert main(["merge", f1, full, "-o", str(tmp_path / "no.safetensors")]) == 2
