@@ -56,9 +56,9 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
             if ob.inp is not None:
                 equations.append((ob.spec.inp, ob.inp))
         p = solve(equations, {})
-        refused = size_refusal(comp, p)
-        if refused is not None:
-            label, other = refused
+        sized_out = size_refusal(comp, p)
+        if sized_out is not None:
+            label, other = sized_out
             if other is not None and other in available():
                 raise UnsupportedArchitectureError(
                     f"this file is {label}, not {arch.label} (its module names fit both, its sizes are "
@@ -96,6 +96,13 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
                 p[k] = evaluate(expr, p)
         params[comp_name] = p
     variant = _variant(arch, params, metadata or {})
+    refused = next((v for v in arch.variants if v.name == variant and not v.supported), None)
+    if refused is not None:
+        raise UnsupportedArchitectureError(
+            f"this file's metadata names {refused.label}, which lorakit recognises but does not support yet (its "
+            f"module names fit {arch.label}).", path=path,
+            hint=f"lorakit supports {', '.join(resolve(n).label for n in available())} so far; if the metadata is "
+                 "wrong, correct it (lorakit meta --set / --delete) and read the file again.")
     return ArchInstance(arch, params, variant, presets)
 
 
