@@ -141,14 +141,16 @@ def test_variants_from_one_module(tmp_path) -> None:
         assert (parsed.arch.name, parsed.arch.variant) == ("flux2", variant)
 
 
-def test_klein_4b_txt_in_alone_is_flux2(tmp_path) -> None:
-    # 3072 wide like FLUX.1, but txt_in reads 7680 features (FLUX.1: T5's 4096)
-    path = header_only(tmp_path / "txt.safetensors", lora_entries({"txt_in": (3072, 7680)},
-                                                                  lambda n: "lora_unet_" + n, "lora_down.weight",
-                                                                  "lora_up.weight"))
+def test_klein_4b_txt_in_is_not_flux1(tmp_path) -> None:
+    # 3072 wide like FLUX.1, but txt_in reads 7680 features (FLUX.1: T5's 4096): not a FLUX.1 reading (Qwen-Image,
+    # 3072 wide with a txt_in too, fits these two keys as well; metadata or registration order picks between them)
+    entries = lora_entries({"txt_in": (3072, 7680), "double_blocks.0.img_attn.proj": (3072, 3072)},
+                           lambda n: "lora_unet_" + n.replace(".", "_"), "lora_down.weight", "lora_up.weight")
+    path = header_only(tmp_path / "txt.safetensors", entries)
     with open_weights(path) as f:
         parsed = parse(f)
     assert (parsed.arch.name, parsed.arch.variant) == ("flux2", "klein-4b")
+    assert "FLUX.1" not in parsed.detection.also_fits
 
 
 def test_base_checkpoints_are_recognised(tmp_path) -> None:

@@ -228,7 +228,7 @@ class _Candidate:
     fmt: FormatSpec
     parses: dict[str, KeyParse]
     inconsistent: int = 0         # factor keys whose shapes contradict this reading's sizes
-    refused: bool = False         # the sizes are another architecture's (ComponentSpec refusals / deferrals)
+    deferred: bool = False        # the sizes are another registered architecture's (ComponentSpec.deferrals)
 
     @property
     def name(self) -> str:
@@ -242,7 +242,7 @@ def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapp
                     ) -> tuple[int, bool]:
     """How many LoRA factor keys contradict the sizes the other keys and the architecture's fixed sizes imply
     (header arithmetic only): an SDXL cross-attention ``to_k`` (2,048 inputs) is not an SD1.5 one (768); and
-    whether the sizes solved are another architecture's (a component's refusals or deferrals: FLUX.2's hidden size
+    whether the sizes solved are another registered architecture's (a component's deferrals: FLUX.2's hidden size
     read as FLUX.1). LoHa/LoKr/full modules count by the shape their factors compose into."""
     by_comp: dict[str, list[tuple[str, int]]] = {}
     others: dict[tuple[str, str], ModuleEntry] = {}
@@ -274,14 +274,15 @@ def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapp
             eq.append((m.alias.rows[1] if m.alias.rows else m.spec.out, out))   # type: ignore[union-attr]
         if inp is not None:
             eq.append((m.spec.inp, inp))   # type: ignore[union-attr]
-    bad, refused = 0, False
+    bad, deferred = 0, False
     for comp_name in set(by_comp) | set(composed):
         comp = arch.components[comp_name]
         equations, extra = by_comp.get(comp_name, []), composed.get(comp_name, [])
         sizes = solve(equations + extra, comp.fixed)
         bad += sum(1 for expr, value in equations if symbols(expr) <= set(sizes) and evaluate(expr, sizes) != value)
-        refused = refused or size_refusal(comp, sizes) is not None
-    return bad + _beyond_counts(arch, parses), refused
+        sized_out = size_refusal(comp, sizes)
+        deferred = deferred or (sized_out is not None and sized_out[1] is not None)
+    return bad + _beyond_counts(arch, parses), deferred
 
 
 def _beyond_counts(arch: ArchSpec, parses: Mapping[str, KeyParse]) -> int:
@@ -358,18 +359,19 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             # each key whose shape contradicts the reading's sizes counts against it: names that fit with the shapes
             # of another architecture lose to that architecture (an SD1.5 reading of an SDXL cross-attention), and a
             # file whose best reading still contradicts itself is reported by parse() as a shape mismatch
-            bad, refused = _contradictions(a, parses, shapes) if parses else (0, False)
-            results.append(_Candidate(a, fmt, parses, bad, refused))
+            bad, deferred = _contradictions(a, parses, shapes) if parses else (0, False)
+            results.append(_Candidate(a, fmt, parses, bad, deferred))
     if not results:
         raise UnknownFormatError(path, list(keys), None, total=total)
-    # among equally good readings, one whose sizes are not another architecture's (a Klein LoRA's BFL names fit
-    # FLUX.1 too; its MLP width does not)
-    results.sort(key=lambda r: (not r.parses, r.inconsistent - len(r.parses), r.refused, r.inconsistent))
+    # among equally good readings, one whose sizes are not another registered architecture's (a Klein LoRA's BFL
+    # names fit FLUX.1 too; its MLP width does not). A reading refused as an unsupported architecture (SD3) keeps
+    # its place: it names what the file is
+    results.sort(key=lambda r: (not r.parses, r.inconsistent - len(r.parses), r.deferred, r.inconsistent))
     best = results[0]
     if not best.parses:
         _explain_unknown(keys, shapes, path)
     tied = [r for r in results[1:] if len(r.parses) == len(best.parses) and r.inconsistent == best.inconsistent
-            and (best.refused or not r.refused)]
+            and (best.deferred or not r.deferred)]
     also: list[str] = []
     if tied:
         other_archs = [r for r in tied if r.arch.name != best.arch.name]
