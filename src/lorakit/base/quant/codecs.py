@@ -1,0 +1,191 @@
+"""The registry of quantization schemes a base tensor can be stored in.
+
+A :class:`Codec` turns the stored tensors of one logical weight (its *members*: the codes, a scale) into fp32
+values and back. Decoding follows the format's own definition; encoding is deterministic (round to nearest
+even, no stochastic rounding) and writes members with the same dtypes and shapes as the source's, so a
+requantized file loads wherever the source did.
+
+Scale policy of the scaled-fp8 codecs (per tensor, decided from the source tensor): a source whose codes reach
+the fp8 maximum was scaled by its absolute maximum (ComfyUI's ``TensorCoreFP8Layout.quantize``:
+``scale = amax / finfo.max``), so the baked tensor gets a recomputed ``amax`` scale the same way; any other
+source scale is kept as it is, and a baked value beyond what that scale can hold is an error, never clipped
+silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.errors import NonFiniteError, UnsupportedDtypeError
+
+
+class Codec:
+    """One quantization scheme: ``decode`` stored members → fp32, ``encode`` fp32 → new members."""
+
+    name: str = ""
+    label: str = ""
+    roles: tuple[str, ...] = ("weight",)
+    #: None when the scheme can be written; else why not and what to do instead
+    write_refusal: str | None = None
+
+    def decode(self, members: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, values: torch.Tensor, members: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New members for fp32 ``values`` (logical shape), given the source's members (dtypes, shapes, scale)."""
+        raise NotImplementedError
+
+    def policy(self, members: Mapping[str, torch.Tensor]) -> str:
+        """How ``encode`` treats this tensor's scales, in words (for reports)."""
+        return "no scales"
+
+
+_CODECS: dict[str, Codec] = {}
+_FAMILIES: dict[str, Callable[[str], Codec | None]] = {}
+
+
+def register(c: Codec) -> Codec:
+    _CODECS[c.name] = c
+    return c
+
+
+def register_family(prefix: str, factory: Callable[[str], Codec | None]) -> None:
+    """Codecs named ``prefix + something`` made on first use (GGUF's types need the optional ``gguf`` package)."""
+    _FAMILIES[prefix] = factory
+
+
+def codec(name: str) -> Codec:
+    found = _CODECS.get(name)
+    if found is None:
+        for prefix, factory in _FAMILIES.items():
+            if name.startswith(prefix):
+                made = factory(name[len(prefix):])
+                if made is not None:
+                    found = register(made)
+                break
+    if found is None:
+        raise UnsupportedDtypeError(f"unknown quantization scheme {name!r}.",
+                                    hint="lorakit reads " + ", ".join(sorted(_CODECS)) + ".")
+    return found
+
+
+def codecs() -> list[str]:
+    return sorted(_CODECS)
+
+
+FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def half_ulp(dtype: torch.dtype) -> float:
+    """Half the spacing of fp8 values at the format's maximum: values up to ``max + half_ulp`` round to max."""
+    lim = fp8_max(dtype)
+    return 2.0 ** math.floor(math.log2(lim)) * float(torch.finfo(dtype).eps) / 2
+
+
+def to_fp8(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 values to fp8 (nearest even), saturating at the format's maximum (torch's cast alone would
+    give NaN for e4m3fn)."""
+    lim = fp8_max(dtype)
+    return values.clamp(-lim, lim).to(dtype)
+
+
+@dataclass
+class PlainFP8(Codec):
+    """fp8 codes with no scale (``e4m3fn`` or ``e5m2``): value = code."""
+
+    dtype: torch.dtype = torch.float8_e4m3fn
+
+    def __post_init__(self) -> None:
+        short = str(self.dtype).replace("torch.float8_", "")
+        self.name, self.label = f"fp8_{short}", f"fp8 {short}"
+
+    def decode(self, members: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return members["weight"].to(torch.float32).reshape(shape)
+
+    def encode(self, values: torch.Tensor, members: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": to_fp8(values, self.dtype).reshape(members["weight"].shape)}
+
+
+def scale_view(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A stored scale as fp32, shaped to broadcast over a weight: one per tensor, or one per output row."""
+    s = scale.to(torch.float32)
+    if s.numel() == 1:
+        return s.reshape(())
+    if shape and s.numel() == shape[0]:
+        return s.reshape(shape[0], *([1] * (len(shape) - 1)))
+    raise UnsupportedDtypeError(f"a scale of shape {list(scale.shape)} for a weight of shape {list(shape)} is "
+                                "neither per tensor nor per output row.",
+                                hint="lorakit reads per-tensor and per-row fp8 scales only.")
+
+
+def amax_scaled(members: Mapping[str, torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether the source scale is ``amax / finfo.max`` (its codes reach the fp8 maximum, per scale)."""
+    codes = members["weight"]
+    scale = members["scale"]
+    if codes.numel() == 0:
+        return False
+    mag = codes.to(torch.float32).abs()
+    peak = mag.amax() if scale.numel() == 1 else mag.reshape(codes.shape[0], -1).amax(dim=1)
+    return bool((peak == fp8_max(dtype)).all())
+
+
+@dataclass
+class ScaledFP8(Codec):
+    """fp8 codes times a float scale (ComfyUI's ``TensorCoreFP8Layout``: ``value = code.to(dtype) * scale``)."""
+
+    dtype: torch.dtype = torch.float8_e4m3fn
+
+    def __post_init__(self) -> None:
+        short = str(self.dtype).replace("torch.float8_", "")
+        self.name, self.label = f"fp8_{short}_scaled", f"scaled fp8 {short}"
+        self.roles = ("weight", "scale")
+
+    def decode(self, members: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        codes = members["weight"].to(torch.float32).reshape(shape)
+        return codes * scale_view(members["scale"], shape)
+
+    def policy(self, members: Mapping[str, torch.Tensor]) -> str:
+        return "amax scale recomputed" if amax_scaled(members, self.dtype) else "source scale kept"
+
+    def encode(self, values: torch.Tensor, members: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shape = tuple(values.shape)
+        src_scale = members["scale"]
+        lim = fp8_max(self.dtype)
+        if amax_scaled(members, self.dtype):
+            mag = values.abs()
+            amax = mag.amax() if src_scale.numel() == 1 else mag.reshape(shape[0], -1).amax(dim=1)
+            scale = amax / lim
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))     # an all-zero tensor keeps codes 0
+            stored_scale = scale.to(src_scale.dtype).reshape(src_scale.shape)
+        else:
+            stored_scale = src_scale
+        s = scale_view(stored_scale, shape)
+        scaled = values * (1.0 / s)
+        peak = float(scaled.abs().amax()) if scaled.numel() else 0.0
+        if not math.isfinite(peak) or peak > lim + half_ulp(self.dtype):
+            raise NonFiniteError(f"a baked value needs {peak:.4g} in units of the kept scale, beyond the "
+                                 f"{self.label} maximum {lim:g}; nothing was written.",
+                                 hint="lower the LoRA strength, or write bf16 (--dtype bf16).")
+        scaled = scaled.clamp(-lim, lim)
+        return {"weight": scaled.to(self.dtype).reshape(members["weight"].shape), "scale": stored_scale}
+
+
+for _dt in FP8.values():
+    register(PlainFP8(dtype=_dt))
+    register(ScaledFP8(dtype=_dt))
+
+
+def _gguf_family(qtype: str) -> Codec | None:
+    from lorakit.base.quant.gguf_codecs import GGUFCodec
+    return GGUFCodec.for_type(qtype)
+
+
+register_family("gguf_", _gguf_family)
