@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.base.checkpoint import BaseModel, open_base, open_component
+from lorakit.base.quant import dequantized
 from lorakit.dtypes import FLOAT_CODES
 from lorakit.errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
 from lorakit.formats import parse
@@ -696,7 +697,7 @@ def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], bas
     if base is not None:
         bf = open_weights(base, allow_pickle=allow_pickle)
         try:
-            base_model = open_base(bf)
+            base_model = open_base(dequantized(bf))
         except BaseException:
             bf.close()
             raise

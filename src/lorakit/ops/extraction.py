@@ -59,6 +59,8 @@ from torch import Tensor
 
 from lorakit.lora.adapters import Full, LoRA
 from lorakit.base.checkpoint import BaseModel, Slot, open_base
+from lorakit.base.quant import dequantized
+from lorakit.base.quant.noise import noise_floor, noise_warnings
 from lorakit.ops.conversion import lora_output_metadata
 from lorakit.dtypes import ST_DTYPES, as_dtype
 from lorakit.errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
@@ -174,6 +176,7 @@ class ModuleResult:
     rounding_error: float = 0.0     # extra relative error from storing the factors in the output dtype
     clamp_error: float = 0.0        # --clamp-quantile: ‖B'A' − BA‖/‖BA‖ of the clamped factors (0 without it)
     component: str = ""
+    noise_floor: float = 0.0        # quantized bases: estimated rounding noise of both sides / ‖D‖ (0: none)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__, shape=list(self.shape))
@@ -505,7 +508,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
         check_output_path(out_path, [src_o, src_t])
 
     with open_weights(src_o, allow_pickle=allow_pickle) as fo, open_weights(src_t, allow_pickle=allow_pickle) as ft:
-        orig, tune = open_base(fo), open_base(ft)
+        orig, tune = open_base(dequantized(fo)), open_base(dequantized(ft))
         _check_compatible(orig, tune, (src_o, src_t))
         out_dtype = _output_dtype(tune, dtype)
         report = ExtractReport(
@@ -707,6 +710,8 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pa
                 report.convs_left_out.append(job.label)
             else:
                 adapter, result = _factorize(d, job, peak, opt, t0)
+                result.noise_floor = noise_floor(d, [(orig.file, s.key) for s in job.original]
+                                                 + [(tune.file, s.key) for s in job.tuned])
                 report.modules.append(result)
             if adapter is not None or bias is not None:
                 patches.append(Patch(job.target, adapter, None, bias=bias, source=job.label))
@@ -719,6 +724,8 @@ def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pa
     if progress:
         progress(len(work), len(work), "")
     _stream_warnings(tune, report, pairing, opt)
+    report.warnings += noise_warnings([(m.module, m.noise_floor) for m in report.modules],
+                                      [orig.file, tune.file])
     return patches
 
 

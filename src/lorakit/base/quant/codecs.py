@@ -43,6 +43,11 @@ class Codec:
         """How ``encode`` treats this tensor's scales, in words (for reports)."""
         return "no scales"
 
+    def noise(self, members: Mapping[str, torch.Tensor], values: torch.Tensor) -> float:
+        """Estimated norm of the rounding noise the scheme put into ``values`` (uniform rounding:
+        ``sqrt(Σ step² / 12)`` over the local grid spacing); 0.0 when unknown."""
+        return 0.0
+
 
 _CODECS: dict[str, Codec] = {}
 _FAMILIES: dict[str, Callable[[str], Codec | None]] = {}
@@ -97,6 +102,18 @@ def to_fp8(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values.clamp(-lim, lim).to(dtype)
 
 
+def fp8_spacing(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 grid spacing at each code (normal: 2^(exponent - mantissa bits); subnormals: the smallest)."""
+    fi = torch.finfo(dtype)
+    mag = codes.to(torch.float32).abs()
+    exp = torch.floor(torch.log2(torch.clamp(mag, min=float(fi.smallest_normal))))
+    return torch.exp2(exp) * float(fi.eps)
+
+
+def uniform_noise(step: torch.Tensor) -> float:
+    return float((step.double() ** 2).sum() / 12.0) ** 0.5
+
+
 @dataclass
 class PlainFP8(Codec):
     """fp8 codes with no scale (``e4m3fn`` or ``e5m2``): value = code."""
@@ -112,6 +129,9 @@ class PlainFP8(Codec):
 
     def encode(self, values: torch.Tensor, members: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"weight": to_fp8(values, self.dtype).reshape(members["weight"].shape)}
+
+    def noise(self, members: Mapping[str, torch.Tensor], values: torch.Tensor) -> float:
+        return uniform_noise(fp8_spacing(members["weight"], self.dtype))
 
 
 def scale_view(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -151,6 +171,11 @@ class ScaledFP8(Codec):
     def decode(self, members: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         codes = members["weight"].to(torch.float32).reshape(shape)
         return codes * scale_view(members["scale"], shape)
+
+    def noise(self, members: Mapping[str, torch.Tensor], values: torch.Tensor) -> float:
+        shape = tuple(values.shape)
+        codes = members["weight"].reshape(shape)
+        return uniform_noise(fp8_spacing(codes, self.dtype) * scale_view(members["scale"], shape).abs())
 
     def policy(self, members: Mapping[str, torch.Tensor]) -> str:
         return "amax scale recomputed" if amax_scaled(members, self.dtype) else "source scale kept"

@@ -62,6 +62,20 @@ class GGUFCodec(Codec):
                                         hint="convert the base to a type gguf-py reads (Q8_0, Q4_K, F16, …).") from None
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
+    def noise(self, members: Mapping[str, torch.Tensor], values: torch.Tensor) -> float:
+        """Blockwise estimate: each block's value range over the levels its bits allow (float types: their eps)."""
+        gguf = gguf_module()
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        flat = values.detach().to(torch.float32).reshape(-1)
+        if block == 1:      # F32 / F16 / BF16: spacing relative to each value
+            eps = {"F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}.get(self.qtype_name, 0.0)
+            step = torch.exp2(torch.floor(torch.log2(flat.abs().clamp(min=1e-30)))) * eps
+            return float((step.double() ** 2).sum() / 12.0) ** 0.5
+        bits = max(1, (8 * size) // block)
+        blocks = flat[: flat.numel() // block * block].reshape(-1, block)
+        step = (blocks.amax(dim=1) - blocks.amin(dim=1)) / (2 ** bits - 1)
+        return float((step.double() ** 2).sum() * block / 12.0) ** 0.5
+
     def encode(self, values: torch.Tensor, members: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         gguf = gguf_module()
         stored = tuple(members["data"].shape)

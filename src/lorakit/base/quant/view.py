@@ -64,6 +64,7 @@ class QuantizedFile(WeightFile):
                     n *= d
                 infos[name] = TensorInfo(name, "F32", e.shape, 0, 4 * n, self.path)
         self.infos = infos
+        self.noise: dict[str, float] = {}     # logical tensor -> estimated rounding-noise norm, once decoded
 
     # stored tensors -----------------------------------------------------------------------------------------
     def member(self, key: str) -> torch.Tensor:
@@ -80,7 +81,10 @@ class QuantizedFile(WeightFile):
         if e is None:
             assert self.raw is not None
             return self.raw.get(name, out)
-        return e.scheme.decode(self.members(e), e.shape)
+        members = self.members(e)
+        values = e.scheme.decode(members, e.shape)
+        self.noise[name] = e.scheme.noise(members, values)
+        return values
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.infos:
