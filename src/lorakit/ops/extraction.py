@@ -2,7 +2,8 @@
 
 Any registered architecture (FLUX.1, SD1.x, SD2.x, SDXL). Both models may be in any base layout that
 :func:`lorakit.base.checkpoint.open_base` reads (FLUX: BFL, ComfyUI-prefixed, diffusers single file or sharded folder;
-SD: single-file checkpoints holding UNet and text encoders, bare UNet files); tensors are paired through their
+SD: single-file checkpoints holding UNet and text encoders, bare UNet files; diffusers pipeline folders, their
+component subfolders read as one model); tensors are paired through their
 component, native module and row window, so every patch is written on a native target whatever the input
 layouts. Every component both models hold is compared: the denoiser and, for SD models, each text encoder.
 
@@ -58,8 +59,8 @@ import torch
 from torch import Tensor
 
 from lorakit.lora.adapters import Full, LoRA
-from lorakit.base.checkpoint import BaseModel, Slot, open_base
-from lorakit.base.quant import dequantized
+from lorakit.base.checkpoint import BaseModel, Slot
+from lorakit.base.pipeline import open_model
 from lorakit.base.quant.noise import noise_floor, noise_warnings
 from lorakit.ops.conversion import lora_output_metadata
 from lorakit.dtypes import ST_DTYPES, as_dtype
@@ -67,9 +68,10 @@ from lorakit.errors import ArchitectureError, KeyMappingError, NonFiniteError, S
 from lorakit.formats import WRITABLE, emit
 from lorakit.formats.emit import fold_error
 from lorakit.lora.checks import dtype_range_cause, require_finite_output
-from lorakit.io import check_output_path, open_weights, save_tensors
+from lorakit.io import check_output_path, save_tensors
 from lorakit.lora.linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
 from lorakit.ops.metadata import InputRecord
+from lorakit.ops.worst import ROUNDING_FLOOR, worst as worst_of
 from lorakit.lora.model import LoraModel, Patch, Target
 from lorakit.lora.transforms import fit_shape, stored_to_native
 
@@ -228,19 +230,17 @@ class ExtractReport:
 
     @property
     def worst(self) -> ModuleResult | None:
-        return max(self.modules, key=lambda m: m.relative_error, default=None)
+        return worst_of(self.modules, lambda m: m.relative_error)
 
     @property
     def worst_clamp(self) -> ModuleResult | None:
         """The module whose factors lost most to ``clamp_quantile`` (None without it)."""
-        m = max(self.modules, key=lambda m: m.clamp_error, default=None)
-        return m if m is not None and m.clamp_error > 0 else None
+        return worst_of(self.modules, lambda m: m.clamp_error, above=0.0)
 
     @property
     def worst_rounding(self) -> ModuleResult | None:
         """The module whose factors lost most by being stored in the output dtype (None if none lost > 1e-6)."""
-        m = max(self.modules, key=lambda m: m.rounding_error, default=None)
-        return m if m is not None and m.rounding_error > 1e-6 else None
+        return worst_of(self.modules, lambda m: m.rounding_error, above=ROUNDING_FLOOR)
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -507,8 +507,13 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     if out_path is not None:
         check_output_path(out_path, [src_o, src_t])
 
-    with open_weights(src_o, allow_pickle=allow_pickle) as fo, open_weights(src_t, allow_pickle=allow_pickle) as ft:
-        orig, tune = open_base(dequantized(fo)), open_base(dequantized(ft))
+    orig = open_model(src_o, allow_pickle=allow_pickle)
+    try:
+        tune = open_model(src_t, allow_pickle=allow_pickle)
+    except BaseException:
+        orig.file.close()
+        raise
+    with orig.file, tune.file:
         _check_compatible(orig, tune, (src_o, src_t))
         out_dtype = _output_dtype(tune, dtype)
         report = ExtractReport(
