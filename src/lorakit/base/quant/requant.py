@@ -64,7 +64,12 @@ def _requant_codec(name: str | None) -> Codec | None:
 
 
 def write_safetensors(view: QuantizedFile, output: str, targets: Sequence[str], update: Update, *,
-                      metadata: dict[str, str] | None, inputs: Sequence[str], requant: str | None) -> QuantBake:
+                      metadata: dict[str, str] | None, inputs: Sequence[str], requant: str | None,
+                      dtype: torch.dtype | None = None) -> QuantBake:
+    """The source's layout: quantized tensors requantized with their schemes, the rest as stored; with ``dtype``
+    a plain file instead (:func:`write_widened`)."""
+    if dtype is not None:
+        return write_widened(view, output, targets, update, metadata=metadata, inputs=inputs, dtype=dtype)
     raw = view.raw
     if not isinstance(raw, SafetensorsFile):
         raise UsageError("baking into a quantized sharded folder is not supported.", path=view.path,
@@ -113,6 +118,39 @@ def write_safetensors(view: QuantizedFile, output: str, targets: Sequence[str], 
     return result
 
 
+def write_widened(view: QuantizedFile, output: str, targets: Sequence[str], update: Update, *,
+                  metadata: dict[str, str] | None, inputs: Sequence[str], dtype: torch.dtype) -> QuantBake:
+    """A plain safetensors file: every quantized tensor dequantized to ``dtype`` (the baked ones with their
+    deltas), the quantization's scales, markers and header entry dropped, other tensors as stored."""
+    from lorakit.base.quant.comfy_fp8 import QUANT_METADATA
+    from lorakit.dtypes import dtype_code
+    order = set(_ordered(view, targets))
+    code = dtype_code(dtype)
+    plan = [(k, code if k in view.entries else i.dtype, i.shape) for k, i in view.infos.items()]
+    meta = dict(view.metadata if metadata is None else metadata)
+    meta.pop(QUANT_METADATA, None)
+    result = QuantBake("", view.convention + f" → {code}")
+    with SafetensorsWriter(output, plan, meta, inputs=inputs) as w:
+        for k, out_code, _shape in plan:
+            e = view.entries.get(k)
+            if k not in order and e is None:
+                w.write(k, view.get(k))
+                result.copied += 1
+                continue
+            source = view.get(k).to(torch.float32)
+            values = source
+            if k in order:
+                values = source.clone()
+                update(k, values)
+                result.changed.append(k)
+            out = values.to(torch_dtype(out_code))
+            w.write(k, out)
+            if k in order:
+                result.retained.append(measure(k, out_code, "cast", source, values, out))
+    result.path = w.path
+    return result
+
+
 def _field_value(field: object) -> tuple[object, object, object]:
     gguf = gguf_module()
     types = field.types  # type: ignore[attr-defined]
@@ -121,22 +159,18 @@ def _field_value(field: object) -> tuple[object, object, object]:
     return field.contents(), main, sub  # type: ignore[attr-defined]
 
 
+GGUF_WIDE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
 def write_gguf(view: QuantizedFile, output: str, targets: Sequence[str], update: Update, *,
-               metadata: dict[str, str] | None, inputs: Sequence[str], requant: str | None) -> QuantBake:
+               metadata: dict[str, str] | None, inputs: Sequence[str], requant: str | None,
+               dtype: torch.dtype | None = None) -> QuantBake:
+    """``requant``: the type for baked tensors whose own type cannot be written; ``dtype`` (fp32/fp16/bf16): every
+    baked tensor written as that float type instead of being requantized."""
     assert isinstance(view, GGUFFile)
     gguf = gguf_module()
     order = _ordered(view, targets)
-    alt = _requant_codec(requant)
-    out_codec: dict[str, Codec] = {}
-    for name in order:      # refuse before anything is written
-        c = view.entries[name].scheme
-        if c.write_refusal is not None:
-            if alt is None:
-                raise UnsupportedDtypeError(
-                    f"tensor {name!r} is {c.label}, and {c.write_refusal}; nothing was written.", path=view.path,
-                    hint=REQUANT_HINT)
-            c = alt
-        out_codec[name] = c
+    out_codec = gguf_choices(view, order, requant, dtype)
     target = check_output_path(output, inputs)
     folder = os.path.dirname(os.path.abspath(target))
     clean_stale_temps(folder)
@@ -149,8 +183,8 @@ def write_gguf(view: QuantizedFile, output: str, targets: Sequence[str], update:
         align = view.reader.alignment
         writer.data_alignment = align
         for name, fld in view.reader.fields.items():
-            if name.startswith("GGUF."):
-                continue        # the reader's own view of the file header, not key-value data
+            if name.startswith("GGUF.") or name == "general.architecture":
+                continue        # the reader's view of the file header; the architecture the writer adds itself
             value, main, sub = _field_value(fld)
             writer.add_key_value(name, value, main, sub_type=sub)
         planned: dict[str, tuple[Codec, tuple[int, ...]]] = {}
@@ -180,11 +214,7 @@ def write_gguf(view: QuantizedFile, output: str, targets: Sequence[str], update:
                 values = source.clone()
                 update(t.name, values)
                 c, stored = planned[t.name]
-                members = view.members(e)
-                if c is not e.scheme:
-                    byte_shape = gguf.quants.quant_shape_to_byte_shape(stored, gguf.GGMLQuantizationType[c.name[5:]])
-                    members = {"data": torch.empty(byte_shape, dtype=torch.uint8)}
-                new = c.encode(values, members)
+                new = encode_as(view, e, c, values)
                 data = new["data"]
                 result.retained.append(measure(t.name, c.name, "blockwise scales recomputed", source, values,
                                                c.decode(new, e.shape)))
@@ -210,6 +240,68 @@ def write_gguf(view: QuantizedFile, output: str, targets: Sequence[str], update:
     return result
 
 
+def gguf_choices(view: GGUFFile, order: Sequence[str], requant: str | None,
+                 dtype: torch.dtype | None) -> dict[str, Codec]:
+    """The type each baked tensor of a GGUF base is written as: its own, ``dtype``'s float type for every one,
+    or ``requant``'s for those whose type cannot be written (refused, with the choices, when none is given)."""
+    alt = _requant_codec(requant)
+    wide = None
+    if dtype is not None:
+        if dtype not in GGUF_WIDE:
+            raise UsageError(f"a GGUF base cannot be written as {dtype}.", hint="use --dtype bf16, fp16 or fp32.")
+        wide = codec("gguf_" + GGUF_WIDE[dtype])
+    out: dict[str, Codec] = {}
+    for name in order:      # refuse before anything is written
+        c = view.entries[name].scheme
+        if wide is not None:
+            c = wide
+        elif c.write_refusal is not None:
+            if alt is None:
+                raise UnsupportedDtypeError(
+                    f"tensor {name!r} is {c.label}, and {c.write_refusal}; nothing was written.", path=view.path,
+                    hint=REQUANT_HINT)
+            c = alt
+        out[name] = c
+    return out
+
+
+def encode_as(view: QuantizedFile, e: QEntry, c: Codec, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``values`` encoded with codec ``c``: the entry's own (its members give dtypes, shapes and scales) or
+    another GGUF type (members of that type's byte shape)."""
+    if c is e.scheme:
+        return c.encode(values, view.members(e))
+    assert isinstance(view, GGUFFile)
+    gguf = gguf_module()
+    stored = tuple(int(d) for d in reversed(view.tensors[e.name].shape.tolist()))
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(stored, gguf.GGMLQuantizationType[c.name[len("gguf_"):]])
+    return c.encode(values, {"data": torch.empty(byte_shape, dtype=torch.uint8)})
+
+
+def measure_baked(view: QuantizedFile, targets: Iterable[str], update: Update, *, requant: str | None = None,
+                  dtype: torch.dtype | None = None) -> QuantBake:
+    """What :func:`write_baked` would keep of each delta, computed the same way, with nothing written."""
+    order = _ordered(view, targets)
+    gguf_out = gguf_choices(view, order, requant, dtype) if isinstance(view, GGUFFile) else {}
+    result = QuantBake("", view.convention)
+    for name in order:
+        e = view.entries.get(name)
+        source = view.get(name).to(torch.float32)
+        values = source.clone()
+        update(name, values)
+        result.changed.append(name)
+        if e is None or (dtype is not None and not gguf_out):
+            out = values.to(dtype if dtype is not None else torch_dtype(view.infos[name].dtype))
+            result.retained.append(measure(name, str(out.dtype), "cast", source, values, out))
+            continue
+        c = gguf_out.get(name, e.scheme)
+        new = encode_as(view, e, c, values)
+        policy = e.scheme.policy(view.members(e)) if c is e.scheme and not gguf_out else "blockwise scales recomputed"
+        result.retained.append(measure(name, c.name, policy, source, values, c.decode(new, e.shape)))
+        if c is not e.scheme:
+            result.requantized_as[name] = c.name
+    return result
+
+
 Writer = Callable[..., QuantBake]
 #: (view type, writer), most specific first
 WRITERS: list[tuple[type, Writer]] = [(GGUFFile, write_gguf), (QuantizedFile, write_safetensors)]
@@ -217,10 +309,11 @@ WRITERS: list[tuple[type, Writer]] = [(GGUFFile, write_gguf), (QuantizedFile, wr
 
 def write_baked(view: QuantizedFile, output: str | os.PathLike[str], targets: Iterable[str], update: Update, *,
                 metadata: dict[str, str] | None = None, inputs: Sequence[str] = (),
-                requant: str | None = None) -> QuantBake:
-    """Write ``view`` with ``update`` applied to ``targets`` (logical names) in the view's own format."""
+                requant: str | None = None, dtype: torch.dtype | None = None) -> QuantBake:
+    """Write ``view`` with ``update`` applied to ``targets`` (logical names) in the view's own format (``dtype``:
+    wider float storage instead of requantizing, see the writers)."""
     for kind, fn in WRITERS:
         if isinstance(view, kind):
             return fn(view, os.fspath(output), list(targets), update, metadata=metadata, inputs=inputs,
-                      requant=requant)
+                      requant=requant, dtype=dtype)
     raise OutputError(f"no writer for {type(view).__name__}.", path=view.path)

@@ -40,6 +40,8 @@ class BakeReport:
     plan: list[dict[str, object]] = field(default_factory=list)
     dry_run: bool = False
     seconds: float = 0.0
+    # quantized bases: convention, delta retention overall / per block / per tensor, scale policy (else None)
+    quantized: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
