@@ -69,6 +69,7 @@ def test_noise_estimate_matches_real_rounding(bases, kind, codec):
     """The codec's estimate of ‖Q(W) − W‖ against the true error of quantizing W (the seeded values)."""
     _d, b = bases
     view = open_quantized(b[kind])
+    view.track_noise = True
     name = next(n for n, e in view.entries.items() if e.codec == codec and view.shape(n)[0] >= 96)
     got = view.get(name)
     true = BASE(name, view.shape(name))

@@ -61,7 +61,7 @@ from torch import Tensor
 from lorakit.lora.adapters import Full, LoRA
 from lorakit.base.checkpoint import BaseModel, Slot
 from lorakit.base.pipeline import open_model
-from lorakit.base.quant.noise import noise_floor, noise_warnings
+from lorakit.base.quant.noise import noise_floor, noise_warnings, track_noise
 from lorakit.ops.conversion import lora_output_metadata
 from lorakit.dtypes import ST_DTYPES, as_dtype
 from lorakit.errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
@@ -686,6 +686,7 @@ def _factorize(d: Tensor, job: Job, peak: float, opt: _Options, t0: float) -> tu
 def _stream(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pairing, opt: _Options,
             progress: Progress | None) -> list[Patch]:
     paths = (orig.file.path or "", tune.file.path or "")
+    track_noise(orig.file, tune.file)
     numel = max((math.prod(j.shape) for j in pairing.jobs), default=0)
     buf = torch.empty(numel, dtype=torch.float32)      # one difference buffer, reused (no page faults per module)
     same = _same_encoders(orig, tune, report, pairing.jobs, buf, opt.te_min_diff)

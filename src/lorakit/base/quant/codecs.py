@@ -147,14 +147,15 @@ def scale_view(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def amax_scaled(members: Mapping[str, torch.Tensor], dtype: torch.dtype) -> bool:
-    """Whether the source scale is ``amax / finfo.max`` (its codes reach the fp8 maximum, per scale)."""
+    """Whether the source scale is ``amax / finfo.max``: its codes reach the fp8 maximum (per scale). Compared on
+    the code bytes (sign bit cleared), without decoding."""
     codes = members["weight"]
     scale = members["scale"]
     if codes.numel() == 0:
         return False
-    mag = codes.to(torch.float32).abs()
-    peak = mag.amax() if scale.numel() == 1 else mag.reshape(codes.shape[0], -1).amax(dim=1)
-    return bool((peak == fp8_max(dtype)).all())
+    top = int(torch.tensor(fp8_max(dtype), dtype=dtype).view(torch.uint8))
+    mag = codes.reshape(codes.shape[0] if scale.numel() != 1 else 1, -1).view(torch.uint8) & 0x7F
+    return bool((mag.amax(dim=1) == top).all())
 
 
 @dataclass
@@ -169,8 +170,7 @@ class ScaledFP8(Codec):
         self.roles = ("weight", "scale")
 
     def decode(self, members: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        codes = members["weight"].to(torch.float32).reshape(shape)
-        return codes * scale_view(members["scale"], shape)
+        return members["weight"].to(torch.float32).reshape(shape).mul_(scale_view(members["scale"], shape))
 
     def noise(self, members: Mapping[str, torch.Tensor], values: torch.Tensor) -> float:
         shape = tuple(values.shape)
@@ -184,9 +184,14 @@ class ScaledFP8(Codec):
         shape = tuple(values.shape)
         src_scale = members["scale"]
         lim = fp8_max(self.dtype)
-        if amax_scaled(members, self.dtype):
-            mag = values.abs()
-            amax = mag.amax() if src_scale.numel() == 1 else mag.reshape(shape[0], -1).amax(dim=1)
+        amax_policy = amax_scaled(members, self.dtype)
+        if amax_policy:
+            if src_scale.numel() == 1:
+                lo, hi = torch.aminmax(values)
+                amax = torch.maximum(lo.abs(), hi.abs())
+            else:
+                lo, hi = torch.aminmax(values.reshape(shape[0], -1), dim=1)
+                amax = torch.maximum(lo.abs(), hi.abs())
             scale = amax / lim
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))     # an all-zero tensor keeps codes 0
             stored_scale = scale.to(src_scale.dtype).reshape(src_scale.shape)
@@ -194,12 +199,16 @@ class ScaledFP8(Codec):
             stored_scale = src_scale
         s = scale_view(stored_scale, shape)
         scaled = values * (1.0 / s)
-        peak = float(scaled.abs().amax()) if scaled.numel() else 0.0
-        if not math.isfinite(peak) or peak > lim + half_ulp(self.dtype):
+        if scaled.numel():
+            lo, hi = torch.aminmax(scaled)
+            peak = max(-float(lo), float(hi))
+        else:
+            peak = 0.0
+        if not math.isfinite(peak) or (not amax_policy and peak > lim + half_ulp(self.dtype)):
             raise NonFiniteError(f"a baked value needs {peak:.4g} in units of the kept scale, beyond the "
                                  f"{self.label} maximum {lim:g}; nothing was written.",
                                  hint="lower the LoRA strength, or write bf16 (--dtype bf16).")
-        scaled = scaled.clamp(-lim, lim)
+        scaled.clamp_(-lim, lim)
         return {"weight": scaled.to(self.dtype).reshape(members["weight"].shape), "scale": stored_scale}
 
 

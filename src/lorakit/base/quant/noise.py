@@ -17,6 +17,13 @@ from lorakit.io import WeightFile
 NOISE_WARN = 0.5
 
 
+def track_noise(*files: WeightFile) -> None:
+    """Have quantized files estimate their rounding noise while they decode (:func:`noise_floor` reads it)."""
+    for f in files:
+        if isinstance(f, QuantizedFile):
+            f.track_noise = True
+
+
 def noise_floor(d: torch.Tensor, tensors: Sequence[tuple[WeightFile, str]]) -> float:
     total = 0.0
     for file, key in tensors:

@@ -65,11 +65,12 @@ def _requant_codec(name: str | None) -> Codec | None:
 
 def write_safetensors(view: QuantizedFile, output: str, targets: Sequence[str], update: Update, *,
                       metadata: dict[str, str] | None, inputs: Sequence[str], requant: str | None,
-                      dtype: torch.dtype | None = None) -> QuantBake:
+                      dtype: torch.dtype | None = None, device: torch.device | None = None) -> QuantBake:
     """The source's layout: quantized tensors requantized with their schemes, the rest as stored; with ``dtype``
-    a plain file instead (:func:`write_widened`)."""
+    a plain file instead (:func:`write_widened`). ``device``: where the tensors are decoded, baked and encoded."""
     if dtype is not None:
-        return write_widened(view, output, targets, update, metadata=metadata, inputs=inputs, dtype=dtype)
+        return write_widened(view, output, targets, update, metadata=metadata, inputs=inputs, dtype=dtype,
+                             device=device)
     raw = view.raw
     if not isinstance(raw, SafetensorsFile):
         raise UsageError("baking into a quantized sharded folder is not supported.", path=view.path,
@@ -87,19 +88,22 @@ def write_safetensors(view: QuantizedFile, output: str, targets: Sequence[str], 
     with SafetensorsWriter(output, entries, raw.metadata if metadata is None else metadata, inputs=inputs) as w:
         for name in order:
             e = view.entries.get(name)
-            source = view.get(name).to(torch.float32)
-            values = source.clone()
-            update(name, values)
             if e is None:       # a plain (bf16/fp16/fp32) tensor of a mixed-precision file
+                source = view.get(name).to(device, torch.float32)
+                values = source.clone()
+                update(name, values)
                 out = values.to(torch_dtype(raw.infos[name].dtype))
-                w.write(name, out)
+                w.write(name, out.cpu())
                 result.retained.append(measure(name, raw.infos[name].dtype, "cast", source, values, out))
                 done.add(name)
             else:
-                members = view.members(e)
+                members = {role: t.to(device) for role, t in view.members(e).items()}
+                source = e.scheme.decode(members, e.shape)
+                values = source.clone()
+                update(name, values)
                 new = e.scheme.encode(values, members)
                 for role, key in e.members.items():
-                    w.write(key, new[role])
+                    w.write(key, new[role].cpu())
                     done.add(key)
                 result.retained.append(measure(name, e.codec, e.scheme.policy(members), source, values,
                                                e.scheme.decode(new, e.shape)))
@@ -119,7 +123,8 @@ def write_safetensors(view: QuantizedFile, output: str, targets: Sequence[str], 
 
 
 def write_widened(view: QuantizedFile, output: str, targets: Sequence[str], update: Update, *,
-                  metadata: dict[str, str] | None, inputs: Sequence[str], dtype: torch.dtype) -> QuantBake:
+                  metadata: dict[str, str] | None, inputs: Sequence[str], dtype: torch.dtype,
+                  device: torch.device | None = None) -> QuantBake:
     """A plain safetensors file: every quantized tensor dequantized to ``dtype`` (the baked ones with their
     deltas), the quantization's scales, markers and header entry dropped, other tensors as stored."""
     from lorakit.base.quant.comfy_fp8 import QUANT_METADATA
@@ -137,14 +142,14 @@ def write_widened(view: QuantizedFile, output: str, targets: Sequence[str], upda
                 w.write(k, view.get(k))
                 result.copied += 1
                 continue
-            source = view.get(k).to(torch.float32)
+            source = view.get(k).to(device, torch.float32)
             values = source
             if k in order:
                 values = source.clone()
                 update(k, values)
                 result.changed.append(k)
             out = values.to(torch_dtype(out_code))
-            w.write(k, out)
+            w.write(k, out.cpu())
             if k in order:
                 result.retained.append(measure(k, out_code, "cast", source, values, out))
     result.path = w.path
@@ -164,9 +169,10 @@ GGUF_WIDE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 def write_gguf(view: QuantizedFile, output: str, targets: Sequence[str], update: Update, *,
                metadata: dict[str, str] | None, inputs: Sequence[str], requant: str | None,
-               dtype: torch.dtype | None = None) -> QuantBake:
+               dtype: torch.dtype | None = None, device: torch.device | None = None) -> QuantBake:
     """``requant``: the type for baked tensors whose own type cannot be written; ``dtype`` (fp32/fp16/bf16): every
-    baked tensor written as that float type instead of being requantized."""
+    baked tensor written as that float type instead of being requantized. gguf-py's codecs run on the CPU
+    (``device`` is not used)."""
     assert isinstance(view, GGUFFile)
     gguf = gguf_module()
     order = _ordered(view, targets)
@@ -278,14 +284,15 @@ def encode_as(view: QuantizedFile, e: QEntry, c: Codec, values: torch.Tensor) ->
 
 
 def measure_baked(view: QuantizedFile, targets: Iterable[str], update: Update, *, requant: str | None = None,
-                  dtype: torch.dtype | None = None) -> QuantBake:
+                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> QuantBake:
     """What :func:`write_baked` would keep of each delta, computed the same way, with nothing written."""
     order = _ordered(view, targets)
     gguf_out = gguf_choices(view, order, requant, dtype) if isinstance(view, GGUFFile) else {}
     result = QuantBake("", view.convention)
+    on = None if gguf_out else device       # gguf-py's codecs run on the CPU
     for name in order:
         e = view.entries.get(name)
-        source = view.get(name).to(torch.float32)
+        source = view.get(name).to(on, torch.float32)
         values = source.clone()
         update(name, values)
         result.changed.append(name)
@@ -309,11 +316,12 @@ WRITERS: list[tuple[type, Writer]] = [(GGUFFile, write_gguf), (QuantizedFile, wr
 
 def write_baked(view: QuantizedFile, output: str | os.PathLike[str], targets: Iterable[str], update: Update, *,
                 metadata: dict[str, str] | None = None, inputs: Sequence[str] = (),
-                requant: str | None = None, dtype: torch.dtype | None = None) -> QuantBake:
+                requant: str | None = None, dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> QuantBake:
     """Write ``view`` with ``update`` applied to ``targets`` (logical names) in the view's own format (``dtype``:
     wider float storage instead of requantizing, see the writers)."""
     for kind, fn in WRITERS:
         if isinstance(view, kind):
             return fn(view, os.fspath(output), list(targets), update, metadata=metadata, inputs=inputs,
-                      requant=requant, dtype=dtype)
+                      requant=requant, dtype=dtype, device=device)
     raise OutputError(f"no writer for {type(view).__name__}.", path=view.path)

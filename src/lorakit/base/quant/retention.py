@@ -45,9 +45,10 @@ class Retained:
 
 def measure(tensor: str, scheme: str, policy: str, source: torch.Tensor, intended: torch.Tensor,
             written: torch.Tensor) -> Retained:
-    """Norms in float64 of one tensor's delta before and after requantization (see the module docstring)."""
-    s, i, w = source.double(), intended.double(), written.double()
-    return Retained(tensor, scheme, policy, float((i - s).norm()), float((w - s).norm()), float((w - i).norm()))
+    """Norms of one tensor's delta before and after requantization (see the module docstring); fp32 differences,
+    torch's pairwise-summed norms."""
+    s, i, w = (t.to(torch.float32) for t in (source, intended, written))
+    return Retained(tensor, scheme, policy, float(torch.dist(i, s)), float(torch.dist(w, s)), float(torch.dist(w, i)))
 
 
 def block_of(tensor: str) -> str:

@@ -65,6 +65,7 @@ class QuantizedFile(WeightFile):
                 infos[name] = TensorInfo(name, "F32", e.shape, 0, 4 * n, self.path)
         self.infos = infos
         self.noise: dict[str, float] = {}     # logical tensor -> estimated rounding-noise norm, once decoded
+        self.track_noise = False                # estimate it while decoding (extract turns it on)
 
     # stored tensors -----------------------------------------------------------------------------------------
     def member(self, key: str) -> torch.Tensor:
@@ -83,7 +84,8 @@ class QuantizedFile(WeightFile):
             return self.raw.get(name, out)
         members = self.members(e)
         values = e.scheme.decode(members, e.shape)
-        self.noise[name] = e.scheme.noise(members, values)
+        if self.track_noise:
+            self.noise[name] = e.scheme.noise(members, values)
         return values
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -56,10 +56,10 @@ def bake_quantized(view: QuantizedFile, output: str | None, tasks: Sequence[Task
 
     meta = {**carry_over(view.metadata), **metadata}
     if output is None:
-        result = measure_baked(view, list(changed), update, requant=requant, dtype=dtype)
+        result = measure_baked(view, list(changed), update, requant=requant, dtype=dtype, device=device)
     else:
         result = write_baked(view, output, list(changed), update, metadata=meta, inputs=inputs, requant=requant,
-                             dtype=dtype)
+                             dtype=dtype, device=device)
         report.output = result.path
         report.bytes_out = os.path.getsize(result.path)
     report.bytes_in = os.path.getsize(view.path)
