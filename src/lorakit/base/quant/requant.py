@@ -275,7 +275,7 @@ def encode_as(view: QuantizedFile, e: QEntry, c: Codec, values: torch.Tensor) ->
     """``values`` encoded with codec ``c``: the entry's own (its members give dtypes, shapes and scales) or
     another GGUF type (members of that type's byte shape)."""
     if c is e.scheme:
-        return c.encode(values, view.members(e))
+        return c.encode(values, {r: t.to(values.device) for r, t in view.members(e).items()})
     assert isinstance(view, GGUFFile)
     gguf = gguf_module()
     stored = tuple(int(d) for d in reversed(view.tensors[e.name].shape.tolist()))

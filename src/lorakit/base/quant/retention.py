@@ -45,10 +45,16 @@ class Retained:
 
 def measure(tensor: str, scheme: str, policy: str, source: torch.Tensor, intended: torch.Tensor,
             written: torch.Tensor) -> Retained:
-    """Norms of one tensor's delta before and after requantization (see the module docstring); fp32 differences,
-    torch's pairwise-summed norms."""
-    s, i, w = (t.to(torch.float32) for t in (source, intended, written))
-    return Retained(tensor, scheme, policy, float(torch.dist(i, s)), float(torch.dist(w, s)), float(torch.dist(w, i)))
+    """Norms of one tensor's delta before and after requantization (see the module docstring): fp32 differences,
+    dot products accumulated by BLAS; ``‖Q − (W+ΔW)‖² = ‖Q − W‖² − 2⟨Q − W, ΔW⟩ + ‖ΔW‖²`` saves a pass."""
+    s = source.reshape(-1).to(torch.float32)
+    d = intended.reshape(-1).to(torch.float32) - s
+    k = written.reshape(-1).to(torch.float32) - s
+    dd, kk, kd = float(torch.dot(d, d)), float(torch.dot(k, k)), float(torch.dot(k, d))
+    ee = max(0.0, kk - 2 * kd + dd)
+    if ee < 1e-6 * max(kk, dd):     # cancellation: measure the error directly
+        ee = float(torch.dist(written.reshape(-1).to(torch.float32), intended.reshape(-1).to(torch.float32))) ** 2
+    return Retained(tensor, scheme, policy, math.sqrt(dd), math.sqrt(kk), math.sqrt(ee))
 
 
 def block_of(tensor: str) -> str:
