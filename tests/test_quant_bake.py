@@ -187,3 +187,37 @@ def test_quantized_bake_peak_rss_independent_of_size(tmp_path, kind):
     assert grown > 50 << 20
     extra = res["big"]["peak"] - res["small"]["peak"]
     assert extra < 24 << 20, f"peak RSS grew by {extra / 2**20:.1f} MiB for {grown / 2**20:.0f} MiB more model"
+
+
+def test_cli_bake_and_doctor(tmp_path, lora, capsys):
+    from lorakit.cli import main
+    base = tmp_path / "b.gguf"
+    params = {**TINY_FLUX, "M": 256}
+    lora2 = write_sdscripts_lora(tmp_path / "l.safetensors", params, rank=4, clip=None)
+    write_gguf(base, [(t.name, t.shape) for t in base_tensors(params)], VALUES, qtype="Q8_0",
+               keep={"double_blocks.0.img_mlp.2.weight": "Q4_K"})
+    assert main(["bake", str(base), lora2, "-o", str(tmp_path / "o.gguf"), "--no-progress"]) == 2
+    assert "--requant q8_0" in capsys.readouterr().err
+    assert main(["bake", str(base), lora2, "-o", str(tmp_path / "o.gguf"), "--requant", "q8_0",
+                 "--no-progress"]) == 0
+    assert "delta retention" in capsys.readouterr().err
+    fp8 = tmp_path / "b.safetensors"
+    write_comfy_fp8(fp8, SPECS, VALUES, convention="scale_weight")
+    main(["doctor", lora, "--base", str(fp8)])
+    assert "keeps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["float8_e5m2"])
+def test_bake_scaled_e5m2(tmp_path, lora, fmt):
+    base, out = tmp_path / "b.safetensors", tmp_path / "o.safetensors"
+    write_comfy_fp8(base, SPECS, VALUES, convention="quant_metadata", fmt=fmt)
+    lorakit.bake(base, [lora], out)
+    deltas = lora_deltas(lora)
+    n = "double_blocks.1.txt_mlp.0.weight"
+    with safe_open(str(out), "pt") as f, safe_open(str(base), "pt") as s:
+        w = s.get_tensor(n).to(torch.float32) * s.get_tensor(n[:-7] + ".weight_scale") + deltas[n]
+        lim = torch.finfo(torch.float8_e5m2).max
+        sc = (w.abs().amax() / lim).to(torch.float32)
+        want = (w * (1.0 / sc)).clamp(-lim, lim).to(torch.float8_e5m2)
+        assert torch.equal(f.get_tensor(n).view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(f.get_tensor(n[:-7] + ".weight_scale"), sc)
