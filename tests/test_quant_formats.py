@@ -294,3 +294,16 @@ def test_gguf_kquant_refused_then_requant(tmp_path):
     assert t["head.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     want = gguf.quants.quantize(_delta("head.weight", (16, 256)).numpy(), gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(np.asarray(t["head.weight"].data).reshape(-1), np.asarray(want).reshape(-1))
+
+
+def test_corrupt_gguf_is_a_typed_error(tmp_path):
+    from lorakit.errors import HeaderError
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(HeaderError, match="not a readable GGUF"):
+        open_weights(bad)
+    src = tmp_path / "ok.gguf"
+    _gguf_file(src, "Q8_0")
+    (tmp_path / "cut.gguf").write_bytes(src.read_bytes()[:200])
+    with pytest.raises(HeaderError):
+        open_weights(tmp_path / "cut.gguf")

@@ -55,8 +55,8 @@ class GGUFFile(QuantizedFile):
         p = os.fspath(path)
         try:
             reader = gguf.GGUFReader(p)
-        except (ValueError, OSError, KeyError, IndexError) as exc:
-            raise HeaderError(f"not a readable GGUF file ({str(exc)[:200]}).", path=p) from None
+        except Exception as exc:    # gguf-py raises many kinds for a corrupt header (struct, numpy, enum errors)
+            raise HeaderError(f"not a readable GGUF file ({type(exc).__name__}: {str(exc)[:200]}).", path=p) from None
         self.reader = reader
         self.tensors = {t.name: t for t in reader.tensors}
         meta: dict[str, str] = {}
