@@ -76,7 +76,7 @@ def _entry(file: WeightFile, layer: str, scale_key: str | None, fmt: str) -> QEn
     return QEntry(weight, info.shape, name, members)
 
 
-@register_detector
+@register_detector(10)
 def detect_comfy_fp8(file: WeightFile) -> QuantizedFile | None:
     keys = file.keys()
     keyset = set(keys)

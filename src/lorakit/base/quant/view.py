@@ -105,21 +105,26 @@ class QuantizedFile(WeightFile):
             self.raw.close()
 
 
-#: detectors of quantized formats in an opened safetensors file, in order; each returns a view or None
-_DETECTORS: list[Callable[[WeightFile], "QuantizedFile | None"]] = []
+Detector = Callable[[WeightFile], "QuantizedFile | None"]
+#: detectors of quantized formats in an opened safetensors file: (rank, detector), run by rank (refusals first);
+#: each returns a view, None, or raises for a format it refuses
+_DETECTORS: list[tuple[int, Detector]] = []
 
 
-def register_detector(fn: Callable[[WeightFile], "QuantizedFile | None"]) -> Callable[[WeightFile], "QuantizedFile | None"]:
-    _DETECTORS.append(fn)
-    return fn
+def register_detector(rank: int) -> Callable[[Detector], Detector]:
+    def add(fn: Detector) -> Detector:
+        _DETECTORS.append((rank, fn))
+        _DETECTORS.sort(key=lambda rf: rf[0])
+        return fn
+    return add
 
 
 def dequantized(file: WeightFile) -> WeightFile:
     """``file`` itself, or its dequantized view when it holds quantized tensors (refused formats raise)."""
     if isinstance(file, QuantizedFile):
         return file
-    from lorakit.base.quant import refusals, comfy_fp8  # noqa: F401  (registers the detectors, refusals first)
-    for detect in _DETECTORS:
+    from lorakit.base.quant import comfy_fp8, refusals  # noqa: F401  (registers the detectors)
+    for _rank, detect in _DETECTORS:
         view = detect(file)
         if view is not None:
             return view
