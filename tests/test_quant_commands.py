@@ -85,3 +85,11 @@ def test_diff_and_doctor_read_quantized(bases, tmp_path):
     lora = write_sdscripts_lora(tmp_path / "l.safetensors", TINY_FLUX, rank=4, clip=None)
     doc = lorakit.doctor(lora, base=b["new"])
     assert doc.base is not None
+
+
+def test_gguf_with_comfy_prefix(tmp_path):
+    """ComfyUI-GGUF files may keep the ``model.diffusion_model.`` prefix; the base is found under it."""
+    specs = [("model.diffusion_model." + n, s) for n, s in SPECS]
+    path = write_gguf(str(tmp_path / "p.gguf"), specs, BASE, qtype="Q8_0")
+    bm = open_base(dequantized(open_weights(path)))
+    assert bm.prefix == "model.diffusion_model." and len(bm.slots) == len(SPECS) and not bm.passthrough
