@@ -43,17 +43,23 @@ class Retained:
         return {**asdict(self), "retention": self.retention, "error": self.error}
 
 
+CHUNK = 1 << 22      # elements per step: the differences never need more than a few tens of MB
+
+
 def measure(tensor: str, scheme: str, policy: str, source: torch.Tensor, intended: torch.Tensor,
             written: torch.Tensor) -> Retained:
-    """Norms of one tensor's delta before and after requantization (see the module docstring): fp32 differences,
-    dot products accumulated by BLAS; ``‖Q − (W+ΔW)‖² = ‖Q − W‖² − 2⟨Q − W, ΔW⟩ + ‖ΔW‖²`` saves a pass."""
-    s = source.reshape(-1).to(torch.float32)
-    d = intended.reshape(-1).to(torch.float32) - s
-    k = written.reshape(-1).to(torch.float32) - s
-    dd, kk, kd = float(torch.dot(d, d)), float(torch.dot(k, k)), float(torch.dot(k, d))
-    ee = max(0.0, kk - 2 * kd + dd)
-    if ee < 1e-6 * max(kk, dd):     # cancellation: measure the error directly
-        ee = float(torch.dist(written.reshape(-1).to(torch.float32), intended.reshape(-1).to(torch.float32))) ** 2
+    """Norms of one tensor's delta before and after requantization (see the module docstring): fp32 differences
+    in chunks, dot products accumulated by BLAS per chunk and summed in double precision."""
+    s, i, w = (t.reshape(-1) for t in (source, intended, written))
+    dd = kk = ee = 0.0
+    for a in range(0, s.numel(), CHUNK):
+        sc = s[a:a + CHUNK].to(torch.float32)
+        d = i[a:a + CHUNK].to(torch.float32) - sc
+        k = w[a:a + CHUNK].to(torch.float32) - sc
+        dd += float(torch.dot(d, d))
+        kk += float(torch.dot(k, k))
+        k.sub_(d)
+        ee += float(torch.dot(k, k))
     return Retained(tensor, scheme, policy, math.sqrt(dd), math.sqrt(kk), math.sqrt(ee))
 
 
