@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 WARN_RETENTION = 0.5
+WARN_ERROR = 0.5         # rounding noise at least half the delta's norm: the delta arrives, buried in noise
 FIX_HINT = "write a wider format (--dtype bf16) or a finer quant type (GGUF Q8_0 rather than Q4_x/Q5_x)"
 
 
@@ -105,10 +106,18 @@ def overall(items: Iterable[Retained]) -> float:
     return math.sqrt(k / d) if d > 0 else 1.0
 
 
-def warnings_for(items: list[Retained], threshold: float = WARN_RETENTION) -> list[str]:
-    low = [b for b in by_block(items) if b.retention < threshold]
-    if not low:
-        return []
-    worst = min(low, key=lambda b: b.retention)
-    return [f"only {worst.retention:.0%} of the LoRA's delta survives requantization in {worst.block} "
-            f"({len(low)} of {len(by_block(items))} blocks under {threshold:.0%}); {FIX_HINT}."]
+def warnings_for(items: list[Retained], threshold: float = WARN_RETENTION, noise: float = WARN_ERROR) -> list[str]:
+    blocks = by_block(items)
+    out = []
+    low = [b for b in blocks if b.retention < threshold]
+    if low:
+        worst = min(low, key=lambda b: b.retention)
+        out.append(f"only {worst.retention:.0%} of the LoRA's delta survives requantization in {worst.block} "
+                   f"({len(low)} of {len(blocks)} blocks under {threshold:.0%}); {FIX_HINT}.")
+    noisy = [b for b in blocks if b.error >= noise and b not in low]
+    if noisy:
+        worst = max(noisy, key=lambda b: b.error)
+        out.append(f"requantization adds rounding noise of {worst.error:.0%} of the LoRA's delta in {worst.block} "
+                   f"({len(noisy)} of {len(blocks)} blocks at {noise:.0%} or more): much of the delta is below the "
+                   f"quantization step; {FIX_HINT}.")
+    return out
