@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 from dataclasses import dataclass, field
 
-import torch
 
 from lorakit.lora.checks import dtype_range_cause, require_finite_output
 from lorakit.dtypes import as_dtype, worst_cast_error
@@ -20,6 +21,11 @@ from lorakit.ops.metadata import (PROVENANCE_KEY, InputRecord, carry_over, diffu
 from lorakit.lora.model import LoraModel
 from lorakit.progress import Progress
 from lorakit.progress import report as report_progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass
