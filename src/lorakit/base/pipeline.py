@@ -11,7 +11,6 @@ from dataclasses import replace
 
 from lorakit.base.checkpoint import BaseModel, open_base
 from lorakit.errors import LorakitError, UnsupportedArchitectureError, UnsupportedDtypeError
-from lorakit.base.quant import dequantized
 from lorakit.io import WeightFile, open_weights
 from lorakit.layouts import available, resolve
 from lorakit.lora.model import ArchInstance
@@ -120,6 +119,7 @@ def open_model(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> B
             raise
     f = open_weights(p, allow_pickle=allow_pickle)
     try:
+        from lorakit.base.quant import dequantized     # torch-backed codecs: imported when a base is opened
         return open_base(dequantized(f))
     except BaseException:
         f.close()

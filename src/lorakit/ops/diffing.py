@@ -28,7 +28,6 @@ from lorakit.lora.adapters import LoRA
 from lorakit.lora.transforms import stored_to_native
 from lorakit.base.checkpoint import BaseModel, Slot, open_base
 from lorakit.base.pipeline import is_pipeline, open_model
-from lorakit.base.quant import dequantized
 from lorakit.errors import LorakitError, ShapeMismatchError, UsageError
 from lorakit.formats import load, parse
 from lorakit.formats.parse import ParsedLora
@@ -527,6 +526,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
                 if not f.keys():
                     raise
                 try:
+                    from lorakit.base.quant import dequantized
                     sides.append(("model", open_base(dequantized(f))))
                 except LorakitError:
                     raise exc from None      # neither a LoRA nor a model: the LoRA-side message is clearer

@@ -22,7 +22,6 @@ from lorakit.ops.baking.inputs import (BakeInput, as_weighted, base_desc, check_
 from lorakit.ops.baking.outputs import FileOutput, PipelineOutput, check_output
 from lorakit.ops.baking.pipeline import ByteProgress, DEFAULT_CHUNK_BYTES, Pipeline
 from lorakit.ops.baking.places import base_places
-from lorakit.ops.baking.quantized import bake_quantized, quantized_base
 from lorakit.ops.baking.report import BakeReport, describe, output_metadata
 from lorakit.ops.baking.tasks import Task, plan_tasks
 from lorakit.ops.metadata import PROVENANCE_KEY
@@ -168,6 +167,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
                                          path=base_path, hint="convert the base to .safetensors first "
                                                               "(--allow-pickle applies to LoRA inputs).") from None
             opened.append(bfile)
+            from lorakit.ops.baking.quantized import quantized_base     # torch-backed: imported when baking
             qbase = quantized_base(bfile)       # the base-format hook: None for a plain base
             bases = [("", open_base(qbase or bfile))]
         if requant is not None and qbase is None:
@@ -257,6 +257,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             report.seconds = time.perf_counter() - t_start
             return report
         if qbase is not None:
+            from lorakit.ops.baking.quantized import bake_quantized
             bake_quantized(qbase, None if retention_only else out_path, qtasks, report,
                            meta, device=dev, chunk_bytes=chunk_bytes, inputs=all_inputs, dtype=out_dtype,
                            requant=requant)

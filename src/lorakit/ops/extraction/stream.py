@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 from lorakit.base.checkpoint import BaseModel, Slot
-from lorakit.base.quant.noise import noise_floor, noise_warnings, track_noise
 from lorakit.errors import NonFiniteError
 from lorakit.formats.emit import fold_error
 from lorakit.lora.adapters import Full, LoRA
@@ -103,6 +102,7 @@ def _factorize(d: Tensor, job: Job, peak: float, opt: ExtractOptions, t0: float)
 def stream_modules(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pairing, opt: ExtractOptions,
                    progress: Progress | None) -> list[Patch]:
     """Difference, factorise and collect every paired module, one at a time in one reused buffer."""
+    from lorakit.base.quant.noise import noise_floor, noise_warnings, track_noise   # torch-backed codecs
     paths = (orig.file.path or "", tune.file.path or "")
     track_noise(orig.file, tune.file)
     numel = max((math.prod(j.shape) for j in pairing.jobs), default=0)
