@@ -39,6 +39,7 @@ def quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def fp8_quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of ``w`` by ComfyUI's per-tensor amax rule."""
     lim = float(torch.finfo(dtype).max)
     scale = (w.abs().amax() / lim).to(torch.float32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -54,6 +54,7 @@ _FAMILIES: dict[str, Callable[[str], Codec | None]] = {}
 
 
 def register(c: Codec) -> Codec:
+    """Add a codec to the registry (by its name)."""
     _CODECS[c.name] = c
     return c
 
@@ -64,6 +65,7 @@ def register_family(prefix: str, factory: Callable[[str], Codec | None]) -> None
 
 
 def codec(name: str) -> Codec:
+    """The codec of a scheme name (``fp8_e4m3fn_scaled``, ``gguf_Q8_0``, …); UnsupportedDtypeError if unknown."""
     found = _CODECS.get(name)
     if found is None:
         for prefix, factory in _FAMILIES.items():
@@ -79,6 +81,7 @@ def codec(name: str) -> Codec:
 
 
 def codecs() -> list[str]:
+    """The names of the codecs registered so far (GGUF types appear once used)."""
     return sorted(_CODECS)
 
 
@@ -86,6 +89,7 @@ FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
 def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 dtype (448 for e4m3fn, 57344 for e5m2)."""
     return float(torch.finfo(dtype).max)
 
 
@@ -111,6 +115,7 @@ def fp8_spacing(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def uniform_noise(step: torch.Tensor) -> float:
+    """``sqrt(Σ step² / 12)``: the expected norm of rounding to grids of spacing ``step``."""
     return float((step.double() ** 2).sum() / 12.0) ** 0.5
 
 

@@ -78,6 +78,7 @@ def _entry(file: WeightFile, layer: str, scale_key: str | None, fmt: str) -> QEn
 
 @register_detector(10)
 def detect_comfy_fp8(file: WeightFile) -> QuantizedFile | None:
+    """The dequantized view of a ComfyUI fp8 file (any convention in the module docstring), None if no fp8."""
     keys = file.keys()
     keyset = set(keys)
     layers = layer_formats(file)

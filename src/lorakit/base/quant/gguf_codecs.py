@@ -23,6 +23,7 @@ WRITABLE = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
 
 def gguf_module() -> Any:
+    """The ``gguf`` package (gguf-py), or an UnsupportedDtypeError naming the extra to install."""
     try:
         import gguf
     except ImportError:

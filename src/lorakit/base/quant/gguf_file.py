@@ -22,6 +22,7 @@ ORIG_SHAPE = "comfy.gguf.orig_shape."
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file starting with the GGUF magic."""
     p = os.fspath(path)
     if not os.path.isfile(p):
         return False
@@ -38,6 +39,7 @@ def field_value(field: Any) -> Any:
 
 
 def orig_shape(reader: Any, name: str, path: str) -> tuple[int, ...] | None:
+    """A tensor's real shape from ComfyUI-GGUF's ``comfy.gguf.orig_shape.<name>`` field, None without one."""
     gguf = gguf_module()
     field = reader.get_field(ORIG_SHAPE + name)
     if field is None:
@@ -97,6 +99,7 @@ class GGUFFile(QuantizedFile):
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Open a GGUF file as a dequantized view (InputFileError if it is missing)."""
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise InputFileError("file not found.", path=p)

@@ -25,6 +25,7 @@ def track_noise(*files: WeightFile) -> None:
 
 
 def noise_floor(d: torch.Tensor, tensors: Sequence[tuple[WeightFile, str]]) -> float:
+    """The estimated rounding noise of ``tensors`` (both sides' files and keys) relative to ``‖d‖``; 0 if none."""
     total = 0.0
     for file, key in tensors:
         if isinstance(file, QuantizedFile):
@@ -36,6 +37,7 @@ def noise_floor(d: torch.Tensor, tensors: Sequence[tuple[WeightFile, str]]) -> f
 
 
 def noise_warnings(floors: Sequence[tuple[str, float]], files: Sequence[WeightFile]) -> list[str]:
+    """The extract warning about quantized inputs: the largest floor, and the modules where it dominates."""
     quantized = [f for f in files if isinstance(f, QuantizedFile)]
     if not quantized:
         return []

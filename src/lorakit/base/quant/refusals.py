@@ -19,6 +19,7 @@ REFUSED: tuple[tuple[str, tuple[tuple[str, ...], ...], str], ...] = (
 
 @register_detector(0)
 def refuse_packed(file: WeightFile) -> QuantizedFile | None:
+    """Raise for a format of :data:`REFUSED` (named, with the reason); None otherwise."""
     keys = file.keys()
     for name, groups, reason in REFUSED:
         hits = [next((k for k in keys if any(f in k for f in group)), None) for group in groups]

@@ -193,6 +193,9 @@ def write_gguf(view: QuantizedFile, output: str, targets: Sequence[str], update:
                 continue        # the reader's view of the file header; the architecture the writer adds itself
             value, main, sub = _field_value(fld)
             writer.add_key_value(name, value, main, sub_type=sub)
+        for key, text in (metadata or {}).items():      # the bake's own provenance, as GGUF strings
+            if key.startswith("lorakit.") and key not in view.reader.fields:
+                writer.add_string(key, text)
         planned: dict[str, tuple[Codec, tuple[int, ...]]] = {}
         for t in view.reader.tensors:
             stored = tuple(int(d) for d in reversed(t.shape.tolist()))

@@ -85,6 +85,7 @@ class BlockRetention:
 
 
 def by_block(items: Iterable[Retained]) -> list[BlockRetention]:
+    """Retention and error per block, the norms pooled over the block's tensors."""
     pooled: dict[str, list[float]] = {}
     for r in items:
         acc = pooled.setdefault(block_of(r.tensor), [0, 0.0, 0.0, 0.0])
@@ -99,6 +100,7 @@ def by_block(items: Iterable[Retained]) -> list[BlockRetention]:
 
 
 def overall(items: Iterable[Retained]) -> float:
+    """The retention of all tensors together (pooled norms)."""
     d = k = 0.0
     for r in items:
         d += r.delta_norm ** 2
@@ -107,6 +109,7 @@ def overall(items: Iterable[Retained]) -> float:
 
 
 def warnings_for(items: list[Retained], threshold: float = WARN_RETENTION, noise: float = WARN_ERROR) -> list[str]:
+    """Warnings for blocks under the retention floor or whose rounding noise reaches ``noise`` × the delta."""
     blocks = by_block(items)
     out = []
     low = [b for b in blocks if b.retention < threshold]

@@ -112,6 +112,7 @@ _DETECTORS: list[tuple[int, Detector]] = []
 
 
 def register_detector(rank: int) -> Callable[[Detector], Detector]:
+    """Decorator: add a format detector, run in ``rank`` order by :func:`dequantized`."""
     def add(fn: Detector) -> Detector:
         _DETECTORS.append((rank, fn))
         _DETECTORS.sort(key=lambda rf: rf[0])
