@@ -42,6 +42,8 @@ class BakeReport:
     seconds: float = 0.0
     # quantized bases: convention, delta retention overall / per block / per tensor, scale policy (else None)
     quantized: dict[str, object] | None = None
+    # seconds per pipeline stage (pipeline.StageTimes) and the commit (fsync + rename of every output)
+    stages: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
