@@ -221,3 +221,12 @@ def test_bake_scaled_e5m2(tmp_path, lora, fmt):
         want = (w * (1.0 / sc)).clamp(-lim, lim).to(torch.float8_e5m2)
         assert torch.equal(f.get_tensor(n).view(torch.uint8), want.view(torch.uint8))
         assert torch.equal(f.get_tensor(n[:-7] + ".weight_scale"), sc)
+
+
+def test_quantized_bake_reports_progress(tmp_path, lora):
+    base = tmp_path / "b.safetensors"
+    write_comfy_fp8(base, SPECS, VALUES, convention="scale_weight")
+    seen = []
+    lorakit.bake(base, [lora], tmp_path / "o.safetensors", progress=lambda d, t, n: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] == base.stat().st_size
+    assert [d for d, _t in seen] == sorted(d for d, _t in seen)

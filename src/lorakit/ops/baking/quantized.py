@@ -11,7 +11,7 @@ Plain fp8 checkpoints (no scales) are not claimed: the streaming pipeline bakes 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,11 +38,14 @@ def quantized_base(file: WeightFile) -> QuantizedFile | None:
 
 def bake_quantized(view: QuantizedFile, output: str | None, tasks: Sequence[Task], report: BakeReport,
                    metadata: dict[str, str], *, device: torch.device, chunk_bytes: int, inputs: Sequence[str],
-                   dtype: torch.dtype | None = None, requant: str | None = None) -> None:
+                   dtype: torch.dtype | None = None, requant: str | None = None,
+                   progress: Callable[[int, int, str], None] | None = None) -> None:
     """Write the bake of ``tasks`` (planned on ``view``) in the base's format, or with ``output`` None only measure
     what would survive of each delta (doctor's prediction); fills ``report``."""
     compute = Compute(device, chunk_bytes)
     changed = {t.key: t for t in tasks if t.changed}
+    total = os.path.getsize(view.path)
+    done = [0]
 
     def update(name: str, values: torch.Tensor) -> None:
         task = changed[name]
@@ -53,6 +56,9 @@ def bake_quantized(view: QuantizedFile, output: str | None, tasks: Sequence[Task
             work.copy_(dev.to(work.device))
         for u in {id(u): u for u in (*task.additive, *task.doras)}.values():
             u.done()
+        done[0] += 1
+        if progress is not None:    # bytes of the base, in proportion to the tensors baked
+            progress(total * done[0] // max(1, len(changed)), total, name)
 
     meta = {**carry_over(view.metadata), **metadata}
     if output is None:

@@ -258,9 +258,14 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             return report
         if qbase is not None:
             from lorakit.ops.baking.quantized import bake_quantized
-            bake_quantized(qbase, None if retention_only else out_path, qtasks, report,
-                           meta, device=dev, chunk_bytes=chunk_bytes, inputs=all_inputs, dtype=out_dtype,
-                           requant=requant)
+            qbar = ProgressBar("bake", unit="bytes") if progress is True else (progress or None)
+            try:
+                bake_quantized(qbase, None if retention_only else out_path, qtasks, report,
+                               meta, device=dev, chunk_bytes=chunk_bytes, inputs=all_inputs, dtype=out_dtype,
+                               requant=requant, progress=qbar)
+            finally:
+                if isinstance(qbar, ProgressBar) and progress is True:     # the bar made here; a caller's stays open
+                    qbar.close()
             quant_ids = {id(t) for t in qtasks}
             tasks = [t for t in tasks if id(t) not in quant_ids and t.out is not None]   # component files stream
         if retention_only:
