@@ -193,7 +193,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
                 raise OutputError("two outputs have the same path.", path=out_path,
                                   hint=f"give {named} different paths.")
         desc = base_desc(bm)
-        loras = [BakeInput(w.path, w.weight, read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run))
+        loras = [BakeInput(w.path, w.weight, read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run,
+                                                       base=bm))
                  for w in weighted]
         check_architectures(loras, bm, desc)
         check_strengths(loras)
