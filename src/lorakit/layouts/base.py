@@ -380,32 +380,38 @@ def flatten(name: str) -> str:
 
 
 _P = TypeVar("_P")
+_DIGITS = re.compile(r"\d+")
 
 
 class TemplateTable(Generic[_P]):
-    """Name templates (``{i}`` = block index) → payload, with O(1) lookup for names without an index."""
+    """Name templates (``{i}`` = block index) → payload, with O(1) lookup: a name is looked up as itself, then with
+    each of its digit runs in turn replaced by ``{i}`` (no regular expressions: tables for every registered
+    architecture are built when a file is detected)."""
 
     def __init__(self) -> None:
         self._exact: dict[str, _P] = {}
-        self._patterns: list[tuple[re.Pattern[str], _P]] = []
+        self._indexed: dict[str, _P] = {}
 
     def add(self, template: str, payload: _P) -> None:
         if "{i}" in template:
-            pat = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
-            self._patterns.append((re.compile(pat + r"\Z"), payload))
+            self._indexed.setdefault(template, payload)
         else:
             self._exact[template] = payload
 
     def __bool__(self) -> bool:
-        return bool(self._exact or self._patterns)
+        return bool(self._exact or self._indexed)
 
     def lookup(self, name: str) -> tuple[_P, int | None] | None:
         if name in self._exact:
             return self._exact[name], None
-        for pat, payload in self._patterns:
-            m = pat.match(name)
-            if m and str(int(m.group("i"))) == m.group("i"):   # no leading zeros
-                return payload, int(m.group("i"))
+        if self._indexed:
+            for m in _DIGITS.finditer(name):
+                digits = m.group()
+                if len(digits) > 1 and digits[0] == "0":      # no leading zeros
+                    continue
+                hit = self._indexed.get(name[:m.start()] + "{i}" + name[m.end():])
+                if hit is not None:
+                    return hit, int(digits)
         return None
 
 
