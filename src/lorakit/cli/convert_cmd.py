@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        + "; writes " + ", ".join(WRITABLE) + ". Fused/split weights (OpenCLIP's in_proj rows), "
                        "alpha and swapped halves (FLUX.1's final layer) are converted losslessly; anything that would "
                        "lose precision stops unless --allow-lossy is given.")
-    p.add_argument("input", metavar="IN")
+    p.add_argument("input", metavar="IN", nargs="+",
+                   help="the LoRA; paired experts (Wan 2.2 A14B): the high-noise and low-noise files, joined into one "
+                        "combined file")
     add_output(p, required=False)
     p.add_argument("--to", required=True, choices=WRITABLE, help="target format")
     p.add_argument("--from", dest="from_format", default=None, choices=[f.name for f in formats()],
@@ -33,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep LoHa/LoKr/Tucker LoCon modules as LyCORIS keys (kohya, comfy) instead of writing them as "
                         "exact plain LoRA factors (the default)")
     p.add_argument("--allow-partial", action="store_true", help="convert even if some keys are not understood")
+    p.add_argument("--split-experts", action="store_true",
+                   help="paired experts (Wan 2.2 A14B): write one file per expert, OUT_high_noise / OUT_low_noise")
+    p.add_argument("--expert", default=None, metavar="NAME",
+                   help="the expert a single-expert input is for (high_noise, low_noise, or a component name) when "
+                        "neither its file name nor its metadata says")
     p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     add_json(p)
     add_pickle(p)
@@ -44,13 +51,14 @@ def run(args: argparse.Namespace) -> int:
     r = convert(args.input, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
                 lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
                 from_format=args.from_format, dry_run=args.dry_run, keep_algo=args.keep_algo, arch=args.arch,
-                progress=terminal_progress("convert", enabled=not args.json))
+                progress=terminal_progress("convert", enabled=not args.json), split_experts=args.split_experts,
+                expert=args.expert)
     if args.json:
         emit_json(r.to_json())
         return status(r.unknown_keys, r.warnings)
     verb = "would write" if r.dry_run else "wrote"
     say(f"{r.input}: {r.source_format} → {r.target_format} ({r.architecture}, {r.variant}); {r.modules_in} modules in, "
-        f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {r.output or '-'}")
+        f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {', '.join(r.outputs) or '-'}")
     if r.rounding is not None:
         say(f"  storing the factors as {r.dtype} adds up to {r.rounding[1]:.2e} relative error ({r.rounding[0]}); "
             "--dtype fp32 keeps them exact")

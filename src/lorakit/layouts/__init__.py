@@ -11,6 +11,7 @@ from lorakit.layouts.flux1 import FLUX1
 from lorakit.layouts.sd1 import SD1
 from lorakit.layouts.sd2 import SD2
 from lorakit.layouts.sdxl import SDXL
+from lorakit.layouts.wan import WAN
 from lorakit.layouts.recognizers import RECOGNIZERS, Recognizer, recognize
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -39,9 +40,9 @@ def available() -> list[str]:
     return list(_ARCHS)
 
 
-for _arch in (FLUX1, SDXL, SD1, SD2):
+for _arch in (FLUX1, SDXL, SD1, SD2, WAN):
     register(_arch)
 
 __all__ = ["Alias", "ArchSpec", "ComponentSpec", "ConcreteModule", "ConcreteParam", "ModuleSpec", "NameIndex",
            "NameMatch", "ParamSpec", "Preset", "Variant", "evaluate", "expand", "expand_params", "flatten", "solve", "symbols",
-           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "SD1", "SD2", "SDXL"]
+           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "SD1", "SD2", "SDXL", "WAN"]
