@@ -123,12 +123,16 @@ RULES: dict[str, tuple[Rule, ...]] = {
     # musubi-tuner networks/lora_wan.py: lora_unet_ + Wan module names flattened, .alpha per module; VideoX-Fun
     # (Wan-Fun) writes lora_unet__ (ComfyUI's convert_lora_wan_fun); sd-scripts-style trainers on diffusers names
     "kohya": (Rule("lora_unet_", _T, _NATIVE_FIRST, True), Rule("lora_unet__", _T, _NATIVE_FIRST, True)),
-    # ComfyUI: diffusion_model. + Wan names (lora_A/B or lora_down/up, .alpha, .diff/.diff_b); AI-Toolkit writes
-    # diffusers names under diffusion_model., and its combined Wan 2.2 files put the experts under
-    # diffusion_model.transformer_1. / .transformer_2.
-    "comfy": (Rule("diffusion_model.", _T, _NATIVE_FIRST, False),
-              Rule("diffusion_model.transformer_1.", _T, _DIFFUSERS_FIRST, False, paired=True),
-              Rule("diffusion_model.transformer_2.", _T2, _DIFFUSERS_FIRST, False, paired=True)),
+    # ComfyUI: diffusion_model. + Wan names (lora_A/B or lora_down/up, .alpha, .diff/.diff_b); some trainers put
+    # diffusers names there
+    "comfy": (Rule("diffusion_model.", _T, _NATIVE_FIRST, False),),
+    # AI-Toolkit: Wan names (or diffusers names) under diffusion_model., lora_A/lora_B; its combined Wan 2.2 files
+    # put the experts under diffusion_model.transformer_1. (high noise) / .transformer_2. (low noise)
+    "aitoolkit": (Rule("diffusion_model.", _T, _NATIVE_FIRST, False),
+                  Rule("diffusion_model.transformer_1.", _T, _NATIVE_FIRST, False, paired=True),
+                  Rule("diffusion_model.transformer_2.", _T2, _NATIVE_FIRST, False, paired=True)),
+    # SimpleTuner's LyCORIS files: lycoris_ + Wan names flattened (ComfyUI reads them)
+    "lycoris": (Rule("lycoris_", _T, ("native",), True),),
     # diffusers WanLoraLoaderMixin (transformer. + diffusers names; load_into_transformer_2=True for the second
     # expert: the same spelling); fal's trainers write transformer. too, some with Wan names
     "diffusers": (Rule("transformer.", _T, _DIFFUSERS_FIRST, False),),
