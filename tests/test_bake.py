@@ -265,13 +265,13 @@ def test_metadata_and_provenance(tmp_path):
 def test_dry_run_reads_no_base_data(tmp_path, monkeypatch):
     base = make_base(tmp_path, "diffusers")
     loras = _loras(tmp_path, "both")
-    import lorakit.ops.baking as baking
+    import lorakit.ops.baking.run as baking
     import lorakit.io.reader as reader
 
     def boom(*a, **k):
         raise AssertionError("dry run touched tensor data")
 
-    monkeypatch.setattr(baking, "_Pipeline", boom)
+    monkeypatch.setattr(baking, "Pipeline", boom)
     real_read = reader.read_tensor
     base_keys = set(read_all(base))
 
@@ -328,12 +328,12 @@ def test_outputs_are_checked_and_failures_leave_nothing(tmp_path, monkeypatch):
     (busy / "f").write_text("x")
     with pytest.raises(OutputError):
         lorakit.bake(base, [lora], str(busy))
-    import lorakit.ops.baking as baking
+    import lorakit.ops.baking.compute as baking
 
     def fail(self, task, *a):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(baking._Compute, "run", fail)
+    monkeypatch.setattr(baking.Compute, "run", fail)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(RuntimeError):
         lorakit.bake(base, [lora], str(tmp_path / "never"))

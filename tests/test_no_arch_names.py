@@ -14,9 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 NAMES = re.compile(r"\b(transformer|clip_l|clip_g|clip_h|t5|unet|double_blocks|single_blocks|img_attn|txt_attn|"
                    r"input_blocks|output_blocks|middle_block|flux1|sdxl|sd1|sd2)\b")
 EXEMPT_FOLDERS = {"layouts", "samples"}
-# (file, name): kept on purpose. bake's Python API keeps FLUX.1's ``clip_l=/t5=`` keywords as aliases of the
-# generic ``components=``, as they were before components were generic (the CLI's --clip-l/--t5 come from layout data).
-ALLOWED = {("ops/baking.py", "clip_l"), ("ops/baking.py", "t5")}
+ALLOWED: set[tuple[str, str]] = set()   # (file, name) kept on purpose: none
 
 
 def _docstring(toks: list[tokenize.TokenInfo], i: int) -> bool:

@@ -86,7 +86,8 @@ def test_bake_api_refuses_non_finite_weight(files, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_lokr_misaligned_windows_densify_only_covering_blocks(monkeypatch):
-    from lorakit.ops import baking
+    from lorakit.ops.baking import compute as baking
+    from lorakit.ops.baking.tasks import Use
     k, blocks, cols = 7, 12, 10
     g = torch.Generator().manual_seed(0)
     adapter = LoKr(alpha=3.0, w1=torch.randn(blocks, 2, generator=g), w2a=torch.randn(k, 2, generator=g),
@@ -94,7 +95,7 @@ def test_lokr_misaligned_windows_densify_only_covering_blocks(monkeypatch):
     n = adapter.out_features
     assert n == k * blocks
     full = adapter.dense().reshape(n, -1)
-    use = baking._Use(Patch(Target("transformer", "x"), adapter), 1.0, 0, (0, n))
+    use = Use(Patch(Target("transformer", "x"), adapter), 1.0, 0, (0, n))
     kron_rows: list[int] = []
     real_kron = torch.kron
 
