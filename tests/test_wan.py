@@ -367,3 +367,23 @@ def test_emit_keeps_both_experts_apart():
                     for s in ("lora_A.weight", "lora_B.weight")}
     with pytest.raises(UsageError, match="--split-experts"):
         emit(model, "comfy")
+
+
+def test_cli_split_join_and_expert(tmp_path, capsys):
+    from lorakit.cli import main
+    _combined(tmp_path / "c.safetensors", torch.Generator().manual_seed(11))
+    assert main(["convert", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "p.safetensors"), "--to", "kohya",
+                 "--split-experts"]) == 0
+    high, low = tmp_path / "p_high_noise.safetensors", tmp_path / "p_low_noise.safetensors"
+    assert main(["convert", str(high), str(low), "-o", str(tmp_path / "j.safetensors"), "--to", "aitoolkit"]) == 0
+    got = _tensors(tmp_path / "j.safetensors")
+    assert any(k.startswith("diffusion_model.transformer_2.") for k in got)
+    # one file per expert is all kohya can hold: refused with the fix, nothing written
+    assert main(["convert", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "k.safetensors"),
+                 "--to", "kohya"]) != 0
+    assert "--split-experts" in capsys.readouterr().err
+    assert not (tmp_path / "k.safetensors").exists()
+    write_lora(tmp_path / "u.safetensors", "musubi", torch.Generator().manual_seed(12))
+    assert main(["convert", str(tmp_path / "u.safetensors"), "-o", str(tmp_path / "u2.safetensors"), "--to",
+                 "diffusers", "--expert", "low_noise"]) == 0
+    assert "load_into_transformer_2" in capsys.readouterr().err     # the diffusers warning for the second expert

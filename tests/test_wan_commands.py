@@ -16,8 +16,9 @@ from lorakit.formats import read_lora
 from lorakit.layouts import WAN
 from lorakit.samples.synthetic import TINY_WAN, TINY_WAN_I2V, write_component, write_wan_pair
 
-H, FF, R = 32, 64, 2
-MODS = [("blocks.0.self_attn.q", (H, H)), ("blocks.1.ffn.0", (FF, H)), ("blocks.1.cross_attn.o", (H, H))]
+H, FF, R, IN = 32, 64, 2, 4
+MODS = [("blocks.0.self_attn.q", (H, H)), ("blocks.1.ffn.0", (FF, H)), ("blocks.1.cross_attn.o", (H, H)),
+        ("patch_embedding", (H, IN, 1, 2, 2))]      # the Conv3d: a 5-D LoRA down, up (out, r, 1, 1, 1)
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -29,11 +30,13 @@ def _lora(gen: torch.Generator, stem) -> tuple[dict[str, torch.Tensor], dict[str
     """kohya-style factors (alpha 4, rank 2: scale 2) on MODS; returns (tensors, native -> ΔW)."""
     t: dict[str, torch.Tensor] = {}
     want: dict[str, torch.Tensor] = {}
-    for name, (o, i) in MODS:
-        down, up = torch.randn(R, i, generator=gen), torch.randn(o, R, generator=gen) * 0.1
+    for name, shape in MODS:
+        tail = shape[2:]
+        down = torch.randn(R, *shape[1:], generator=gen)
+        up = torch.randn(shape[0], R, *([1] * len(tail)), generator=gen) * 0.1
         s = stem(name)
         t[f"{s}.lora_down.weight"], t[f"{s}.lora_up.weight"], t[f"{s}.alpha"] = down, up, torch.tensor(4.0)
-        want[name] = up @ down * 2.0
+        want[name] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * 2.0
     return t, want
 
 
@@ -58,6 +61,7 @@ def test_bake_pair_changes_each_expert_by_its_own_half(tmp_path, pair):
     out_h, out_l = tmp_path / "high_baked.safetensors", tmp_path / "low_baked.safetensors"
     r = bake(high, [str(tmp_path / "c.safetensors")], str(out_h), components={"transformer_2": (low, str(out_l))})
     assert not r.not_applied and not r.skipped
+    assert _tensors(out_h)["patch_embedding.weight"].shape == (H, IN, 1, 2, 2)
     for base, out, comp in ((high, out_h, "transformer"), (low, out_l, "transformer_2")):
         b, o = _tensors(base), _tensors(out)
         assert set(b) == set(o)
@@ -165,7 +169,7 @@ def test_inspect_resize_diff_run_on_wan(tmp_path):
     _combined(tmp_path / "c.safetensors", torch.Generator().manual_seed(7))
     info = inspect_lora(str(tmp_path / "c.safetensors"))
     assert "wan" in str(info.to_json() if hasattr(info, "to_json") else info).lower()
-    r = resize(str(tmp_path / "c.safetensors"), str(tmp_path / "r.safetensors"), rank=1)
+    r = resize(str(tmp_path / "c.safetensors"), str(tmp_path / "r.safetensors"), rank=1)   # the Conv3d too
     assert read_lora(tmp_path / "r.safetensors").components() == ["transformer", "transformer_2"]
     d = diff(str(tmp_path / "c.safetensors"), str(tmp_path / "r.safetensors"))
     assert d is not None and r is not None

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             f"in --json{keep})")
     for m, e in r.lossy:
         say(f"  LOSSY {m}: relative error {e:.3e}")
+    for n in r.notes:
+        say(f"  note: {n}")
     for w in r.warnings:
         say(f"  warning: {w}")
     if r.unknown_keys:

@@ -54,6 +54,7 @@ class EmitResult:
     rounded: list[tuple[str, float]] = field(default_factory=list)  # (module, rel. error) of folding α (> FOLD_TOL)
     converted: list[tuple[str, str, int]] = field(default_factory=list)  # (input module, LyCORIS algo, plain rank)
     warnings: list[str] = field(default_factory=list)              # what a consumer of the target will drop
+    notes: list[str] = field(default_factory=list)                 # how to use the file (nothing is lost)
 
 
 FOLD_TOL = 1e-6     # relative error above which folding α into the written factors counts as lossy
@@ -626,6 +627,18 @@ def consumer_warnings(fmt: FormatSpec, pieces: list[Piece], tensors: Mapping[str
     return out
 
 
+def expert_notes(fmt: FormatSpec, pieces: list[Piece], arch: ArchSpec) -> list[str]:
+    """A single-expert file of a non-first expert has the first expert's keys: only its user can send it to its
+    own expert (diffusers: the architecture's loader option)."""
+    experts = sorted({p.component for p in pieces if p.component in arch.experts})
+    if len(experts) != 1 or experts[0] == arch.experts[0]:
+        return []
+    how = f" ({arch.diffusers_loader})" if fmt.name == "diffusers" else ""
+    return [f"this file is for the {arch.components[experts[0]].label}, with the same keys as a "
+            f"{arch.components[arch.experts[0]].label} file (its metadata says which); load it into that "
+            f"expert{how}."]
+
+
 def _finite(t: Tensor) -> bool:
     """Every value finite (fp8 has no isfinite kernel: checked after an upcast)."""
     return bool(torch.isfinite(t if t.element_size() > 1 or not t.is_floating_point() else t.float()).all())
@@ -726,6 +739,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
             tensors[f"{stem}.{suffixes['dora']}"] = cast(d, f"{stem}.{suffixes['dora']}")
         result.modules += 1
     result.warnings.extend(consumer_warnings(fmt, pieces, tensors, model.arch.spec))
+    result.notes.extend(expert_notes(fmt, pieces, model.arch.spec))
     if emitter.plain_rounded:
         if fold_rounding == "refuse" and not allow_lossy:
             worst = max(emitter.plain_rounded, key=lambda x: x[1])

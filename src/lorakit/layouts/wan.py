@@ -110,7 +110,7 @@ TRANSFORMER = ComponentSpec(
 # component in its keys; its expert is told by ``expert_tags`` in its file name or metadata.
 TRANSFORMER_2 = replace(TRANSFORMER, name="transformer_2", label="Wan 2.2 low-noise expert", flag="low-noise",
                         expert_tags=("low_noise", "low-noise", "lownoise"))
-TRANSFORMER_1 = replace(TRANSFORMER, label="Wan transformer (Wan 2.2: the high-noise expert)",
+TRANSFORMER_1 = replace(TRANSFORMER, label="Wan transformer (or Wan 2.2 high-noise expert)",
                         expert_tags=("high_noise", "high-noise", "highnoise"))
 
 _T, _T2 = "transformer", "transformer_2"

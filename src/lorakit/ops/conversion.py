@@ -46,6 +46,7 @@ class ConvertReport:
     converted: list[tuple[str, str, int]] = field(default_factory=list)   # LyCORIS -> plain: (module, algo, rank)
     keep_algo: bool = False
     outputs: list[str] = field(default_factory=list)    # every file written (one per expert with split_experts)
+    notes: list[str] = field(default_factory=list)      # how to load the output (nothing is lost)
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -161,7 +162,8 @@ def convert(input: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], ou
                            model.arch.variant, len(model.patches), sum(r.modules for r in results.values()),
                            sum(len(r.tensors) for r in results.values()), out_dtype,
                            [x for r in results.values() for x in r.lossy], sorted(unknown), warnings, dry_run,
-                           rounding, [x for r in results.values() for x in r.converted], keep_algo, outputs)
+                           rounding, [x for r in results.values() for x in r.converted], keep_algo, outputs,
+                           list(dict.fromkeys(n for r in results.values() for n in r.notes)))
     if dry_run:
         report_progress(progress, 3, 3)
         return report
