@@ -115,13 +115,16 @@ def test_extract_pair_from_two_tuned_experts(tmp_path, pair):
         t = _tensors(base)
         delta = torch.randn(H, 1, generator=gen) @ torch.randn(1, H, generator=gen)
         t["blocks.0.self_attn.q.weight"] = t["blocks.0.self_attn.q.weight"] + delta
-        tuned[name] = (str(tmp_path / "tuned" / f"{name}.safetensors"), delta)
+        # the tuned low-noise file's name does not say which expert it is: it takes its base's
+        tuned[name] = (str(tmp_path / "tuned" / ("ft_a.safetensors" if "low" in name else f"{name}.safetensors")),
+                       delta)
         save_file(t, tuned[name][0])
     for base, name, comp in ((high, "high_noise_model", "transformer"), (low, "low_noise_model", "transformer_2")):
         out = tmp_path / f"x_{name}.safetensors"
         extract(base, tuned[name][0], str(out), rank=1, exact=True, to="comfy")
         m = read_lora(out, allow_partial=False)
         assert m.components() == [comp]
+        assert m.metadata["lorakit.expert"] == ("high_noise" if comp == "transformer" else "low_noise")
         (p,) = m.patches
         assert torch.allclose(p.dense(), tuned[name][1], atol=1e-5)
 
@@ -177,3 +180,36 @@ def test_inspect_resize_diff_run_on_wan(tmp_path):
 
 def test_i2v_base_and_lora_sizes():
     assert TINY_WAN_I2V["i2v"] == 1
+
+
+def test_merge_split_pairs_and_join_extracted(tmp_path):
+    """Four single-expert files (two pairs, told apart by their names) merge into one combined file, each expert
+    getting only its own files' deltas."""
+    from lorakit.lora.model import dense_deltas
+    from lorakit.ops.merging import merge
+    gen = torch.Generator().manual_seed(8)
+    want: dict[str, torch.Tensor] = {}
+    items = []
+    for pair, w in (("a", 1.0), ("b", -0.5)):
+        for tag, comp in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+            t, d = _lora(gen, lambda n: f"lora_unet_{n.replace('.', '_')}")
+            path = tmp_path / f"{pair}_{tag}.safetensors"
+            save_file(t, str(path))
+            items.append((str(path), w))
+            for name, delta in d.items():
+                want[f"{comp}:{name}"] = want.get(f"{comp}:{name}", 0) + w * delta
+    merge(items, str(tmp_path / "m.safetensors"), to="aitoolkit")
+    got = {str(t): d for t, d in dense_deltas(read_lora(tmp_path / "m.safetensors")).items()}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.allclose(got[k].reshape(v.shape), v, atol=1e-5), k
+
+
+def test_doctor_reports_a_low_noise_lora_on_the_high_noise_base(tmp_path, pair):
+    from lorakit.ops.diagnose import doctor
+    high, _low = pair
+    t, _ = _lora(torch.Generator().manual_seed(9), lambda n: f"diffusion_model.{n}")
+    save_file(t, str(tmp_path / "style_low_noise.safetensors"))
+    report = doctor([str(tmp_path / "style_low_noise.safetensors")], high)
+    text = str(report.to_json())
+    assert "low-noise expert" in text and "transformer_2" in text

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from lorakit.lora.adapters import Full, LoRA
-from lorakit.base.checkpoint import BaseModel, Slot, open_base
+from lorakit.base.checkpoint import BaseModel, Slot, base_expert, open_base
 from lorakit.ops.conversion import lora_output_metadata
 from lorakit.dtypes import ST_DTYPES, as_dtype
 from lorakit.errors import ArchitectureError, KeyMappingError, NonFiniteError, ShapeMismatchError, UsageError
@@ -68,6 +68,7 @@ from lorakit.lora.checks import dtype_range_cause, require_finite_output
 from lorakit.io import check_output_path, open_weights, save_tensors
 from lorakit.lora.linalg import dynamic_rank, exact_svd, parse_dynamic, randomized_svd
 from lorakit.ops.metadata import InputRecord
+from lorakit.lora.experts import EXPERT_KEY, expert_tag
 from lorakit.lora.model import LoraModel, Patch, Target
 from lorakit.lora.transforms import fit_shape, stored_to_native
 
@@ -506,6 +507,13 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
 
     with open_weights(src_o, allow_pickle=allow_pickle) as fo, open_weights(src_t, allow_pickle=allow_pickle) as ft:
         orig, tune = open_base(fo), open_base(ft)
+        # one expert of a pair: a checkpoint whose name does not say which expert it is takes the other's
+        told_o, told_t = base_expert(fo, orig), base_expert(ft, tune)
+        if told_o is not None and told_t is None:
+            tune = open_base(ft, expert=told_o)
+        elif told_t is not None and told_o is None:
+            orig = open_base(fo, expert=told_t)
+        expert = told_o or told_t
         _check_compatible(orig, tune, (src_o, src_t))
         out_dtype = _output_dtype(tune, dtype)
         report = ExtractReport(
@@ -541,6 +549,8 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     if any(m.shape[2:] and math.prod(m.shape[2:]) > 1 for m in report.modules):   # as sd-scripts records --conv_dim
         conv_alpha = float(alpha if alpha is not None else conv_rank)  # type: ignore[arg-type]
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+    if expert is not None:
+        metadata[EXPERT_KEY] = expert_tag(arch.spec, expert)    # which expert the file is for
     model = LoraModel(arch, patches, to, metadata, None)
     result = emit(model, to, dtype=out_dtype)
     report.warnings.extend(result.warnings)   # what diffusers drops: .diff/.diff_b under diffusers names
