@@ -387,3 +387,31 @@ def test_cli_split_join_and_expert(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "u.safetensors"), "-o", str(tmp_path / "u2.safetensors"), "--to",
                  "diffusers", "--expert", "low_noise"]) == 0
     assert "load_into_transformer_2" in capsys.readouterr().err     # the diffusers warning for the second expert
+
+
+@pytest.mark.skipif(not (REF / "wan21-t2v-14b-native.json").exists(), reason="reference shape files not available")
+def test_full_size_wan22_a14b_pair_and_single_expert(tmp_path):
+    """Wan 2.2 A14B: a combined file of two T2V-14B-shaped experts is the A14B variant from its keys; a single
+    expert file is A14B when its name tags it, T2V 14B (key-identical) otherwise."""
+    from test_fullsize_mapping import header_only
+    from lorakit.formats import parse
+    from lorakit.io import open_weights
+    native = _ref("wan21-t2v-14b-native")
+    linears = {k[: -len(".weight")]: s for k, s in native.items() if k.endswith(".weight") and len(s) == 2}
+    combined: dict[str, tuple[int, ...]] = {}
+    single: dict[str, tuple[int, ...]] = {}
+    for name, (o, i) in linears.items():
+        for expert in ("transformer_1", "transformer_2"):
+            combined[f"diffusion_model.{expert}.{name}.lora_A.weight"] = (1, i)
+            combined[f"diffusion_model.{expert}.{name}.lora_B.weight"] = (o, 1)
+        single[f"diffusion_model.{name}.lora_A.weight"], single[f"diffusion_model.{name}.lora_B.weight"] = (1, i), (o, 1)
+    with open_weights(header_only(tmp_path / "c.safetensors", combined)) as f:
+        p = parse(f)
+    assert p.arch.variant == "a14b" and not p.unknown_keys
+    assert {e.component for e in p.entries} == {"transformer", "transformer_2"}
+    for name, variant, comp in (("lora_low_noise.safetensors", "a14b", "transformer_2"),
+                                ("lora_high_noise.safetensors", "a14b", "transformer"),
+                                ("lora.safetensors", "t2v-14b", "transformer")):
+        with open_weights(header_only(tmp_path / name, single)) as f:
+            p = parse(f)
+        assert (p.arch.variant, {e.component for e in p.entries}) == (variant, {comp}), name
