@@ -213,3 +213,29 @@ def test_doctor_reports_a_low_noise_lora_on_the_high_noise_base(tmp_path, pair):
     report = doctor([str(tmp_path / "style_low_noise.safetensors")], high)
     text = str(report.to_json())
     assert "low-noise expert" in text and "transformer_2" in text
+
+
+def test_bake_a_diffusers_wan22_pipeline_folder(tmp_path):
+    """A Wan 2.2 A14B diffusers pipeline (transformer/ = high noise, transformer_2/ = low noise): a combined LoRA bakes
+    each expert's half into its own subfolder; everything else is copied."""
+    import json
+    from lorakit.ops.baking import bake
+    pipe = tmp_path / "pipe"
+    for sub in ("transformer", "transformer_2", "vae"):
+        (pipe / sub).mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    files = {}
+    for sub, seed in (("transformer", 1), ("transformer_2", 2)):
+        files[sub] = write_component(pipe / sub / "diffusion_pytorch_model.safetensors", WAN, "transformer", TINY_WAN,
+                                     naming="diffusers", seed=seed)
+        (pipe / sub / "config.json").write_text("{}")
+    save_file({"x": torch.zeros(2)}, str(pipe / "vae" / "diffusion_pytorch_model.safetensors"))
+    want = _combined(tmp_path / "c.safetensors", torch.Generator().manual_seed(10))
+    bake(str(pipe), [str(tmp_path / "c.safetensors")], str(tmp_path / "out"))
+    for sub, comp in (("transformer", "transformer"), ("transformer_2", "transformer_2")):
+        b = _tensors(files[sub])
+        o = _tensors(tmp_path / "out" / sub / "diffusion_pytorch_model.safetensors")
+        k = "blocks.0.attn1.to_q.weight"
+        assert torch.allclose(o[k] - b[k], want[comp]["blocks.0.self_attn.q"], atol=1e-6)
+        assert torch.equal(o["blocks.0.attn1.to_k.weight"], b["blocks.0.attn1.to_k.weight"])
+    assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").exists()

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from lorakit.errors import UsageError
 from lorakit.layouts import ArchSpec
-from lorakit.lora.model import LoraModel, Target
+from lorakit.lora.model import LoraModel
 
 EXPERT_KEY = "lorakit.expert"      # metadata: the expert tag of a single-expert file (e.g. "low_noise")
 
@@ -103,14 +103,3 @@ def join_experts(models: Sequence[LoraModel]) -> LoraModel:
     return replace(first, arch=instance, patches=patches, metadata=meta,
                    unknown_keys=[k for m in models for k in m.unknown_keys])
 
-
-def relabel(model: LoraModel, component: str) -> LoraModel:
-    """``model`` with its first-expert patches moved to expert ``component`` (a single-expert file's reading)."""
-    arch = model.arch.spec
-    src = arch.experts[0]
-    if component == src:
-        return model
-    patches = [p.with_adapter(p.adapter, target=Target(component, p.target.module, p.target.loose))
-               if p.target.component == src else p for p in model.patches]
-    params = {(component if c == src else c): v for c, v in model.arch.params.items()}
-    return replace(model, patches=patches, arch=replace(model.arch, params=params, _maps={}))
