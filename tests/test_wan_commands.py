@@ -171,7 +171,11 @@ def test_inspect_resize_diff_run_on_wan(tmp_path):
     from lorakit.ops.resizing import resize
     _combined(tmp_path / "c.safetensors", torch.Generator().manual_seed(7))
     info = inspect_lora(str(tmp_path / "c.safetensors"))
-    assert "wan" in str(info.to_json() if hasattr(info, "to_json") else info).lower()
+    assert info["architecture"] == "wan" and info["format"] == "aitoolkit"
+    assert set(info["components"]) == {"transformer", "transformer_2"}
+    t, _ = _lora(torch.Generator().manual_seed(11), lambda n: f"diffusion_model.{n}")
+    save_file(t, str(tmp_path / "one_low_noise.safetensors"))
+    assert set(inspect_lora(str(tmp_path / "one_low_noise.safetensors"))["components"]) == {"transformer_2"}
     r = resize(str(tmp_path / "c.safetensors"), str(tmp_path / "r.safetensors"), rank=1)   # the Conv3d too
     assert read_lora(tmp_path / "r.safetensors").components() == ["transformer", "transformer_2"]
     d = diff(str(tmp_path / "c.safetensors"), str(tmp_path / "r.safetensors"))
