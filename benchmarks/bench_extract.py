@@ -141,7 +141,8 @@ def extrapolate(report: dict[str, object], measured: dict[str, int], full: dict[
 
 def exact_sample(base: str, tuned: str, rank: int, names: list[str]) -> list[dict[str, object]]:
     from lorakit.base.checkpoint import open_base
-    from lorakit.ops.extraction import _assemble, decompose
+    from lorakit.ops.extraction import decompose
+    from lorakit.ops.extraction.pairing import assemble
     from lorakit.io import open_weights
     rows = []
     with open_weights(base) as fo, open_weights(tuned) as ft:
@@ -149,8 +150,8 @@ def exact_sample(base: str, tuned: str, rank: int, names: list[str]) -> list[dic
         om, tm = bo.by_module(), bt.by_module()
         for name in names:
             shape = bt.native_shape(name)
-            d = _assemble(bt, [s for s in tm[name] if s.param == "weight"], shape)
-            d -= _assemble(bo, [s for s in om[name] if s.param == "weight"], shape)
+            d = assemble(bt, [s for s in tm[name] if s.param == "weight"], shape)
+            d -= assemble(bo, [s for s in om[name] if s.param == "weight"], shape)
             t0 = time.perf_counter()
             fast = decompose(d, rank)
             t1 = time.perf_counter()

@@ -8,10 +8,10 @@ bf16 weights), each baked with a LoRA on every block module in a fresh subproces
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from peak_rss import measure_bake
 
 SCRIPT = r"""
 import json, sys, torch
@@ -23,12 +23,6 @@ if sys.argv[3] == "make":
     write_base(base, params, dtype=torch.bfloat16, fill="zeros")
     write_sdscripts_lora(lora, params, rank=4, dtype=torch.bfloat16, clip=None)
     sys.exit(0)
-def hwm():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM")) * 1024
-before = hwm()
-report = lorakit.bake(base, [lora], out, progress=False)
-print(json.dumps({"before": before, "peak": hwm(), "bytes": report.bytes_in, "changed": report.changed}))
 """
 
 
@@ -37,10 +31,7 @@ def _bake_peak(tmp_path, name: str, blocks: int) -> dict[str, int]:
     folder.mkdir()
     params = {"H": 256, "M": 1024, "IN": 16, "OUT": 16, "CTX": 24, "VEC": 20, "T": 8, "D": 32,
               "double": blocks, "single": blocks, "guidance": 1, "modulation": 1}
-    args = [sys.executable, "-c", SCRIPT, json.dumps(params), str(folder)]
-    subprocess.run([*args, "make"], check=True)
-    run = subprocess.run([*args, "bake"], check=True, capture_output=True, text=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return measure_bake(SCRIPT, json.dumps(params), str(folder))
 
 
 def test_peak_rss_does_not_grow_with_tensor_count(tmp_path):

@@ -377,8 +377,8 @@ def test_pairing_nothing_is_an_error(tmp_path, monkeypatch, pair):
     native, deltas = pair
     o = write_model(tmp_path / "o.safetensors", native)
     t = write_model(tmp_path / "t.safetensors", tuned_from(native, deltas))
-    import lorakit.ops.extraction as ex
-    monkeypatch.setattr(ex, "_covered", lambda slots, rows: False)
+    import lorakit.ops.extraction.pairing as ex
+    monkeypatch.setattr(ex, "covered", lambda slots, rows: False)
     with pytest.raises(KeyMappingError, match="paired"):
         extract(o, t, tmp_path / "x.safetensors", rank=3)
 

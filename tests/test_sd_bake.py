@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from lorakit.cli.main import main
 from lorakit.errors import UnsupportedArchitectureError
 from lorakit.layouts import resolve
 from lorakit.samples.synthetic import PASSTHROUGH_SD, TINY_SD, TINY_TE, write_checkpoint
+from peak_rss import measure_bake
 
 C = TINY_SD["sdxl"]["C"]
 G = TINY_TE["clip_g"]["D"]
@@ -125,16 +124,19 @@ def test_sdxl_bake_cli(sdxl, capsys) -> None:
     _assert_baked(base, out, SDXL_LORA, facts, 0.8)
 
 
-def test_sdxl_pipeline_folder_equals_single_file(sdxl) -> None:
-    """The same base as a diffusers pipeline (unet/, text_encoder/, text_encoder_2/ in diffusers/HF names, fused
-    in_proj split into q/k/v, text_projection stored out × in): baking gives the single-file result, name by name."""
-    d, base, lora, _facts = sdxl
+PIPE_PARTS = {"unet": ("unet", UNET, "diffusion_pytorch_model.safetensors"),
+              "clip_l": ("text_encoder", TE1, "model.safetensors"),
+              "clip_g": ("text_encoder_2", TE2, "model.safetensors")}
+
+
+def _as_pipeline(d, base: str):
+    """The single-file SDXL ``base`` rewritten as a diffusers pipeline folder ``d/pipe`` (unet/, text_encoder/,
+    text_encoder_2/ in diffusers/HF names, fused in_proj split into q/k/v, text_projection stored out × in, a vae/);
+    returns (folder, {pipeline key: (subfolder, single-file key, rows, transposed)})."""
     arch = resolve("sdxl")
     single = load_file(base)
     pipe = d / "pipe"
-    parts = {"unet": ("unet", UNET, "diffusion_pytorch_model.safetensors"),
-             "clip_l": ("text_encoder", TE1, "model.safetensors"),
-             "clip_g": ("text_encoder_2", TE2, "model.safetensors")}
+    parts = PIPE_PARTS
     names: dict[str, tuple[str, str, tuple[int, int] | None, bool]] = {}   # pipeline key -> (folder, single key, rows, T)
     for comp_name, (folder, prefix, fname) in parts.items():
         comp = arch.components[comp_name]
@@ -169,6 +171,21 @@ def test_sdxl_pipeline_folder_equals_single_file(sdxl) -> None:
     save_file({"decoder.conv_in.weight": single[PASSTHROUGH_SD[0][0]]}, str(pipe / "vae" / "diffusion_pytorch_model.safetensors"))
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
                                                        "unet": ["diffusers", "UNet2DConditionModel"]}))
+    return pipe, names
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(sdxl):
+    d, base, _lora, _facts = sdxl
+    return _as_pipeline(d, base)
+
+
+def test_sdxl_pipeline_folder_equals_single_file(sdxl, sdxl_pipe) -> None:
+    """The same base as a diffusers pipeline folder: baking gives the single-file result, name by name."""
+    d, base, lora, _facts = sdxl
+    pipe, names = sdxl_pipe
+    single = load_file(base)
+    parts = PIPE_PARTS
     out_single, out_pipe = str(d / "single.safetensors"), str(d / "pipe-out")
     lorakit.bake(base, [lora], out_single, progress=False)
     lorakit.bake(str(pipe), [lora], out_pipe, progress=False)
@@ -185,6 +202,37 @@ def test_sdxl_pipeline_folder_equals_single_file(sdxl) -> None:
     assert checked > 800
     assert torch.equal(load_file(os.path.join(out_pipe, "vae", "diffusion_pytorch_model.safetensors"))
                        ["decoder.conv_in.weight"], single[PASSTHROUGH_SD[0][0]])
+
+
+def test_doctor_diff_extract_read_pipeline_folders_as_the_single_file(sdxl, sdxl_pipe, tmp_path) -> None:
+    """doctor --base, diff and extract take a pipeline folder as one model (its unet/ and text-encoder subfolders):
+    each gives what it gives for the same weights in one single-file checkpoint."""
+    d, base, lora, _facts = sdxl
+    pipe, _names = sdxl_pipe
+    single_out, pipe_out = str(tmp_path / "s.safetensors"), str(tmp_path / "p")
+    lorakit.bake(base, [f"{lora}:0.8"], single_out, progress=False)
+    lorakit.bake(str(pipe), [f"{lora}:0.8"], pipe_out, progress=False)
+
+    by_single, by_pipe = lorakit.doctor([lora], base), lorakit.doctor([lora], str(pipe))
+    (ds,), (dp,) = by_single.loras, by_pipe.loras
+    assert dp.verdict == ds.verdict and dp.to_json()["coverage"] == ds.to_json()["coverage"]
+    assert set(by_pipe.base["components"]) == {"unet", "clip_l", "clip_g"}
+
+    r_single, r_pipe = lorakit.diff(base, single_out), lorakit.diff(str(pipe), pipe_out)
+    # the single file's VAE is compared too ("passthrough"); the pipeline's vae/ is no component subfolder
+    assert set(r_pipe.components) == set(r_single.components) - {"passthrough"} == {"unet", "clip_l", "clip_g"}
+    for c in r_pipe.components:
+        a, b = r_single.components[c], r_pipe.components[c]
+        assert b["relative_difference"] == pytest.approx(a["relative_difference"], rel=1e-3), c
+    with pytest.raises(lorakit.LorakitError, match="LoRA.*base model|base model.*LoRA"):
+        lorakit.diff(str(pipe), lora)
+
+    e_single, e_pipe = str(tmp_path / "es.safetensors"), str(tmp_path / "ep.safetensors")
+    lorakit.extract(base, single_out, e_single, rank=8, seed=0, progress=False)
+    lorakit.extract(str(pipe), pipe_out, e_pipe, rank=8, seed=0, progress=False)
+    same = lorakit.diff(e_single, e_pipe)      # same modules, same deltas (up to the SVD's fp32 rounding)
+    assert not same.only_in_a and not same.only_in_b and same.shared >= 5
+    assert same.total["relative_difference"] < 1e-4, same.total
 
 
 def test_sd1_lora_into_sdxl_base_is_refused(sdxl, tmp_path) -> None:
@@ -242,22 +290,13 @@ if sys.argv[3] == "make":
         t[stem + ".lora_up.weight"] = torch.randn(shape[0], 4, *([1, 1] if len(shape) == 4 else [])).to(torch.bfloat16)
     save_file(t, lora)
     sys.exit(0)
-def hwm():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM")) * 1024
-before = hwm()
-report = lorakit.bake(base, [lora], out, progress=False)
-print(json.dumps({"before": before, "peak": hwm(), "bytes": report.bytes_in, "changed": report.changed}))
 """
 
 
 def _peak(tmp_path, c: int) -> dict[str, int]:
     folder = tmp_path / f"c{c}"
     folder.mkdir()
-    args = [sys.executable, "-c", MEMORY_SCRIPT, str(c), str(folder)]
-    subprocess.run([*args, "make"], check=True, timeout=300)
-    res = subprocess.run([*args, "bake"], check=True, timeout=300, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return measure_bake(MEMORY_SCRIPT, str(c), str(folder))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux) for VmHWM")

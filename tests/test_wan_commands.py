@@ -243,3 +243,42 @@ def test_bake_a_diffusers_wan22_pipeline_folder(tmp_path):
         assert torch.allclose(o[k] - b[k], want[comp]["blocks.0.self_attn.q"], atol=1e-6)
         assert torch.equal(o["blocks.0.attn1.to_k.weight"], b["blocks.0.attn1.to_k.weight"])
     assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def _pipeline(folder, seed: int, edit=None) -> dict[str, str]:
+    import json
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    files = {}
+    for k, sub in enumerate(("transformer", "transformer_2")):
+        (folder / sub).mkdir()
+        files[sub] = write_component(folder / sub / "diffusion_pytorch_model.safetensors", WAN, "transformer",
+                                     TINY_WAN, naming="diffusers", seed=seed + k)
+        (folder / sub / "config.json").write_text("{}")
+    return files
+
+
+def test_extract_a_pair_from_two_pipeline_folders(tmp_path):
+    """ORIGINAL and TUNED Wan 2.2 pipelines (both experts tuned differently): one combined file, or a pair."""
+    from lorakit.ops.extraction import extract
+    orig = _pipeline(tmp_path / "orig", 1)
+    tuned = _pipeline(tmp_path / "tuned", 1)
+    gen = torch.Generator().manual_seed(12)
+    deltas = {}
+    for sub, comp in (("transformer", "transformer"), ("transformer_2", "transformer_2")):
+        t = _tensors(tuned[sub])
+        deltas[comp] = torch.randn(H, 1, generator=gen) @ torch.randn(1, H, generator=gen)
+        t["blocks.1.attn2.to_v.weight"] = t["blocks.1.attn2.to_v.weight"] + deltas[comp]
+        save_file(t, tuned[sub])
+    extract(str(tmp_path / "orig"), str(tmp_path / "tuned"), str(tmp_path / "c.safetensors"), rank=1, exact=True,
+            to="aitoolkit")
+    m = read_lora(tmp_path / "c.safetensors", allow_partial=False)
+    assert m.format == "aitoolkit" and m.components() == ["transformer", "transformer_2"]
+    extract(str(tmp_path / "orig"), str(tmp_path / "tuned"), str(tmp_path / "x.safetensors"), rank=1, exact=True,
+            to="kohya", split_experts=True)
+    for tag, comp in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+        m = read_lora(tmp_path / f"x_{tag}.safetensors", allow_partial=False)
+        assert m.components() == [comp]
+        (p,) = m.patches
+        assert p.target.module == "blocks.1.cross_attn.v"
+        assert torch.allclose(p.dense(), deltas[comp], atol=1e-5)

@@ -4,11 +4,15 @@ the refusal of checkpoints lorakit cannot compute with."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+
+import torch
 
 from lorakit.base.checkpoint import BaseModel, open_base
 from lorakit.errors import LorakitError, UnsupportedArchitectureError, UnsupportedDtypeError
 from lorakit.io import WeightFile, open_weights
 from lorakit.layouts import available, resolve
+from lorakit.lora.model import ArchInstance
 
 
 def refuse_scaled_fp8(file: WeightFile) -> None:
@@ -64,3 +68,53 @@ def open_pipeline(path: str, opened: list[WeightFile]) -> list[tuple[str, BaseMo
         if any(c.folder == folder for c in arch.containers):
             raise err
     return [main, *((fo, b) for fo, b in found if b is not main[1] and b.arch.name == arch.name)]
+
+
+class FolderFile(WeightFile):
+    """The weight files of several pipeline subfolders seen as one read-only file with keys ``<folder>/<key>``."""
+
+    def __init__(self, path: str, files: dict[str, WeightFile]) -> None:
+        self.path, self.files, self.metadata = path, files, {}
+        self.infos = {f"{fo}/{k}": replace(i, name=f"{fo}/{k}") for fo, f in files.items() for k, i in f.infos.items()}
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        folder, key = name.split("/", 1)
+        return self.files[folder].get(key, out)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def combined_base(path: str, parts: list[tuple[str, BaseModel]]) -> BaseModel:
+    """One base model over a pipeline's component subfolders (:func:`open_pipeline`'s parts, the denoiser's first):
+    what doctor, diff and extract read, which see a model's components wherever they are stored."""
+    main = parts[0][1]
+    slots = {f"{fo}/{k}": replace(s, key=f"{fo}/{k}") for fo, b in parts for k, s in b.slots.items()}
+    params = {c: p for _fo, b in parts for c, p in b.arch.params.items() if c in b.parts}
+    preset = {c: p for _fo, b in parts for c, p in b.arch.preset.items() if c in b.parts}
+    arch = ArchInstance(main.arch.spec, params, main.arch.variant, preset)
+    return BaseModel(FolderFile(path, {fo: b.file for fo, b in parts}), main.layout, main.prefix, arch, slots,
+                     [f"{fo}/{k}" for fo, b in parts for k in b.passthrough],
+                     {c: replace(p, prefix=f"{fo}/{p.prefix}") for fo, b in parts for c, p in b.parts.items()})
+
+
+def open_model(path: str | os.PathLike[str], *, allow_pickle: bool = False, expert: str | None = None) -> BaseModel:
+    """A base model from a weight file, a sharded folder or a diffusers pipeline folder (its component subfolders
+    combined); the caller closes ``.file``. ``expert``: a single file's expert when it is one of paired experts
+    (see :func:`~lorakit.base.checkpoint.open_base`)."""
+    p = os.fspath(path)
+    if is_pipeline(p):
+        opened: list[WeightFile] = []
+        try:
+            return combined_base(p, open_pipeline(p, opened))
+        except BaseException:
+            for f in opened:
+                f.close()
+            raise
+    f = open_weights(p, allow_pickle=allow_pickle)
+    try:
+        return open_base(f, expert=expert)
+    except BaseException:
+        f.close()
+        raise

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.base.checkpoint import BaseModel, open_base, open_component
+from lorakit.base.checkpoint import BaseModel, open_component
+from lorakit.base.pipeline import open_model
 from lorakit.dtypes import FLOAT_CODES
 from lorakit.errors import InputFileError, LorakitError, NotALoraError, UnsupportedArchitectureError
 from lorakit.formats import parse
@@ -694,12 +695,7 @@ def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], bas
     base_model = None
     report = DoctorReport([])
     if base is not None:
-        bf = open_weights(base, allow_pickle=allow_pickle)
-        try:
-            base_model = open_base(bf)
-        except BaseException:
-            bf.close()
-            raise
+        base_model = open_model(base, allow_pickle=allow_pickle)
         report.base = _base_info(base_model)
     encoders: dict[str, TextEncoder] = {}
     try:

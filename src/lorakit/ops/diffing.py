@@ -28,6 +28,7 @@ import torch
 from lorakit.lora.adapters import LoRA
 from lorakit.lora.transforms import stored_to_native
 from lorakit.base.checkpoint import BaseModel, Slot, open_base
+from lorakit.base.pipeline import is_pipeline, open_model
 from lorakit.errors import LorakitError, ShapeMismatchError, UsageError
 from lorakit.formats import load, parse
 from lorakit.formats.parse import ParsedLora
@@ -488,6 +489,15 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
     """Compare two LoRAs or two base models (detected from their keys); ``progress(done, total, tensor)``
     is called while two base models are compared (LoRAs are compared from their small factors)."""
     pa, pb = os.fspath(a), os.fspath(b)
+    if is_pipeline(pa) or is_pipeline(pb):       # a pipeline folder is a model: both sides must be
+        ma = open_model(pa, allow_pickle=allow_pickle)
+        try:
+            mb = open_model(pb, allow_pickle=allow_pickle)
+        except BaseException:
+            ma.file.close()
+            raise
+        with ma.file, mb.file:
+            return diff_models(ma, mb, path_a=pa, path_b=pb, progress=progress)
     fa = open_weights(pa, allow_pickle=allow_pickle)
     try:
         fb = open_weights(pb, allow_pickle=allow_pickle)

@@ -48,6 +48,7 @@ from lorakit.formats.emit import fold_error
 from lorakit.io import check_output_path, open_weights, save_tensors
 from lorakit.lora.linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
 from lorakit.ops.metadata import InputRecord, file_sha256
+from lorakit.ops.worst import ROUNDING_FLOOR, worst as worst_of
 from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 
 if TYPE_CHECKING:
@@ -100,13 +101,12 @@ class ResizeReport:
 
     @property
     def worst(self) -> ResizedModule | None:
-        return max(self.modules, key=lambda m: m.relative_error, default=None)
+        return worst_of(self.modules, lambda m: m.relative_error)
 
     @property
     def worst_rounding(self) -> ResizedModule | None:
         """The module whose new factors lost most by being stored in the output dtype (None if none > 1e-6)."""
-        m = max(self.modules, key=lambda m: m.rounding_error, default=None)
-        return m if m is not None and m.rounding_error > 1e-6 else None
+        return worst_of(self.modules, lambda m: m.rounding_error, above=ROUNDING_FLOOR)
 
     def to_json(self) -> dict[str, object]:
         d = dict(self.__dict__)

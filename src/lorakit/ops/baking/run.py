@@ -13,6 +13,7 @@ import torch
 
 from lorakit.base.checkpoint import BaseModel, open_base
 from lorakit.base.pipeline import is_pipeline, open_pipeline, refuse_scaled_fp8
+from lorakit.devices import parse_device
 from lorakit.dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name
 from lorakit.errors import Interrupted, OutputError, PickleRefusedError, UsageError
 from lorakit.io import WeightFile, open_weights
@@ -131,7 +132,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     """
     t_start = time.perf_counter()
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
-    dev = _device(device)
+    dev = parse_device(device)
     weighted = [as_weighted(i) for i in inputs]
     if not weighted:
         raise UsageError("no LoRA given.", hint="pass BASE then one or more LoRA[:WEIGHT].")
@@ -268,14 +269,6 @@ def _default_threads() -> int:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 2
     return max(1, min(8, cpus // 2))
-
-
-def _device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown device {name!r}.", hint="use cpu or cuda.")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA device.", hint="use --device cpu.")
-    return torch.device(name)
 
 
 def _converter(out_dtype: torch.dtype | None) -> Callable[[str, str], str]:
