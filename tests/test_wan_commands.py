@@ -207,6 +207,16 @@ def test_merge_split_pairs_and_join_extracted(tmp_path):
     assert set(got) == set(want)
     for k, v in want.items():
         assert torch.allclose(got[k].reshape(v.shape), v, atol=1e-5), k
+    # the same merge written as a pair (and verified from the two files)
+    r = merge(items, str(tmp_path / "p.safetensors"), to="kohya", split_experts=True, verify=True)
+    assert r.verify is not None and r.verify["max_relative_error"] <= 1e-6
+    assert len(r.verify["modules"]) == len(want)         # both files' modules were checked
+    for tag, comp in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+        m = read_lora(tmp_path / f"p_{tag}.safetensors", allow_partial=False)
+        assert m.components() == [comp]
+        for t, d in dense_deltas(m).items():
+            v = want[str(t)]
+            assert torch.allclose(d.reshape(v.shape), v, atol=1e-5), t
 
 
 def test_doctor_reports_a_low_noise_lora_on_the_high_noise_base(tmp_path, pair):
