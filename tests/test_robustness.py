@@ -564,8 +564,8 @@ def test_debug_shows_traceback_and_plain_does_not(tmp_path, capsys) -> None:
 
 
 def test_internal_errors_are_one_line_with_exit_70(monkeypatch, tmp_path, capsys) -> None:
-    import lorakit.cli.inspect_cmd as ic
-    monkeypatch.setattr(ic, "inspect_lora", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    import lorakit.ops.inspection as ins     # the library function the inspect command runs (via its batch task)
+    monkeypatch.setattr(ins, "inspect_lora", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     assert main(["inspect", good_lora(tmp_path / "g.safetensors")]) == 70
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "internal error" in err[0] and "boom" in err[0]

@@ -375,7 +375,8 @@ def test_cli_split_join_and_expert(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "p.safetensors"), "--to", "kohya",
                  "--split-experts"]) == 0
     high, low = tmp_path / "p_high_noise.safetensors", tmp_path / "p_low_noise.safetensors"
-    assert main(["convert", str(high), str(low), "-o", str(tmp_path / "j.safetensors"), "--to", "aitoolkit"]) == 0
+    assert main(["convert", str(high), str(low), "-o", str(tmp_path / "j.safetensors"), "--to", "aitoolkit",
+                 "--join-experts"]) == 0
     got = _tensors(tmp_path / "j.safetensors")
     assert any(k.startswith("diffusion_model.transformer_2.") for k in got)
     # one file per expert is all kohya can hold: refused with the fix, nothing written

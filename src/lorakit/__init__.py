@@ -14,14 +14,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from lorakit.ops.conversion import ConvertReport, convert
 from lorakit.errors import LorakitError
-from lorakit.formats import read_lora
-from lorakit.ops.inspection import inspect_lora as inspect
-from lorakit.io import open_weights
 
-# Later capabilities live in their own modules and are imported on first use.
+# Every operation is imported on first use: ``import lorakit`` (and the header-only commands) never import torch.
 _LAZY = {
+    "convert": ("ops.conversion", "convert"),
+    "ConvertReport": ("ops.conversion", "ConvertReport"),
+    "inspect": ("ops.inspection", "inspect_lora"),
+    "read_lora": ("formats", "read_lora"),
+    "open_weights": ("io", "open_weights"),
     "merge": ("ops.merging", "merge"),
     "bake": ("ops.baking", "bake"),
     "extract": ("ops.extraction", "extract"),
@@ -40,5 +41,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "convert", "ConvertReport", "inspect", "read_lora", "open_weights", "LorakitError",
-           *_LAZY]
+__all__ = ["__version__", "LorakitError", *_LAZY]

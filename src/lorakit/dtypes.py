@@ -2,45 +2,71 @@
 
 from __future__ import annotations
 
-import torch
+import struct
+from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import UnsupportedDtypeError, UsageError
 
-# safetensors dtype code -> (torch dtype, bytes per element). Order = the serialiser's enum order, used
-# to sort tensors exactly as `safetensors.torch.save` does (descending dtype, then name).
-ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element). Order = the serialiser's enum order, used
+# to sort tensors exactly as `safetensors.torch.save` does (descending dtype, then name). Names, not torch
+# objects, so that header-only work never imports torch (see lorakit.lazy).
+_CODES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
 }
-ST_ORDER = {code: i for i, code in enumerate(ST_DTYPES)}
-TORCH_TO_ST = {dt: code for code, (dt, _) in ST_DTYPES.items()}
+ST_CODES = tuple(_CODES)
+ST_ORDER = {code: i for i, code in enumerate(_CODES)}
+ITEMSIZES = {code: size for code, (_t, size) in _CODES.items()}
 
 FLOAT_CODES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
 
-_SPELLINGS: dict[str, torch.dtype] = {}
+# user spelling -> torch dtype name
+_SPELLINGS: dict[str, str] = {}
 for _names, _dt in (
-    (("bf16", "bfloat16"), torch.bfloat16),
-    (("fp16", "float16", "half"), torch.float16),
-    (("fp32", "float32", "float", "full"), torch.float32),
-    (("fp64", "float64", "double"), torch.float64),
-    (("fp8", "float8", "fp8_e4m3fn", "e4m3fn", "float8_e4m3fn", "fp8_e4m3"), torch.float8_e4m3fn),
-    (("fp8_e5m2", "e5m2", "float8_e5m2"), torch.float8_e5m2),
+    (("bf16", "bfloat16"), "bfloat16"),
+    (("fp16", "float16", "half"), "float16"),
+    (("fp32", "float32", "float", "full"), "float32"),
+    (("fp64", "float64", "double"), "float64"),
+    (("fp8", "float8", "fp8_e4m3fn", "e4m3fn", "float8_e4m3fn", "fp8_e4m3"), "float8_e4m3fn"),
+    (("fp8_e5m2", "e5m2", "float8_e5m2"), "float8_e5m2"),
 ):
     for _n in _names:
         _SPELLINGS[_n] = _dt
+
+_TORCH: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``ST_DTYPES`` (code -> (torch dtype, bytes)) and ``TORCH_TO_ST`` (torch dtype -> code), built on first use."""
+    if name in ("ST_DTYPES", "TORCH_TO_ST"):
+        if not _TORCH:
+            _TORCH["ST_DTYPES"] = {c: (getattr(torch, t), size) for c, (t, size) in _CODES.items()}
+            _TORCH["TORCH_TO_ST"] = {dt: c for c, (dt, _s) in _TORCH["ST_DTYPES"].items()}
+        return _TORCH[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    ST_DTYPES: dict[str, tuple[torch.dtype, int]]
+    TORCH_TO_ST: dict[torch.dtype, str]
 
 
 def parse_dtype(text: str | None) -> torch.dtype | None:
@@ -51,7 +77,7 @@ def parse_dtype(text: str | None) -> torch.dtype | None:
     if key in ("keep", "same", "auto", "none", ""):
         return None
     if key in _SPELLINGS:
-        return _SPELLINGS[key]
+        return getattr(torch, _SPELLINGS[key])
     if "fnuz" in key:
         raise UsageError(f"dtype {text!r} (an fnuz fp8 type) cannot be stored in safetensors.",
                          hint="use fp8_e4m3fn or fp8_e5m2.")
@@ -61,7 +87,7 @@ def parse_dtype(text: str | None) -> torch.dtype | None:
 def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
     """The safetensors dtype code of a torch dtype (UnsupportedDtypeError if it has none)."""
     try:
-        return TORCH_TO_ST[dtype]
+        return __getattr__("TORCH_TO_ST")[dtype]
     except KeyError:
         raise UnsupportedDtypeError(f"{name}: dtype {dtype} cannot be stored in safetensors.") from None
 
@@ -69,15 +95,27 @@ def dtype_code(dtype: torch.dtype, *, name: str = "tensor") -> str:
 def torch_dtype(code: str, *, name: str = "tensor", path: str | None = None) -> torch.dtype:
     """The torch dtype of a safetensors dtype code (UnsupportedDtypeError if unknown)."""
     try:
-        return ST_DTYPES[code][0]
+        return getattr(torch, _CODES[code][0])
     except KeyError:
         raise UnsupportedDtypeError(f"tensor {name!r} has unsupported dtype {code!r}.", path=path,
-                                    hint="lorakit reads " + ", ".join(ST_DTYPES) + ".") from None
+                                    hint="lorakit reads " + ", ".join(ST_CODES) + ".") from None
 
 
 def itemsize(code: str) -> int:
     """Bytes per element of a safetensors dtype code."""
-    return ST_DTYPES[code][1]
+    return ITEMSIZES[code]
+
+
+_STRUCT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "U64": "<Q", "I32": "<i", "U32": "<I", "I16": "<h",
+           "U16": "<H", "I8": "<b", "U8": "<B", "BOOL": "<?"}
+
+
+def decode_scalar(code: str, raw: bytes) -> float | None:
+    """One little-endian element of a safetensors dtype as a float, without torch (None for fp8 codes)."""
+    if code == "BF16":
+        return float(struct.unpack("<f", b"\x00\x00" + raw[:2])[0])
+    fmt = _STRUCT.get(code)
+    return float(struct.unpack(fmt, raw[:struct.calcsize(fmt)])[0]) if fmt else None
 
 
 def is_float(code: str) -> bool:

@@ -172,8 +172,8 @@ def _scan(arch: ArchSpec, keys: Sequence[str], containers: Sequence[Container]) 
         if not scoped:
             continue
         for naming in cont.namings:
-            hits = _scan_part(cont.prefix, scoped, NameIndex(comp, naming, flat=False),
-                              ParamIndex(comp, naming, flat=False))
+            hits = _scan_part(cont.prefix, scoped, NameIndex.of(comp, naming, flat=False),
+                              ParamIndex.of(comp, naming, flat=False))
             have = best.get(cont.component)
             if hits and (have is None or len(hits) > have[0]):
                 best[cont.component] = (len(hits), Part(cont.component, cont.prefix, naming), hits)

@@ -3,16 +3,22 @@ the refusal of checkpoints lorakit cannot compute with."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from dataclasses import replace
 
-import torch
 
 from lorakit.base.checkpoint import BaseModel, open_base
 from lorakit.errors import LorakitError, UnsupportedArchitectureError, UnsupportedDtypeError
 from lorakit.io import WeightFile, open_weights
 from lorakit.layouts import available, resolve
 from lorakit.lora.model import ArchInstance
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 def refuse_scaled_fp8(file: WeightFile) -> None:

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="from_format", default=None, metavar="FORMAT",
                    help="force the LoRA format of both inputs instead of detecting it")
     p.add_argument("--modules", action="store_true", help="also print every module's ratio and cosine")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw ‖ΔA‖, ‖ΔB‖ and their cosine per block of the architecture (two LoRAs; needs "
+                        "lorakit[plot])")
     add_json(p)
     add_pickle(p)
     p.set_defaults(run=run)
@@ -31,8 +34,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit diff`` and print its report; exit 0 when equivalent, 1 when different."""
+    if args.plot:
+        from lorakit.ops.plots import require_matplotlib
+        require_matplotlib()
     rep = diff(args.a, args.b, allow_pickle=args.allow_pickle, from_format=args.from_format,
                progress=terminal_progress("diff", enabled=not args.json))
+    if args.plot:
+        if rep.kind != "lora":
+            from lorakit.errors import UsageError
+            raise UsageError("--plot draws two LoRAs; these are base models.")
+        from lorakit.ops.plots import diff_figure, save_figure
+        save_figure(diff_figure(rep.to_json()), args.plot)
     if args.json:
         emit_json(rep.to_json())
     else:

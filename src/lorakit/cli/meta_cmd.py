@@ -7,6 +7,7 @@ import json
 
 from lorakit.io.header import loads_json
 from lorakit.ops.metaedit import audit_lora_metadata, edit_metadata, parse_assignment, read_metadata
+from lorakit.cli.batch_cli import add_batch, batch_items, batch_mode, run_cli_batch
 from lorakit.cli.common import add_json, emit_json, say
 
 HELP = "show, edit or audit safetensors metadata (kohya ss_*, modelspec.*, diffusers, AI-Toolkit)"
@@ -18,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(--json decodes JSON-encoded values). Edits rewrite the file atomically (temporary file "
                        "in the same folder, then rename); without -o the input is replaced — the only lorakit "
                        "command that replaces its input. sshs_* hashes are recomputed when ss_* keys change.")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="safetensors file; several files, folders and glob patterns run as a batch (edits go to "
+                        "-o OUTDIR with the names kept, or in place without -o)")
     p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                    help="set a key (repeatable)")
     p.add_argument("--delete", action="append", default=[], metavar="KEY",
@@ -32,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="audit a LoRA: do ss_network_dim/alpha/module, base version, modelspec.architecture and "
                         "the stored hashes match its tensors? (exit 1 if not)")
+    add_batch(p)
     add_json(p)
     p.set_defaults(run=run)
 
@@ -39,6 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit meta``: show, edit or audit metadata; returns the exit code."""
     editing = bool(args.set_items or args.delete or args.copy_from or args.rehash)
+    if batch_mode(args, args.files):
+        from lorakit.ops.batch_tasks import MetaTask
+        if args.output and not editing:
+            from lorakit.errors import UsageError
+            raise UsageError("-o needs an edit (--set, --delete, --copy-from or --rehash).")
+        task = MetaTask(check=args.check, set_items=tuple(parse_assignment(s) for s in args.set_items),
+                        delete=tuple(args.delete), copy_from=args.copy_from, rehash=args.rehash)
+        return run_cli_batch(args, task, batch_items(args, args.files, writing=False), "meta")
+    args.file = args.files[0]
     if args.check:
         problems = audit_lora_metadata(args.file)
         if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.formats import WRITABLE
+from lorakit.cli.batch_cli import add_batch, batch_items, batch_mode, run_cli_batch
 from lorakit.cli.common import add_dtype, add_json, add_output, add_pickle, dtype_arg, emit_json, say, status
 from lorakit.progress import terminal_progress
 from lorakit.cli.extract_cmd import add_dynamic, dynamic_arg
@@ -21,8 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "kept as they are (when every module already meets the target the deltas are written unchanged and the "
         "report says so, exit 0); split parts (diffusers q/k/v) are resized separately. Every module's retained energy "
         "is reported; --verify re-reads the output and reports its error against the input.")
-    p.add_argument("input", metavar="IN")
+    p.add_argument("inputs", nargs="+", metavar="IN",
+                   help="LoRA file; several files, folders and glob patterns run as a batch into -o OUTDIR (names "
+                        "kept, a line or JSON record per file, exit = the worst)")
     add_output(p, required=False)
+    add_batch(p)
     p.add_argument("--rank", "--new-rank", "--new_rank", "--dim", dest="rank", type=int, default=None, metavar="N",
                    help="new rank (the cap with --dynamic)")
     p.add_argument("--conv-rank", "--conv_rank", "--new-conv-rank", "--new_conv_rank", "--conv-dim", "--conv_dim",
@@ -45,7 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit resize`` and print its report; returns the exit code."""
     from lorakit.ops.resizing import resize
-    r = resize(args.input, args.output, rank=args.rank, conv_rank=args.conv_rank, dynamic=dynamic_arg(args),
+    if batch_mode(args, args.inputs):
+        from lorakit.ops.batch_tasks import ResizeTask
+        task = ResizeTask(rank=args.rank, conv_rank=args.conv_rank, dynamic=dynamic_arg(args), verify=args.verify,
+                          to=args.to, dtype=dtype_arg(args), allow_pickle=args.allow_pickle,
+                          allow_partial=args.allow_partial, dry_run=args.dry_run)
+        items = batch_items(args, args.inputs, writing=not args.dry_run, suffix=".safetensors")
+        return run_cli_batch(args, task, items, "resize")
+    r = resize(args.inputs[0], args.output, rank=args.rank, conv_rank=args.conv_rank, dynamic=dynamic_arg(args),
                verify=args.verify, to=args.to,
                dtype=dtype_arg(args), allow_pickle=args.allow_pickle, allow_partial=args.allow_partial,
                progress=terminal_progress("resize", enabled=not args.json), dry_run=args.dry_run)

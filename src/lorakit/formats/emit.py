@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import torch
-from torch import Tensor
 
 from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
 from lorakit.errors import LossyConversionError, NonFiniteError, UsageError
@@ -31,6 +29,12 @@ from lorakit.lora.experts import experts_in
 from lorakit.lora.model import LoraModel, Patch, Target
 from lorakit.lora.transforms import swap_halves, swap_parts
 from lorakit.formats.spec import WRITE_SUFFIXES, FormatSpec, get_format
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass
@@ -337,7 +341,7 @@ class Emitter:
         comp = self.model.arch.spec.components[target.component]
         index = self.native.get(target.component)
         if index is None:
-            index = self.native[target.component] = NameIndex(comp, "native", flat=False)
+            index = self.native[target.component] = NameIndex.of(comp, "native", flat=False)
         m = index.match(target.module)
         if m is None:
             raise NotExact(f"{target} is not a module of the layout")
@@ -348,7 +352,7 @@ class Emitter:
         comp = self.model.arch.spec.components[target.component]
         index = self.native_params.get(target.component)
         if index is None:
-            index = self.native_params[target.component] = ParamIndex(comp, "native", flat=False)
+            index = self.native_params[target.component] = ParamIndex.of(comp, "native", flat=False)
         return index.match(target.module)
 
     def _loose_piece(self, target: Target, m: ParamMatch, patches: list[Patch]) -> Piece | None:

@@ -7,6 +7,8 @@ tensors and builds :class:`~lorakit.lora.model.LoraModel` patches.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import math
 import os
@@ -15,7 +17,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
 
 from lorakit.lora.adapter_kinds import INCOMPLETE, get_kind, kind_of
 from lorakit.lora.adapters import Adapter, LoHa, LoKr, LoRA
@@ -33,6 +34,11 @@ from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 from lorakit.layouts.base import Rule
 from lorakit.lora.experts import EXPERT_KEY, expert_tag, file_expert
 from lorakit.formats.spec import FormatSpec, SplitKey, formats, get_format, split_key
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ def _complete(entry: ModuleEntry) -> bool:
 # Per-format key acceptance
 # ---------------------------------------------------------------------------------------------
 
+MEMO_KEYS = 200_000     # parses remembered per matcher (bounded memory for a library of many key spellings)
+
+
 class FormatMatcher:
     """Accepts the keys one format spells for one architecture (its rules are the architecture's data)."""
 
@@ -114,18 +123,31 @@ class FormatMatcher:
         self.rules = arch.rules_for(fmt.name)
         self.indexes: dict[tuple[str, str, bool], NameIndex] = {}
         self.loose: dict[tuple[str, str, bool], ParamIndex] = {}
+        self._memo: dict[str, KeyParse | None] = {}
         for rule in self.rules:
             comp = arch.components.get(rule.component)
             if comp is None:
                 continue
             for naming in rule.namings:
                 if naming == "native" or naming in comp.namings:
-                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex(comp, naming, flat=rule.flat)
-                    params = ParamIndex(comp, naming, flat=rule.flat)
+                    self.indexes[(rule.component, naming, rule.flat)] = NameIndex.of(comp, naming, flat=rule.flat)
+                    params = ParamIndex.of(comp, naming, flat=rule.flat)
                     if params:
                         self.loose[(rule.component, naming, rule.flat)] = params
 
     def accept(self, key: str) -> KeyParse | None:
+        """The parse of ``key`` in this format, or None. Memoised (a parse is frozen and depends on the key
+        alone): the files of a library repeat the same key names."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        got = self._accept(key)
+        if len(self._memo) < MEMO_KEYS:
+            self._memo[key] = got
+        return got
+
+    def _accept(self, key: str) -> KeyParse | None:
         fmt = self.fmt
         body, marked = (fmt.rewrite(key) if fmt.rewrites else key), False
         for c in fmt.containers:
@@ -256,6 +278,18 @@ def _named_arch(candidates: Sequence[_Candidate], metadata: Mapping[str, str]) -
     return next(iter(named.values())) if len(named) == 1 else None
 
 
+_MATCHERS: dict[tuple[str, str], FormatMatcher] = {}
+
+
+def matcher_for(fmt: FormatSpec, arch: ArchSpec) -> FormatMatcher:
+    """The (cached) matcher of one format for one architecture: building its name indexes costs far more than
+    reading a small LoRA's header, so a library scan builds each once. A re-registered spec gets a new one."""
+    got = _MATCHERS.get((fmt.name, arch.name))
+    if got is None or got.fmt is not fmt or got.arch is not arch:
+        got = _MATCHERS[(fmt.name, arch.name)] = FormatMatcher(fmt, arch)
+    return got
+
+
 def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], *,
            arch: ArchSpec | None = None, path: str | None = None, force: str | None = None) -> Detection:
     """Score every registered (architecture × format) pair against the keys and shapes and return the best
@@ -268,7 +302,7 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
         for fmt in formats():
             if force and fmt.name != force:
                 continue
-            matcher = FormatMatcher(fmt, a)
+            matcher = matcher_for(fmt, a)
             if not matcher.rules:
                 continue
             parses = {k: p for k in keys if (p := matcher.accept(k)) is not None}
@@ -795,10 +829,14 @@ def row_window(alias: Alias, params: Mapping[str, int]) -> tuple[int, int] | Non
     return start, start + evaluate(alias.rows[1], params)
 
 
-def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha_tensor: torch.Tensor | None) -> float | None:
-    """The alpha of one parsed module (from its alpha tensor or the format's default)."""
-    if alpha_tensor is not None:
-        value = float(alpha_tensor.double().reshape(-1)[0]) if alpha_tensor.numel() else 0.0
+def entry_alpha(parsed: ParsedLora, entry: ModuleEntry, alpha: torch.Tensor | float | None) -> float | None:
+    """The alpha of one parsed module from its alpha tensor (or that tensor's first value, as
+    :meth:`WeightFile.first_value` reads it) or the format's default."""
+    if alpha is not None:
+        if isinstance(alpha, float):
+            value = alpha
+        else:
+            value = float(alpha.double().reshape(-1)[0]) if alpha.numel() else 0.0
         if value == math.inf and entry.family == "lokr" and {"lokr_w1", "lokr_w2"} <= set(entry.keys):
             # AI-Toolkit's default LoKr (toolkit/config_modules.py lokr_full_rank: alpha 9999999999, saved in
             # fp16 as +inf) has both Kronecker factors full; LyCORIS (LokrModule) and ComfyUI then ignore α and

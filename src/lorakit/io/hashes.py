@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lorakit.errors import InputFileError, UsageError
-from lorakit.io import SafetensorsFile, WeightFile, open_weights, tensor_bytes
+from lorakit.io import SafetensorsFile, WeightFile, open_weights
 from lorakit.io.header import build_header, serialisation_order
 from lorakit.ops.metadata import LEGACY_END, LEGACY_START
 
@@ -85,7 +85,7 @@ def sshs_hashes_of(file: WeightFile, metadata: Mapping[str, str] | None = None) 
     window = _Window()
     window.feed(header)
     for name, _, _ in serialisation_order(entries):
-        data = tensor_bytes(file.get(name))
+        data = file.raw_bytes(name)
         model.update(data)
         window.feed(data)
     return model.hexdigest(), window.hexdigest()[:8]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.dtypes import ST_DTYPES, ST_ORDER, itemsize
+from lorakit.dtypes import ST_CODES, ST_ORDER, itemsize
 from lorakit.errors import HeaderError, UnsupportedDtypeError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same limit safetensors applies
@@ -122,9 +122,9 @@ def _tensor_info(name: str, entry: object, data_start: int, data_len: int, path:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise HeaderError(f"tensor {name!r} has no dtype.", path=path)
-    if dtype not in ST_DTYPES:
+    if dtype not in ST_ORDER:
         raise UnsupportedDtypeError(f"tensor {name!r} has unsupported dtype {dtype!r}.", path=path,
-                                    hint="lorakit reads " + ", ".join(ST_DTYPES) + ".")
+                                    hint="lorakit reads " + ", ".join(ST_CODES) + ".")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise HeaderError(f"tensor {name!r} has an invalid shape {shape!r}.", path=path)
     if (not isinstance(offsets, list) or len(offsets) != 2

@@ -4,12 +4,18 @@ byte count is checked: a short read is a changed or truncated input, never zeros
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 
-import torch
 
 from lorakit.errors import InputFileError, OutputError
 from lorakit.io.header import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 READ_AHEAD = 256 << 20   # bytes announced to the kernel beyond the current read (keeps a cold disk streaming)
 

@@ -14,11 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict, cast
 
-import torch
 
-from lorakit.dtypes import TORCH_TO_ST, torch_dtype
+from lorakit import dtypes
+from lorakit.dtypes import decode_scalar, itemsize, torch_dtype
 from lorakit.errors import HeaderError, InputFileError, PickleRefusedError, UnsupportedDtypeError, brief
 from lorakit.io.header import MAX_HEADER_BYTES, TensorInfo, loads_json, no_duplicate_keys, parse_header
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 if TYPE_CHECKING:
     from typing_extensions import NotRequired     # typing has it from 3.11; the package supports 3.10
@@ -49,6 +54,16 @@ class WeightFile:
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def first_value(self, name: str) -> float:
+        """The first element of a tensor as a float (α scalars; 0.0 for an empty tensor)."""
+        t = self.get(name)
+        return float(t.double().reshape(-1)[0]) if t.numel() else 0.0
+
+    def raw_bytes(self, name: str) -> bytes:
+        """A tensor's bytes as stored (little-endian, row-major)."""
+        from lorakit.io.writer import tensor_bytes
+        return bytes(tensor_bytes(self.get(name)))
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in on-disk order (sequential reads)."""
@@ -98,6 +113,22 @@ class SafetensorsFile(WeightFile):
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.infos[name]
         return read_tensor(self._fd, info, out)
+
+    def first_value(self, name: str) -> float:
+        """The first element read from its bytes (no torch: header-only commands read α scalars this way)."""
+        info = self.infos[name]
+        if info.nbytes == 0:
+            return 0.0
+        value = decode_scalar(info.dtype, os.pread(self._fd, itemsize(info.dtype), info.start))
+        return super().first_value(name) if value is None else value
+
+    def raw_bytes(self, name: str) -> bytes:
+        """Read from the file as they are (no torch)."""
+        info = self.infos[name]
+        data = os.pread(self._fd, info.nbytes, info.start)
+        if len(data) != info.nbytes:
+            raise InputFileError(f"file ended while reading tensor {name!r} (truncated?).", path=self.path)
+        return data
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -179,6 +210,12 @@ class ShardedFile(WeightFile):
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.shards[self.shard_of[name]].get(name, out)
 
+    def first_value(self, name: str) -> float:
+        return self.shards[self.shard_of[name]].first_value(name)
+
+    def raw_bytes(self, name: str) -> bytes:
+        return self.shards[self.shard_of[name]].raw_bytes(name)
+
     def close(self) -> None:
         for shard in getattr(self, "shards", {}).values():
             shard.close()
@@ -209,10 +246,10 @@ class PickleFile(WeightFile):
         self.metadata = {}
         self.infos = {}
         for k, v in self._tensors.items():
-            if v.dtype not in TORCH_TO_ST:
+            if v.dtype not in dtypes.TORCH_TO_ST:
                 raise UnsupportedDtypeError(f"tensor {k!r} has unsupported dtype {v.dtype}.", path=self.path)
             nbytes = v.numel() * v.element_size()
-            self.infos[k] = TensorInfo(k, TORCH_TO_ST[v.dtype], tuple(v.shape), 0, nbytes, self.path)
+            self.infos[k] = TensorInfo(k, dtypes.TORCH_TO_ST[v.dtype], tuple(v.shape), 0, nbytes, self.path)
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name].contiguous()

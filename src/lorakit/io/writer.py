@@ -8,6 +8,8 @@ Any failure (disk full, interrupt, exception) removes the temporary file.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import math
 import os
@@ -15,12 +17,16 @@ import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
-import torch
 
 from lorakit.dtypes import dtype_code, itemsize
 from lorakit.errors import OutputError, UsageError
 from lorakit.io.header import MAX_HEADER_BYTES, MAX_TENSORS, build_header, serialisation_order
 from lorakit.io.tempfiles import clean_stale_temps, create_temp_file
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 _MAX_CHUNK = 1 << 30
 # test hook: seconds to sleep per written tensor (makes interrupt-mid-write tests deterministic); 0 normally

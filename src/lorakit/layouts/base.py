@@ -13,9 +13,9 @@ are solved from the shapes a file shows, or taken from a preset.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from lorakit.layouts.block_schemes import BlockScheme
 
@@ -429,8 +429,26 @@ class TemplateTable(Generic[_P]):
         return None
 
 
+_INDEXES: dict[tuple[str, int, str, bool], tuple[Any, ComponentSpec]] = {}
+
+
+def _cached(kind: str, component: ComponentSpec, naming: str, flat: bool, build: Callable[[], Any]) -> Any:
+    """One index per (kind, component, naming, flat): components are constants, and an SD UNet has ~800 modules."""
+    key = (kind, id(component), naming, flat)
+    hit = _INDEXES.get(key)
+    if hit is None or hit[1] is not component:
+        hit = _INDEXES[key] = (build(), component)      # the component kept with it: its id stays its own
+    return hit[0]
+
+
 class NameIndex:
-    """Resolve module names of one naming scheme (dotted or kohya-flattened) to module specs."""
+    """Resolve module names of one naming scheme (dotted or kohya-flattened) to module specs. Build with
+    :meth:`of` (cached)."""
+
+    @classmethod
+    def of(cls, component: ComponentSpec, naming: str, *, flat: bool) -> "NameIndex":
+        index: NameIndex = _cached("modules", component, naming, flat, lambda: cls(component, naming, flat=flat))
+        return index
 
     def __init__(self, component: ComponentSpec, naming: str, *, flat: bool) -> None:
         self.component = component
@@ -484,7 +502,13 @@ class ParamMatch:
 
 class ParamIndex:
     """Resolve loose-parameter names of one naming scheme (dotted or kohya-flattened) to parameter specs:
-    the full parameter name, or with ``stem=True`` the name of the module that owns the parameter."""
+    the full parameter name, or with ``stem=True`` the name of the module that owns the parameter. Build with
+    :meth:`of` (cached)."""
+
+    @classmethod
+    def of(cls, component: ComponentSpec, naming: str, *, flat: bool) -> "ParamIndex":
+        index: ParamIndex = _cached("params", component, naming, flat, lambda: cls(component, naming, flat=flat))
+        return index
 
     def __init__(self, component: ComponentSpec, naming: str, *, flat: bool) -> None:
         self.component = component

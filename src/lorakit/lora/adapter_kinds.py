@@ -10,15 +10,19 @@ read as a :class:`Full` whose patch replaces) and ``bias`` (a bias diff only, no
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from torch import Tensor
 
 from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 # (tensors by role, alpha) -> adapter (None: the module carries no weight delta, e.g. a bias diff only)
-Builder = Callable[[Mapping[str, Tensor], "float | None"], "Adapter | None"]
+Builder = Callable[[Mapping[str, "Tensor"], "float | None"], "Adapter | None"]
 
 INCOMPLETE = "incomplete"     # the family of a module whose roles name no registered kind
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TYPE_CHECKING
 
-import torch
-from torch import Tensor
 
 from lorakit.lora.transforms import NotExact, swap_halves
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 def _f32(t: Tensor | None) -> Tensor:
@@ -105,7 +109,7 @@ class Adapter:
         return replace(self, **changes)
 
     def _fields(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, Tensor)}
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -261,7 +265,7 @@ class LoHa(Adapter):
         return _plain(up, down, self.scale, self.weight_shape)
 
     def _fields(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, Tensor)}
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
 
 
 @dataclass

@@ -6,13 +6,19 @@ tensors; call it on LoRA models (``require_finite_model``) before a computation 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Iterable, Mapping
 
-import torch
 
 from lorakit.errors import NonFiniteError
 from lorakit.lora.model import LoraModel
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 def _elementwise_finite(t: torch.Tensor) -> bool:

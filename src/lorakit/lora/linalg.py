@@ -6,13 +6,19 @@ All maths in fp32 (fp64 where asked). Dense matrices are avoided where factors s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
 
 from lorakit.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 

@@ -13,11 +13,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypedDict
 
-import torch
-from torch import Tensor
-
 from lorakit.lora.adapters import Adapter
 from lorakit.layouts import ArchSpec, ConcreteModule, expand
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack     # typing has it from 3.11; the package supports 3.10

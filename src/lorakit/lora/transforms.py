@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from torch import Tensor
 
 if TYPE_CHECKING:
+    from torch import Tensor
     from lorakit.lora.adapters import Adapter
 
 

@@ -102,7 +102,7 @@ def slot_ids(arch: ArchInstance) -> list[str]:
 def _indexes(comp: ComponentSpec) -> tuple[NameIndex, ParamIndex]:
     got = _INDEXES.get(id(comp))
     if got is None:
-        got = _INDEXES[id(comp)] = (NameIndex(comp, "native", flat=False), ParamIndex(comp, "native", flat=False))
+        got = _INDEXES[id(comp)] = (NameIndex.of(comp, "native", flat=False), ParamIndex.of(comp, "native", flat=False))
     return got
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 
 from lorakit.lora.checks import dtype_range_cause, require_finite_output
 from lorakit.dtypes import as_dtype, worst_cast_error
@@ -22,6 +23,11 @@ from lorakit.lora.experts import EXPERT_KEY, expert_tag, experts_in, join_expert
 from lorakit.lora.model import LoraModel
 from lorakit.progress import Progress
 from lorakit.progress import report as report_progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass

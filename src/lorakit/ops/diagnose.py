@@ -27,6 +27,8 @@ from lorakit.formats.spec import formats, split_key
 from lorakit.ops.inspection import (deep_checks, entry_kind, entry_rank, entry_scale, metadata_summary, read_alphas,
                          split_qkv_warnings)
 from lorakit.io import WeightFile, open_weights
+from lorakit.progress import Progress
+from lorakit.progress import report as report_progress
 from lorakit.layouts import (RECOGNIZERS, ArchSpec, ComponentSpec, ModuleSpec, Variant, available, recognize, resolve,
                       symbols)
 
@@ -364,11 +366,15 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
     spec = parsed.arch.spec
     den = spec.denoiser
     refs = _refs(base, encoders)
+    status: list[str] = []       # per entry: applies / not_applied / unchecked (the --plot blocks)
     for e in parsed.entries:
+        status.append("unchecked" if base is None and not encoders else "not_applied")
         label = f"{e.component}:{e.match.native}" + (f" ({e.file_module})" if e.match.alias.rows else "")
         comp = spec.components[e.component]
         ref = refs.get(e.component)
         if ref is None:
+            if base is None:
+                status[-1] = "unchecked"
             if base is not None and comp.role != "denoiser":
                 miss("text encoder", f"{comp.label} modules: no {comp.label} text encoder was given",
                      f"pass --text-encoder with the {comp.label} checkpoint, or load the LoRA on the text "
@@ -389,6 +395,7 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
                                    "fix": "use the base model this LoRA was trained for"})
             else:
                 applies += 1
+                status[-1] = "applies"
             continue
         shape = ref.shapes.get(e.match.native)
         if shape is None:
@@ -411,6 +418,7 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
             bad |= symbols(mspec.inp) or {"in"}
         if not bad:
             applies += 1
+            status[-1] = "applies"
             continue
         if te:
             cause, reason, fix = ("model size", f"{ref.label} of another size",
@@ -420,12 +428,26 @@ def _coverage(parsed: ParsedLora, base: BaseModel | None, encoders: Mapping[str,
         mismatches.append({"module": label, "lora": [out_obs, in_obs], "base": [exp_out, exp_in],
                            "cause": cause, "reason": reason, "fix": fix})
     groups = [{**g, "count": len(g["modules"]), "modules": g["modules"][:LISTED]} for g in unmatched.values()]
+    blocks = coverage_blocks(parsed, status)
     for u in unknown:
         groups.append({"cause": u["cause"], "reason": u["reason"], "fix": u["fix"], "count": u["count"],
                        "modules": u["keys"]})
     checked = [c for c in spec.components if c in refs and c in parsed.arch.params]
     return {"applies": applies, "modules": len(parsed.entries), "checked_components": checked,
-            "unmatched": groups, "shape_mismatches": mismatches}
+            "unmatched": groups, "shape_mismatches": mismatches, "blocks": blocks}
+
+
+def coverage_blocks(parsed: ParsedLora, status: Sequence[str]) -> list[dict[str, Any]]:
+    """Per block of the architecture's scheme (``doctor --plot``): how many modules apply, will not apply, or
+    were not checked (``status`` per parsed entry)."""
+    from lorakit.lora.model import Target
+    from lorakit.ops.strength import block_label, block_order
+    counts: dict[str, Counter[str]] = {}
+    for e, st in zip(parsed.entries, status):
+        label = block_label(parsed.arch, Target(e.component, e.match.native, loose=e.match.loose))
+        counts.setdefault(label, Counter())[st] += 1
+    return [{"block": b, "applies": counts[b]["applies"], "not_applied": counts[b]["not_applied"],
+             "unchecked": counts[b]["unchecked"]} for b in block_order(parsed.arch, set(counts))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,9 +709,10 @@ def _verdict(d: Diagnosis, parsed: ParsedLora, base: BaseModel | None, base_labe
 
 def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
            *, text_encoders: Sequence[str | os.PathLike[str]] = (), allow_pickle: bool = False,
-           from_format: str | None = None) -> DoctorReport:
+           from_format: str | None = None, jobs: int = 1, progress: Progress | None = None) -> DoctorReport:
     """Diagnose LoRAs, optionally against a base model (every component it holds) and text-encoder files.
-    Verdicts are returned, not raised; an unreadable base or text encoder raises (LorakitError)."""
+    Verdicts are returned, not raised; an unreadable base or text encoder raises (LorakitError). ``jobs > 1``
+    diagnoses that many LoRAs at a time in worker processes (the batch runner); ``progress(done, total, file)``."""
     if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
     base_model = None
@@ -705,14 +728,35 @@ def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], bas
             encoders[te.component] = te
             report.text_encoders.append({"file": te.path, "component": te.component, "label": te.label,
                                          "architecture": te.arch, "modules": len(te.shapes)})
+        if jobs > 1:
+            report.loras = _diagnose_parallel(loras, base, text_encoders, allow_pickle, from_format, jobs, progress)
+            return report
         matchers = _Matchers()
-        for path in loras:
+        for i, path in enumerate(loras, 1):
             report.loras.append(diagnose(path, base_model, encoders=encoders, allow_pickle=allow_pickle,
                                          from_format=from_format, matchers=matchers))
+            report_progress(progress, i, len(loras), os.fspath(path))
     finally:
         if base_model is not None:
             base_model.file.close()
     return report
+
+
+def _diagnose_parallel(loras: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] | None,
+                       text_encoders: Sequence[str | os.PathLike[str]], allow_pickle: bool, from_format: str | None,
+                       jobs: int, progress: Progress | None) -> list[Diagnosis]:
+    from lorakit.ops.batch import Item, run_batch
+    from lorakit.ops.batch_tasks import DoctorTask
+    task = DoctorTask(None if base is None else os.fspath(base), tuple(os.fspath(t) for t in text_encoders),
+                      allow_pickle, from_format)
+    batch = run_batch(task, [Item(os.fspath(p)) for p in loras], jobs=jobs, progress=progress)
+    out = []
+    for rec in batch.records:
+        if isinstance(rec.result, dict):
+            out.append(Diagnosis(**{k: v for k, v in rec.result.items() if k != "exit_code"}))
+        else:       # the worker failed outside diagnose (it died)
+            out.append(Diagnosis(rec.file, INVALID, rec.summary, error=rec.error))
+    return out
 
 
 def format_report(report: DoctorReport) -> str:

@@ -21,9 +21,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-import torch
 
 from lorakit.lora.adapters import LoRA
 from lorakit.lora.transforms import stored_to_native
@@ -36,6 +35,11 @@ from lorakit.io import open_weights
 from lorakit.lora.model import LoraModel, Patch, Target, target_shape
 from lorakit.progress import Progress
 from lorakit.progress import report as report_progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 EPS = 1e-30
 EQUIVALENT = 1e-6
@@ -97,6 +101,8 @@ class DiffReport:
     differing_blocks: list[str] = field(default_factory=list)              # blocks whose deltas/tensors differ
     total: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # LoRAs: totals per block of the architecture's block scheme (IN04, D03 …; ``diff --plot``)
+    slots: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def equivalent(self) -> bool:
@@ -317,9 +323,14 @@ def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
     rep = DiffReport("lora", _lora_side(a.path or "A", a), _lora_side(b.path or "B", b))
     rep.only_in_a = sorted(str(t) for t in ta if t not in tb)
     rep.only_in_b = sorted(str(t) for t in tb if t not in ta)
+    from lorakit.ops.strength import block_label, block_order
     blocks: dict[str, Pair] = {}
     comps: dict[str, Pair] = {}
+    slots: dict[str, Pair] = {}
     total = Pair()
+    for t in ta.keys() ^ tb.keys():       # a module in one file only counts in its block's norm
+        only = Pair(_gram(ta[t], ta[t]) if t in ta else 0.0, _gram(tb[t], tb[t]) if t in tb else 0.0, 0.0, 1)
+        slots.setdefault(block_label(a.arch, t), Pair()).add(only)
     shared = sorted((t for t in ta if t in tb), key=str)
     rep.shared = len(shared)
     for t in shared:
@@ -343,8 +354,10 @@ def diff_loras(a: LoraModel, b: LoraModel) -> DiffReport:
         rep.modules[str(t)] = pair.to_json()
         blocks.setdefault(_group_key(a.arch, t.component, t.module), Pair()).add(pair)
         comps.setdefault(t.component, Pair()).add(pair)
+        slots.setdefault(block_label(a.arch, t), Pair()).add(pair)
         total.add(pair)
     _finish(rep, blocks, comps, total)
+    rep.slots = {k: slots[k].to_json() for k in block_order(a.arch, set(slots))}
     if any(p.dora is not None for p in a.patches + b.patches):
         rep.notes.append("DoRA magnitudes are compared directly (equal or not); the ratios and cosines cover the "
                          "low-rank deltas only (a DoRA's effect on W needs the base weight).")

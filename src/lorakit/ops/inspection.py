@@ -7,9 +7,8 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-import torch
 
 from lorakit.lora.adapters import Adapter, LoKr, LoRA
 from lorakit.formats import parse
@@ -21,6 +20,11 @@ from lorakit.io.header import loads_json
 from lorakit.layouts import expand
 from lorakit.layouts.base import ParamMatch
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
+
 MAX_UNKNOWN_LISTED = 20
 
 
@@ -29,6 +33,30 @@ def _component_params(parsed: ParsedLora, name: str) -> dict[str, int] | None:
         return parsed.arch.params[name]
     comp = parsed.arch.spec.components[name]
     return dict(comp.presets[0].params) if comp.presets else None
+
+
+_Expanded = tuple[dict[str, str], dict[str, int]]
+_EXPANDED: dict[tuple[int, tuple[tuple[str, int], ...]], tuple[object, _Expanded]] = {}
+EXPANDED_KEPT = 256
+
+
+def expanded_names(comp: Any, params: Mapping[str, int]) -> _Expanded:
+    """({native module name: group}, {group: module count}) of a component at these sizes, in layout order.
+    Cached (treat as read-only): a library's LoRAs share a few sizes, and expanding a published model's text
+    encoder costs more than reading a LoRA's header."""
+    key = (id(comp), tuple(sorted(params.items())))
+    got = _EXPANDED.get(key)
+    if got is not None and got[0] is comp:
+        return got[1]
+    group_of: dict[str, str] = {}
+    totals: dict[str, int] = {}
+    for m in expand(comp, params):
+        group_of[m.name] = m.group
+        totals[m.group] = totals.get(m.group, 0) + 1
+    if len(_EXPANDED) >= EXPANDED_KEPT:
+        _EXPANDED.clear()
+    _EXPANDED[key] = (comp, (group_of, totals))
+    return group_of, totals
 
 
 def coverage(parsed: ParsedLora) -> dict[str, Any]:
@@ -56,17 +84,20 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
         if params is None:
             continue
         params = {**{f: 1 for f in comp.flags}, **params}
-        mods = list(expand(comp, params))
+        group_of, totals = expanded_names(comp, params)
         hit = present.get(name, set())
-        groups: dict[str, dict[str, Any]] = {}
-        for m in mods:
-            g = groups.setdefault(m.group, {"label": comp.group_labels.get(m.group, m.group), "present": 0,
-                                            "total": 0})
-            g["total"] += 1
-            g["present"] += m.name in hit
-        extra = sorted(hit - {m.name for m in mods})
+        groups: dict[str, dict[str, Any]] = {g: {"label": comp.group_labels.get(g, g), "present": 0, "total": n}
+                                             for g, n in totals.items()}
+        extra = []
+        for m_name in hit:
+            g_name = group_of.get(m_name)
+            if g_name is None:
+                extra.append(m_name)
+            else:
+                groups[g_name]["present"] += 1
+        extra.sort()
         out[name] = {"label": comp.label, "present": sum(g["present"] for g in groups.values()) + len(extra),
-                     "total": len(mods), "groups": groups}
+                     "total": len(group_of), "groups": groups}
         if extra:
             out[name]["beyond_layout"] = extra
         if loose[name]:
@@ -80,9 +111,9 @@ def read_alphas(parsed: ParsedLora, nonfinite: list[str] | None = None) -> dict[
     out: dict[str, float | None] = {}
     for e in parsed.entries:
         key = e.keys.get("alpha")
-        tensor = parsed.file.get(key) if key else None
+        value = parsed.file.first_value(key) if key else None
         try:
-            out[e.file_module] = entry_alpha(parsed, e, tensor)
+            out[e.file_module] = entry_alpha(parsed, e, value)
         except NonFiniteError:
             if nonfinite is None:
                 raise
@@ -388,6 +419,11 @@ def format_report(r: Mapping[str, Any]) -> str:
         if stale:
             lines.append(f"  STALE HASHES  {', '.join(stale)} in the header do not match the tensors "
                          "(fix: lorakit meta FILE --rehash)")
+    strength = r.get("strength")
+    if strength and strength["blocks"]:
+        top = sorted(strength["blocks"], key=lambda b: -b["norm"])[:6]
+        lines.append(f"  strength      ‖ΔW‖ total {strength['total']:.4g}; strongest blocks "
+                     + ", ".join(f"{b['block']} {b['norm']:.4g}" for b in top))
     deep = r.get("deep")
     if deep:
         lines.append(f"  delta norms   max {deep['delta_norm_max']:.4g}, mean {deep['delta_norm_mean']:.4g}")

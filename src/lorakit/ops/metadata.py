@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import json
 import os
@@ -11,12 +13,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import torch
 
 from lorakit.dtypes import dtype_code
 from lorakit.io.header import build_header, serialisation_order
 from lorakit.io.writer import tensor_bytes
 from lorakit.layouts.base import ArchSpec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 PROVENANCE_KEY = "lorakit.provenance"
 STALE_PREFIXES = ("sshs_",)

@@ -185,7 +185,7 @@ def audit_lora_metadata(path: str | os.PathLike[str]) -> list[str]:
             if e.family == "lora":
                 r = e.shapes["down"][0]
                 key = e.keys.get("alpha")
-                a = entry_alpha(parsed, e, f.get(key) if key else None)
+                a = entry_alpha(parsed, e, f.first_value(key) if key else None)
                 ranks.append(r)
                 alphas.append(float(a) if a is not None else float(r))
         model_hash, legacy = sshs_hashes_of(f)

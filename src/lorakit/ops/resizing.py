@@ -35,8 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypedDict, cast
 
-import torch
-from torch import Tensor
 
 from lorakit.lora.adapters import Adapter, LoRA
 from lorakit.lora.checks import dtype_range_cause, require_finite_model, require_finite_output
@@ -50,6 +48,12 @@ from lorakit.lora.linalg import dynamic_rank, exact_svd, factored_svd, parse_dyn
 from lorakit.ops.metadata import InputRecord, file_sha256
 from lorakit.ops.worst import ROUNDING_FLOOR, worst as worst_of
 from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 if TYPE_CHECKING:
     from typing_extensions import NotRequired     # typing has it from 3.11; the package supports 3.10

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from collections.abc import Callable
 
-import torch
 
 from lorakit.errors import NonFiniteError
 from lorakit.lora.adapters import LoKr, NotExact
 from lorakit.lora.checks import all_finite
 from lorakit.ops.baking.tasks import Task, Use
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 WORK_ELEMENTS = 3 << 20               # fp32 elements per compute block (cache-friendly, ~12 MB)

@@ -19,7 +19,7 @@ from lorakit.ops.baking.tasks import Use
 
 def _missing_reason(base: BaseModel, component: str, module: str) -> str:
     comp = base.arch.spec.components[component]
-    m = NameIndex(comp, "native", flat=False).match(module)
+    m = NameIndex.of(comp, "native", flat=False).match(module)
     params = base.arch.params.get(component, {})
     if m is not None:
         if m.spec.requires and not params.get(m.spec.requires, 1):
@@ -97,7 +97,7 @@ def _lora_cause(bases: list[BaseModel], model: LoraModel) -> str:
 
 
 def coverage(bases: list[BaseModel], loras: list[BakeInput], te_files: dict[str, WeightFile], allow_partial: bool,
-              report: BakeReport) -> tuple[dict[str, dict[str, list[Use]]], dict[str, dict[str, Place]]]:
+             report: BakeReport) -> tuple[dict[str, dict[str, list[Use]]], dict[str, dict[str, Place]]]:
     """Check every LoRA module against the components the base files hold (the main one first; several for a
     pipeline folder) and the separate component files; refuse before any write. Modules of the main component
     are named bare in the report, others as ``component:module``."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from dataclasses import dataclass
 
-import torch
 
 from lorakit.base.checkpoint import BaseModel
 from lorakit.dtypes import torch_dtype
@@ -17,6 +18,11 @@ from lorakit.lora.adapters import LoRA
 from lorakit.lora.checks import require_finite_model
 from lorakit.lora.model import LoraModel
 from lorakit.ops.recipes import WeightedInput, parse_weighted
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass
@@ -30,6 +36,7 @@ class BakeInput:
 
 
 def as_weighted(item: object) -> WeightedInput:
+    """A LoRA input as given to bake (``path[:weight]``, ``(path, weight)`` or WeightedInput)."""
     if isinstance(item, WeightedInput):
         return item
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -54,6 +61,7 @@ class _ShapeOnlyFile(WeightFile):
 
 
 def read_lora(path: str, base_desc: str, *, allow_pickle: bool, shape_only: bool) -> LoraModel:
+    """Read one LoRA for a bake (``shape_only``: alphas read, larger tensors shape-only, for a dry run)."""
     try:
         with open_weights(path, allow_pickle=allow_pickle) as f:
             parsed = parse(_ShapeOnlyFile(f) if shape_only else f)
@@ -77,10 +85,12 @@ def check_architectures(loras: list[BakeInput], base: BaseModel, base_desc: str)
 
 
 def variant_labels(base: BaseModel) -> dict[str, str]:
+    """Variant name -> label of the base's architecture."""
     return {v.name: v.label for v in base.arch.spec.variants}
 
 
 def base_desc(base: BaseModel) -> str:
+    """How messages name the base (``the base (FLUX.1-dev …)``)."""
     spec = base.arch.spec
     if not spec.variants:
         return f"the base ({spec.label})"
@@ -110,6 +120,7 @@ def flag_of(component: str) -> str:
 
 
 def flag_hint(component: str) -> str:
+    """The command-line options that give a component's separate file and its output."""
     flag = component_flags().get(component)
     return f"--{flag} FILE --{flag}-out OUT" if flag else f"--component {component}=FILE:OUT"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import collections
 import math
 import os
@@ -10,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
 
 from lorakit.dtypes import itemsize, torch_dtype
 from lorakit.io.ranges import copy_range, pread_into, pwrite_from, read_ahead
@@ -18,6 +19,11 @@ from lorakit.io.writer import SLOW_WRITE_HOOK
 from lorakit.ops.baking.compute import Compute
 from lorakit.ops.baking.tasks import Task
 from lorakit.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 DEFAULT_CHUNK_BYTES = 16 << 20        # one pipeline chunk (source or output bytes, whichever is larger)

@@ -69,7 +69,7 @@ def component_file_places(file: WeightFile, component: str, base: BaseModel) -> 
 
 def _native_places(file: WeightFile, component: str, base: BaseModel) -> _Places | None:
     comp = base.arch.spec.components[component]
-    index = NameIndex(comp, "native", flat=False)
+    index = NameIndex.of(comp, "native", flat=False)
     heads = sorted({s.native.split(".", 1)[0] + "." for s in comp.modules})
     for extra in ("", *heads):           # second pass: files that drop a leading container (text_model.)
         places: dict[str, Place] = {}

@@ -49,6 +49,7 @@ class BakeReport:
 
 
 def output_metadata(bm: BaseModel, loras: list[BakeInput], report: BakeReport, dry_run: bool) -> dict[str, str]:
+    """The baked file's metadata: provenance (inputs, hashes, base, dtype, DoRA rule) and the ModelSpec architecture."""
     records = []
     for i in loras:
         sha = None if dry_run or not os.path.isfile(i.path) else file_sha256(i.path)
@@ -72,6 +73,7 @@ def output_metadata(bm: BaseModel, loras: list[BakeInput], report: BakeReport, d
 
 
 def describe(tasks: list[Task], loras: list[BakeInput]) -> list[dict[str, object]]:
+    """The dry-run plan: per tensor its action (bake/convert/copy) and, when baked, every change with its rows."""
     plan = []
     for t in tasks:
         entry: dict[str, object] = {"tensor": f"{t.where}/{t.key}" if t.where else t.key, "dtype": t.info.dtype,

@@ -7,9 +7,8 @@ import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TYPE_CHECKING, TypeVar, cast
 
-import torch
 
 from lorakit.base.checkpoint import BaseModel, open_base
 from lorakit.base.pipeline import is_pipeline, open_pipeline, refuse_scaled_fp8
@@ -27,6 +26,11 @@ from lorakit.ops.baking.report import BakeReport, describe, output_metadata
 from lorakit.ops.baking.tasks import Task, plan_tasks
 from lorakit.ops.metadata import PROVENANCE_KEY
 from lorakit.progress import Progress, ProgressBar
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

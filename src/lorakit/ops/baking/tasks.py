@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 
 from lorakit.dtypes import itemsize
 from lorakit.errors import MergeError
@@ -15,6 +16,11 @@ from lorakit.lora.adapters import LoRA
 from lorakit.lora.model import Patch
 from lorakit.ops.baking.outputs import FileOutput
 from lorakit.ops.baking.places import LOOSE, Place
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass
@@ -101,7 +107,7 @@ class Task:
 
 
 def plan_tasks(file: WeightFile, out: FileOutput | None, places: dict[str, Place],
-                uses: dict[str, dict[str, list[Use]]], codes: dict[str, str]) -> list[Task]:
+               uses: dict[str, dict[str, list[Use]]], codes: dict[str, str]) -> list[Task]:
     """One task per tensor of ``file`` (file order); ``uses``: component -> native module -> patches."""
     tasks = []
     for info in sorted(file.infos.values(), key=lambda i: (i.file, i.start)):

@@ -47,10 +47,13 @@ rounding is reported), as ``diff`` entries on the parameter's full name: ``lora_
 
 from __future__ import annotations
 
-from lorakit.ops.extraction.decompose import DEFAULT_DYNAMIC_CAP, DEFAULT_NITER, DEFAULT_OVERSAMPLE, DEFAULT_TE_MIN_DIFF, Decomposition, clamp_factors, decompose, fro_sq
+from lorakit.ops.extraction.decompose import (DEFAULT_DYNAMIC_CAP, DEFAULT_NITER, DEFAULT_OVERSAMPLE,
+                                              DEFAULT_TE_MIN_DIFF, Decomposition, clamp_factors, decompose, fro_sq)
 from lorakit.ops.extraction.report import ExtractReport, ModuleResult
 from lorakit.ops.extraction.pairing import Job, Pairing, RawSlots
 from lorakit.ops.extraction.plan import format_plan
 from lorakit.ops.extraction.run import extract
 
-__all__ = ["DEFAULT_DYNAMIC_CAP", "DEFAULT_NITER", "DEFAULT_OVERSAMPLE", "DEFAULT_TE_MIN_DIFF", "Decomposition", "ExtractReport", "Job", "ModuleResult", "Pairing", "RawSlots", "clamp_factors", "decompose", "extract", "format_plan", "fro_sq"]
+__all__ = ["DEFAULT_DYNAMIC_CAP", "DEFAULT_NITER", "DEFAULT_OVERSAMPLE", "DEFAULT_TE_MIN_DIFF", "Decomposition",
+           "ExtractReport", "Job", "ModuleResult", "Pairing", "RawSlots", "clamp_factors", "decompose", "extract",
+           "format_plan", "fro_sq"]

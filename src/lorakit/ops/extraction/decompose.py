@@ -3,13 +3,19 @@ with its exact error, and sd-scripts' quantile clamp."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
-from torch import Tensor
 
-import torch
 
 from lorakit.lora.linalg import dynamic_rank, exact_svd, randomized_svd
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 DEFAULT_DYNAMIC_CAP = 128      # rank cap of --dynamic when --rank is not given

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 
 from lorakit.errors import UsageError
 from lorakit.formats import WRITABLE
 from lorakit.lora.linalg import parse_dynamic
 from lorakit.ops.extraction.pairing import Job
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 Progress = Callable[[int, int, str], None]
@@ -43,8 +49,9 @@ class ExtractOptions:
 
 
 def validate_options(rank: int | None, dyn: tuple[str, float] | None, conv_rank: int | None, min_diff: float,
-              te_min_diff: float, to: str, alpha: float | None, oversample: int, niter: int,
-              include_norms: bool) -> None:
+                     te_min_diff: float, to: str, alpha: float | None, oversample: int, niter: int,
+                     include_norms: bool) -> None:
+    """Refuse inconsistent extract options before any file is read (UsageError with the fix)."""
     if rank is None and dyn is None:
         raise UsageError("no rank given.", hint="pass --rank N (e.g. --rank 64) or --dynamic METHOD:PARAM "
                                                 "(e.g. --dynamic sv_fro:0.9 --rank 128).")

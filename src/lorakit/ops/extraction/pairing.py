@@ -3,11 +3,11 @@ native weight from either model's slots."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
-from torch import Tensor
 
-import torch
 
 from lorakit.base.checkpoint import BaseModel, Slot
 from lorakit.errors import ArchitectureError, ShapeMismatchError
@@ -15,12 +15,19 @@ from lorakit.lora.model import Target
 from lorakit.lora.transforms import fit_shape, stored_to_native
 from lorakit.ops.extraction.report import ExtractReport
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
+
 
 PAIR_HINT = ("both files must be base models of one architecture (FLUX.1 transformers in BFL, ComfyUI or diffusers "
               "layout; SD1/SD2/SDXL single-file checkpoints or UNet files).")
 
 
 def layout_label(base: BaseModel) -> str:
+    """A model's layout as reports show it (naming, and its key prefix if any)."""
     name = base.arch.spec.native_layout if base.layout == "native" else base.layout
     return name + (f", prefix {base.prefix!r}" if base.prefix else "")
 
@@ -31,10 +38,12 @@ def _label(base: BaseModel, component: str, module: str) -> str:
 
 
 def is_text_encoder(base: BaseModel, component: str) -> bool:
+    """Whether a component is a text encoder (any role but the denoiser)."""
     return base.arch.spec.components[component].role != "denoiser"
 
 
 def check_compatible(orig: BaseModel, tune: BaseModel, paths: tuple[str, str]) -> None:
+    """Refuse two models that cannot be a base and its fine-tune (architecture, variant, sizes)."""
     where = f"{paths[0]} vs {paths[1]}"
     if orig.arch.name != tune.arch.name:
         raise ArchitectureError(
@@ -57,6 +66,7 @@ def check_compatible(orig: BaseModel, tune: BaseModel, paths: tuple[str, str]) -
 
 
 def covered(slots: list[Slot], out_rows: int) -> bool:
+    """Whether the slots' row windows tile rows ``0:out_rows`` exactly (no gap, no overlap)."""
     windows = sorted(s.rows or (0, out_rows) for s in slots)
     pos = 0
     for a, b in windows:
@@ -66,7 +76,7 @@ def covered(slots: list[Slot], out_rows: int) -> bool:
     return pos == out_rows
 
 
-RawSlots = list[tuple[Slot, Tensor]]
+RawSlots = list[tuple[Slot, "Tensor"]]
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,7 @@ def _file_position(base: BaseModel, slots: tuple[Slot, ...] | list[Slot]) -> tup
 
 
 def param_slots(slots: list[Slot], param: str) -> list[Slot]:
+    """The slots holding one parameter (``weight`` or ``bias``)."""
     return [s for s in slots if s.param == param]
 
 
@@ -195,4 +206,5 @@ def pair_models(orig: BaseModel, tune: BaseModel, report: ExtractReport) -> Pair
 
 
 def sorted_slots(slots: tuple[Slot, ...]) -> list[Slot]:
+    """Slots in a stable order: by parameter, then row window."""
     return sorted(slots, key=lambda s: (s.param, s.rows or (0, 0)))

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import math
 import os
 import time
 
-import torch
 
 from lorakit.base.checkpoint import BaseModel, base_expert
 from lorakit.base.pipeline import open_model
 from lorakit.devices import parse_device
-from lorakit.dtypes import ST_DTYPES, as_dtype
+from lorakit import dtypes
+from lorakit.dtypes import as_dtype
 from lorakit.errors import KeyMappingError, UsageError
 from lorakit.formats import emit
 from lorakit.io import check_output_path, save_tensors
@@ -29,6 +31,11 @@ from lorakit.ops.extraction.report import ExtractReport
 from lorakit.ops.extraction.stream import stream_modules
 from lorakit.ops.metadata import InputRecord
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
+
 
 def _disk_size(path: str) -> int:
     if os.path.isfile(path):
@@ -43,7 +50,7 @@ def _output_dtype(base: BaseModel, requested: torch.dtype | None) -> torch.dtype
         return requested
     for s in base.slots.values():
         if s.module is not None and s.param == "weight":
-            dt = ST_DTYPES[base.file.infos[s.key].dtype][0]
+            dt = dtypes.ST_DTYPES[base.file.infos[s.key].dtype][0]
             return dt if dt in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
     return torch.bfloat16
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from torch import Tensor
 
-import torch
 
 from lorakit.base.checkpoint import BaseModel, Slot
 from lorakit.errors import NonFiniteError
@@ -16,8 +16,15 @@ from lorakit.lora.adapters import Full, LoRA
 from lorakit.lora.model import Patch, Target
 from lorakit.ops.extraction.decompose import clamp_factors, decompose, fro_sq, residual_sq
 from lorakit.ops.extraction.options import ExtractOptions, Progress
-from lorakit.ops.extraction.pairing import Job, Pairing, RawSlots, covered, difference, is_text_encoder, param_slots, place_slots, read_slots
+from lorakit.ops.extraction.pairing import (Job, Pairing, RawSlots, covered, difference, is_text_encoder, param_slots,
+                                            place_slots, read_slots)
 from lorakit.ops.extraction.report import ExtractReport, ModuleResult
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 def _max_abs(t: Tensor) -> float:
@@ -93,7 +100,8 @@ def _factorize(d: Tensor, job: Job, peak: float, opt: ExtractOptions, t0: float)
 
 
 def stream_modules(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pairing, opt: ExtractOptions,
-            progress: Progress | None) -> list[Patch]:
+                   progress: Progress | None) -> list[Patch]:
+    """Difference, factorise and collect every paired module, one at a time in one reused buffer."""
     paths = (orig.file.path or "", tune.file.path or "")
     numel = max((math.prod(j.shape) for j in pairing.jobs), default=0)
     buf = torch.empty(numel, dtype=torch.float32)      # one difference buffer, reused (no page faults per module)
@@ -196,10 +204,11 @@ def _bias_delta(raw_o: RawSlots, raw_t: RawSlots, out_rows: int, name: str, repo
 
 def _compare_loose(orig: BaseModel, tune: BaseModel, loose: list[tuple[str, str, str, Slot, Slot]],
                    report: ExtractReport, min_diff: float, include_norms: bool = False,
-                   out_dtype: torch.dtype = torch.float32) -> list[Patch]:
+                   out_dtype: torch.dtype | None = None) -> list[Patch]:
     """Report every loose parameter (q/k norm scale) that differs by more than ``min_diff``; with
-    ``include_norms`` return a Full ``diff`` patch for each (fp32 difference stored at ``out_dtype``;
+    ``include_norms`` return a Full ``diff`` patch for each (fp32 difference stored at ``out_dtype``, default fp32;
     its rounding error is recorded). Unchanged parameters are skipped."""
+    out_dtype = out_dtype or torch.float32
     patches: list[Patch] = []
     for comp, name, label, so, st in loose:
         a, b = orig.file.get(so.key), tune.file.get(st.key)

@@ -41,12 +41,20 @@ input that has them; everything else (training tags, dataset statistics, per-inp
 from __future__ import annotations
 
 from lorakit.ops.merging.report import MergeReport, ModuleStat
-from lorakit.ops.merging.registry import DenseCombine, METHOD_OPTIONS, MergeMethod, ModuleMerge, get_merge_method, merge_method, merge_methods, methods_with, register_merge_method, unregister_merge_method
-from lorakit.ops.merging.contributions import Contribution, IDENTITY_KEYS, InputSpec, factor_form, merge_arch, merged_metadata, module_seed
+from lorakit.ops.merging.registry import (DenseCombine, METHOD_OPTIONS, MergeMethod, ModuleMerge, get_merge_method,
+                                          merge_method, merge_methods, methods_with, register_merge_method,
+                                          unregister_merge_method)
+from lorakit.ops.merging.contributions import (Contribution, IDENTITY_KEYS, InputSpec, factor_form, merge_arch,
+                                               merged_metadata, module_seed)
 from lorakit.ops.merging.dense import MAJORITY_SIGN, combine_dense, magnitude_prune, majority_sign_mask, random_prune
 from lorakit.ops.merging.plan import MergeOptions, MergeResult, gather, merge_models, module_kernel, uses_conv_rank
 from lorakit.ops.merging.methods import dense_merge, dense_merge_method, input_deltas, stacked_factors
 from lorakit.ops.merging.verify import verify_merge
 from lorakit.ops.merging.run import merge
 
-__all__ = ["Contribution", "DenseCombine", "IDENTITY_KEYS", "InputSpec", "MAJORITY_SIGN", "METHOD_OPTIONS", "MergeMethod", "MergeOptions", "MergeReport", "MergeResult", "ModuleMerge", "ModuleStat", "combine_dense", "dense_merge", "dense_merge_method", "factor_form", "gather", "get_merge_method", "input_deltas", "magnitude_prune", "majority_sign_mask", "merge", "merge_arch", "merge_method", "merge_methods", "merge_models", "merged_metadata", "methods_with", "module_kernel", "module_seed", "random_prune", "register_merge_method", "stacked_factors", "unregister_merge_method", "uses_conv_rank", "verify_merge"]
+__all__ = ["Contribution", "DenseCombine", "IDENTITY_KEYS", "InputSpec", "MAJORITY_SIGN", "METHOD_OPTIONS",
+           "MergeMethod", "MergeOptions", "MergeReport", "MergeResult", "ModuleMerge", "ModuleStat", "combine_dense",
+           "dense_merge", "dense_merge_method", "factor_form", "gather", "get_merge_method", "input_deltas",
+           "magnitude_prune", "majority_sign_mask", "merge", "merge_arch", "merge_method", "merge_methods",
+           "merge_models", "merged_metadata", "methods_with", "module_kernel", "module_seed", "random_prune",
+           "register_merge_method", "stacked_factors", "unregister_merge_method", "uses_conv_rank", "verify_merge"]

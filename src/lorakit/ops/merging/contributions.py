@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
 
 from lorakit.errors import ArchitectureError
 from lorakit.lora.adapters import Adapter, LoHa, LoKr, LoRA, NotExact
 from lorakit.lora.model import ArchInstance, LoraModel, Target
 from lorakit.ops.recipes import WeightedInput, parse_weighted
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
+
 
 InputSpec = WeightedInput | tuple[str, float] | str | os.PathLike
 
 
 def weighted_inputs(inputs: Iterable[InputSpec]) -> list[WeightedInput]:
+    """Merge inputs (``path[:weight]`` strings, pairs or WeightedInput) as WeightedInput."""
     out = []
     for item in inputs:
         if isinstance(item, WeightedInput):
@@ -112,6 +119,7 @@ class Contribution:
 
 
 def target_shape(arch: ArchInstance, target: Target, contribs: Sequence[Contribution]) -> tuple[int, ...]:
+    """ΔW's shape of a merge target, from the layout or, where it leaves sizes open, the contributions."""
     mod = arch.module_map(target.component).get(target.module)
     first = next((c.adapter for c in contribs if c.adapter is not None), None)
     tail = tuple(first.weight_shape[1:]) if first is not None else ()
@@ -185,6 +193,7 @@ def _small(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def rank_of(adapter: Adapter | None, shape: tuple[int, ...]) -> int:
+    """The rank an adapter contributes to a stacked-factor merge (0 for none)."""
     if adapter is None:
         return 0
     if isinstance(adapter, LoRA):
@@ -196,6 +205,7 @@ def rank_of(adapter: Adapter | None, shape: tuple[int, ...]) -> int:
 
 
 def dense_sum(contribs: Sequence[Contribution], shape: tuple[int, ...]) -> Tensor:
+    """``Σ coef·ΔW`` of the contributions as one dense fp32 tensor (row windows placed)."""
     total = torch.zeros(shape, dtype=torch.float32)
     for c in contribs:
         if c.adapter is None:

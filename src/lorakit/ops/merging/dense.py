@@ -3,12 +3,18 @@ sign election, TIES and DARE."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
 
 from lorakit.ops.merging.registry import METHODS
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 MAJORITY_SIGN = ("total", "frequency")
@@ -52,6 +58,7 @@ def combine_dense(tensors: list[Tensor], weights: Sequence[float], method: str, 
 
 
 def weighted_stack(pruned: list[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """The task tensors stacked on a new first axis, and the weights shaped to broadcast over it."""
     stacked = torch.stack(pruned, dim=0)
     w = torch.tensor(list(weights)).to(stacked.device)
     return stacked, w.view(w.shape + (1,) * (stacked.dim() - 1))
@@ -65,6 +72,7 @@ def sign_elected(stacked: Tensor, w: Tensor, majority_sign: str) -> Tensor:
 
 
 def dare_pruned(tensors: list[Tensor], density: float, generator: torch.Generator | None) -> list[Tensor]:
+    """Every task tensor with DARE's random pruning (keep ``density``, rescale; the generator is required)."""
     if generator is None:
         raise ValueError("DARE needs a generator")
     return [random_prune(t, density, generator) for t in tensors]

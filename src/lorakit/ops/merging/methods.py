@@ -3,11 +3,11 @@ dare_ties (dense, then truncated)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-import torch
-from torch import Tensor
 
 from lorakit.errors import MergeError, NonFiniteError
 from lorakit.formats.emit import is_pow2
@@ -18,8 +18,15 @@ from lorakit.lora.model import Patch, Target
 from lorakit.ops.merging.contributions import Contribution, dense_sum, factor_form, module_seed, rank_of
 from lorakit.ops.merging.dense import combine_dense, dare_pruned, magnitude_prune, sign_elected, weighted_stack
 from lorakit.ops.merging.plan import MergeOptions, scaled_bias
-from lorakit.ops.merging.registry import DenseCombine, MergeMethod, get_merge_method, merge_method, register_merge_method
+from lorakit.ops.merging.registry import (DenseCombine, MergeMethod, get_merge_method, merge_method,
+                                          register_merge_method)
 from lorakit.ops.merging.report import ModuleStat
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 def _fold(up: Tensor, down: Tensor, c: float) -> tuple[Tensor, Tensor]:
@@ -67,8 +74,10 @@ def _concat(target: Target, contribs: list[Contribution], shape: tuple[int, ...]
 
 
 def stacked_factors(contribs: Sequence[Contribution], out_rows: int,
-                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
-    """``(U_s, D_s)`` with ``U_s @ D_s = Σ coef·ΔW`` (rows placed), or None if a module must be densified."""
+                    dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+    """``(U_s, D_s)`` with ``U_s @ D_s = Σ coef·ΔW`` (rows placed), or None if a module must be densified;
+    in ``dtype`` (default float32)."""
+    dtype = dtype or torch.float32
     ups, downs = [], []
     for c in contribs:
         if c.adapter is None:
@@ -181,7 +190,8 @@ def dense_merge(target: Target, contribs: Sequence[Contribution], shape: tuple[i
 
 
 def dense_method(target: Target, contribs: list[Contribution], shape: tuple[int, ...], options: MergeOptions,
-                  weights: Sequence[float], multiplier: float) -> tuple[list[Patch], ModuleStat]:
+                 weights: Sequence[float], multiplier: float) -> tuple[list[Patch], ModuleStat]:
+    """A dense merge method on one module: combine the dense task tensors, then SVD to the output rank."""
     bias = scaled_bias(contribs, shape[0])
     n = len({c.input for c in contribs if c.adapter is not None})
     require_dense_fits(str(target), shape, 6 * n + 4, path=None,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import torch
-from torch import Tensor
 
 from lorakit.errors import MergeError, UsageError
 from lorakit.lora.adapters import Full, LoRA
@@ -17,6 +17,12 @@ from lorakit.ops.merging.contributions import Contribution, dense_sum, merge_arc
 from lorakit.ops.merging.registry import get_merge_method
 from lorakit.ops.merging.report import ModuleStat
 from lorakit.progress import Progress, report as report_progress
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 @dataclass
@@ -157,6 +163,7 @@ def _loose_sum(target: Target, contribs: list[Contribution], shape: tuple[int, .
 
 
 def scaled_bias(contribs: Sequence[Contribution], out_rows: int) -> Tensor | None:
+    """``Σ coef·Δb`` of the contributions' bias deltas (row windows placed); None when none has one."""
     items = [c for c in contribs if c.bias is not None]
     if not items:
         return None

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from torch import Tensor
 
 from lorakit.errors import UsageError
 
 if TYPE_CHECKING:
+    from torch import Tensor
     from lorakit.lora.model import Patch, Target
     from lorakit.ops.merging.contributions import Contribution
     from lorakit.ops.merging.plan import MergeOptions
@@ -28,7 +28,7 @@ ModuleMerge = Callable[["Target", "list[Contribution]", "tuple[int, ...]", "Merg
 
 
 # (task tensors, weights, density=, majority_sign=, generator=) -> merged dense tensor
-DenseCombine = Callable[..., Tensor]
+DenseCombine = Callable[..., "Tensor"]
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
 
 from lorakit.dtypes import parse_dtype, worst_cast_error
 from lorakit.errors import UsageError
@@ -26,6 +27,11 @@ from lorakit.ops.merging.report import MergeReport
 from lorakit.ops.merging.verify import verify_merge
 from lorakit.ops.metadata import InputRecord, file_sha256
 from lorakit.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lorakit.lazy import torch
 
 
 def _check_options(method: str, rank: int | None, dynamic: str | None, density: float | None,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
 
 from lorakit.lora.linalg import gram_fro_norm
 from lorakit.lora.model import ArchInstance, LoraModel, Target
@@ -15,6 +15,12 @@ from lorakit.ops.merging.contributions import Contribution, dense_sum, target_sh
 from lorakit.ops.merging.methods import dense_merge, stacked_factors
 from lorakit.ops.merging.plan import MergeOptions, scaled_bias
 from lorakit.ops.merging.registry import get_merge_method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from lorakit.lazy import torch
 
 
 def verify_merge(written: LoraModel, expected: dict[Target, list[Contribution]], arch: ArchInstance,
