@@ -431,3 +431,16 @@ def test_unknown_device_and_missing_cuda(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA"):
             lorakit.bake(base, [lora], str(tmp_path / "o.safetensors"), device="cuda")
+
+
+def test_stage_timings_are_reported(tmp_path, capsys):
+    """Where a bake's time goes: read, compute, write, copy, the waits and the commit, in --json and --timings."""
+    base = make_base(tmp_path, "bfl")
+    lora = _loras(tmp_path, "kohya")[0][0]
+    out = str(tmp_path / "o.safetensors")
+    r = lorakit.bake(base, [lora], out, progress=False)
+    assert set(r.stages) == {"read", "compute", "write", "copy", "wait_read", "wait_write", "commit"}
+    assert all(v >= 0 for v in r.stages.values()) and r.stages["compute"] > 0 and r.stages["commit"] > 0
+    assert r.to_json()["stages"] == r.stages
+    assert main(["bake", base, lora, "-o", str(tmp_path / "o2.safetensors"), "--timings", "--no-progress"]) == 0
+    assert "stages (s, overlapping): read " in capsys.readouterr().err

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_models(p)
     add_dtype(p, "keep each base tensor's dtype")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where ΔW is computed (default cpu)")
+    p.add_argument("--timings", action="store_true",
+                   help="print the seconds each stage took (read, compute, write, copy, waits, commit; --json always "
+                        "has them)")
     p.add_argument("--allow-partial", action="store_true", default=None,
                    help="bake the modules that fit and report those that do not (default: refuse)")
     p.add_argument("--allow-zero-lora", action="store_true", default=None,
@@ -177,4 +180,6 @@ def run(args: argparse.Namespace) -> int:
         + (f" in {r.seconds:.1f} s{rate}" if not r.dry_run else ""))
     for te in r.text_encoders:
         say(f"  {te['component']}: {te['changed']} tensors baked → {verb} {te['output'] or '-'}")
+    if r.stages and getattr(args, "timings", False):
+        say("  stages (s, overlapping): " + ", ".join(f"{k} {v:.2f}" for k, v in r.stages.items()))
     return status(r.skipped, r.not_applied, r.warnings)

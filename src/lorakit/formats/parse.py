@@ -262,6 +262,26 @@ def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapp
         comp = arch.components[comp_name]
         sizes = solve(equations, comp.fixed)
         bad += sum(1 for expr, value in equations if symbols(expr) <= set(sizes) and evaluate(expr, sizes) != value)
+    return bad + _beyond_counts(arch, parses)
+
+
+def _beyond_counts(arch: ArchSpec, parses: Mapping[str, KeyParse]) -> int:
+    """How many keys name a block index that no published size of the architecture has (index ≥ the largest
+    preset's count): block 40 of a 60-block model is not a block of a 19-block one whose names it shares."""
+    limits: dict[tuple[str, str], int | None] = {}
+    bad = 0
+    for p in parses.values():
+        repeat, index = p.match.spec.repeat, p.match.index
+        if repeat is None or index is None:
+            continue
+        key = (p.rule.component, repeat)
+        if key not in limits:
+            presets = arch.components[p.rule.component].presets
+            counts = [pr.params[repeat] for pr in presets if repeat in pr.params]
+            limits[key] = max(counts) if counts and len(counts) == len(presets) else None
+        limit = limits[key]
+        if limit is not None and index >= limit:
+            bad += 1
     return bad
 
 

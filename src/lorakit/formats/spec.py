@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 # ---------------------------------------------------------------------------------------------
 # Suffix vocabulary: key tail -> (family, role)
@@ -53,8 +54,10 @@ class SplitKey:
     adapter_name: str | None = None
 
 
+@lru_cache(maxsize=1 << 16)
 def split_key(key: str, *, xlabs: bool = False) -> SplitKey | None:
-    """Split ``<module>.<suffix>`` using the known suffix vocabulary."""
+    """Split ``<module>.<suffix>`` using the known suffix vocabulary (memoised: detection splits every key once
+    per architecture × format, and the result, a frozen dataclass, depends on the key alone)."""
     if not xlabs:
         m = ADAPTER_NAMED.search(key)
         if m and m.group("name") not in ("weight", "bias"):

@@ -151,13 +151,15 @@ class ParamSpec:
 class Variant:
     """A named variant recognised when every listed parameter has the given value. A variant with
     ``named_by`` is key-identical to another one: it is recognised only when the file's metadata names it
-    (one of those words appears in a base-model field) and its parameters hold. ``components``: the variant also
-    needs these components to be present (Wan 2.2 A14B: the second expert)."""
+    (one of those words appears in a base-model field) and its parameters hold. ``supported=False``: another
+    architecture with this one's keys (named by metadata only), refused by name until it is added.
+    ``components``: the variant also needs these components to be present (Wan 2.2 A14B: the second expert)."""
 
     name: str
     label: str
     when: Mapping[str, int]
     named_by: tuple[str, ...] = ()
+    supported: bool = True
     components: tuple[str, ...] = ()
 
 
@@ -226,13 +228,15 @@ class ComponentSpec:
 @dataclass(frozen=True)
 class Portability:
     """A loader-compatibility note for this architecture's LoRAs in one format; ``layout``: only on a base of that
-    layout, ``groups``: only when the LoRA has modules of these groups (``doctor`` prints it with the fix)."""
+    layout, ``groups``: only when the LoRA has modules of these groups, ``namings``: only when some module is spelled
+    in one of these namings with a name the native naming does not share (``doctor`` prints it with the fix)."""
 
     format: str
     note: str
     fix: str
     layout: str | None = None
     groups: tuple[str, ...] = ()
+    namings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,13 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
                 p[k] = evaluate(expr, p)
         params[comp_name] = p
     variant = _variant(arch, params, metadata or {})
+    refused = next((v for v in arch.variants if v.name == variant and not v.supported), None)
+    if refused is not None:
+        raise UnsupportedArchitectureError(
+            f"this file's metadata names {refused.label}, which lorakit recognises but does not support yet (its "
+            f"module names fit {arch.label}).", path=path,
+            hint=f"lorakit supports {', '.join(resolve(n).label for n in available())} so far; if the metadata is "
+                 "wrong, correct it (lorakit meta --set / --delete) and read the file again.")
     return ArchInstance(arch, params, variant, presets)
 
 

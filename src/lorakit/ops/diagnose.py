@@ -645,6 +645,9 @@ def diagnose(path: str | os.PathLike[str], base: BaseModel | None = None, *,
             continue
         if n.layout is not None and (base is None or base.layout != n.layout):
             continue
+        if n.namings and not any(e.naming in n.namings and e.match.alias.template != e.match.spec.native
+                                 for e in parsed.entries):
+            continue      # only modules whose name in those namings is not also the native one count
         if not n.groups or any(e.match.spec.group in n.groups for e in parsed.entries):
             d.notes.append(f"{n.note}. Fix: {n.fix}")
     d.notes.extend(_variant_notes(parsed, base))

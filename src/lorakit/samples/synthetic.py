@@ -20,6 +20,13 @@ TINY_FLUX: dict[str, int] = {"H": 32, "M": 128, "IN": 16, "OUT": 16, "CTX": 24, 
                              "double": 2, "single": 2, "guidance": 1, "modulation": 1}
 TINY_CLIP: dict[str, int] = {"D": 24, "FF": 48, "layers": 2}
 TINY_T5: dict[str, int] = {"D": 28, "INNER": 32, "FF": 40, "blocks": 2}
+# Qwen-Image and Z-Image transformers with the same layout data at toy sizes (2 heads of 16; the diffusers classes
+# accept them: QwenImageTransformer2DModel(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+# num_attention_heads=2, joint_attention_dim=24), ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2,
+# n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=20))
+TINY_QWEN: dict[str, int] = {"H": 32, "M": 128, "IN": 16, "OUT": 16, "CTX": 24, "T": 256, "D": 16, "blocks": 2}
+TINY_ZIMAGE: dict[str, int] = {"H": 32, "M": 85, "IN": 16, "OUT": 16, "T": 32, "F": 256, "TM": 1024, "CAP": 20,
+                               "D": 16, "layers": 2, "noise": 1, "context": 1}
 
 
 def full_flux_params(guidance: bool = True) -> dict[str, int]:
@@ -66,10 +73,10 @@ def _size(expr: str, params: Mapping[str, int]) -> int:
 
 def write_base(path: str | os.PathLike[str], params: Mapping[str, int] = TINY_FLUX, *, layout: str = "bfl",
                dtype: torch.dtype = torch.float32, seed: int = 0, prefix: str = "",
-               fill: str = "randn") -> str:
-    """Write a base model tensor by tensor (bounded memory, any size)."""
+               fill: str = "randn", arch: ArchSpec = FLUX1) -> str:
+    """Write a base model tensor by tensor (bounded memory, any size); ``layout`` "bfl" = the native names."""
     gen = torch.Generator().manual_seed(seed)
-    specs = base_tensors(params, layout)
+    specs = base_tensors(params, layout, arch)
     entries = [(prefix + t.name, dtype_code(dtype), t.shape) for t in specs]
     with SafetensorsWriter(path, entries, {"format": "pt"}) as w:
         for t in specs:

@@ -59,6 +59,20 @@ class ByteProgress:
             self.callback(self.total, self.total, "")
 
 
+class StageTimes:
+    """Seconds each stage spent in its own work (each counter is written by one thread only): ``read``
+    (pread of tensors to compute), ``compute`` (fp32 add and cast), ``write`` (pwrite of computed chunks), ``copy``
+    (copy_file_range of untouched tensors), ``wait_read``/``wait_write`` (the compute thread idle, waiting for the
+    reader / for the writer to take a chunk). The stages overlap, so the sum exceeds the wall time; the largest
+    busy stage is the bottleneck."""
+
+    def __init__(self) -> None:
+        self.read = self.compute = self.write = self.copy = self.wait_read = self.wait_write = 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+
 class Pipeline:
     def __init__(self, tasks: list[Task], device: torch.device, chunk_bytes: int, progress: ByteProgress) -> None:
         self.tasks, self.device, self.chunk_bytes, self.progress = tasks, device, chunk_bytes, progress
@@ -76,6 +90,7 @@ class Pipeline:
         self.fds: dict[str, int] = {}
         self.written: collections.deque[tuple[int, int, int]] = collections.deque()
         self.remaining = {id(t): sum(1 for _ in t.chunks(chunk_bytes)) for t in need}
+        self.times = StageTimes()
 
     # -- helpers ---------------------------------------------------------------------------
     def _get(self, q: queue.Queue):
@@ -155,7 +170,9 @@ class Pipeline:
                 buf, pooled = self._buffer(self.rpool, n)
                 fd, offset = self._fd(task.info.file), task.info.start + j0 * per * isz
                 read_ahead(fd, offset, n, ahead)
+                t0 = time.perf_counter()
                 pread_into(fd, buf, n, offset, task.info)
+                self.times.read += time.perf_counter() - t0
                 self._put(self.q_read, (task, j0, j1, buf, pooled))
         self._put(self.q_read, None)
 
@@ -170,16 +187,20 @@ class Pipeline:
             if SLOW_WRITE_HOOK:   # test hook (as in SafetensorsWriter.write): makes kill-mid-bake tests deterministic
                 time.sleep(SLOW_WRITE_HOOK)
             if buf is None:
+                t0 = time.perf_counter()
                 copy_range(self._fd(task.info.file), w.fd, task.info.nbytes, task.info.start, dst, w.path,
                             src_path=task.info.file)
                 self._writeback(w.fd, dst, task.info.nbytes)
+                self.times.copy += time.perf_counter() - t0
                 w.written.add(task.key)
                 self.progress.add(task.info.nbytes)
                 continue
             osz, per = itemsize(task.out_code), task.row_elems
             n = (j1 - j0) * per * osz
+            t0 = time.perf_counter()
             pwrite_from(w.fd, buf, n, dst + j0 * per * osz, w.path)
             self._writeback(w.fd, dst + j0 * per * osz, n)
+            self.times.write += time.perf_counter() - t0
             if pooled:
                 self.wpool.put(buf)
             self.remaining[id(task)] -= 1
@@ -191,8 +212,11 @@ class Pipeline:
         compute = Compute(self.device, self.chunk_bytes)
         threads = [self._thread(self._reader), self._thread(self._writer)]
         try:
+            times = self.times
             while True:
+                t0 = time.perf_counter()
                 item = self._get(self.q_read)
+                times.wait_read += time.perf_counter() - t0
                 if item is None:
                     self._put(self.q_write, None)
                     break
@@ -204,7 +228,10 @@ class Pipeline:
                 shape = (j1 - j0, *task.info.shape[1:]) if task.info.shape else ()
                 n_in = math.prod(shape) * itemsize(task.info.dtype)
                 n_out = math.prod(shape) * itemsize(task.out_code)
+                t0 = time.perf_counter()
                 obuf, opooled = self._buffer(self.wpool, n_out)
+                t1 = time.perf_counter()
+                times.wait_write += t1 - t0
                 src = buf[:n_in].view(src_dt).view(shape)
                 dst = obuf[:n_out].view(out_dt).view(shape)
                 if task.info.shape:
@@ -216,7 +243,10 @@ class Pipeline:
                 if j1 == task.rows or not task.info.shape:
                     for u in {id(u): u for u in (*task.additive, *task.doras)}.values():
                         u.done()
+                t2 = time.perf_counter()
+                times.compute += t2 - t1
                 self._put(self.q_write, (task, j0, j1, obuf, opooled))
+                times.wait_write += time.perf_counter() - t2
             for t in threads:
                 while t.is_alive():
                     t.join(0.1)

@@ -248,14 +248,17 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         prog = ByteProgress(report.bytes_in, callback)
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads or _default_threads())
+        pipe = Pipeline(tasks, dev, chunk_bytes, prog)
         try:
-            Pipeline(tasks, dev, chunk_bytes, prog).run()
+            pipe.run()
         finally:
             torch.set_num_threads(saved_threads)
             prog.close()
+        t_commit = time.perf_counter()
         for o in outputs:
             o.commit()
         outputs.clear()
+        report.stages = {**pipe.times.to_json(), "commit": round(time.perf_counter() - t_commit, 4)}
         report.seconds = time.perf_counter() - t_start
         return report
     except KeyboardInterrupt:
