@@ -165,13 +165,15 @@ def test_fp8_base_upcast_add_cast_once(tmp_path):
     assert all(torch.equal(b[k].view(torch.uint8), o[k].view(torch.uint8)) for k in b if k != key)
 
 
-def test_scaled_fp8_is_refused(tmp_path):
+def test_scale_on_a_non_fp8_weight_is_refused(tmp_path):
+    """Scaled fp8 bakes (tests/test_quant_bake.py); a scale_weight beside a weight that is not fp8 is no known
+    convention and is refused."""
     base = make_base(tmp_path, "bfl")
     t = load_file(base)
     t["double_blocks.0.img_attn.qkv.scale_weight"] = torch.tensor(1.0)
     save_file(t, base)
     lora = write_sdscripts_lora(str(tmp_path / "k.safetensors"), clip=None)
-    with pytest.raises(UnsupportedDtypeError, match="scaled-fp8"):
+    with pytest.raises(UnsupportedDtypeError, match="has a scale_weight but is F32, not fp8"):
         lorakit.bake(base, [lora], str(tmp_path / "out.safetensors"))
     assert not os.path.exists(tmp_path / "out.safetensors")
 

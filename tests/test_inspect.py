@@ -1,4 +1,4 @@
-"""Detection (confidence, runner-up, ties, metadata tie-break), variants, FLUX.2 refusal, header-only inspect."""
+"""Detection (confidence, runner-up, ties, metadata tie-break), variants, FLUX.1 vs FLUX.2, header-only inspect."""
 
 from __future__ import annotations
 
@@ -155,34 +155,53 @@ def test_variants(write_st, extra, meta, variant, in_ch) -> None:
         assert r["sizes"]["transformer"]["IN"] == in_ch
 
 
-def test_flux2_hidden_4096_refused(write_st, capsys) -> None:
+def test_flux2_hidden_4096_is_klein_9b_not_flux1(write_st, capsys) -> None:
     t: dict = {}
     lora(t, "lora_unet_double_blocks_0_img_attn_proj", 4096, 4096, r=1)
     path = write_st(t)
-    with pytest.raises(UnsupportedArchitectureError, match="FLUX.2"):
-        read_lora(path)
-    assert main(["inspect", path]) == 2
+    model = read_lora(path)
+    assert (model.arch.name, model.arch.variant) == ("flux2", "klein-9b")
+    # read as FLUX.1 on request: refused, naming the architecture it is
+    with pytest.raises(UnsupportedArchitectureError, match="FLUX.2") as exc:
+        read_lora(path, arch="flux1")
+    assert "--arch flux2" in (exc.value.hint or "")
+    assert main(["inspect", path, "--arch", "flux1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "FLUX.2" in err[0] and path in err[0]
+    assert len(err) >= 1 and "FLUX.2" in err[0] and path in err[0]
 
 
-def test_flux2_klein_mlp_refused(write_st) -> None:
+def test_flux2_klein_4b_mlp_is_flux2(write_st) -> None:
+    # 3072 wide like FLUX.1; its SwiGLU img_mlp.0 holds 6×3072 rows (FLUX.1: 4×3072)
     t: dict = {}
-    lora(t, "lora_unet_double_blocks_0_img_mlp_0", 6 * H, H)
-    with pytest.raises(UnsupportedArchitectureError, match="FLUX.2 Klein"):
-        read_lora(write_st(t))
+    lora(t, "lora_unet_double_blocks_0_img_attn_qkv", 3 * 3072, 3072, r=1)
+    lora(t, "lora_unet_double_blocks_0_img_mlp_0", 6 * 3072, 3072, r=1)
+    model = read_lora(write_st(t))
+    assert (model.arch.name, model.arch.variant) == ("flux2", "klein-4b")
 
 
-def test_flux2_key_names_refused(write_st, capsys) -> None:
+def test_flux1_attention_only_stays_flux1_and_names_flux2(write_st, capsys) -> None:
+    # a double-block attention LoRA 3072 wide fits FLUX.1 and FLUX.2 Klein 4B alike: FLUX.1 (registered first), and
+    # the report says it also fits FLUX.2; metadata naming FLUX.2 settles it
+    t: dict = {}
+    lora(t, "lora_unet_double_blocks_0_img_attn_qkv", 3 * 3072, 3072, r=1)
+    rc, r = inspect_json(capsys, write_st(t))
+    assert rc == 0 and r["architecture"] == "flux1" and "FLUX.2" in r["also_fits"]
+    named = read_lora(write_st(t, {"modelspec.architecture": "Flux.2-klein-4b/lora"}))
+    assert (named.arch.name, named.arch.variant) == ("flux2", "klein-4b")
+    assert read_lora(write_st(t, {"ss_base_model_version": "flux1"})).arch.name == "flux1"
+
+
+def test_flux2_key_names_convert(write_st, tmp_path) -> None:
     t: dict = {}
     for j in range(2):
         lora(t, f"transformer.single_transformer_blocks.{j}.attn.to_qkv_mlp_proj", 9 * H, H, alpha=None,
              down="lora_A.weight", up="lora_B.weight")
     path = write_st(t)
-    assert main(["convert", path, "-o", path + ".out.safetensors", "--to", "kohya"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "FLUX.2" in err[0] and "not supported" in err[0]
-    assert not os.path.exists(path + ".out.safetensors")
+    out = str(tmp_path / "k.safetensors")
+    assert main(["convert", path, "-o", out, "--to", "kohya"]) == 0
+    with open_weights(out) as f:
+        assert sorted(f.keys()) == sorted(f"lora_unet_single_blocks_{j}_linear1.{s}" for j in range(2)
+                                          for s in ("alpha", "lora_down.weight", "lora_up.weight"))
 
 
 # ---------------------------------------------------------------------------------------------

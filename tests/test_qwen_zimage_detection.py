@@ -67,7 +67,8 @@ def test_attention_only_lora_on_the_first_blocks_stays_flux_unless_metadata_name
     plain = _save(tmp_path, tensors)
     with open_weights(plain) as f:
         parsed = parse(f)
-    assert parsed.arch.spec.name == "flux1" and parsed.detection.also_fits == ["Qwen-Image"]
+    # (FLUX.2 Klein 4B is 3072 wide too: its double blocks have these diffusers attention names)
+    assert parsed.arch.spec.name == "flux1" and sorted(parsed.detection.also_fits) == ["FLUX.2", "Qwen-Image"]
     for meta in ({"modelspec.architecture": "Qwen-Image/lora"}, {"ss_base_model_version": "qwen_image"},
                  {"ss_sd_model_name": "qwen_image_bf16.safetensors"}):
         named = _save(tmp_path, tensors, meta, name="named.safetensors")

@@ -213,6 +213,7 @@ def b_sd3(tmp):
 
 
 def b_flux2(tmp):
+    """A FLUX.2 single-block LoRA whose fused q/k/v+MLP rows (64) cannot be 3·H + 2·M for its 64 inputs."""
     g = torch.Generator().manual_seed(0)
     t = {"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight": torch.randn(2, 64, generator=g),
          "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight": torch.randn(64, 2, generator=g)}
@@ -290,7 +291,7 @@ INPUT_CLASSES = [
     InputClass("base model given as LoRA", b_base_as_lora, E.NotALoraError, "lora"),
     InputClass("duplicate modules in two spellings", b_two_spellings, E.KeyMappingError, "lora"),
     InputClass("SD3 LoRA", b_sd3, E.UnsupportedArchitectureError, "lora"),
-    InputClass("FLUX.2 LoRA", b_flux2, E.UnsupportedArchitectureError, "lora"),
+    InputClass("FLUX.2 LoRA with an impossible fused shape", b_flux2, E.ShapeMismatchError, "lora"),
     InputClass("factor ranks disagree", b_inconsistent_factors, E.FormatError, "lora"),
     InputClass("rank-0 module", b_rank_zero, E.FormatError, "lora"),
     InputClass("module sizes contradict each other", b_contradicting_sizes, E.ShapeMismatchError, "lora"),

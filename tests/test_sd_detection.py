@@ -1,6 +1,6 @@
 """Which architecture a LoRA is for, from its keys, shapes and metadata: SD1.x / SD2.x / SDXL told apart,
 variants only metadata names (SD2 v-prediction, Pony), and architectures lorakit does not support (SD3, the SDXL
-refiner, FLUX.2) refused by name instead of being mistaken for a registered one."""
+refiner) refused by name instead of being mistaken for a registered one."""
 
 from __future__ import annotations
 
@@ -87,7 +87,6 @@ REFUSED = {
     # the SDXL refiner: SGM names, context width 1280
     "sdxl-refiner": ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (768, 1280),
                       "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (768, 768)}, "kohya", "refiner"),
-    "flux2": ({"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj": (64, 64)}, "peft", "FLUX.2"),
 }
 
 

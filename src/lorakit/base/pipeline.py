@@ -22,14 +22,14 @@ else:
 
 
 def refuse_scaled_fp8(file: WeightFile) -> None:
-    """Refuse a ComfyUI scaled-fp8 checkpoint (``scale_weight`` tensors): its codes mean nothing without the scales."""
+    """Refuse a ComfyUI scaled-fp8 file inside a diffusers pipeline folder: single scaled-fp8 checkpoints are
+    read and baked (:mod:`lorakit.base.quant`), pipeline subfolders only as plain weights."""
     scales = [k for k in file.keys() if k.endswith((".scale_weight", ".weight_scale"))]
     if scales:
         raise UnsupportedDtypeError(
-            f"this is a scaled-fp8 checkpoint ({len(scales)} scale tensors, e.g. {scales[0]!r}); adding a LoRA to the "
-            "fp8 codes without the scales would corrupt the weights, and lorakit does not requantise scaled fp8 yet.",
-            path=file.path, hint="bake into the bf16/fp16 original, then quantise the result.")
-
+            f"this pipeline subfolder is a scaled-fp8 checkpoint ({len(scales)} scale tensors, e.g. {scales[0]!r}); "
+            "lorakit reads and bakes scaled fp8 as single-file checkpoints only.",
+            path=file.path, hint="pass the scaled-fp8 file itself (or a bf16/fp16 pipeline folder).")
 
 
 PIPELINE_INDEX = "model_index.json"
@@ -120,7 +120,8 @@ def open_model(path: str | os.PathLike[str], *, allow_pickle: bool = False, expe
             raise
     f = open_weights(p, allow_pickle=allow_pickle)
     try:
-        return open_base(f, expert=expert)
+        from lorakit.base.quant import dequantized     # torch-backed codecs: imported when a base is opened
+        return open_base(dequantized(f), expert=expert)
     except BaseException:
         f.close()
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from lorakit.ops.baking import bake, flagged_components, format_plan
 from lorakit.errors import UsageError
@@ -64,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bake even a LoRA whose up matrices are all zero (it changes nothing; default: refuse)")
     p.add_argument("--dry-run", action="store_true", default=None,
                    help="print the per-tensor plan; read no base tensor data, write nothing")
+    p.add_argument("--requant", default=None, metavar="TYPE",
+                   help="GGUF bases: the type baked tensors are written as when their own cannot be (K-quants): "
+                        "q8_0, q5_0, q5_1, q4_0, q4_1, bf16, f16 (default: refuse)")
     for name, comp in flagged_components().items():    # e.g. FLUX.1's --clip-l/--t5 (layout data)
         file_alias, out_alias = comp.flag_aliases
         p.add_argument(f"--{comp.flag}", *([f"--{file_alias}"] if file_alias else []), dest=name, default=None,
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
              allow_pickle=bool(args.allow_pickle),
              progress=terminal_progress("bake", enabled=not (args.no_progress or args.dry_run or args.json),
                                         unit="bytes"),
-             allow_zero_lora=bool(args.allow_zero_lora))
+             allow_zero_lora=bool(args.allow_zero_lora), requant=args.requant)
     if args.json:
         emit_json(r.to_json())
         return status(r.skipped, r.not_applied, r.warnings)
@@ -180,6 +184,12 @@ def run(args: argparse.Namespace) -> int:
         + (f" in {r.seconds:.1f} s{rate}" if not r.dry_run else ""))
     for te in r.text_encoders:
         say(f"  {te['component']}: {te['changed']} tensors baked → {verb} {te['output'] or '-'}")
+    if r.quantized:
+        q: Any = r.quantized
+        low = min(q["blocks"], key=lambda b: b["retention"]) if q["blocks"] else None
+        say(f"  {q['convention']}: {q['requantized']} tensors requantized ({', '.join(q['policy'])}), "
+            f"delta retention {q['retention']:.1%}"
+            + (f" (lowest block {low['block']}: {low['retention']:.1%})" if low else ""))
     if r.stages and getattr(args, "timings", False):
         say("  stages (s, overlapping): " + ", ".join(f"{k} {v:.2f}" for k, v in r.stages.items()))
     return status(r.skipped, r.not_applied, r.warnings)

@@ -13,7 +13,7 @@ from lorakit.errors import LorakitError
 from lorakit.layouts import available, resolve
 
 # command name -> module under lorakit.cli (each defines register(subparsers))
-COMMANDS = ("inspect", "doctor", "convert", "merge", "bake", "extract", "resize", "diff", "meta", "scan")
+COMMANDS = ("inspect", "doctor", "convert", "merge", "bake", "extract", "resize", "diff", "meta", "scan", "ui")
 
 
 class Parser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from lorakit.lora.adapter_kinds import INCOMPLETE, get_kind, kind_of
 from lorakit.lora.adapters import Adapter, LoHa, LoKr, LoRA
 from lorakit.lora.transforms import swap_parts
-from lorakit.layouts.infer import Observation, ParamObservation, infer_instance
+from lorakit.layouts.infer import Observation, ParamObservation, infer_instance, size_refusal
 from lorakit.dtypes import FLOAT_CODES
 from lorakit.errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
                       ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError,
@@ -234,6 +234,7 @@ class _Candidate:
     fmt: FormatSpec
     parses: dict[str, KeyParse]
     inconsistent: int = 0         # factor keys whose shapes contradict this reading's sizes
+    deferred: bool = False        # the sizes are another registered architecture's (ComponentSpec.deferrals)
 
     @property
     def name(self) -> str:
@@ -243,26 +244,51 @@ class _Candidate:
         return {k: _meaning(p) for k, p in self.parses.items()}
 
 
-def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapping[str, tuple[int, ...]]) -> int:
+def _contradictions(arch: ArchSpec, parses: Mapping[str, KeyParse], shapes: Mapping[str, tuple[int, ...]]
+                    ) -> tuple[int, bool]:
     """How many LoRA factor keys contradict the sizes the other keys and the architecture's fixed sizes imply
-    (header arithmetic only): an SDXL cross-attention ``to_k`` (2,048 inputs) is not an SD1.5 one (768)."""
+    (header arithmetic only): an SDXL cross-attention ``to_k`` (2,048 inputs) is not an SD1.5 one (768); and
+    whether the sizes solved are another registered architecture's (a component's deferrals: FLUX.2's hidden size
+    read as FLUX.1). LoHa/LoKr/full modules count by the shape their factors compose into."""
     by_comp: dict[str, list[tuple[str, int]]] = {}
+    others: dict[tuple[str, str], ModuleEntry] = {}
     for key, p in parses.items():
         shape = shapes.get(key) or ()
-        if isinstance(p.match, ParamMatch) or p.split.family != "lora" or len(shape) < 2:
+        if isinstance(p.match, ParamMatch):
             continue
         spec, alias = p.match.spec, p.match.alias
         eq = by_comp.setdefault(p.rule.component, [])
+        if p.split.family in ("loha", "lokr", "full"):
+            e = others.setdefault((p.rule.component, p.file_module),
+                                  ModuleEntry(p.file_module, p.rule.component, p.naming, p.match))
+            e.keys[p.split.role], e.shapes[p.split.role] = key, tuple(shape)
+            continue
+        if p.split.family != "lora" or len(shape) < 2:
+            continue
         if p.split.role == "up":
             eq.append((alias.rows[1] if alias.rows else spec.out, shape[0]))
         elif p.split.role == "down":
             eq.append((spec.inp, shape[1]))
-    bad = 0
-    for comp_name, equations in by_comp.items():
+    composed: dict[str, list[tuple[str, int]]] = {}
+    for e in others.values():
+        if not _complete(e):
+            continue
+        out, inp = e.observed_shape()
+        m = e.match
+        eq = composed.setdefault(e.component, [])
+        if out is not None:
+            eq.append((m.alias.rows[1] if m.alias.rows else m.spec.out, out))   # type: ignore[union-attr]
+        if inp is not None:
+            eq.append((m.spec.inp, inp))   # type: ignore[union-attr]
+    bad, deferred = 0, False
+    for comp_name in set(by_comp) | set(composed):
         comp = arch.components[comp_name]
-        sizes = solve(equations, comp.fixed)
+        equations, extra = by_comp.get(comp_name, []), composed.get(comp_name, [])
+        sizes = solve(equations + extra, comp.fixed)
         bad += sum(1 for expr, value in equations if symbols(expr) <= set(sizes) and evaluate(expr, sizes) != value)
-    return bad + _beyond_counts(arch, parses)
+        sized_out = size_refusal(comp, sizes)
+        deferred = deferred or (sized_out is not None and sized_out[1] is not None)
+    return bad + _beyond_counts(arch, parses), deferred
 
 
 def _beyond_counts(arch: ArchSpec, parses: Mapping[str, KeyParse]) -> int:
@@ -294,8 +320,12 @@ def _named_arch(candidates: Sequence[_Candidate], metadata: Mapping[str, str]) -
     """The one architecture among ``candidates`` the file's metadata names, if exactly one is named."""
     text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture",
                                                        "ss_sd_model_name")).lower()
-    named = {c.arch.name: c.arch for c in candidates if any(w in text for w in c.arch.named_by)}
-    return next(iter(named.values())) if len(named) == 1 else None
+    words = {c.arch.name: [w for w in c.arch.named_by if w in text] for c in candidates}
+    archs = {c.arch.name: c.arch for c in candidates}
+    # an architecture named only by a word inside another one's ("flux" in "flux.2-dev") is not named
+    named = [n for n, ws in words.items() if ws and not all(
+        any(w != o and w in o for m, os_ in words.items() if m != n for o in os_) for w in ws)]
+    return archs[named[0]] if len(named) == 1 else None
 
 
 _MATCHERS: dict[tuple[str, str], FormatMatcher] = {}
@@ -335,15 +365,19 @@ def detect(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], metadata:
             # each key whose shape contradicts the reading's sizes counts against it: names that fit with the shapes
             # of another architecture lose to that architecture (an SD1.5 reading of an SDXL cross-attention), and a
             # file whose best reading still contradicts itself is reported by parse() as a shape mismatch
-            bad = _contradictions(a, parses, shapes) if parses else 0
-            results.append(_Candidate(a, fmt, parses, bad))
+            bad, deferred = _contradictions(a, parses, shapes) if parses else (0, False)
+            results.append(_Candidate(a, fmt, parses, bad, deferred))
     if not results:
         raise UnknownFormatError(path, list(keys), None, total=total)
-    results.sort(key=lambda r: (not r.parses, r.inconsistent - len(r.parses), r.inconsistent))
+    # among equally good readings, one whose sizes are not another registered architecture's (a Klein LoRA's BFL
+    # names fit FLUX.1 too; its MLP width does not). A reading refused as an unsupported architecture (SD3) keeps
+    # its place: it names what the file is
+    results.sort(key=lambda r: (not r.parses, r.inconsistent - len(r.parses), r.deferred, r.inconsistent))
     best = results[0]
     if not best.parses:
         _explain_unknown(keys, shapes, path)
-    tied = [r for r in results[1:] if len(r.parses) == len(best.parses) and r.inconsistent == best.inconsistent]
+    tied = [r for r in results[1:] if len(r.parses) == len(best.parses) and r.inconsistent == best.inconsistent
+            and (best.deferred or not r.deferred)]
     also: list[str] = []
     if tied:
         other_archs = [r for r in tied if r.arch.name != best.arch.name]

@@ -379,6 +379,20 @@ def _sniff(path: str) -> str:
     return "safetensors"
 
 
+#: files that open by their first bytes rather than as safetensors: magic -> "module:function" (imported on use;
+#: the formats live with the code that understands them)
+MAGIC_OPENERS: dict[bytes, str] = {b"GGUF": "lorakit.base.quant.gguf_file:open_gguf"}
+
+
+def _magic_opener(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    return next((o for m, o in MAGIC_OPENERS.items() if head.startswith(m)), None)
+
+
 def find_index(folder: str) -> str | None:
     """The ``*.safetensors.index.json`` of a sharded folder, if there is one."""
     candidates = sorted(p for p in os.listdir(folder) if p.endswith(INDEX_SUFFIX))
@@ -400,6 +414,12 @@ def open_weights(path: str | os.PathLike[str], *, allow_pickle: bool = False) ->
     if p.endswith(INDEX_SUFFIX):
         return ShardedFile(p)
     kind = _sniff(p)
+    opener = _magic_opener(p)
+    if opener is not None:
+        import importlib
+        module, _, fn = opener.partition(":")
+        opened: WeightFile = getattr(importlib.import_module(module), fn)(p)
+        return opened
     if kind == "pickle" or Path(p).suffix.lower() in PICKLE_SUFFIXES and kind != "safetensors":
         if not allow_pickle:
             raise PickleRefusedError(

@@ -8,6 +8,7 @@ from lorakit.errors import UnsupportedArchitectureError
 from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, ConcreteModule, ConcreteParam, ModuleSpec, NameIndex, NameMatch,
                    ParamSpec, Preset, Variant, evaluate, expand, expand_params, flatten, solve, symbols)
 from lorakit.layouts.flux1 import FLUX1
+from lorakit.layouts.flux2 import FLUX2
 from lorakit.layouts.qwen_image import QWEN_IMAGE
 from lorakit.layouts.z_image import Z_IMAGE
 from lorakit.layouts.sd1 import SD1
@@ -42,10 +43,10 @@ def available() -> list[str]:
     return list(_ARCHS)
 
 
-for _arch in (FLUX1, SDXL, SD1, SD2, QWEN_IMAGE, Z_IMAGE, WAN):
+for _arch in (FLUX1, SDXL, SD1, SD2, QWEN_IMAGE, Z_IMAGE, FLUX2, WAN):
     register(_arch)
 
 __all__ = ["Alias", "ArchSpec", "ComponentSpec", "ConcreteModule", "ConcreteParam", "ModuleSpec", "NameIndex",
            "NameMatch", "ParamSpec", "Preset", "Variant", "evaluate", "expand", "expand_params", "flatten", "solve", "symbols",
-           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "SD1", "SD2", "SDXL",
-           "QWEN_IMAGE", "Z_IMAGE", "WAN"]
+           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "FLUX2", "SD1", "SD2",
+           "SDXL", "QWEN_IMAGE", "Z_IMAGE", "WAN"]

@@ -214,6 +214,9 @@ class ComponentSpec:
     counts: tuple[str, ...] = ()       # parameters that are block counts
     fallbacks: Mapping[str, Expr] = field(default_factory=dict)   # sizes derived when a file does not show them
     refusals: tuple[tuple[Expr, int, str], ...] = ()   # (expr, value, label): sizes of an unsupported architecture
+    # (expr, value, label, architecture): sizes of another registered architecture whose module names this one
+    # shares; detection prefers that architecture's reading, and a file read as this one anyway is refused
+    deferrals: tuple[tuple[Expr, int, str, str], ...] = ()
     role: str = "denoiser"
     fixed: Mapping[str, int] = field(default_factory=dict)   # sizes every checkpoint of this component has
     # flag -> (reason, fix) when a LoRA has modules that need the flag and a base lacks them (``doctor``)

@@ -114,8 +114,18 @@ TRANSFORMER = ComponentSpec(
     fallbacks={"M": "4*H", "OUT": "IN"},
     # architectures whose LoRAs share FLUX.1's diffusers names (SD3's joint blocks are ``transformer_blocks.N.attn.
     # to_q`` / ``add_q_proj`` too): told apart by their hidden size (FLUX.1 is 3072 wide)
-    refusals=(("H", 4096, "FLUX.2 (hidden size 4096)"), ("M-6*H", 0, "FLUX.2 Klein (fused SwiGLU MLP, 6×hidden)"),
-              ("H", 1536, "SD3 / SD3.5 Medium (hidden size 1536)"), ("H", 2432, "SD3.5 Large (hidden size 2432)")),
+    refusals=(("H", 1536, "SD3 / SD3.5 Medium (hidden size 1536)"), ("H", 2432, "SD3.5 Large (hidden size 2432)")),
+    # FLUX.2 shares the BFL names and the double blocks' diffusers attention names: its hidden size (6144 dev, 4096
+    # Klein 9B) or its MLP (SwiGLU 3×hidden: img_mlp.0 and linear1 read as FLUX.1 give M = 6·H, img_mlp.2 and
+    # linear2 M = 3·H; Klein 4B is 3072 wide like FLUX.1) tell it apart
+    deferrals=(("H", 6144, "FLUX.2-dev (hidden size 6144)", "flux2"),
+               ("H", 4096, "FLUX.2 [klein] 9B (hidden size 4096)", "flux2"),
+               ("M-6*H", 0, "FLUX.2 (SwiGLU MLP: 2×3×hidden input rows)", "flux2"),
+               ("M-3*H", 0, "FLUX.2 (MLP 3×hidden)", "flux2"),
+               # txt_in: FLUX.1 reads T5 (4096 wide); FLUX.2 three stacked hidden states of its text encoder
+               ("CTX", 15360, "FLUX.2-dev (text width 15360)", "flux2"),
+               ("CTX", 7680, "FLUX.2 [klein] 4B (text width 7680)", "flux2"),
+               ("CTX", 12288, "FLUX.2 [klein] 9B (text width 12288)", "flux2")),
 )
 
 _T = "transformer"
@@ -134,8 +144,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
               Rule("text_encoders.t5xxl.transformer.", "t5", ("native",), False)),
     "diffusers": (Rule("transformer.", _T, ("diffusers",), False), Rule("text_encoder.", "clip_l", ("native",), False),
                   Rule("text_encoder_2.", "t5", ("native",), False)),
+    # the last rule also reads fal's Kontext trainer: ``base_model.model.`` + BFL names (formats.md F7)
     "peft": (Rule("transformer.", _T, ("diffusers",), False), Rule("text_encoder.", "clip_l", ("native",), False),
-             Rule("text_encoder_2.", "t5", ("native",), False), Rule("", _T, ("diffusers",), False)),
+             Rule("text_encoder_2.", "t5", ("native",), False), Rule("", _T, ("diffusers", "native"), False)),
     "xlabs": (Rule("", _T, ("xlabs",), False),),
     "onetrainer": (Rule("lora_transformer_", _T, ("diffusers",), True), Rule("lora_te1_", "clip_l", ("native",), True),
                    Rule("lora_te2_", "t5", ("native",), True)),

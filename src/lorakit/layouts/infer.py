@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from lorakit.errors import UnsupportedArchitectureError
 from lorakit.io.header import loads_json
-from lorakit.layouts import Alias, ArchSpec, ModuleSpec, ParamSpec, available, evaluate, resolve, solve, symbols
+from lorakit.layouts import Alias, ArchSpec, ComponentSpec, ModuleSpec, ParamSpec, available, evaluate, resolve, solve, symbols
 from lorakit.lora.model import ArchInstance
 
 
@@ -56,12 +56,19 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
             if ob.inp is not None:
                 equations.append((ob.spec.inp, ob.inp))
         p = solve(equations, {})
-        for expr, value, label in comp.refusals:
-            if symbols(expr) <= set(p) and evaluate(expr, p) == value:
+        sized_out = size_refusal(comp, p)
+        if sized_out is not None:
+            label, other = sized_out
+            if other is not None and other in available():
                 raise UnsupportedArchitectureError(
-                    f"this file is {label}, which lorakit recognises but does not support yet (its module names "
-                    f"fit {arch.label}, its sizes do not).", path=path,
-                    hint=f"lorakit supports {', '.join(resolve(n).label for n in available())} so far.")
+                    f"this file is {label}, not {arch.label} (its module names fit both, its sizes are "
+                    f"{resolve(other).label}'s).", path=path,
+                    hint=f"read it as {resolve(other).label} (--arch {other}; without --arch lorakit picks it when "
+                         f"its keys fit a {resolve(other).label} format as well).")
+            raise UnsupportedArchitectureError(
+                f"this file is {label}, which lorakit recognises but does not support yet (its module names "
+                f"fit {arch.label}, its sizes do not).", path=path,
+                hint=f"lorakit supports {', '.join(resolve(n).label for n in available())} so far.")
         for flag in comp.flags:
             present = any(ob.spec.requires == flag for ob in obs)
             if present:
@@ -97,6 +104,18 @@ def infer_instance(arch: ArchSpec, observations: Iterable[Observation | ParamObs
             hint=f"lorakit supports {', '.join(resolve(n).label for n in available())} so far; if the metadata is "
                  "wrong, correct it (lorakit meta --set / --delete) and read the file again.")
     return ArchInstance(arch, params, variant, presets)
+
+
+def size_refusal(comp: ComponentSpec, sizes: Mapping[str, int]) -> tuple[str, str | None] | None:
+    """(label, architecture or None) when the solved ``sizes`` are another architecture's (the component's
+    ``refusals``: an unsupported one; ``deferrals``: a registered one whose module names it shares)."""
+    for expr, value, label in comp.refusals:
+        if symbols(expr) <= set(sizes) and evaluate(expr, sizes) == value:
+            return label, None
+    for expr, value, label, other in comp.deferrals:
+        if symbols(expr) <= set(sizes) and evaluate(expr, sizes) == value:
+            return label, other
+    return None
 
 
 def _variant(arch: ArchSpec, params: Mapping[str, Mapping[str, int]], metadata: Mapping[str, str]) -> str:

@@ -35,9 +35,6 @@ class Recognizer:
 
 
 RECOGNIZERS: tuple[Recognizer, ...] = (
-    Recognizer("flux2", "FLUX.2", (r"to_qkv_mlp_proj", r"double_stream_modulation", r"single_stream_modulation",
-                                  r"time_guidance_embed", r"[._]ff[._]linear_(in|out)[._]"),
-               hint="FLUX.2 is recognised but not supported yet."),
     Recognizer("sdxl", "SDXL", (r"^lora_te2_", r"^text_encoder_2\.", r"input_blocks[._]\d+[._]1[._]",
                                r"output_blocks[._]\d+[._]1[._]", r"middle_block[._]1[._]", r"add_embedding",
                                r"label_emb")),

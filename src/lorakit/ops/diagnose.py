@@ -733,16 +733,44 @@ def doctor(loras: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], bas
                                          "architecture": te.arch, "modules": len(te.shapes)})
         if jobs > 1:
             report.loras = _diagnose_parallel(loras, base, text_encoders, allow_pickle, from_format, jobs, progress)
+            if base is not None and base_model is not None:
+                for d, path in zip(report.loras, loras):
+                    if d.error is None:
+                        predict_retention(d, base, path, base_model.file)
             return report
         matchers = _Matchers()
         for i, path in enumerate(loras, 1):
             report.loras.append(diagnose(path, base_model, encoders=encoders, allow_pickle=allow_pickle,
                                          from_format=from_format, matchers=matchers))
+            if base is not None and base_model is not None and report.loras[-1].error is None:
+                predict_retention(report.loras[-1], base, path, base_model.file)
             report_progress(progress, i, len(loras), os.fspath(path))
     finally:
         if base_model is not None:
             base_model.file.close()
     return report
+
+
+def predict_retention(d: Diagnosis, base: str | os.PathLike[str], lora: str | os.PathLike[str],
+                      file: WeightFile) -> None:
+    """Into ``d``: what baking ``lora`` into a quantized ``base`` would keep of its delta (measured as the bake
+    computes it, nothing written), or why that bake would be refused."""
+    from lorakit.ops.baking.quantized import quantized_base
+    if quantized_base(file) is None:
+        return
+    from lorakit.ops.baking import bake
+    try:
+        r = bake(base, [lora], None, retention_only=True, allow_partial=True, allow_zero_lora=True)
+    except LorakitError as exc:
+        d.warnings.append(f"baking into this quantized base would fail: {exc}")
+        return
+    q: Any = r.quantized
+    if q is None:
+        return
+    d.checks["retention"] = q
+    d.notes.append(f"baking into this {q['convention']} base keeps {q['retention']:.0%} of the delta "
+                   f"(‖Q(W+ΔW) − W‖/‖ΔW‖ over {q['requantized']} requantized tensors; {', '.join(q['policy'])})")
+    d.warnings += r.warnings
 
 
 def _diagnose_parallel(loras: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] | None,

@@ -526,7 +526,8 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, allow_pickle: 
                 if not f.keys():
                     raise
                 try:
-                    sides.append(("model", open_base(f)))
+                    from lorakit.base.quant import dequantized
+                    sides.append(("model", open_base(dequantized(f))))
                 except LorakitError:
                     raise exc from None      # neither a LoRA nor a model: the LoRA-side message is clearer
         kinds = [k for k, _ in sides]

@@ -72,13 +72,30 @@ class InputRecord:
         return out
 
 
+_RECORD_COMMAND = True
+
+
+def record_command_line(enabled: bool) -> None:
+    """Whether provenance records this process's ``lorakit …`` command line. A long-running host of the library
+    (``lorakit ui``) turns it off: its own command line did not produce the files it writes."""
+    global _RECORD_COMMAND
+    _RECORD_COMMAND = enabled
+
+
+def command_line() -> str | None:
+    """The ``lorakit …`` command that runs now (None from Python, other programs, or when recording is off)."""
+    if not _RECORD_COMMAND or not os.path.basename(sys.argv[0]).startswith("lorakit"):
+        return None
+    return " ".join(["lorakit", *sys.argv[1:]])
+
+
 def provenance(operation: str, inputs: Iterable[InputRecord], **details: object) -> str:
     """The JSON provenance record lorakit stores in every file it writes."""
     record: dict[str, object] = {
         "tool": "lorakit",
         "version": version(),
         "operation": operation,
-        "command": " ".join(["lorakit", *sys.argv[1:]]) if os.path.basename(sys.argv[0]).startswith("lorakit") else None,
+        "command": command_line(),
         "inputs": [i.to_json() for i in inputs],
     }
     record.update({k: v for k, v in details.items() if v is not None})

@@ -1,4 +1,4 @@
-"""Tiny synthetic FLUX-shaped models and LoRAs, generated from the layout data.
+"""Tiny synthetic FLUX.1/FLUX.2-shaped models and LoRAs, generated from the layout data.
 
 Used by the demo, the tests and the benchmarks. Nothing here downloads anything; every tensor comes
 from a seeded generator so that files are reproducible byte for byte.
@@ -18,6 +18,14 @@ from lorakit.layouts import FLUX1, Alias, ArchSpec, expand, expand_params
 
 TINY_FLUX: dict[str, int] = {"H": 32, "M": 128, "IN": 16, "OUT": 16, "CTX": 24, "VEC": 20, "T": 8, "D": 16,
                              "double": 2, "single": 2, "guidance": 1, "modulation": 1}
+# Tiny FLUX.2 transformers from the same layout data: dev-shaped (guidance embedder, 2 + 2 blocks) and Klein-shaped
+# (no guidance embedder, 1 + 2 blocks, 3 heads); the MLP is 3×hidden as in every FLUX.2 release
+TINY_FLUX2: dict[str, dict[str, int]] = {
+    "dev": {"H": 32, "M": 96, "IN": 16, "OUT": 16, "CTX": 24, "T": 8, "D": 16, "double": 2, "single": 2,
+            "guidance": 1},
+    "klein": {"H": 48, "M": 144, "IN": 16, "OUT": 16, "CTX": 40, "T": 8, "D": 16, "double": 1, "single": 2,
+              "guidance": 0},
+}
 TINY_CLIP: dict[str, int] = {"D": 24, "FF": 48, "layers": 2}
 TINY_T5: dict[str, int] = {"D": 28, "INNER": 32, "FF": 40, "blocks": 2}
 # Qwen-Image and Z-Image transformers with the same layout data at toy sizes (2 heads of 16; the diffusers classes
@@ -74,7 +82,8 @@ def _size(expr: str, params: Mapping[str, int]) -> int:
 def write_base(path: str | os.PathLike[str], params: Mapping[str, int] = TINY_FLUX, *, layout: str = "bfl",
                dtype: torch.dtype = torch.float32, seed: int = 0, prefix: str = "",
                fill: str = "randn", arch: ArchSpec = FLUX1) -> str:
-    """Write a base model tensor by tensor (bounded memory, any size); ``layout`` "bfl" = the native names."""
+    """Write a base model tensor by tensor (bounded memory, any size); ``layout`` "bfl" = the native names;
+    ``arch``: FLUX.1, FLUX.2 or another architecture with a ``transformer`` component."""
     gen = torch.Generator().manual_seed(seed)
     specs = base_tensors(params, layout, arch)
     entries = [(prefix + t.name, dtype_code(dtype), t.shape) for t in specs]

@@ -60,11 +60,18 @@ class _ShapeOnlyFile(WeightFile):
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
 
 
-def read_lora(path: str, base_desc: str, *, allow_pickle: bool, shape_only: bool) -> LoraModel:
-    """Read one LoRA for a bake (``shape_only``: alphas read, larger tensors shape-only, for a dry run)."""
+def read_lora(path: str, base_desc: str, *, allow_pickle: bool, shape_only: bool,
+              base: BaseModel | None = None) -> LoraModel:
+    """Read one LoRA for a bake (``shape_only``: alphas read, larger tensors shape-only, for a dry run); when its keys
+    fit the base's architecture equally well (a FLUX.2 Klein 4B double-block attention LoRA is also a FLUX.1 one),
+    read as the base's architecture (as ``doctor --base`` does)."""
     try:
         with open_weights(path, allow_pickle=allow_pickle) as f:
-            parsed = parse(_ShapeOnlyFile(f) if shape_only else f)
+            view = _ShapeOnlyFile(f) if shape_only else f
+            parsed = parse(view)
+            if base is not None and parsed.arch.name != base.arch.name and \
+                    base.arch.spec.label in parsed.detection.also_fits:
+                parsed = parse(view, arch_name=base.arch.name)
             model = load(parsed)
             if not shape_only:
                 require_finite_model(model)

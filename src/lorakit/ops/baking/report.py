@@ -40,6 +40,8 @@ class BakeReport:
     plan: list[dict[str, object]] = field(default_factory=list)
     dry_run: bool = False
     seconds: float = 0.0
+    # quantized bases: convention, delta retention overall / per block / per tensor, scale policy (else None)
+    quantized: dict[str, object] | None = None
     # seconds per pipeline stage (pipeline.StageTimes) and the commit (fsync + rename of every output)
     stages: dict[str, float] = field(default_factory=dict)
 

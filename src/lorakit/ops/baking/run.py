@@ -11,7 +11,7 @@ from typing import Any, TYPE_CHECKING, TypeVar, cast
 
 
 from lorakit.base.checkpoint import BaseModel, open_base
-from lorakit.base.pipeline import is_pipeline, open_pipeline, refuse_scaled_fp8
+from lorakit.base.pipeline import is_pipeline, open_pipeline
 from lorakit.devices import parse_device
 from lorakit.dtypes import dtype_code, is_float, itemsize, parse_dtype, short_name
 from lorakit.errors import Interrupted, OutputError, PickleRefusedError, UsageError
@@ -113,7 +113,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
          flagged: Mapping[str, tuple[_Path | None, _Path | None]] | None = None,
          allow_pickle: bool = False, progress: Progress | bool | None = None,
          chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int | None = None,
-         allow_zero_lora: bool = False, **component_files: _Path | None) -> BakeReport:
+         allow_zero_lora: bool = False, requant: str | None = None, retention_only: bool = False,
+         **component_files: _Path | None) -> BakeReport:
     """Bake LoRAs (``path[:weight]`` strings, ``(path, weight)`` pairs or WeightedInput) into ``base``.
 
     Every component the base holds (the denoiser; in single-file checkpoints also text encoders) gets its
@@ -133,6 +134,10 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     refused unless ``allow_zero_lora``; a baked tensor that would hold NaN/Inf is refused (NonFiniteError).
     ``progress`` is called as ``progress(bytes_done, bytes_total, "")`` (``True``: a bar on stderr when it is a
     terminal; default none).
+    A quantized base (ComfyUI scaled fp8, mixed precision, GGUF) is baked in its own format
+    (:mod:`lorakit.ops.baking.quantized`): ``report.quantized`` says how much of each delta survived; ``requant``
+    names the GGUF type for baked tensors whose own type cannot be written (K-quants); ``dtype`` writes the baked
+    tensors unquantized instead; ``retention_only`` measures the retention and writes nothing.
     """
     t_start = time.perf_counter()
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
@@ -143,13 +148,14 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
     base_path = os.fspath(base)
     out_path = os.fspath(output) if output is not None else None
     te_paths = _component_paths(components, {**_keyword_files(component_files), **(flagged or {})}, dry_run)
-    if out_path is None and not dry_run:
+    if out_path is None and not dry_run and not retention_only:
         raise UsageError("no output path given.", hint="pass -o OUT (or --dry-run).")
     all_inputs = [base_path, *(w.path for w in weighted), *(f for f, _ in te_paths.values())]
 
     opened: list[WeightFile] = []
     outputs: list[FileOutput | PipelineOutput] = []
     pipeline = is_pipeline(base_path)
+    qbase = None
     try:
         if pipeline:
             bases = open_pipeline(base_path, opened)
@@ -161,8 +167,11 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
                                          path=base_path, hint="convert the base to .safetensors first "
                                                               "(--allow-pickle applies to LoRA inputs).") from None
             opened.append(bfile)
-            refuse_scaled_fp8(bfile)
-            bases = [("", open_base(bfile))]
+            from lorakit.ops.baking.quantized import quantized_base     # torch-backed: imported when baking
+            qbase = quantized_base(bfile)       # the base-format hook: None for a plain base
+            bases = [("", open_base(qbase or bfile))]
+        if requant is not None and qbase is None:
+            raise UsageError("--requant applies to quantized (GGUF) bases only.", path=base_path)
         bm = bases[0][1]
         for _fo, b in bases:
             _check_components(b, te_paths)
@@ -170,7 +179,7 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
         for c, (te_path, _o) in te_paths.items():
             te_files[c] = open_weights(te_path)
             opened.append(te_files[c])
-        if not dry_run:
+        if not dry_run and not retention_only:
             assert out_path is not None     # checked above: only a dry run goes without an output path
             check_output(out_path, None if pipeline else bm.file, all_inputs)
             outs = [os.path.realpath(out_path)]
@@ -184,7 +193,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
                 raise OutputError("two outputs have the same path.", path=out_path,
                                   hint=f"give {named} different paths.")
         desc = base_desc(bm)
-        loras = [BakeInput(w.path, w.weight, read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run))
+        loras = [BakeInput(w.path, w.weight, read_lora(w.path, desc, allow_pickle=allow_pickle, shape_only=dry_run,
+                                                       base=bm))
                  for w in weighted]
         check_architectures(loras, bm, desc)
         check_strengths(loras)
@@ -209,13 +219,15 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             codes = {k: (convert(k, i.dtype) if k in b.slots and b.slots[k].component == main else i.dtype)
                      for k, i in b.file.infos.items()}
             where = pipe_out.part(folder, b.file) if pipe_out is not None else out_path
-            out = None if dry_run else FileOutput(b.file, where, codes, meta, all_inputs)  # type: ignore[arg-type]
+            out = None if dry_run or qbase is not None else FileOutput(b.file, where, codes, meta,  # type: ignore[arg-type]
+                                                                       all_inputs)
             if out is not None:
                 outputs.append(out)
             part_tasks = plan_tasks(b.file, out, base_places(b), uses, codes)
             for t in part_tasks:
                 t.where = folder
             tasks += part_tasks
+        qtasks = list(tasks) if qbase is not None else []     # the quantized base's tasks (written by its writer)
         if pipe_out is not None:
             outputs.append(pipe_out)       # committed after the parts it holds
         if not baked:
@@ -226,7 +238,8 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             codes = {k: i.dtype for k, i in te_file.infos.items()}
             te_out = te_paths[c][1]
             meta_te = {PROVENANCE_KEY: meta[PROVENANCE_KEY]}
-            out = None if dry_run else FileOutput(te_file, te_out, codes, meta_te, all_inputs)  # type: ignore[arg-type]
+            out = None if dry_run or retention_only else FileOutput(te_file, te_out, codes, meta_te,  # type: ignore[arg-type]
+                                                                     all_inputs)
             if out is not None:
                 outputs.append(out)
             te_tasks = plan_tasks(te_file, out, te_places[c], {c: uses[c]}, codes)
@@ -242,6 +255,21 @@ def bake(base: str | os.PathLike[str], inputs: Sequence[object], output: str | o
             t.info.numel * itemsize(t.out_code) for t in tasks)
         if dry_run:
             report.plan = describe(tasks, loras)
+            report.seconds = time.perf_counter() - t_start
+            return report
+        if qbase is not None:
+            from lorakit.ops.baking.quantized import bake_quantized
+            qbar = ProgressBar("bake", unit="bytes") if progress is True else (progress or None)
+            try:
+                bake_quantized(qbase, None if retention_only else out_path, qtasks, report,
+                               meta, device=dev, chunk_bytes=chunk_bytes, inputs=all_inputs, dtype=out_dtype,
+                               requant=requant, progress=qbar)
+            finally:
+                if isinstance(qbar, ProgressBar) and progress is True:     # the bar made here; a caller's stays open
+                    qbar.close()
+            quant_ids = {id(t) for t in qtasks}
+            tasks = [t for t in tasks if id(t) not in quant_ids and t.out is not None]   # component files stream
+        if retention_only:
             report.seconds = time.perf_counter() - t_start
             return report
         callback = ProgressBar("bake", unit="bytes") if progress is True else (progress or None)

@@ -21,6 +21,7 @@ class ModuleResult:
     rounding_error: float = 0.0     # extra relative error from storing the factors in the output dtype
     clamp_error: float = 0.0        # --clamp-quantile: ‖B'A' − BA‖/‖BA‖ of the clamped factors (0 without it)
     component: str = ""
+    noise_floor: float = 0.0        # quantized bases: estimated rounding noise of both sides / ‖D‖ (0: none)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__, shape=list(self.shape))

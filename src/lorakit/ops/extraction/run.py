@@ -10,14 +10,14 @@ import os
 import time
 
 
-from lorakit.base.checkpoint import BaseModel, base_expert
+from lorakit.base.checkpoint import BaseModel, base_expert, open_base
 from lorakit.base.pipeline import open_model
 from lorakit.devices import parse_device
 from lorakit import dtypes
 from lorakit.dtypes import as_dtype
 from lorakit.errors import KeyMappingError, UsageError
 from lorakit.formats import emit
-from lorakit.io import check_output_path, save_tensors
+from lorakit.io import WeightFile, check_output_path, save_tensors
 from lorakit.lora.checks import dtype_range_cause, require_finite_output
 from lorakit.lora.linalg import parse_dynamic
 from lorakit.lora.experts import EXPERT_KEY, expert_tag, split_by_expert, split_paths
@@ -37,7 +37,17 @@ else:
     from lorakit.lazy import torch
 
 
-def _disk_size(path: str) -> int:
+def _opened(source: str | os.PathLike[str] | WeightFile, allow_pickle: bool, expert: str | None = None) -> BaseModel:
+    """A model given as a path (opened here) or as an already opened weight file (e.g. in memory); ``expert``: the
+    expert a checkpoint of one of paired experts holds."""
+    if isinstance(source, WeightFile):
+        return open_base(source, expert=expert)
+    return open_model(source, allow_pickle=allow_pickle, expert=expert)
+
+
+def _disk_size(path: str) -> int | None:
+    if not os.path.exists(path):
+        return None                       # an in-memory model (its label is no path)
     if os.path.isfile(path):
         return os.path.getsize(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -55,7 +65,8 @@ def _output_dtype(base: BaseModel, requested: torch.dtype | None) -> torch.dtype
     return torch.bfloat16
 
 
-def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], output: str | os.PathLike[str] | None,
+def extract(original: str | os.PathLike[str] | WeightFile, tuned: str | os.PathLike[str] | WeightFile,
+            output: str | os.PathLike[str] | None,
             *, rank: int | None = None, dynamic: str | tuple[str, float] | None = None, conv_rank: int | None = None,
             min_diff: float = 0.0, te_min_diff: float = DEFAULT_TE_MIN_DIFF, to: str = "kohya", device: str = "cpu",
             exact: bool = False, seed: int = 0, alpha: float | None = None, include_bias: bool = False,
@@ -73,7 +84,8 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     data is read, nothing is written) and returns that plan in ``report.plan``. ``dtype`` also takes the
     CLI's spellings (``"bf16"``, ``"fp16"``…). ``clamp_quantile`` (sd-scripts' ``--clamp_quantile``, in
     (0, 1]) clamps both factors of every module to ``±quantile(concat(up·S, Vh), q)`` as sd-scripts does;
-    it adds error, measured per module (``clamp_error``) and included in ``relative_error``.
+    it adds error, measured per module (``clamp_error``) and included in ``relative_error``. ``original`` and
+    ``tuned`` may also be opened weight files (e.g. a host's loaded model, :mod:`lorakit.io.memory`).
 
     Paired experts (Wan 2.2 A14B): a checkpoint of one expert whose name does not say which takes its partner's
     expert (the written file says which, in its metadata); models holding both experts (pipeline folders) give one
@@ -84,7 +96,7 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise UsageError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile}.",
                          hint="sd-scripts' default is 0.99; leave it out for unclamped (optimal) factors.")
-    src_o, src_t = os.fspath(original), os.fspath(tuned)
+    src_o, src_t = (m.path if isinstance(m, WeightFile) else os.fspath(m) for m in (original, tuned))
     dyn: tuple[str, float] | None = (parse_dynamic(dynamic) if isinstance(dynamic, str)
                                      else ((str(dynamic[0]), float(dynamic[1])) if dynamic else None))
     validate_options(rank, dyn, conv_rank, min_diff, te_min_diff, to, alpha, oversample, niter, include_norms)
@@ -96,11 +108,11 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     if out_path is not None:
         check_output_path(out_path, [src_o, src_t])
 
-    orig = open_model(src_o, allow_pickle=allow_pickle)
+    orig = _opened(original, allow_pickle)
     tune: BaseModel | None = None
     try:
-        tune = open_model(src_t, allow_pickle=allow_pickle)
-        orig, tune, expert = _align_experts(orig, tune, src_o, src_t, allow_pickle)
+        tune = _opened(tuned, allow_pickle)
+        orig, tune, expert = _align_experts(orig, tune, original, tuned, allow_pickle)
     except BaseException:
         orig.file.close()
         if tune is not None:
@@ -174,17 +186,20 @@ def extract(original: str | os.PathLike[str], tuned: str | os.PathLike[str], out
     return report
 
 
-def _align_experts(orig: BaseModel, tune: BaseModel, src_o: str, src_t: str, allow_pickle: bool
+def _align_experts(orig: BaseModel, tune: BaseModel, src_o: str | os.PathLike[str] | WeightFile,
+                   src_t: str | os.PathLike[str] | WeightFile, allow_pickle: bool
                    ) -> tuple[BaseModel, BaseModel, str | None]:
     """Both checkpoints as the same expert when only one of them says which (by its name or metadata), and that
-    expert (None: not one of paired experts)."""
+    expert (None: not one of paired experts). A caller's opened file is read again, not closed."""
     told_o, told_t = base_expert(orig.file, orig), base_expert(tune.file, tune)
     if told_o is not None and told_t is None:
-        tune.file.close()
-        tune = open_model(src_t, allow_pickle=allow_pickle, expert=told_o)
+        if not isinstance(src_t, WeightFile):
+            tune.file.close()
+        tune = _opened(src_t, allow_pickle, told_o)
     elif told_t is not None and told_o is None:
-        orig.file.close()
-        orig = open_model(src_o, allow_pickle=allow_pickle, expert=told_t)
+        if not isinstance(src_o, WeightFile):
+            orig.file.close()
+        orig = _opened(src_o, allow_pickle, told_t)
     return orig, tune, told_o or told_t
 
 

@@ -102,7 +102,9 @@ def _factorize(d: Tensor, job: Job, peak: float, opt: ExtractOptions, t0: float)
 def stream_modules(orig: BaseModel, tune: BaseModel, report: ExtractReport, pairing: Pairing, opt: ExtractOptions,
                    progress: Progress | None) -> list[Patch]:
     """Difference, factorise and collect every paired module, one at a time in one reused buffer."""
+    from lorakit.base.quant.noise import noise_floor, noise_warnings, track_noise   # torch-backed codecs
     paths = (orig.file.path or "", tune.file.path or "")
+    track_noise(orig.file, tune.file)
     numel = max((math.prod(j.shape) for j in pairing.jobs), default=0)
     buf = torch.empty(numel, dtype=torch.float32)      # one difference buffer, reused (no page faults per module)
     same = _same_encoders(orig, tune, report, pairing.jobs, buf, opt.te_min_diff)
@@ -132,6 +134,8 @@ def stream_modules(orig: BaseModel, tune: BaseModel, report: ExtractReport, pair
                 report.convs_left_out.append(job.label)
             else:
                 adapter, result = _factorize(d, job, peak, opt, t0)
+                result.noise_floor = noise_floor(d, [(orig.file, s.key) for s in job.original]
+                                                 + [(tune.file, s.key) for s in job.tuned])
                 report.modules.append(result)
             if adapter is not None or bias is not None:
                 patches.append(Patch(job.target, adapter, None, bias=bias, source=job.label))
@@ -144,6 +148,8 @@ def stream_modules(orig: BaseModel, tune: BaseModel, report: ExtractReport, pair
     if progress:
         progress(len(work), len(work), "")
     _stream_warnings(tune, report, pairing, opt)
+    report.warnings += noise_warnings([(m.module, m.noise_floor) for m in report.modules],
+                                      [orig.file, tune.file])
     return patches
 
 

@@ -10,13 +10,14 @@ from dataclasses import replace
 
 
 from lorakit.dtypes import parse_dtype, worst_cast_error
-from lorakit.errors import UsageError
+from lorakit.errors import LorakitError, UsageError
 from lorakit.formats import WRITABLE, emit, get_format, read_lora
 from lorakit.formats.emit import is_pow2
 from lorakit.io import check_output_path, save_tensors
 from lorakit.lora.checks import dtype_range_cause, require_finite_model, require_finite_output
 from lorakit.lora.experts import join_experts, split_by_expert, split_paths
 from lorakit.lora.linalg import parse_dynamic
+from lorakit.lora.model import LoraModel
 from lorakit.ops.blocks import parse_blocks
 from lorakit.ops.conversion import lora_output_metadata
 from lorakit.ops.merging.contributions import InputSpec, merge_arch, merged_metadata, weighted_inputs
@@ -33,6 +34,31 @@ if TYPE_CHECKING:
 else:
     from lorakit.lazy import torch
 
+
+
+def one_architecture(models: list[LoraModel], *, allow_pickle: bool = False) -> list[LoraModel]:
+    """Inputs detected as different architectures, each re-read as the architecture of another input when its keys
+    fit that one as well (every module, no more unknown keys: a FLUX.2 Klein 4B attention-only LoRA is also a
+    FLUX.1 one). Unchanged when no such reading exists (:func:`merge_arch` then reports the mismatch)."""
+    names = list(dict.fromkeys(m.arch.name for m in models))
+    if len(names) < 2:
+        return models
+    for target in names:
+        out: list[LoraModel] = []
+        for m in models:
+            if m.arch.name == target:
+                out.append(m)
+                continue
+            try:
+                again = read_lora(m.path or "", allow_pickle=allow_pickle, allow_partial=True, arch=target)
+            except LorakitError:
+                break
+            if len(again.patches) != len(m.patches) or len(again.unknown_keys) > len(m.unknown_keys):
+                break
+            out.append(again)
+        else:
+            return out
+    return models
 
 def _check_options(method: str, rank: int | None, dynamic: str | None, density: float | None,
                    majority_sign: str | None, seed: int | None, kohya_ratios: bool, to: str,
@@ -100,6 +126,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     if out_path is not None:
         check_output_path(out_path, [w.path for w in items])
     models = [read_lora(w.path, allow_pickle=allow_pickle, allow_partial=allow_partial) for w in items]
+    models = one_architecture(models, allow_pickle=allow_pickle)
     for m in models:
         require_finite_model(m)
     weights = [w.weight for w in items]
