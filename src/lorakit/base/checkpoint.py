@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lorakit.layouts.infer import Observation, infer_instance
 from lorakit.errors import NotALoraError, UnsupportedArchitectureError
@@ -21,6 +21,7 @@ from lorakit.io import WeightFile
 from lorakit.layouts import ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve
 from lorakit.layouts.base import Container, ModuleSpec
 from lorakit.layouts.base import ParamIndex, ParamMatch
+from lorakit.lora.experts import file_expert
 from lorakit.lora.model import ArchInstance
 
 
@@ -192,10 +193,12 @@ def folder_containers(arch: ArchSpec, folder: str) -> tuple[Container, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def open_base(file: WeightFile, arch_name: str | None = None, *, folder: str | None = None) -> BaseModel:
+def open_base(file: WeightFile, arch_name: str | None = None, *, folder: str | None = None,
+              expert: str | None = None) -> BaseModel:
     """Recognise ``file`` as a base model of a registered architecture (or of ``arch_name``) and map its
     tensors to components and native modules. ``folder``: the file is a diffusers pipeline's subfolder of that
-    name (``unet``, ``text_encoder_2``), holding the components the architectures keep there, unprefixed."""
+    name (``unet``, ``text_encoder_2``), holding the components the architectures keep there, unprefixed.
+    A checkpoint of one of paired experts holds the expert its name or metadata tags (or ``expert``)."""
     archs = [resolve(arch_name)] if arch_name is not None else [resolve(n) for n in available()]
     keys = file.keys()
     _refuse_non_base(file, keys)
@@ -207,7 +210,27 @@ def open_base(file: WeightFile, arch_name: str | None = None, *, folder: str | N
     if best is None or not best.hits:
         _explain(keys, file, archs)
     assert best is not None
-    return _build(file, best)
+    return _build(file, _assign_expert(best, file, expert) if folder is None else best)
+
+
+def base_expert(file: WeightFile, base: BaseModel) -> str | None:
+    """The expert ``file``'s name or metadata tags, when ``base`` (opened from it) is of an architecture with experts."""
+    return file_expert(base.arch.spec, file.path, file.metadata)
+
+
+def _assign_expert(scan: _Scan, file: WeightFile, explicit: str | None = None) -> _Scan:
+    """A checkpoint of one expert (its file or folder name or metadata tags it: ``low_noise_model``,
+    ``wan2.2_t2v_low_noise_14B_fp16.safetensors``) holds that expert's component, not the first expert's."""
+    arch = scan.arch
+    if not arch.experts or set(scan.parts) - {arch.experts[0], *(c for c in arch.components if c not in arch.experts)}:
+        return scan
+    which = file_expert(arch, file.path, file.metadata, explicit)
+    if which is None or which == arch.experts[0] or arch.experts[0] not in scan.parts:
+        return scan
+    src = arch.experts[0]
+    parts = {(which if c == src else c): (replace(p, component=which) if c == src else p) for c, p in scan.parts.items()}
+    hits = {k: ((which if c == src else c), h) for k, (c, h) in scan.hits.items()}
+    return _Scan(arch, {c: parts[c] for c in arch.components if c in parts}, hits)
 
 
 def open_component(file: WeightFile, arch: ArchSpec, component: str) -> BaseModel | None:

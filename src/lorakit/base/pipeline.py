@@ -105,9 +105,10 @@ def combined_base(path: str, parts: list[tuple[str, BaseModel]]) -> BaseModel:
                      {c: replace(p, prefix=f"{fo}/{p.prefix}") for fo, b in parts for c, p in b.parts.items()})
 
 
-def open_model(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> BaseModel:
+def open_model(path: str | os.PathLike[str], *, allow_pickle: bool = False, expert: str | None = None) -> BaseModel:
     """A base model from a weight file, a sharded folder or a diffusers pipeline folder (its component subfolders
-    combined); the caller closes ``.file``."""
+    combined); the caller closes ``.file``. ``expert``: a single file's expert when it is one of paired experts
+    (see :func:`~lorakit.base.checkpoint.open_base`)."""
     p = os.fspath(path)
     if is_pipeline(p):
         opened: list[WeightFile] = []
@@ -120,7 +121,7 @@ def open_model(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> B
     f = open_weights(p, allow_pickle=allow_pickle)
     try:
         from lorakit.base.quant import dequantized     # torch-backed codecs: imported when a base is opened
-        return open_base(dequantized(f))
+        return open_base(dequantized(f), expert=expert)
     except BaseException:
         f.close()
         raise

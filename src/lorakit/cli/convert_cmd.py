@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.ops.conversion import convert
+from lorakit.ops.conversion import ConvertReport, convert
 from lorakit.formats import WRITABLE, formats
 from lorakit.progress import terminal_progress
 from lorakit.cli.batch_cli import add_batch, batch_items, batch_mode, run_cli_batch
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "lose precision stops unless --allow-lossy is given.")
     p.add_argument("inputs", nargs="+", metavar="IN",
                    help="LoRA file; several files, folders and glob patterns run as a batch into -o OUTDIR (names "
-                        "kept, a line or JSON record per file, exit = the worst)")
+                        "kept, a line or JSON record per file, exit = the worst); with --join-experts, the "
+                        "single-expert files of one LoRA (Wan 2.2: high-noise and low-noise) joined into one -o file")
     add_output(p, required=False)
     add_batch(p)
     p.add_argument("--to", required=True, choices=WRITABLE, help="target format")
@@ -37,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep LoHa/LoKr/Tucker LoCon modules as LyCORIS keys (kohya, comfy) instead of writing them as "
                         "exact plain LoRA factors (the default)")
     p.add_argument("--allow-partial", action="store_true", help="convert even if some keys are not understood")
+    p.add_argument("--join-experts", action="store_true",
+                   help="the inputs are single-expert files of one LoRA (Wan 2.2 A14B: *_high_noise, *_low_noise), "
+                        "joined into one combined file (--to aitoolkit), not a batch")
+    p.add_argument("--split-experts", action="store_true",
+                   help="paired experts (Wan 2.2 A14B): write one file per expert, OUT_high_noise / OUT_low_noise")
+    p.add_argument("--expert", default=None, metavar="NAME",
+                   help="the expert a single-expert input is for (high_noise, low_noise, or a component name) when "
+                        "neither its file name nor its metadata says")
     p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     add_json(p)
     add_pickle(p)
@@ -45,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lorakit convert`` and print its report; returns the exit code."""
+    if args.join_experts:
+        r = convert(args.inputs, args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
+                    lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
+                    from_format=args.from_format, dry_run=args.dry_run, keep_algo=args.keep_algo, arch=args.arch,
+                    progress=terminal_progress("convert", enabled=not args.json), split_experts=args.split_experts)
+        return _report(args, r)
     if batch_mode(args, args.inputs):
         from lorakit.ops.batch_tasks import ConvertTask
         task = ConvertTask(args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy, lossy_rank=args.lossy_rank,
@@ -56,13 +71,19 @@ def run(args: argparse.Namespace) -> int:
     r = convert(args.inputs[0], args.output, args.to, dtype=dtype_arg(args), allow_lossy=args.allow_lossy,
                 lossy_rank=args.lossy_rank, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle,
                 from_format=args.from_format, dry_run=args.dry_run, keep_algo=args.keep_algo, arch=args.arch,
-                progress=terminal_progress("convert", enabled=not args.json))
+                progress=terminal_progress("convert", enabled=not args.json), split_experts=args.split_experts,
+                expert=args.expert)
+    return _report(args, r)
+
+
+def _report(args: argparse.Namespace, r: ConvertReport) -> int:
+    """Print one conversion's report; returns the exit code."""
     if args.json:
         emit_json(r.to_json())
         return status(r.unknown_keys, r.warnings)
     verb = "would write" if r.dry_run else "wrote"
     say(f"{r.input}: {r.source_format} → {r.target_format} ({r.architecture}, {r.variant}); {r.modules_in} modules in, "
-        f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {r.output or '-'}")
+        f"{r.modules_out} out, {r.tensors_out} tensors ({r.dtype}); {verb} {', '.join(r.outputs) or '-'}")
     if r.rounding is not None:
         say(f"  storing the factors as {r.dtype} adds up to {r.rounding[1]:.2e} relative error ({r.rounding[0]}); "
             "--dtype fp32 keeps them exact")
@@ -76,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             f"in --json{keep})")
     for m, e in r.lossy:
         say(f"  LOSSY {m}: relative error {e:.3e}")
+    for n in r.notes:
+        say(f"  note: {n}")
     for w in r.warnings:
         say(f"  warning: {w}")
     if r.unknown_keys:

@@ -89,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-bias", action="store_true", help="also write bias differences (diff_b entries)")
     p.add_argument("--include-norms", action="store_true",
                    help="also write q/k norm-scale differences (loose parameters) as diff entries")
+    p.add_argument("--split-experts", action="store_true",
+                   help="paired experts (Wan 2.2 A14B pipeline folders): one file per expert, OUT_high_noise / "
+                        "OUT_low_noise (default: one file holding both, which needs --to aitoolkit)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (the tensors of both models paired per native module, shapes, ranks) from "
                         "the headers alone; read no tensor data, write nothing")
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed, alpha=args.alpha, include_bias=args.include_bias, include_norms=args.include_norms,
                 dtype=dtype_arg(args), oversample=args.oversample, niter=args.niter, allow_pickle=args.allow_pickle,
                 progress=terminal_progress("extract", enabled=not args.json), dry_run=args.dry_run,
-                clamp_quantile=args.clamp_quantile)
+                clamp_quantile=args.clamp_quantile, split_experts=args.split_experts)
     code = status(r.unpaired, r.warnings)
     if args.json:
         emit_json(r.to_json())

@@ -27,7 +27,8 @@ DESCRIPTION = (
 
 # option name (dest) -> default, applied after the recipe (explicit command-line values win over both)
 DEFAULTS: dict[str, Any] = {"method": "concat", "to": "kohya", "verify": False, "dry_run": False, "json": False,
-                            "kohya_ratios": False, "allow_partial": False, "allow_pickle": False}
+                            "kohya_ratios": False, "allow_partial": False, "allow_pickle": False,
+                            "split_experts": False}
 
 
 def recipe_schema() -> dict[str, Any]:
@@ -36,7 +37,7 @@ def recipe_schema() -> dict[str, Any]:
             "dynamic": str, "to": opt(str, choices=WRITABLE), "blocks": opt(str, list, dict), "verify": bool,
             "dtype": str, "json": bool, "dry_run": bool, "density": float,
             "majority_sign": opt(str, choices=MAJORITY_SIGN), "seed": int, "kohya_ratios": bool,
-            "allow_partial": bool, "allow_pickle": bool}
+            "allow_partial": bool, "allow_pickle": bool, "split_experts": bool}
 
 
 RECIPE_KEYS = tuple(recipe_schema())
@@ -80,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sd-scripts spelling; LoRA factors are merged on the CPU (they are small)")
     p.add_argument("--to", choices=WRITABLE, default=None, help="output format (default: kohya)")
     p.add_argument("--blocks", default=None, metavar="SPEC", help=BLOCKS_HELP)
+    p.add_argument("--split-experts", action="store_true", default=None,
+                   help="paired experts (Wan 2.2 A14B): one file per expert, OUT_high_noise / OUT_low_noise "
+                        "(default: one file holding both, which needs --to aitoolkit)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="re-read the written file and report each module's relative error against the exact "
                         "weighted sum (ties/dare: against the module's untruncated result); the worst is printed")
@@ -175,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
               to=args.to, blocks=args.blocks, verify=bool(args.verify), dtype=dtype_arg(args), density=args.density,
               majority_sign=args.majority_sign, seed=args.seed, kohya_ratios=bool(args.kohya_ratios),
               dry_run=bool(args.dry_run), allow_partial=bool(args.allow_partial),
-              allow_pickle=bool(args.allow_pickle), progress=terminal_progress("merge", enabled=not args.json))
+              allow_pickle=bool(args.allow_pickle), progress=terminal_progress("merge", enabled=not args.json),
+              split_experts=bool(args.split_experts))
     if args.json:
         emit_json(r.to_json())
         return status(r.warnings)

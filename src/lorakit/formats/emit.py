@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, cast
 from lorakit.lora.adapters import Adapter, Full, LoHa, LoKr, LoRA, NotExact, lora_from_dense
 from lorakit.errors import LossyConversionError, NonFiniteError, UsageError
 from lorakit.layouts import Alias, ArchSpec, NameIndex, evaluate
-from lorakit.layouts.base import ParamIndex, ParamMatch, param_name
+from lorakit.layouts.base import ParamIndex, ParamMatch, Rule, param_name
+from lorakit.lora.experts import experts_in
 from lorakit.lora.model import LoraModel, Patch, Target
 from lorakit.lora.transforms import swap_halves, swap_parts
 from lorakit.formats.spec import WRITE_SUFFIXES, FormatSpec, get_format
@@ -57,6 +58,7 @@ class EmitResult:
     rounded: list[tuple[str, float]] = field(default_factory=list)  # (module, rel. error) of folding α (> FOLD_TOL)
     converted: list[tuple[str, str, int]] = field(default_factory=list)  # (input module, LyCORIS algo, plain rank)
     warnings: list[str] = field(default_factory=list)              # what a consumer of the target will drop
+    notes: list[str] = field(default_factory=list)                 # how to use the file (nothing is lost)
 
 
 FOLD_TOL = 1e-6     # relative error above which folding α into the written factors counts as lossy
@@ -288,6 +290,7 @@ class Emitter:
         self.impossible_reasons: set[str] = set()
         self.native: dict[str, NameIndex] = {}
         self.native_params: dict[str, ParamIndex] = {}
+        self.paired = len(experts_in(model)) > 1     # a file holding several experts: their paired rules
 
     def _plain_model(self, model: LoraModel) -> LoraModel:
         """``model`` with every LyCORIS patch replaced by its exact plain LoRA (kept as it is when that LoRA would
@@ -328,7 +331,7 @@ class Emitter:
 
     def naming_for(self, component: str) -> str:
         """The naming the target format writes this component in (its architecture's first rule for it)."""
-        rule = self.model.arch.spec.write_rule(self.fmt.name, component)
+        rule = write_rule(self.model.arch.spec, self.fmt, component, self.paired)
         if rule is None:
             return "native"
         comp = self.model.arch.spec.components[component]
@@ -378,13 +381,20 @@ class Emitter:
             return None
         assert name is not None     # a missing name set ``reason`` above
         text = name.format(i=m.index) if m.index is not None else name
-        if len(patches) == 1:
-            return Piece(target.component, text, patches[0].adapter)
-        first = patches[0].adapter
-        total = torch.zeros(first.weight_shape, dtype=torch.float32)  # type: ignore[union-attr]
-        for p in patches:
-            total += p.adapter.dense()  # type: ignore[union-attr]
-        return Piece(target.component, text, Full(alpha=None, diff=total.to(first.dtype)))  # type: ignore[union-attr]
+        full = patches[0].adapter
+        assert isinstance(full, Full)   # checked above
+        if len(patches) > 1:
+            total = torch.zeros(full.weight_shape, dtype=torch.float32)
+            for p in patches:
+                total += p.adapter.dense()  # type: ignore[union-attr]
+            full = Full(alpha=None, diff=total.to(full.dtype))
+        if m.spec.module_keyed:     # ComfyUI's spelling: <module>.diff for its weight, <module>.diff_b for its bias
+            stem, _, leaf = text.rpartition(".")
+            if leaf == "weight":
+                return Piece(target.component, stem, full)
+            if leaf == "bias":
+                return Piece(target.component, stem, None, bias=full.diff)
+        return Piece(target.component, text, full)
 
     def pieces(self) -> list[Piece]:
         replaced = [str(p.target) for p in self.model.patches if p.replace]
@@ -557,8 +567,23 @@ class Emitter:
 # Tensor naming
 # ---------------------------------------------------------------------------------------------
 
-def _prefix_and_flat(arch: ArchSpec, fmt: FormatSpec, component: str) -> tuple[str, bool]:
-    rule = arch.write_rule(fmt.name, component)
+def write_rule(arch: ArchSpec, fmt: FormatSpec, component: str, paired: bool) -> Rule | None:
+    """The rule ``fmt`` writes ``component`` with; ``paired``: the file holds several experts of ``arch``, which the
+    format must tell apart (its paired rules), else UsageError."""
+    if not paired or component not in arch.experts:
+        return arch.write_rule(fmt.name, component)
+    rule = arch.write_rule(fmt.name, component, paired=True)
+    if rule is None:
+        have = sorted({f for f, rules in arch.rules.items() if any(r.paired for r in rules)})
+        raise UsageError(f"format {fmt.name!r} cannot hold several {arch.label} experts in one file (its keys do not "
+                         "say which expert they are for).",
+                         hint="write one file per expert with --split-experts"
+                              + (f", or write --to {' / '.join(have)} (a combined file)" if have else "") + ".")
+    return rule
+
+
+def _prefix_and_flat(arch: ArchSpec, fmt: FormatSpec, component: str, paired: bool = False) -> tuple[str, bool]:
+    rule = write_rule(arch, fmt, component, paired)
     if rule is None:
         raise LossyConversionError([component], f"format {fmt.name!r} has no names for the {arch.label} "
                                    f"{arch.components[component].label} component",
@@ -604,6 +629,18 @@ def consumer_warnings(fmt: FormatSpec, pieces: list[Piece], tensors: Mapping[str
                    f"'{rule.prefix if rule else comp}'; {loader} loads only {loaded} keys, so diffusers drops the "
                    f"{arch.components[comp].label} part (kohya/comfy keep it).")
     return out
+
+
+def expert_notes(fmt: FormatSpec, pieces: list[Piece], arch: ArchSpec) -> list[str]:
+    """A single-expert file of a non-first expert has the first expert's keys: only its user can send it to its
+    own expert (diffusers: the architecture's loader option)."""
+    experts = sorted({p.component for p in pieces if p.component in arch.experts})
+    if len(experts) != 1 or experts[0] == arch.experts[0]:
+        return []
+    how = f" ({arch.diffusers_loader})" if fmt.name == "diffusers" else ""
+    return [f"this file is for the {arch.components[experts[0]].label}, with the same keys as a "
+            f"{arch.components[arch.experts[0]].label} file (its metadata says which); load it into that "
+            f"expert{how}."]
 
 
 def _finite(t: Tensor) -> bool:
@@ -659,7 +696,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
         return out.clone()
 
     for piece in pieces:
-        prefix, flat = _prefix_and_flat(model.arch.spec, fmt, piece.component)
+        prefix, flat = _prefix_and_flat(model.arch.spec, fmt, piece.component, emitter.paired)
         stem = prefix + (piece.name.replace(".", "_") if flat else piece.name)
         adapter = piece.adapter
         if adapter is not None and fmt.fold_alpha:
@@ -708,6 +745,7 @@ def emit(model: LoraModel, fmt_name: str, *, allow_lossy: bool = False, lossy_ra
             tensors[f"{stem}.{suffixes['dora']}"] = cast(d, f"{stem}.{suffixes['dora']}")
         result.modules += 1
     result.warnings.extend(consumer_warnings(fmt, pieces, tensors, model.arch.spec))
+    result.notes.extend(expert_notes(fmt, pieces, model.arch.spec))
     if emitter.plain_rounded:
         if fold_rounding == "refuse" and not allow_lossy:
             worst = max(emitter.plain_rounded, key=lambda x: x[1])

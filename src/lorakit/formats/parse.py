@@ -24,13 +24,15 @@ from lorakit.lora.transforms import swap_parts
 from lorakit.layouts.infer import Observation, ParamObservation, infer_instance, size_refusal
 from lorakit.dtypes import FLOAT_CODES
 from lorakit.errors import (AmbiguousFormatError, FormatError, KeyMappingError, NonFiniteError, NotALoraError,
-                      ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError)
+                      ShapeMismatchError, UnknownFormatError, UnsupportedArchitectureError, UnsupportedDtypeError,
+                      UsageError)
 from lorakit.io import WeightFile, open_weights
 from lorakit.io.header import loads_json
 from lorakit.layouts import Alias, ArchSpec, NameIndex, NameMatch, available, evaluate, recognize, resolve, solve, symbols
 from lorakit.layouts.base import ParamIndex, ParamMatch
 from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
 from lorakit.layouts.base import Rule
+from lorakit.lora.experts import EXPERT_KEY, expert_tag, file_expert
 from lorakit.formats.spec import FormatSpec, SplitKey, formats, get_format, split_key
 
 if TYPE_CHECKING:
@@ -197,8 +199,12 @@ class FormatMatcher:
         if split.role == "set":
             m = index.match(name)
             return (m, SplitKey(split.module, "set", "set", split.adapter_name)) if m is not None else None
+        sep = "_" if rule.flat else "."
         if split.role == "diff":
-            m = index.match(name) or index.match(name, stem=True)
+            m = index.match(name) or index.match(name + sep + "weight") or index.match(name, stem=True)
+        elif split.role == "diff_b":
+            # ComfyUI's ``<module>.diff_b`` on a module whose bias is a loose parameter (a LayerNorm's)
+            m = index.match(name + sep + "bias")
         elif split.role == "w_norm":
             m = index.match(name, stem=True)
         else:
@@ -467,19 +473,24 @@ class ParsedLora:
         return self.detection.format.name
 
 
-def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str | None = None) -> ParsedLora:
+def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str | None = None,
+          expert: str | None = None) -> ParsedLora:
     """Detect ``file``'s format and architecture (or read it as ``arch_name``) and map its keys to modules
-    (reads no factor data)."""
+    (reads no factor data). A single-expert file of an architecture with paired experts is read as the expert its
+    name or metadata tags (or ``expert``: a component name or tag), see :mod:`lorakit.lora.experts`."""
     keys = file.keys()
     shapes = {k: file.shape(k) for k in keys}
     det = detect(keys, shapes, file.metadata, arch=resolve(arch_name) if arch_name else None, path=file.path,
                  force=force_format)
     arch = det.arch
     assert arch is not None
-    entries: dict[tuple[str, str], ModuleEntry] = {}
+    metadata = dict(file.metadata)
+    det = _assign_expert(det, arch, file.path, metadata, expert)
+    entries: dict[tuple[str, str, str], ModuleEntry] = {}
     unknown = [k for k in keys if k not in det.parses]
     for key, p in det.parses.items():
-        e = entries.setdefault((p.rule.component, p.file_module),
+        # a module's weight and bias may be two loose parameters (``norm3.diff`` / ``norm3.diff_b``)
+        e = entries.setdefault((p.rule.component, p.file_module, p.match.native if p.match.loose else ""),
                                ModuleEntry(p.file_module, p.rule.component, p.naming, p.match))
         role = p.split.role
         if role in e.keys:
@@ -502,7 +513,7 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
         if isinstance(e.match, ParamMatch)
         else Observation(e.component, e.match.spec, e.match.alias, e.match.index, *e.observed_shape())
         for e in good]
-    instance = infer_instance(arch, observations, file.metadata, path=file.path)
+    instance = infer_instance(arch, observations, metadata, path=file.path)
     for e in good:
         params = instance.params.get(e.component, {})
         if isinstance(e.match, ParamMatch):
@@ -530,8 +541,34 @@ def parse(file: WeightFile, *, arch_name: str | None = None, force_format: str |
                                      hint="this module's (out, in) contradicts the sizes the other modules imply "
                                           f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))}); "
                                           "the file is corrupt or mixes two models.")
-    return ParsedLora(file.path, file, det, good, sorted(unknown), instance, dict(file.metadata),
-                      _peft_config(file.path))
+    return ParsedLora(file.path, file, det, good, sorted(unknown), instance, metadata, _peft_config(file.path))
+
+
+def _assign_expert(det: Detection, arch: ArchSpec, path: str | None, metadata: dict[str, str],
+                   explicit: str | None) -> Detection:
+    """A single-expert file (every key read by an unpaired rule of the first expert) moved to the expert it is
+    tagged for; the tag is recorded in ``metadata`` (:data:`~lorakit.lora.experts.EXPERT_KEY`). A file holding
+    several experts keeps its reading (``explicit`` is then refused)."""
+    if not arch.experts:
+        if explicit:
+            raise UsageError(f"{arch.label} has no paired experts.", path=path, hint="drop --expert.")
+        return det
+    single = all(not p.rule.paired and p.rule.component in (arch.experts[0], *(
+        c for c in arch.components if c not in arch.experts)) for p in det.parses.values())
+    if not single:
+        if explicit:
+            raise UsageError("--expert: this file holds several experts already.", path=path,
+                             hint="drop --expert (or split it with --split-experts).")
+        return det
+    which = file_expert(arch, path, metadata, explicit)
+    if which is None:
+        return det
+    metadata[EXPERT_KEY] = expert_tag(arch, which)
+    if which == arch.experts[0]:
+        return det
+    moved = {k: replace(p, rule=replace(p.rule, component=which)) if p.rule.component == arch.experts[0] else p
+             for k, p in det.parses.items()}
+    return replace(det, parses=moved)
 
 
 def _check_loose_shape(entry: ModuleEntry, params: Mapping[str, int], path: str | None) -> None:
@@ -924,10 +961,11 @@ def load(parsed: ParsedLora) -> LoraModel:
 
 
 def read_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, force_format: str | None = None,
-              allow_partial: bool = True, arch: str | None = None) -> LoraModel:
-    """Open, detect and load a LoRA file in one call (``arch``: read it as this architecture)."""
+              allow_partial: bool = True, arch: str | None = None, expert: str | None = None) -> LoraModel:
+    """Open, detect and load a LoRA file in one call (``arch``: read it as this architecture; ``expert``: a
+    single-expert file's expert, see :func:`parse`)."""
     with open_weights(path, allow_pickle=allow_pickle) as f:
-        parsed = parse(f, force_format=force_format, arch_name=arch)
+        parsed = parse(f, force_format=force_format, arch_name=arch, expert=expert)
         if parsed.unknown_keys and not allow_partial:
             raise KeyMappingError("keys not understood", parsed.unknown_keys, path=os.fspath(path),
                                   hint="pass --allow-partial to proceed without them.")

@@ -153,6 +153,11 @@ for _fmt in (
     FormatSpec("bfl", "bare single-file names (BFL control LoRAs, OneTrainer ORIGINAL: img_in.lora_A.weight …)",
                replacements=True),
     FormatSpec("diffsynth", "DiffSynth (bare diffusers names)"),
+    # AI-Toolkit's ComfyUI-style files (toolkit/models/wan21/wan_lora_convert.py convert_to_original): single-file
+    # names under ``diffusion_model.``, lora_A/lora_B, no alpha; its combined Wan 2.2 files put each expert under
+    # ``diffusion_model.transformer_1.`` / ``.transformer_2.`` (the architecture's paired rules)
+    FormatSpec("aitoolkit", "AI-Toolkit (diffusion_model. + single-file names, lora_A/lora_B, no alpha)",
+               write_style="peft", fold_alpha=True),
 ):
     register_format(_fmt)
 

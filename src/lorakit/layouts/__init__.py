@@ -14,6 +14,7 @@ from lorakit.layouts.z_image import Z_IMAGE
 from lorakit.layouts.sd1 import SD1
 from lorakit.layouts.sd2 import SD2
 from lorakit.layouts.sdxl import SDXL
+from lorakit.layouts.wan import WAN
 from lorakit.layouts.recognizers import RECOGNIZERS, Recognizer, recognize
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -42,9 +43,10 @@ def available() -> list[str]:
     return list(_ARCHS)
 
 
-for _arch in (FLUX1, SDXL, SD1, SD2, QWEN_IMAGE, Z_IMAGE, FLUX2):
+for _arch in (FLUX1, SDXL, SD1, SD2, QWEN_IMAGE, Z_IMAGE, FLUX2, WAN):
     register(_arch)
 
 __all__ = ["Alias", "ArchSpec", "ComponentSpec", "ConcreteModule", "ConcreteParam", "ModuleSpec", "NameIndex",
            "NameMatch", "ParamSpec", "Preset", "Variant", "evaluate", "expand", "expand_params", "flatten", "solve", "symbols",
-           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "FLUX2", "SD1", "SD2", "SDXL", "QWEN_IMAGE", "Z_IMAGE"]
+           "register", "resolve", "available", "RECOGNIZERS", "Recognizer", "recognize", "FLUX1", "FLUX2", "SD1", "SD2",
+           "SDXL", "QWEN_IMAGE", "Z_IMAGE", "WAN"]

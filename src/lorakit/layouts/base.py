@@ -142,6 +142,9 @@ class ParamSpec:
     aliases: Mapping[str, str] = field(default_factory=dict)
     repeat: str | None = None
     requires: str | None = None
+    # LoRA files address it through its owning module, as ComfyUI does for a module's parameters:
+    # ``<module>.diff`` for ``<module>.weight``, ``<module>.diff_b`` for ``<module>.bias`` (a LayerNorm's)
+    module_keyed: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,15 @@ class Variant:
     """A named variant recognised when every listed parameter has the given value. A variant with
     ``named_by`` is key-identical to another one: it is recognised only when the file's metadata names it
     (one of those words appears in a base-model field) and its parameters hold. ``supported=False``: another
-    architecture with this one's keys (named by metadata only), refused by name until it is added."""
+    architecture with this one's keys (named by metadata only), refused by name until it is added.
+    ``components``: the variant also needs these components to be present (Wan 2.2 A14B: the second expert)."""
 
     name: str
     label: str
     when: Mapping[str, int]
     named_by: tuple[str, ...] = ()
     supported: bool = True
+    components: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,12 +190,15 @@ class Container:
 @dataclass(frozen=True)
 class Rule:
     """How one LoRA format names one component: keys starting with ``prefix`` hold module names of the
-    ``namings`` (the first one is what a writer uses), dotted or kohya-flattened (``flat``)."""
+    ``namings`` (the first one is what a writer uses), dotted or kohya-flattened (``flat``). A ``paired`` rule
+    names one of an architecture's paired experts inside a file that holds both (AI-Toolkit's combined Wan 2.2
+    ``diffusion_model.transformer_1.``): readers accept it always, writers use it only for such files."""
 
     prefix: str
     component: str
     namings: tuple[str, ...]
     flat: bool
+    paired: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,9 @@ class ComponentSpec:
     flag_reasons: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     flag: str = ""         # a command-line alias for a separate file of this component (``--clip-l FILE``)
     flag_aliases: tuple[str, str] = ("", "")   # other spellings of the file and output flags (sd-scripts')
+    # one of paired experts (:attr:`ArchSpec.experts`): words in a single-expert file's name or metadata that say
+    # the file is for this expert (``low_noise``); the first one is what split outputs are named with
+    expert_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -280,6 +291,10 @@ class ArchSpec:
     portability: tuple[Portability, ...] = ()
     native_layout: str = "native"      # how reports name the single-file naming ("bfl", "ldm", "sgm")
     base_layouts: str = ""             # how a refusal names the layouts its bases come in
+    # paired experts (Wan 2.2 A14B: high-noise, low-noise): denoiser components with one layout that a file holding
+    # one of them spells alike (the first one's unpaired rules); which one such a file is for is told by the
+    # components' ``expert_tags`` in its name or metadata. A file holding both uses the ``paired`` rules.
+    experts: tuple[str, ...] = ()
 
     def role(self, role: str) -> ComponentSpec | None:
         """The component with this role (``denoiser``, ``te1`` …), if the architecture has one."""
@@ -294,9 +309,21 @@ class ArchSpec:
     def rules_for(self, fmt: str) -> tuple[Rule, ...]:
         return self.rules.get(fmt, ())
 
-    def write_rule(self, fmt: str, component: str) -> Rule | None:
-        """The rule a writer of ``fmt`` uses for ``component`` (its first rule for the component)."""
-        return next((r for r in self.rules_for(fmt) if r.component == component), None)
+    def write_rule(self, fmt: str, component: str, *, paired: bool = False) -> Rule | None:
+        """The rule a writer of ``fmt`` uses for ``component`` (its first rule for the component; ``paired``: in
+        a file holding several experts, the first paired rule). A single-expert file of any expert is spelled
+        with the first expert's unpaired rule."""
+        if paired:
+            return next((r for r in self.rules_for(fmt) if r.component == component and r.paired), None)
+        if component in self.experts:
+            component = self.experts[0]
+        return next((r for r in self.rules_for(fmt) if r.component == component and not r.paired), None)
+
+    def expert_of(self, text: str) -> str | None:
+        """The expert component whose tag appears in ``text`` (a file name, metadata), None if none or several."""
+        low = text.lower()
+        found = {c for c in self.experts if any(t in low for t in self.components[c].expert_tags)}
+        return found.pop() if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------

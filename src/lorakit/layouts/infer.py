@@ -124,7 +124,7 @@ def _variant(arch: ArchSpec, params: Mapping[str, Mapping[str, int]], metadata: 
         merged.update(p)
     hint = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version")).lower()
     named = (hint + " " + _base_model_names(metadata)).lower()
-    structural = next((v for v in arch.variants if not v.named_by and
+    structural = next((v for v in arch.variants if not v.named_by and all(c in params for c in v.components) and
                        all(k in merged and merged[k] == val for k, val in v.when.items())), None)
     for v in arch.variants:
         # a variant only metadata can name (Kontext): its parameters must not be contradicted, and the shapes
@@ -145,7 +145,7 @@ def _base_model_names(metadata: Mapping[str, str]) -> str:
     """The base-model names a LoRA's metadata carries besides the architecture fields: sd-scripts'
     ``ss_sd_model_name`` (the base file's name) and PEFT's ``base_model_name_or_path`` inside diffusers'
     ``lora_adapter_metadata`` (read as text; a malformed value is reported by the readers that parse it)."""
-    parts = [metadata.get("ss_sd_model_name", "")]
+    parts = [metadata.get("ss_sd_model_name", ""), metadata.get("lorakit.expert", "")]
     raw = metadata.get("lora_adapter_metadata", "")
     if raw and len(raw) < 1 << 20:
         try:

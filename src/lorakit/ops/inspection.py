@@ -74,6 +74,8 @@ def coverage(parsed: ParsedLora) -> dict[str, Any]:
     # published sizes too; a non-standard model (e.g. lorakit's tiny synthetic one) says nothing about it
     standard = all(c in parsed.arch.preset for c in parsed.arch.params)
     for name, comp in parsed.arch.spec.components.items():
+        if name in parsed.arch.spec.experts and name not in parsed.arch.params:
+            continue    # a single-expert file is for one expert: the other one is not missing from it
         if name not in parsed.arch.params and not standard:
             out[name] = {"label": comp.label, "present": 0, "total": None, "groups": {},
                          "note": "not in this file; its module count is unknown for a model of non-standard sizes"}

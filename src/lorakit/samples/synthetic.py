@@ -225,3 +225,60 @@ def write_arch_lora(path: str | os.PathLike[str], arch: ArchSpec, sizes: Mapping
     save_tensors(path, result.tensors, {"ss_base_model_version": arch.stamp.version(arch.default_variant)}
                  if arch.stamp.ss_version else None)
     return os.fspath(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan 2.1 / 2.2: tiny transformers (and expert pairs) in Wan or diffusers naming, from the layout data
+# ---------------------------------------------------------------------------------------------
+
+# hidden 32 (2 heads of 16), FFN 64, 4 latent channels (head 4·4 rows), 2 blocks; I2V: image width 20, 8 channels
+TINY_WAN: dict[str, int] = {"H": 32, "FF": 64, "IN": 4, "HEAD": 16, "TEXT": 24, "T": 8, "blocks": 2, "i2v": 0}
+TINY_WAN_I2V: dict[str, int] = {**TINY_WAN, "IN": 8, "IMG": 20, "i2v": 1}
+
+
+def component_tensors(arch: ArchSpec, component: str, params: Mapping[str, int], *, naming: str = "native",
+                      prefix: str = "") -> list[BaseTensor]:
+    """Every weight/bias/loose tensor of one component in a naming (split aliases: one tensor per row window)."""
+    comp = arch.components[component]
+    out: list[BaseTensor] = []
+    for m in expand(comp, params):
+        if naming == "native":
+            shape = (m.inp, m.out) if m.spec.transpose else m.shape
+            out.append(BaseTensor(prefix + m.spec.tensor_name(m.name, m.spec.weight), shape))
+            if m.bias:
+                out.append(BaseTensor(prefix + m.spec.tensor_name(m.name, m.spec.bias_param), (m.out,)))
+            continue
+        for alias in m.spec.names(naming):
+            name = alias.template.format(i=m.index) if m.index is not None else alias.template
+            rows = m.out if alias.rows is None else _size(alias.rows[1], params)
+            out.append(BaseTensor(f"{prefix}{name}.weight", (rows, m.inp, *m.kernel)))
+            if m.bias:
+                out.append(BaseTensor(f"{prefix}{name}.bias", (rows,)))
+    for p in expand_params(comp, params):
+        name = p.name if naming == "native" else p.spec.aliases[naming].format(i=p.index)
+        out.append(BaseTensor(prefix + name, p.shape))
+    return out
+
+
+def write_component(path: str | os.PathLike[str], arch: ArchSpec, component: str, params: Mapping[str, int], *,
+                    naming: str = "native", prefix: str = "", dtype: torch.dtype = torch.float32,
+                    seed: int = 0) -> str:
+    """A checkpoint of one component (e.g. one Wan expert), tensor by tensor (bounded memory, any size)."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = component_tensors(arch, component, params, naming=naming, prefix=prefix)
+    entries = [(t.name, dtype_code(dtype), t.shape) for t in specs]
+    with SafetensorsWriter(path, entries, {"format": "pt"}) as w:
+        for t in specs:
+            w.write(t.name, (torch.randn(t.shape, generator=gen) * 0.05).to(dtype))
+    return os.fspath(path)
+
+
+def write_wan_pair(folder: str | os.PathLike[str], params: Mapping[str, int] = TINY_WAN, *,
+                   naming: str = "native") -> tuple[str, str]:
+    """A tiny Wan 2.2 A14B-style pair: ``high_noise_model.safetensors``, ``low_noise_model.safetensors``."""
+    from lorakit.layouts import WAN
+    high = write_component(os.path.join(folder, "high_noise_model.safetensors"), WAN, "transformer", params,
+                           naming=naming, seed=10)
+    low = write_component(os.path.join(folder, "low_noise_model.safetensors"), WAN, "transformer", params,
+                          naming=naming, seed=11)
+    return high, low

@@ -10,7 +10,7 @@ import os
 import time
 
 
-from lorakit.base.checkpoint import BaseModel, open_base
+from lorakit.base.checkpoint import BaseModel, base_expert, open_base
 from lorakit.base.pipeline import open_model
 from lorakit.devices import parse_device
 from lorakit import dtypes
@@ -20,6 +20,7 @@ from lorakit.formats import emit
 from lorakit.io import WeightFile, check_output_path, save_tensors
 from lorakit.lora.checks import dtype_range_cause, require_finite_output
 from lorakit.lora.linalg import parse_dynamic
+from lorakit.lora.experts import EXPERT_KEY, expert_tag, split_by_expert, split_paths
 from lorakit.lora.model import LoraModel
 from lorakit.ops.conversion import lora_output_metadata
 from lorakit.ops.extraction.decompose import DEFAULT_DYNAMIC_CAP, DEFAULT_NITER, DEFAULT_OVERSAMPLE, DEFAULT_TE_MIN_DIFF
@@ -36,9 +37,12 @@ else:
     from lorakit.lazy import torch
 
 
-def _opened(source: str | os.PathLike[str] | WeightFile, allow_pickle: bool) -> BaseModel:
-    """A model given as a path (opened here) or as an already opened weight file (e.g. in memory)."""
-    return open_base(source) if isinstance(source, WeightFile) else open_model(source, allow_pickle=allow_pickle)
+def _opened(source: str | os.PathLike[str] | WeightFile, allow_pickle: bool, expert: str | None = None) -> BaseModel:
+    """A model given as a path (opened here) or as an already opened weight file (e.g. in memory); ``expert``: the
+    expert a checkpoint of one of paired experts holds."""
+    if isinstance(source, WeightFile):
+        return open_base(source, expert=expert)
+    return open_model(source, allow_pickle=allow_pickle, expert=expert)
 
 
 def _disk_size(path: str) -> int | None:
@@ -68,7 +72,7 @@ def extract(original: str | os.PathLike[str] | WeightFile, tuned: str | os.PathL
             exact: bool = False, seed: int = 0, alpha: float | None = None, include_bias: bool = False,
             include_norms: bool = False, dtype: torch.dtype | str | None = None, oversample: int = DEFAULT_OVERSAMPLE,
             niter: int = DEFAULT_NITER, allow_pickle: bool = False, progress: Progress | None = None,
-            dry_run: bool = False, clamp_quantile: float | None = None) -> ExtractReport:
+            dry_run: bool = False, clamp_quantile: float | None = None, split_experts: bool = False) -> ExtractReport:
     """Extract a LoRA ``tuned − original`` and write it to ``output`` in format ``to``.
 
     ``rank`` fixes the rank (the cap with ``dynamic``; default cap 128 there); ``conv_rank`` is the rank (cap) of
@@ -82,6 +86,10 @@ def extract(original: str | os.PathLike[str] | WeightFile, tuned: str | os.PathL
     (0, 1]) clamps both factors of every module to ``±quantile(concat(up·S, Vh), q)`` as sd-scripts does;
     it adds error, measured per module (``clamp_error``) and included in ``relative_error``. ``original`` and
     ``tuned`` may also be opened weight files (e.g. a host's loaded model, :mod:`lorakit.io.memory`).
+
+    Paired experts (Wan 2.2 A14B): a checkpoint of one expert whose name does not say which takes its partner's
+    expert (the written file says which, in its metadata); models holding both experts (pipeline folders) give one
+    file holding both (``to="aitoolkit"``) or, with ``split_experts``, one file per expert, ``OUT_<tag>.<ext>``.
     """
     started = time.perf_counter()
     dtype = as_dtype(dtype)
@@ -101,10 +109,14 @@ def extract(original: str | os.PathLike[str] | WeightFile, tuned: str | os.PathL
         check_output_path(out_path, [src_o, src_t])
 
     orig = _opened(original, allow_pickle)
+    tune: BaseModel | None = None
     try:
         tune = _opened(tuned, allow_pickle)
+        orig, tune, expert = _align_experts(orig, tune, original, tuned, allow_pickle)
     except BaseException:
         orig.file.close()
+        if tune is not None:
+            tune.file.close()
         raise
     with orig.file, tune.file:
         check_compatible(orig, tune, (src_o, src_t))
@@ -142,28 +154,53 @@ def extract(original: str | os.PathLike[str] | WeightFile, tuned: str | os.PathL
     if any(m.shape[2:] and math.prod(m.shape[2:]) > 1 for m in report.modules):   # as sd-scripts records --conv_dim
         conv_alpha = float(alpha if alpha is not None else conv_rank)  # type: ignore[arg-type]
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+    if expert is not None:
+        metadata[EXPERT_KEY] = expert_tag(arch.spec, expert)    # which expert the file is for
     model = LoraModel(arch, patches, to, metadata, None)
-    result = emit(model, to, dtype=out_dtype)
-    report.warnings.extend(result.warnings)   # what diffusers drops: .diff/.diff_b under diffusers names
-    title = os.path.splitext(os.path.basename(out_path))[0]
+    parts = split_by_expert(model) if split_experts else {"": model}
+    paths = split_paths(arch.spec, out_path, list(parts)) if split_experts else {"": out_path}
+    results = {c: emit(m, to, dtype=out_dtype) for c, m in parts.items()}
     inputs = [InputRecord(src_o, None, format=report.original_layout, size=_disk_size(src_o)),
               InputRecord(src_t, None, format=report.tuned_layout, size=_disk_size(src_t))]
-    meta = lora_output_metadata(
-        model, result, to, operation="extract", inputs=inputs, title=title, method=report.method, rank=rank,
-        dynamic=report.dynamic, rank_cap=cap if dyn else None, seed=seed if not exact else None, alpha=alpha,
-        oversample=oversample if not exact else None, niter=niter if not exact else None, min_diff=min_diff,
-        include_bias=include_bias or None, include_norms=include_norms or None, modules=len(report.modules),
-        norms=len(report.loose_written) or None, skipped=len(report.skipped) or None,
-        clamp_quantile=clamp_quantile, conv_rank=conv_rank,
-        te_min_diff=te_min_diff if report.text_encoders else None,
-        text_encoders_left_out=[e["component"] for e in report.text_encoders if not e["extracted"]] or None)
-    require_finite_output(result.tensors, path=out_path, cause="the extracted factors " + dtype_range_cause(out_dtype),
-                          hint="write a wider --dtype (fp32 or bf16).")
-    save_tensors(out_path, result.tensors, meta, inputs=[src_o, src_t])
-    report.tensors_out = len(result.tensors)
-    report.output_bytes = os.path.getsize(out_path)
+    for comp, part in parts.items():
+        result, path = results[comp], paths[comp]
+        check_output_path(path, [src_o, src_t])
+        report.warnings.extend(result.warnings)   # what diffusers drops: .diff/.diff_b under diffusers names
+        title = os.path.splitext(os.path.basename(path))[0]
+        meta = lora_output_metadata(
+            part, result, to, operation="extract", inputs=inputs, title=title, method=report.method, rank=rank,
+            dynamic=report.dynamic, rank_cap=cap if dyn else None, seed=seed if not exact else None, alpha=alpha,
+            oversample=oversample if not exact else None, niter=niter if not exact else None, min_diff=min_diff,
+            include_bias=include_bias or None, include_norms=include_norms or None, modules=len(report.modules),
+            norms=len(report.loose_written) or None, skipped=len(report.skipped) or None,
+            clamp_quantile=clamp_quantile, conv_rank=conv_rank,
+            te_min_diff=te_min_diff if report.text_encoders else None,
+            text_encoders_left_out=[e["component"] for e in report.text_encoders if not e["extracted"]] or None)
+        require_finite_output(result.tensors, path=path, cause="the extracted factors " + dtype_range_cause(out_dtype),
+                              hint="write a wider --dtype (fp32 or bf16).")
+        save_tensors(path, result.tensors, meta, inputs=[src_o, src_t])
+        report.tensors_out += len(result.tensors)
+        report.output_bytes += os.path.getsize(path)
+    report.output = ", ".join(paths.values())
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _align_experts(orig: BaseModel, tune: BaseModel, src_o: str | os.PathLike[str] | WeightFile,
+                   src_t: str | os.PathLike[str] | WeightFile, allow_pickle: bool
+                   ) -> tuple[BaseModel, BaseModel, str | None]:
+    """Both checkpoints as the same expert when only one of them says which (by its name or metadata), and that
+    expert (None: not one of paired experts). A caller's opened file is read again, not closed."""
+    told_o, told_t = base_expert(orig.file, orig), base_expert(tune.file, tune)
+    if told_o is not None and told_t is None:
+        if not isinstance(src_t, WeightFile):
+            tune.file.close()
+        tune = _opened(src_t, allow_pickle, told_o)
+    elif told_t is not None and told_o is None:
+        if not isinstance(src_o, WeightFile):
+            orig.file.close()
+        orig = _opened(src_o, allow_pickle, told_t)
+    return orig, tune, told_o or told_t
 
 
 def _nothing_to_extract(report: ExtractReport, include_norms: bool) -> str:

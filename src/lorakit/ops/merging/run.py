@@ -15,6 +15,7 @@ from lorakit.formats import WRITABLE, emit, get_format, read_lora
 from lorakit.formats.emit import is_pow2
 from lorakit.io import check_output_path, save_tensors
 from lorakit.lora.checks import dtype_range_cause, require_finite_model, require_finite_output
+from lorakit.lora.experts import join_experts, split_by_expert, split_paths
 from lorakit.lora.linalg import parse_dynamic
 from lorakit.lora.model import LoraModel
 from lorakit.ops.blocks import parse_blocks
@@ -106,12 +107,14 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
           verify: bool = False, dtype: torch.dtype | str | None = None, density: float | None = None,
           majority_sign: str | None = None, seed: int | None = None, kohya_ratios: bool = False,
           dry_run: bool = False, allow_partial: bool = False, allow_pickle: bool = False,
-          progress: Progress | None = None, conv_rank: int | None = None) -> MergeReport:
+          progress: Progress | None = None, conv_rank: int | None = None,
+          split_experts: bool = False) -> MergeReport:
     """Merge LoRAs ``[(path, weight), …]`` into ``output`` (see the module docstring for the semantics).
 
     ``dtype`` is a torch dtype or a CLI spelling (``"fp16"``, ``"bf16"``, ``"fp8"``…); ``progress`` is called
     as ``progress(done, total, module)`` while the modules are merged. ``conv_rank`` is the output rank of
-    convolutions with a kernel larger than 1×1 (svd/ties/dare; default ``rank``)."""
+    convolutions with a kernel larger than 1×1 (svd/ties/dare; default ``rank``). Paired experts (Wan 2.2 A14B):
+    each expert merges its own inputs' modules; ``split_experts`` writes one file per expert, ``OUT_<tag>.<ext>``."""
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     options = _check_options(method, rank, dynamic, density, majority_sign, seed, kohya_ratios, to, conv_rank)
     items = weighted_inputs(inputs)
@@ -151,7 +154,15 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     rounds = spec.exact and out_dtype.itemsize < 4 and any(
         c.adapter is not None and not is_pow2(c.coef * c.adapter.scale)
         for cs in result.coefficients.values() for c in cs)
-    emitted = emit(result.model, to, dtype=out_dtype)
+    parts = split_by_expert(result.model) if split_experts else {"": result.model}
+    paths = split_paths(arch.spec, out_path, list(parts)) if split_experts and out_path else {"": out_path}
+    emits = {c: emit(m, to, dtype=out_dtype) for c, m in parts.items()}
+    emitted = next(iter(emits.values()))
+    if split_experts:     # the report's counts and warnings cover every file
+        emitted = replace(emitted, tensors={k: t for e in emits.values() for k, t in e.tensors.items()},
+                          modules=sum(e.modules for e in emits.values()),
+                          rounded=[x for e in emits.values() for x in e.rounded],
+                          warnings=list(dict.fromkeys(w for e in emits.values() for w in e.warnings)))
     if rounds or emitted.rounded:
         worst = f" (worst measured when folding: {max(e for _, e in emitted.rounded):.2g})" if emitted.rounded else ""
         warnings.append(f"weights folded into {str(out_dtype).replace('torch.', '')} factors are rounded{worst}; "
@@ -164,7 +175,7 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
     report = MergeReport(
         inputs=[{"path": w.path, "weight": w.weight, "format": m.format, "modules": len(m.by_target())}
                 for w, m in zip(items, models)],
-        output=out_path, method=method, target_format=to, architecture=arch.name, variant=arch.variant,
+        output=", ".join(p for p in paths.values() if p) or None, method=method, target_format=to, architecture=arch.name, variant=arch.variant,
         modules_out=emitted.modules, tensors_out=len(emitted.tensors),
         dtype=str(out_dtype).replace("torch.", "") if out_dtype is not None else None,
         rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
@@ -179,18 +190,22 @@ def merge(inputs: Sequence[InputSpec], output: str | os.PathLike[str] | None, *,
         return report
     records = [InputRecord(w.path, file_sha256(w.path) if os.path.isfile(w.path) else None, weight=w.weight,
                            format=m.format) for w, m in zip(items, models)]
-    title = os.path.splitext(os.path.basename(out_path))[0]
-    meta = lora_output_metadata(result.model, emitted, to, operation="merge", inputs=records, title=title,
-                                method=method, rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
-                                seed=options.seed if spec.random else None, density=density,
-                                majority_sign=options.majority_sign if "majority_sign" in spec.options else None,
-                                blocks=blocks, kohya_ratios=True if options.kohya_ratios else None,
-                                strength="sd-scripts ratio·|ratio|·r/R" if options.kohya_ratios else "linear")
-    require_finite_output(emitted.tensors, path=out_path,
-                          cause="weights × factors (or an alpha) " + dtype_range_cause(out_dtype),
-                          hint="lower the merge weights (PATH:WEIGHT), or write a wider --dtype (fp32).")
-    save_tensors(out_path, emitted.tensors, meta, inputs=[w.path for w in items])
+    for comp, part in parts.items():
+        path = paths[comp]
+        assert path is not None     # checked above: only a dry run goes without an output path
+        check_output_path(path, [w.path for w in items])
+        title = os.path.splitext(os.path.basename(path))[0]
+        meta = lora_output_metadata(part, emits[comp], to, operation="merge", inputs=records, title=title,
+                                    method=method, rank=options.rank, conv_rank=options.conv_rank, dynamic=dynamic,
+                                    seed=options.seed if spec.random else None, density=density,
+                                    majority_sign=options.majority_sign if "majority_sign" in spec.options else None,
+                                    blocks=blocks, kohya_ratios=True if options.kohya_ratios else None,
+                                    strength="sd-scripts ratio·|ratio|·r/R" if options.kohya_ratios else "linear")
+        require_finite_output(emits[comp].tensors, path=path,
+                              cause="weights × factors (or an alpha) " + dtype_range_cause(out_dtype),
+                              hint="lower the merge weights (PATH:WEIGHT), or write a wider --dtype (fp32).")
+        save_tensors(path, emits[comp].tensors, meta, inputs=[w.path for w in items])
     if verify:
-        written = read_lora(out_path)
+        written = join_experts([read_lora(p) for p in paths.values() if p]) if split_experts else read_lora(out_path)
         report.verify = verify_merge(written, result.coefficients, arch, options, weights, block_weights)
     return report
