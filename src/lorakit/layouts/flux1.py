@@ -36,6 +36,20 @@ _ADD_QKV = [("add_q_proj", "0", "H"), ("add_k_proj", "H", "H"), ("add_v_proj", "
 _DB = "transformer_blocks.{i}."
 _SB = "single_transformer_blocks.{i}."
 
+# the q/k RMSNorm scales of BFL's double/single blocks (FLUX.1 and FLUX.2 name them alike)
+QK_NORMS = tuple(
+    ParamSpec(native, ("D",), group, aliases={"diffusers": diff}, repeat=repeat)
+    for native, diff, group, repeat in (
+        ("double_blocks.{i}.img_attn.norm.query_norm.scale", _DB + "attn.norm_q.weight", "double_blocks", "double"),
+        ("double_blocks.{i}.img_attn.norm.key_norm.scale", _DB + "attn.norm_k.weight", "double_blocks", "double"),
+        ("double_blocks.{i}.txt_attn.norm.query_norm.scale", _DB + "attn.norm_added_q.weight", "double_blocks",
+         "double"),
+        ("double_blocks.{i}.txt_attn.norm.key_norm.scale", _DB + "attn.norm_added_k.weight", "double_blocks", "double"),
+        ("single_blocks.{i}.norm.query_norm.scale", _SB + "attn.norm_q.weight", "single_blocks", "single"),
+        ("single_blocks.{i}.norm.key_norm.scale", _SB + "attn.norm_k.weight", "single_blocks", "single"),
+    )
+)
+
 TRANSFORMER = ComponentSpec(
     name="transformer",
     label="FLUX.1 transformer",
@@ -84,19 +98,7 @@ TRANSFORMER = ComponentSpec(
            diffusers=_d("norm_out.linear", swap=True)),
         _m("final_layer.linear", "OUT", "H", "final_layer", diffusers=_d("proj_out")),
     ),
-    params=tuple(
-        ParamSpec(native, ("D",), group, aliases={"diffusers": diff}, repeat=repeat)
-        for native, diff, group, repeat in (
-            ("double_blocks.{i}.img_attn.norm.query_norm.scale", _DB + "attn.norm_q.weight", "double_blocks", "double"),
-            ("double_blocks.{i}.img_attn.norm.key_norm.scale", _DB + "attn.norm_k.weight", "double_blocks", "double"),
-            ("double_blocks.{i}.txt_attn.norm.query_norm.scale", _DB + "attn.norm_added_q.weight", "double_blocks",
-             "double"),
-            ("double_blocks.{i}.txt_attn.norm.key_norm.scale", _DB + "attn.norm_added_k.weight", "double_blocks",
-             "double"),
-            ("single_blocks.{i}.norm.query_norm.scale", _SB + "attn.norm_q.weight", "single_blocks", "single"),
-            ("single_blocks.{i}.norm.key_norm.scale", _SB + "attn.norm_k.weight", "single_blocks", "single"),
-        )
-    ),
+    params=QK_NORMS,
     group_labels={"embedders": "embedders", "double_blocks": "double blocks", "single_blocks": "single blocks",
                   "final_layer": "final layer"},
     presets=(

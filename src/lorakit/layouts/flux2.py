@@ -16,9 +16,10 @@ apart by their hidden size. Shapes: ``shared/reference/shapes/flux2-*.json``.
 
 from __future__ import annotations
 
-from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, ParamSpec, Portability, Preset,
+from lorakit.layouts.base import (Alias, ArchSpec, ComponentSpec, Container, ModuleSpec, Portability, Preset,
                                   Rule, Stamp, Variant)
 from lorakit.layouts.block_schemes import BlockScheme, Run, Vector
+from lorakit.layouts.flux1 import QK_NORMS
 
 
 def _m(native: str, out: str, inp: str, group: str, diffusers: tuple[Alias, ...], *, repeat: str | None = None,
@@ -83,19 +84,7 @@ TRANSFORMER = ComponentSpec(
         _m("final_layer.adaLN_modulation.1", "2*H", "H", "final_layer", _d("norm_out.linear", swap=True)),
         _m("final_layer.linear", "OUT", "H", "final_layer", _d("proj_out")),
     ),
-    params=tuple(
-        ParamSpec(native, ("D",), group, aliases={"diffusers": diff}, repeat=repeat)
-        for native, diff, group, repeat in (
-            ("double_blocks.{i}.img_attn.norm.query_norm.scale", _DB + "attn.norm_q.weight", "double_blocks", "double"),
-            ("double_blocks.{i}.img_attn.norm.key_norm.scale", _DB + "attn.norm_k.weight", "double_blocks", "double"),
-            ("double_blocks.{i}.txt_attn.norm.query_norm.scale", _DB + "attn.norm_added_q.weight", "double_blocks",
-             "double"),
-            ("double_blocks.{i}.txt_attn.norm.key_norm.scale", _DB + "attn.norm_added_k.weight", "double_blocks",
-             "double"),
-            ("single_blocks.{i}.norm.query_norm.scale", _SB + "attn.norm_q.weight", "single_blocks", "single"),
-            ("single_blocks.{i}.norm.key_norm.scale", _SB + "attn.norm_k.weight", "single_blocks", "single"),
-        )
-    ),
+    params=QK_NORMS,
     group_labels={"embedders": "embedders", "modulation": "shared modulation", "double_blocks": "double blocks",
                   "single_blocks": "single blocks", "final_layer": "final layer"},
     presets=(

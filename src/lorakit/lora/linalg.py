@@ -93,6 +93,16 @@ def dynamic_rank(s: Tensor, method: str, param: float, *, cap: int | None = None
     return min(k, cap) if cap else k
 
 
+def check_ranks(rank: int | None, conv_rank: int | None, dynamic: tuple[str, float] | None) -> None:
+    """``--rank``/``--conv-rank`` at least 1 and a valid ``--dynamic`` rule (extract and resize share these checks)."""
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}.")
+    if conv_rank is not None and conv_rank < 1:
+        raise UsageError(f"--conv-rank must be at least 1, got {conv_rank}.")
+    if dynamic is not None:
+        parse_dynamic(f"{dynamic[0]}:{dynamic[1]}")
+
+
 def parse_dynamic(text: str) -> tuple[str, float]:
     """``"sv_fro:0.9"`` → ``("sv_fro", 0.9)``."""
     method, sep, value = text.partition(":")

@@ -44,7 +44,7 @@ from lorakit.errors import KeyMappingError, UsageError
 from lorakit.formats import WRITABLE, emit, load, parse, read_lora
 from lorakit.formats.emit import fold_error
 from lorakit.io import check_output_path, open_weights, save_tensors
-from lorakit.lora.linalg import dynamic_rank, exact_svd, factored_svd, parse_dynamic
+from lorakit.lora.linalg import check_ranks, dynamic_rank, exact_svd, factored_svd, parse_dynamic
 from lorakit.ops.metadata import InputRecord, file_sha256
 from lorakit.ops.worst import ROUNDING_FLOOR, worst as worst_of
 from lorakit.lora.model import ArchInstance, LoraModel, Patch, Target
@@ -301,12 +301,7 @@ def resize(input: str | os.PathLike[str], output: str | os.PathLike[str] | None,
     if rank is None and dyn is None and conv_rank is None:
         raise UsageError("no rank given.", hint="pass --rank N, --conv-rank N or --dynamic METHOD:PARAM "
                                                 "(e.g. sv_fro:0.95).")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}.")
-    if conv_rank is not None and conv_rank < 1:
-        raise UsageError(f"--conv-rank must be at least 1, got {conv_rank}.")
-    if dyn is not None:
-        parse_dynamic(f"{dyn[0]}:{dyn[1]}")
+    check_ranks(rank, conv_rank, dyn)
     if to is not None and to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}.", hint="choose one of: " + ", ".join(WRITABLE) + ".")
     if output is None and not dry_run:

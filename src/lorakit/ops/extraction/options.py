@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lorakit.errors import UsageError
 from lorakit.formats import WRITABLE
-from lorakit.lora.linalg import parse_dynamic
+from lorakit.lora.linalg import check_ranks
 from lorakit.ops.extraction.pairing import Job
 
 if TYPE_CHECKING:
@@ -55,12 +55,7 @@ def validate_options(rank: int | None, dyn: tuple[str, float] | None, conv_rank:
     if rank is None and dyn is None:
         raise UsageError("no rank given.", hint="pass --rank N (e.g. --rank 64) or --dynamic METHOD:PARAM "
                                                 "(e.g. --dynamic sv_fro:0.9 --rank 128).")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}.")
-    if conv_rank is not None and conv_rank < 1:
-        raise UsageError(f"--conv-rank must be at least 1, got {conv_rank}.")
-    if dyn is not None:
-        parse_dynamic(f"{dyn[0]}:{dyn[1]}")
+    check_ranks(rank, conv_rank, dyn)
     if not min_diff >= 0:
         raise UsageError(f"--min-diff must be ≥ 0, got {min_diff}.")
     if not te_min_diff >= 0:
