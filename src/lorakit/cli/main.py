@@ -43,8 +43,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\nhint: {hint}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lorakit`` argument parser with every subcommand registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``lorakit`` argument parser with every subcommand registered (``only``: just that one — a run of one
+    command imports only its own module, which keeps header-only commands fast)."""
     from lorakit import __version__
     parser = Parser(
         prog="lorakit",
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name in COMMANDS:   # every command exists: an ImportError here is a bug, never a silent omission
+    for name in COMMANDS if only is None else (only,):   # an ImportError here is a bug, never a silent omission
         importlib.import_module(f".{name}_cmd", __package__).register(sub)
     for p in sub.choices.values():   # --debug also after the command (`lorakit inspect x --debug`)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, run the command and map lorakit errors to exit codes (see the parser epilog)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if extra:   # an unknown option is reported by the command it was given to, with that command's usage
         sub = parser._subparsers._group_actions[0].choices.get(args.command) if args.command else None  # type: ignore[union-attr]
