@@ -27,7 +27,10 @@ class LazyModule(types.ModuleType):
         self.__dict__["_lazy_target"] = name
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self.__dict__["_lazy_target"]), attr)
+        module = importlib.import_module(self.__dict__["_lazy_target"])
+        # from now on its attributes are found in this proxy's own dict (no __getattr__ call per use)
+        self.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("__"))
+        return getattr(module, attr)
 
 
 torch = LazyModule("torch")
