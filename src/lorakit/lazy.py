@@ -27,9 +27,10 @@ class LazyModule(types.ModuleType):
         self.__dict__["_lazy_target"] = name
 
     def __getattr__(self, attr: str) -> Any:
-        module = importlib.import_module(self.__dict__["_lazy_target"])
-        # from now on its attributes are found in this proxy's own dict (no __getattr__ call per use)
-        self.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("__"))
+        module = self.__dict__.get("_lazy_module")
+        if module is None:
+            # the module itself is kept, not a copy of its attributes: a patched torch.kron is seen
+            module = self.__dict__["_lazy_module"] = importlib.import_module(self.__dict__["_lazy_target"])
         return getattr(module, attr)
 
 
