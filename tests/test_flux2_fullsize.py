@@ -18,7 +18,7 @@ from lorakit.io import open_weights
 from lorakit.layouts import FLUX2, evaluate
 from lorakit.samples.synthetic import base_tensors
 
-from reference import reference_shapes
+from reference import header_only, reference_shapes
 
 REF = reference_shapes()
 VARIANTS = {"dev": "flux2-dev", "klein-4b": "flux2-klein-4b", "klein-9b": "flux2-klein-9b"}
@@ -32,23 +32,6 @@ def _shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 def _linears(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
     return {k[: -len(".weight")]: v for k, v in shapes.items() if k.endswith(".weight") and len(v) == 2}
-
-
-def header_only(path: Path, entries: dict[str, tuple[int, ...]]) -> str:
-    header: dict[str, object] = {}
-    offset = 0
-    for name in sorted(entries):
-        n = 2
-        for d in entries[name]:
-            n *= d
-        header[name] = {"dtype": "BF16", "shape": list(entries[name]), "data_offsets": [offset, offset + n]}
-        offset += n
-    body = json.dumps(header).encode()
-    body += b" " * (-len(body) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(body).to_bytes(8, "little") + body)
-        fh.truncate(8 + len(body) + offset)
-    return str(path)
 
 
 def lora_entries(modules: dict[str, tuple[int, int]], stem, down: str, up: str) -> dict[str, tuple[int, ...]]:

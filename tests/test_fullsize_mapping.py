@@ -17,7 +17,7 @@ from lorakit.formats import emit, load, parse
 from lorakit.io import open_weights
 from lorakit.samples.synthetic import base_tensors, full_flux_params, iter_split_modules
 
-from reference import reference_shapes
+from reference import header_only, reference_shapes
 
 REF = reference_shapes()
 BFL_JSON, DIFF_JSON = REF / "flux1-dev-bfl.json", REF / "flux1-dev-diffusers.json"
@@ -53,24 +53,6 @@ def t5_modules() -> dict[str, tuple[int, int]]:
         out[p + "layer.1.DenseReluDense.wi_0"] = out[p + "layer.1.DenseReluDense.wi_1"] = (10240, 4096)
         out[p + "layer.1.DenseReluDense.wo"] = (4096, 10240)
     return out
-
-
-def header_only(path: Path, entries: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> str:
-    """A valid safetensors file whose (zero) data section is a hole: header bytes only on disk."""
-    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in sorted(entries):
-        n = 2
-        for d in entries[name]:
-            n *= d
-        header[name] = {"dtype": "BF16", "shape": list(entries[name]), "data_offsets": [offset, offset + n]}
-        offset += n
-    body = json.dumps(header).encode()
-    body += b" " * (-len(body) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(body).to_bytes(8, "little") + body)
-        fh.truncate(8 + len(body) + offset)
-    return str(path)
 
 
 def lora_entries(modules: dict[str, tuple[int, int]], stem, down: str, up: str) -> dict[str, tuple[int, ...]]:

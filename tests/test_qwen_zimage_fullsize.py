@@ -19,7 +19,7 @@ from lorakit.io import open_weights
 from lorakit.layouts import resolve
 from lorakit.samples.synthetic import base_tensors
 
-from reference import reference_shapes
+from reference import header_only, reference_shapes
 
 REF = reference_shapes()
 QWEN, ZDIFF, ZCOMFY = REF / "qwen-image-diffusers.json", REF / "z-image-diffusers.json", REF / "z-image-comfy.json"
@@ -33,24 +33,6 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _linears(path: Path) -> dict[str, tuple[int, int]]:
     return {k[: -len(".weight")]: v for k, v in _shapes(path).items() if k.endswith(".weight") and len(v) == 2}
-
-
-def header_only(path: Path, entries: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> str:
-    """A valid safetensors file whose (zero) data section is a hole: header bytes only on disk."""
-    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in sorted(entries):
-        n = 2
-        for d in entries[name]:
-            n *= d
-        header[name] = {"dtype": "BF16", "shape": list(entries[name]), "data_offsets": [offset, offset + n]}
-        offset += n
-    body = json.dumps(header).encode()
-    body += b" " * (-len(body) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(body).to_bytes(8, "little") + body)
-        fh.truncate(8 + len(body) + offset)
-    return str(path)
 
 
 def lora_file(path: Path, modules: dict[str, tuple[int, int]], stem, kohya: bool) -> str:

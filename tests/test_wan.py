@@ -331,7 +331,7 @@ def test_full_size_mapping_native_diffusers_and_back(name):
                                            ("wan21-i2v-14b", "i2v-14b"), ("wan22-ti2v-5b", "ti2v-5b")])
 def test_full_size_variants_from_lora_shapes(tmp_path, name, variant):
     """Rank-1 LoRAs on every Linear of each full-size model (header-only files): the variant is told from shapes."""
-    from test_fullsize_mapping import header_only
+    from reference import header_only
     native = _ref(f"{name}-native")
     entries: dict[str, tuple[int, ...]] = {}
     for key, shape in native.items():
@@ -394,7 +394,7 @@ def test_cli_split_join_and_expert(tmp_path, capsys):
 def test_full_size_wan22_a14b_pair_and_single_expert(tmp_path):
     """Wan 2.2 A14B: a combined file of two T2V-14B-shaped experts is the A14B variant from its keys; a single
     expert file is A14B when its name tags it, T2V 14B (key-identical) otherwise."""
-    from test_fullsize_mapping import header_only
+    from reference import header_only
     from lorakit.formats import parse
     from lorakit.io import open_weights
     native = _ref("wan21-t2v-14b-native")
